@@ -27,7 +27,7 @@ __all__ = ["KeysLike", "PublicKey", "load_keys", "parse_jwks"]
 _KEY_BYTES = 32
 
 
-def _b64url_decode(text: str) -> bytes:
+def _b64url_decode(text: object) -> bytes:
     """Decode base64url with or without ``=`` padding (fal's padding is undocumented)."""
     if not isinstance(text, str) or not text.isascii():
         raise ValueError("x must be an ASCII base64url string")
@@ -175,9 +175,11 @@ def load_keys(source: KeysLike) -> tuple[PublicKey, ...]:
             if isinstance(item, PublicKey):
                 keys.append(item)
                 continue
+            if not isinstance(item, bytes | bytearray | memoryview):
+                raise KeysUnavailableError(f"invalid static key of type {type(item).__name__}")
             try:
-                keys.append(PublicKey(item))
-            except (ValueError, TypeError) as exc:
+                keys.append(PublicKey(bytes(item)))
+            except ValueError as exc:
                 raise KeysUnavailableError(f"invalid static key: {exc}") from exc
         if not keys:
             raise KeysUnavailableError("no keys given")

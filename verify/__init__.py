@@ -1,0 +1,37 @@
+"""Verify fal.ai webhook deliveries (Ed25519 signatures, keys from fal's JWKS).
+
+Start with `verify_signature` (or `verify_signature_async`); catch
+`WebhookVerificationError` (answer 401) and `KeysUnavailableError` (answer 503).
+"""
+
+from verify.errors import KeysUnavailableError, Reason, VerifyError, WebhookVerificationError
+from verify.jwks import (
+    AsyncJWKSClient,
+    JWKSClient,
+    KeyCache,
+    get_async_jwks_client,
+    get_jwks_client,
+)
+from verify.keys import PublicKey, load_keys, parse_jwks
+from verify.signature import VerifiedWebhook, verify_signature, verify_signature_async
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncJWKSClient",
+    "JWKSClient",
+    "KeyCache",
+    "KeysUnavailableError",
+    "PublicKey",
+    "Reason",
+    "VerifiedWebhook",
+    "VerifyError",
+    "WebhookVerificationError",
+    "__version__",
+    "get_async_jwks_client",
+    "get_jwks_client",
+    "load_keys",
+    "parse_jwks",
+    "verify_signature",
+    "verify_signature_async",
+]

@@ -1,0 +1,436 @@
+"""Fetching and caching fal's JWKS.
+
+`KeyCache` holds the policy and no I/O: a TTL (clamped to fal's 24 h maximum), a minimum
+interval between fetches, stale keys served when a refresh fails. `JWKSClient` and
+`AsyncJWKSClient` differ only in how they call httpx and how concurrent callers share one
+in-flight fetch (a `threading.Lock` vs a shared task).
+
+When no cached key verifies a signature, the clients refresh once — at most once per
+``min_refresh_interval`` — and retry: a rotated key is picked up within seconds, while a
+flood of forged signatures costs only one fetch per interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+
+import httpx
+
+from verify._headers import HeadersLike
+from verify.errors import KeysUnavailableError, Reason, WebhookVerificationError
+from verify.keys import PublicKey, parse_jwks
+from verify.signature import DEFAULT_TOLERANCE, Prepared, VerifiedWebhook, prepare
+
+__all__ = [
+    "MAX_TTL",
+    "AsyncJWKSClient",
+    "JWKSClient",
+    "KeyCache",
+    "get_async_jwks_client",
+    "get_jwks_client",
+]
+
+logger = logging.getLogger("verify.jwks")
+
+MAX_TTL = 24 * 3600.0
+"""fal: "Do not cache longer than 24 hours since they can change"."""
+
+# The errors a fetch can end in; anything else is a bug and propagates.
+_FETCH_ERRORS = (httpx.HTTPError, httpx.InvalidURL, KeysUnavailableError, OSError)
+
+Keys = tuple[PublicKey, ...]
+
+
+class KeyCache:
+    """The key-caching policy shared by both clients; pure state, no I/O, no locking.
+
+    Counters: ``fetches`` (attempts started) and ``fetch_failures``.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl: float = 3600,
+        min_refresh_interval: float = 10,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not ttl > 0:
+            raise ValueError("ttl must be positive")
+        if not min_refresh_interval >= 0:
+            raise ValueError("min_refresh_interval must be non-negative")
+        self.ttl = min(float(ttl), MAX_TTL)
+        self.min_refresh_interval = float(min_refresh_interval)
+        self.clock = clock
+        self.keys: Keys | None = None
+        self.expires_at = -math.inf
+        self.last_attempt: float | None = None
+        self.last_ok = False
+        self.last_error: str | None = None
+        self.generation = 0  # bumped when an attempt ends; lets waiters see "someone fetched"
+        self.fetches = 0
+        self.fetch_failures = 0
+
+    def fresh(self) -> Keys | None:
+        """The keys if cached and within the TTL, else None (the hot path: one clock read)."""
+        keys = self.keys
+        if keys is not None and self.clock() < self.expires_at:
+            return keys
+        return None
+
+    def fetch_allowed(self, now: float) -> bool:
+        """Whether the minimum interval since the last attempt has passed."""
+        last = self.last_attempt
+        return last is None or now - last >= self.min_refresh_interval
+
+    def needs_fetch(self, now: float) -> bool:
+        """Cold cache: always. Expired: unless an attempt was made very recently."""
+        if self.keys is None:
+            return True
+        if now < self.expires_at:
+            return False
+        return self.fetch_allowed(now)
+
+    def begin(self, now: float) -> None:
+        """Record that a fetch starts now."""
+        self.last_attempt = now
+        self.fetches += 1
+
+    def succeed(self, keys: Keys, now: float) -> None:
+        """Record fetched keys, fresh for ``ttl`` from ``now``."""
+        self.keys = keys
+        self.expires_at = now + self.ttl
+        self.last_ok = True
+        self.last_error = None
+        self.generation += 1
+
+    def fail(self, error: str, url: str) -> None:
+        """Record a failed fetch; cached keys stay in service."""
+        self.fetch_failures += 1
+        self.last_ok = False
+        self.last_error = error
+        self.generation += 1
+        if self.keys is not None:
+            logger.warning("JWKS refresh from %s failed, serving cached keys: %s", url, error)
+        else:
+            logger.warning("JWKS fetch from %s failed and no keys are cached: %s", url, error)
+
+    def require(self, url: str) -> Keys:
+        """The cached keys, fresh or stale; `KeysUnavailableError` on a cold cache."""
+        if self.keys is None:
+            raise KeysUnavailableError(
+                f"no verification keys from {url}: {self.last_error or 'not fetched'}"
+            )
+        return self.keys
+
+    def refreshed(self, url: str) -> Keys | None:
+        """refresh()'s answer after an attempt ended: new keys, None, or cold failure."""
+        if self.last_ok:
+            return self.keys
+        self.require(url)
+        return None
+
+
+def _retry_after_miss(prepared: Prepared, old: Keys, new: Keys | None) -> VerifiedWebhook:
+    message, signature, result = prepared
+    if new is not None:
+        for key in new:
+            if key not in old and key.verify(message, signature):
+                return result
+    raise WebhookVerificationError(Reason.INVALID_SIGNATURE, "no key verifies the signature")
+
+
+class JWKSClient:
+    """Keys from a JWKS URL, cached per `KeyCache` rules; thread-safe."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        http_client: httpx.Client | None = None,
+        ttl: float = 3600,
+        min_refresh_interval: float = 10,
+        timeout: float = 10,
+        clock: Callable[[], float] = time.monotonic,
+        cache: KeyCache | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.cache = cache or KeyCache(
+            ttl=ttl, min_refresh_interval=min_refresh_interval, clock=clock
+        )
+        self._http = http_client
+        self._owns_http = http_client is None
+        self._lock = threading.Lock()
+
+    @property
+    def fetches(self) -> int:
+        """Fetch attempts so far."""
+        return self.cache.fetches
+
+    @property
+    def fetch_failures(self) -> int:
+        """Failed fetch attempts so far."""
+        return self.cache.fetch_failures
+
+    def _fetch(self) -> None:
+        # Called with the lock held.
+        cache = self.cache
+        cache.begin(cache.clock())
+        if self._http is None:
+            self._http = httpx.Client(follow_redirects=True)
+        try:
+            response = self._http.get(self.url, timeout=self.timeout)
+            response.raise_for_status()
+            keys = parse_jwks(response.content)
+        except _FETCH_ERRORS as exc:
+            cache.fail(str(exc) or type(exc).__name__, self.url)
+            return
+        cache.succeed(keys, cache.clock())
+
+    def get_keys(self) -> Keys:
+        """The current keys, fetching when cold or expired; stale keys if a refresh fails.
+
+        :raises KeysUnavailableError: nothing cached and the fetch failed.
+        """
+        cache = self.cache
+        keys = cache.fresh()
+        if keys is not None:
+            return keys
+        seen = cache.generation
+        with self._lock:
+            # Another thread finished a fetch while we waited: share its outcome.
+            if cache.generation == seen and cache.needs_fetch(cache.clock()):
+                self._fetch()
+            return cache.require(self.url)
+
+    def refresh(self) -> Keys | None:
+        """Fetch now unless one ran less than ``min_refresh_interval`` ago.
+
+        Returns the new keys, or None when rate-limited or when the fetch failed and cached
+        keys remain. :raises KeysUnavailableError: it failed on a cold cache.
+        """
+        cache = self.cache
+        seen = cache.generation
+        with self._lock:
+            if cache.generation == seen:
+                if not cache.fetch_allowed(cache.clock()):
+                    return None
+                self._fetch()
+            return cache.refreshed(self.url)
+
+    def check(self, prepared: Prepared) -> VerifiedWebhook:
+        """Crypto step of `verify` for an already prepared delivery (internal)."""
+        keys = self.cache.fresh() or self.get_keys()
+        message, signature, result = prepared
+        for key in keys:
+            if key.verify(message, signature):
+                return result
+        return _retry_after_miss(prepared, keys, self.refresh())
+
+    def verify(
+        self,
+        body: bytes,
+        headers: HeadersLike,
+        *,
+        user_id: str | None = None,
+        tolerance: float = DEFAULT_TOLERANCE,
+        now: float | None = None,
+    ) -> VerifiedWebhook:
+        """`verify_signature` against this client's keys."""
+        return self.check(prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now))
+
+    def close(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_http and self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def __enter__(self) -> JWKSClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncJWKSClient:
+    """`JWKSClient` for asyncio: concurrent callers await one shared fetch task.
+
+    Use one instance per event loop (`get_async_jwks_client` does); the `KeyCache` may be
+    shared across loops.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        ttl: float = 3600,
+        min_refresh_interval: float = 10,
+        timeout: float = 10,
+        clock: Callable[[], float] = time.monotonic,
+        cache: KeyCache | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.cache = cache or KeyCache(
+            ttl=ttl, min_refresh_interval=min_refresh_interval, clock=clock
+        )
+        self._http = http_client
+        self._owns_http = http_client is None
+        self._inflight: asyncio.Task[None] | None = None
+
+    @property
+    def fetches(self) -> int:
+        """Fetch attempts so far."""
+        return self.cache.fetches
+
+    @property
+    def fetch_failures(self) -> int:
+        """Failed fetch attempts so far."""
+        return self.cache.fetch_failures
+
+    async def _fetch(self) -> None:
+        cache = self.cache
+        try:
+            cache.begin(cache.clock())
+            if self._http is None:
+                self._http = httpx.AsyncClient(follow_redirects=True)
+            try:
+                response = await self._http.get(self.url, timeout=self.timeout)
+                response.raise_for_status()
+                keys = parse_jwks(response.content)
+            except _FETCH_ERRORS as exc:
+                cache.fail(str(exc) or type(exc).__name__, self.url)
+                return
+            cache.succeed(keys, cache.clock())
+        finally:
+            self._inflight = None
+
+    async def _shared_fetch(self) -> None:
+        task = self._inflight
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch())
+            self._inflight = task
+        # shield: a cancelled caller must not cancel the fetch others are waiting on.
+        await asyncio.shield(task)
+
+    async def get_keys(self) -> Keys:
+        """Async twin of `JWKSClient.get_keys`."""
+        cache = self.cache
+        keys = cache.fresh()
+        if keys is not None:
+            return keys
+        if self._inflight is not None or cache.needs_fetch(cache.clock()):
+            await self._shared_fetch()
+        return cache.require(self.url)
+
+    async def refresh(self) -> Keys | None:
+        """Async twin of `JWKSClient.refresh`."""
+        cache = self.cache
+        if self._inflight is None and not cache.fetch_allowed(cache.clock()):
+            return None
+        await self._shared_fetch()
+        return cache.refreshed(self.url)
+
+    async def check(self, prepared: Prepared) -> VerifiedWebhook:
+        """Crypto step of `verify` for an already prepared delivery (internal)."""
+        keys = self.cache.fresh() or await self.get_keys()
+        message, signature, result = prepared
+        for key in keys:
+            if key.verify(message, signature):
+                return result
+        return _retry_after_miss(prepared, keys, await self.refresh())
+
+    async def verify(
+        self,
+        body: bytes,
+        headers: HeadersLike,
+        *,
+        user_id: str | None = None,
+        tolerance: float = DEFAULT_TOLERANCE,
+        now: float | None = None,
+    ) -> VerifiedWebhook:
+        """`verify_signature_async` against this client's keys."""
+        prepared = prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now)
+        return await self.check(prepared)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_http and self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def __aenter__(self) -> AsyncJWKSClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+# Process-wide registry: one KeyCache per URL, shared by the sync client and the async
+# client of every event loop, so a process fetches each JWKS once per TTL.
+_registry_lock = threading.Lock()
+_caches: dict[str, KeyCache] = {}
+_sync_clients: dict[str, JWKSClient] = {}
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncJWKSClient]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _cache_for(url: str) -> KeyCache:
+    cache = _caches.get(url)
+    if cache is None:
+        cache = _caches[url] = KeyCache()
+    return cache
+
+
+def get_jwks_client(url: str) -> JWKSClient:
+    """The process-wide `JWKSClient` for ``url`` (created on first use)."""
+    client = _sync_clients.get(url)
+    if client is None:
+        with _registry_lock:
+            client = _sync_clients.get(url)
+            if client is None:
+                client = _sync_clients[url] = JWKSClient(url, cache=_cache_for(url))
+    return client
+
+
+def get_async_jwks_client(url: str) -> AsyncJWKSClient:
+    """The `AsyncJWKSClient` for ``url`` in the running event loop (created on first use)."""
+    loop = asyncio.get_running_loop()
+    clients = _async_clients.get(loop)
+    client = None if clients is None else clients.get(url)
+    if client is None:
+        with _registry_lock:
+            clients = _async_clients.setdefault(loop, {})
+            client = clients.get(url)
+            if client is None:
+                client = clients[url] = AsyncJWKSClient(url, cache=_cache_for(url))
+    return client
+
+
+def clear_registry() -> None:
+    """Forget every process-wide client and cache, closing sync clients (for tests)."""
+    with _registry_lock:
+        for client in _sync_clients.values():
+            client.close()
+        _sync_clients.clear()
+        _async_clients.clear()
+        _caches.clear()
