@@ -1,0 +1,192 @@
+"""Pure parts of the report: percentiles, ratios, the targets, markdown and the console table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+TARGET_ORDER = ("bare", "verify-only", "naive", "falhook")
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile (the smallest value with at least pct% of values at or below)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= pct <= 100:
+        raise ValueError("pct must be within 0..100")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+@dataclass(frozen=True)
+class Goal:
+    key: str
+    label: str
+    op: str  # ">=" or "<="
+    threshold: float
+    unit: str = ""
+    stretch: float | None = None
+
+
+GOALS = (
+    Goal("falhook_vs_verify_rps", "falhook / verify-only req/s", ">=", 0.7, "x", stretch=0.9),
+    Goal("falhook_vs_naive_rps", "falhook / naive req/s", ">=", 10.0, "x"),
+    Goal("falhook_vs_verify_p99", "falhook p99 / verify-only p99", "<=", 2.0, "x"),
+    Goal("dispatch_p50_ms", "dispatch latency p50", "<=", 5.0, "ms"),
+    Goal("falhook_peak_rss_mb", "falhook peak RSS", "<=", 150.0, "MiB"),
+)
+
+
+def _valid(results: Mapping[str, Mapping[str, Any]], name: str) -> Mapping[str, Any] | None:
+    r = results.get(name)
+    if r is None or r.get("status") != "ok":
+        return None
+    return r
+
+
+def headline(
+    results: Mapping[str, Mapping[str, Any]], dispatch: Mapping[str, Any] | None
+) -> dict[str, float | None]:
+    """The measured values the goals are judged on (None where a target did not run validly)."""
+    fal = _valid(results, "falhook")
+    ver = _valid(results, "verify-only")
+    nai = _valid(results, "naive")
+
+    def get(r: Mapping[str, Any] | None, key: str) -> float | None:
+        return None if r is None else r.get(key)
+
+    return {
+        "falhook_vs_verify_rps": ratio(get(fal, "rps"), get(ver, "rps")),
+        "falhook_vs_naive_rps": ratio(get(fal, "rps"), get(nai, "rps")),
+        "falhook_vs_verify_p99": ratio(get(fal, "p99_ms"), get(ver, "p99_ms")),
+        "dispatch_p50_ms": None if not dispatch else dispatch.get("p50_ms"),
+        "falhook_peak_rss_mb": get(fal, "peak_rss_mb"),
+    }
+
+
+def verdict(goal: Goal, value: float | None) -> str:
+    """PASS, FAIL, or N/A when the value could not be measured."""
+    if value is None:
+        return "N/A"
+    ok = value >= goal.threshold if goal.op == ">=" else value <= goal.threshold
+    if ok and goal.stretch is not None:
+        stretched = value >= goal.stretch if goal.op == ">=" else value <= goal.stretch
+        return "PASS (stretch)" if stretched else "PASS"
+    return "PASS" if ok else "FAIL"
+
+
+def evaluate(values: Mapping[str, float | None]) -> list[dict[str, Any]]:
+    out = []
+    for goal in GOALS:
+        value = values.get(goal.key)
+        target = f"{goal.op} {goal.threshold:g}{goal.unit}"
+        if goal.stretch is not None:
+            target += f" (stretch {goal.stretch:g}{goal.unit})"
+        out.append(
+            {
+                "key": goal.key,
+                "label": goal.label,
+                "value": value,
+                "unit": goal.unit,
+                "target": target,
+                "verdict": verdict(goal, value),
+            }
+        )
+    return out
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def target_rows(results: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    rows = []
+    for name in TARGET_ORDER:
+        r = results.get(name)
+        if r is None:
+            continue
+        status = r.get("status", "?")
+        if r.get("problems"):
+            status += ": " + "; ".join(r["problems"])
+        elif r.get("reason"):
+            status += ": " + r["reason"]
+        rows.append(
+            [
+                name,
+                _fmt(r.get("rps"), 0),
+                _fmt(r.get("p50_ms")),
+                _fmt(r.get("p99_ms")),
+                _fmt(r.get("peak_rss_mb"), 1),
+                status,
+            ]
+        )
+    return rows
+
+
+TARGET_HEADER = ["target", "req/s", "p50 ms", "p99 ms", "peak RSS MiB", "status"]
+GOAL_HEADER = ["measure", "value", "target", "verdict"]
+
+
+def goal_rows(evaluation: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    return [
+        [e["label"], _fmt(e["value"]) + (e["unit"] if e["value"] is not None else ""),
+         e["target"], e["verdict"]]
+        for e in evaluation
+    ]  # fmt: skip
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [
+        fmt.format(*r) for r in rows
+    ])  # fmt: skip
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    env = report["environment"]
+    params = report["params"]
+    micro = report.get("verify_micro") or {}
+    dispatch = report.get("dispatch") or {}
+    lines = [
+        f"# falhook benchmark — {report['date']}",
+        "",
+        f"Machine: {env['nproc']} cores, {env['cpu_model']}, kernel {env['kernel']}; "
+        f"Python {env['python']}, uvicorn {env['uvicorn']}, starlette {env['starlette']}, "
+        f"{env['wrk']}.",
+        f"wrk: {params['threads']} thread, {params['connections']} connections, "
+        f"{params['duration_s']:g} s per target after a {params['warmup_s']:g} s warm-up; "
+        f"unique signed ~{params['body_bytes']} B deliveries. Server: uvicorn "
+        f"{' '.join(params['uvicorn_flags'])}. References are Starlette `Route` + "
+        "`await request.body()`.",
+        "",
+        markdown_table(TARGET_HEADER, target_rows(report["targets"])),
+        "",
+        markdown_table(GOAL_HEADER, goal_rows(report["goals"])),
+        "",
+        f"verify_signature micro ratio (warm, vs bare nacl floor): "
+        f"{_fmt(micro.get('ratio'), 3) if micro.get('status') == 'ok' else micro.get('status')}",
+        f"Dispatch latency (ack → callback start): p50 {_fmt(dispatch.get('p50_ms'))} ms, "
+        f"p99 {_fmt(dispatch.get('p99_ms'))} ms ({dispatch.get('status', 'not run')}).",
+        "",
+    ]
+    return "\n".join(lines)

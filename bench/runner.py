@@ -1,0 +1,436 @@
+"""One benchmark run: each target under wrk, the dispatch phase, the micro ratio, the report."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import report
+from bench.fixtures import TARGET_BODY_BYTES, new_signing_key, read_deliveries, write_deliveries
+from bench.fixtures import write_jwks as write_jwks_file
+from bench.servers import REPO_ROOT, UVICORN_FLAGS, VENV_BIN, Server, free_port, uvicorn_command
+from bench.wrk import lua_script, run_wrk, wrk_binary
+
+WEBHOOK_PATH = "/webhooks/fal"
+# Warm-up deliveries per second of warm-up: more than any target here answers (bare ~21k/s).
+WARMUP_RATE_CAP = 30_000
+MAX_DELIVERIES = 800_000
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Params:
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    connections: int = 32
+    threads: int = 1
+    dispatch_count: int = 500
+    dispatch_rate: float = 50.0
+    micro: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "duration_s": self.duration_s,
+            "warmup_s": self.warmup_s,
+            "connections": self.connections,
+            "threads": self.threads,
+            "dispatch_count": self.dispatch_count,
+            "dispatch_rate": self.dispatch_rate,
+            "body_bytes": TARGET_BODY_BYTES,
+            "uvicorn_flags": list(UVICORN_FLAGS),
+        }
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    dedupes: bool  # repeated request ids would take a different path (duplicate answers)
+    factory: str | None = None  # uvicorn factory for the references
+
+
+REFERENCES = {
+    "bare": Target("bare", dedupes=False, factory="bench.targets:bare_app"),
+    "verify-only": Target("verify-only", dedupes=False, factory="bench.targets:verify_only_app"),
+    "naive": Target("naive", dedupes=True, factory="bench.targets:naive_app"),
+}
+FALHOOK = Target("falhook", dedupes=True)
+ALL_TARGETS = (*REFERENCES, FALHOOK.name)
+
+
+def main_deliveries(estimated_rps: float, duration_s: float) -> int:
+    """How many unique deliveries the measured run needs: 1.5x the warm-up rate, plus slack."""
+    wanted = math.ceil(max(estimated_rps, 0.0) * duration_s * 1.5) + 2000
+    return max(5000, min(MAX_DELIVERIES, wanted))
+
+
+# ---------------------------------------------------------------- falhook serve
+
+
+@dataclass(frozen=True)
+class FalhookCli:
+    available: bool
+    reason: str = ""
+    help_text: str = ""
+
+    def command(self, port: int, callback: str) -> list[str]:
+        cmd = [
+            str(VENV_BIN / "falhook"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--callback",
+            callback,
+        ]
+        # Pass the references' server flags where `falhook serve` has them.
+        for flag, value in (("--log-level", "warning"), ("--no-access-log", None)):
+            if flag in self.help_text:
+                cmd += [flag] if value is None else [flag, value]
+        return cmd
+
+
+def probe_falhook() -> FalhookCli:
+    exe = VENV_BIN / "falhook"
+    if not exe.exists():
+        return FalhookCli(False, f"{exe} not installed")
+    try:
+        proc = subprocess.run(
+            [str(exe), "serve", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO_ROOT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return FalhookCli(False, "`falhook serve --help` timed out")
+    if proc.returncode != 0:
+        last = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or [""]
+        return FalhookCli(False, f"`falhook serve --help` exited {proc.returncode}: {last[0]}")
+    return FalhookCli(True, help_text=proc.stdout)
+
+
+def falhook_env(workdir: Path, jwks: Path) -> dict[str, str]:
+    return {
+        "FALHOOK_DATABASE_URL": f"sqlite:///{workdir / 'falhook.db'}",
+        "FALHOOK_JWKS_URL": str(jwks),
+    }
+
+
+# ---------------------------------------------------------------- one target under wrk
+
+
+def run_target(
+    target: Target,
+    params: Params,
+    workdir: Path,
+    log: Log,
+    falhook: FalhookCli,
+) -> dict[str, Any]:
+    if target is FALHOOK and not falhook.available:
+        return {"status": "unavailable", "reason": falhook.reason}
+    workdir.mkdir(parents=True)
+    key = new_signing_key()
+    jwks = write_jwks_file(key, workdir / "jwks.json")
+    script = workdir / "deliveries.lua"
+    script.write_text(lua_script(WEBHOOK_PATH, count_non2xx=True))
+    port = free_port()
+    if target.factory is not None:
+        command = uvicorn_command(target.factory, port)
+        env = {"BENCH_JWKS_FILE": str(jwks), "BENCH_DB_PATH": str(workdir / "naive.db")}
+    else:
+        command = falhook.command(port, "bench.callbacks:noop")
+        env = falhook_env(workdir, jwks)
+    server = Server(target.name, command, port, env, workdir / "server.log")
+    result: dict[str, Any] = {"command": " ".join(command)}
+    try:
+        warm = write_deliveries(
+            key, max(1000, int(params.warmup_s * WARMUP_RATE_CAP)), workdir / "warmup.tsv"
+        )
+        with server:
+            url = server.base_url + WEBHOOK_PATH
+            warm_result, _ = run_wrk(
+                url,
+                script,
+                warm,
+                duration_s=params.warmup_s,
+                connections=params.connections,
+                threads=params.threads,
+            )
+            count = main_deliveries(warm_result.rps, params.duration_s)
+            log(f"  warm-up {warm_result.rps:,.0f} req/s; signing {count:,} fresh deliveries")
+            main = write_deliveries(key, count, workdir / "main.tsv")
+            measured, text = run_wrk(
+                url,
+                script,
+                main,
+                duration_s=params.duration_s,
+                connections=params.connections,
+                threads=params.threads,
+            )
+            result["peak_rss_mb"] = server.peak_rss_mb()
+        (workdir / "wrk.txt").write_text(text)
+    except Exception as exc:
+        return {
+            **result,
+            "status": "error",
+            "reason": f"{type(exc).__name__}: {exc}",
+            "server_log": server.log_tail(),
+        }
+    problems = measured.problems
+    if warm_result.problems:
+        problems = [f"warm-up: {p}" for p in warm_result.problems] + problems
+    if measured.wraps and target.dedupes:
+        problems.append(f"ran out of unique deliveries ({count:,}); repeats were duplicates")
+    result.update(
+        {
+            "status": "invalid" if problems else "ok",
+            "problems": problems,
+            "rps": measured.rps,
+            "p50_ms": measured.p50_ms,
+            "p90_ms": measured.p90_ms,
+            "p99_ms": measured.p99_ms,
+            "p999_ms": measured.p999_ms,
+            "mean_ms": measured.mean_ms,
+            "max_ms": measured.max_ms,
+            "requests": measured.requests,
+            "duration_s": measured.duration_s,
+            "errors": measured.as_dict()["errors"],
+            "non2xx": measured.non2xx,
+            "unique_deliveries": count,
+            "wraps": measured.wraps,
+            "warmup_rps": warm_result.rps,
+        }
+    )
+    return result
+
+
+# ---------------------------------------------------------------- dispatch latency
+
+
+def read_latencies_ms(path: Path) -> list[float]:
+    if not path.exists():
+        return []
+    return [float(line) * 1000 for line in path.read_text().split()]
+
+
+def run_dispatch(params: Params, workdir: Path, log: Log, falhook: FalhookCli) -> dict[str, Any]:
+    """Deliveries at a moderate fixed rate to falhook with the ``record`` callback."""
+    if not falhook.available:
+        return {"status": "unavailable", "reason": falhook.reason}
+    workdir.mkdir(parents=True)
+    key = new_signing_key()
+    jwks = write_jwks_file(key, workdir / "jwks.json")
+    latency_file = workdir / "latency.txt"
+    port = free_port()
+    command = falhook.command(port, "bench.callbacks:record")
+    env = {**falhook_env(workdir, jwks), "FALHOOK_BENCH_LATENCY_FILE": str(latency_file)}
+    server = Server("falhook-dispatch", command, port, env, workdir / "server.log")
+    deliveries = list(
+        read_deliveries(write_deliveries(key, params.dispatch_count, workdir / "dispatch.tsv"))
+    )
+    bad: list[int] = []
+    try:
+        with server, httpx.Client(base_url=server.base_url, timeout=10) as client:
+            interval = 1.0 / params.dispatch_rate
+            start = time.monotonic()
+            for i, d in enumerate(deliveries):
+                delay = start + i * interval - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                response = client.post(WEBHOOK_PATH, content=d.body, headers=d.headers())
+                if response.status_code != 200:
+                    bad.append(response.status_code)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if len(read_latencies_ms(latency_file)) >= len(deliveries) - len(bad):
+                    break
+                time.sleep(0.1)
+    except Exception as exc:
+        return {
+            "status": "error",
+            "reason": f"{type(exc).__name__}: {exc}",
+            "server_log": server.log_tail(),
+        }
+    latencies = read_latencies_ms(latency_file)
+    problems = []
+    if bad:
+        problems.append(f"{len(bad)} non-200 answers, e.g. {bad[:5]}")
+    if len(latencies) < len(deliveries):
+        problems.append(f"callback ran for {len(latencies)} of {len(deliveries)} deliveries")
+    out: dict[str, Any] = {
+        "status": "invalid" if problems or not latencies else "ok",
+        "problems": problems,
+        "sent": len(deliveries),
+        "rate_per_s": params.dispatch_rate,
+        "callbacks": len(latencies),
+    }
+    if latencies:
+        out.update(
+            {
+                "p50_ms": report.percentile(latencies, 50),
+                "p99_ms": report.percentile(latencies, 99),
+                "max_ms": max(latencies),
+            }
+        )
+    log(f"  dispatch: {out['status']} {out.get('p50_ms')} ms p50")
+    return out
+
+
+# ---------------------------------------------------------------- micro ratio
+
+
+def run_micro() -> dict[str, Any]:
+    try:
+        module = importlib.import_module("bench.verify_micro")
+    except ImportError as exc:
+        return {"status": "unavailable", "reason": str(exc), "ratio": None}
+    try:
+        raw = module.run()
+    except Exception as exc:
+        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}", "ratio": None}
+    value = raw.get("ratio") if isinstance(raw, dict) else raw
+    return {
+        "status": "ok",
+        "ratio": float(value) if isinstance(value, int | float) else None,
+        "raw": json.loads(json.dumps(raw, default=str)),
+    }
+
+
+# ---------------------------------------------------------------- environment
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model(cpuinfo: str) -> str:
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    wrk_version = subprocess.run(
+        [wrk_binary(), "-v"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
+    git = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=False,
+    ).stdout.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(cpuinfo),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "uvicorn": _version("uvicorn"),
+        "starlette": _version("starlette"),
+        "sqlmodel": _version("sqlmodel"),
+        "pynacl": _version("pynacl"),
+        "uvloop": _version("uvloop"),
+        "httptools": _version("httptools"),
+        "wrk": wrk_version[0].strip() if wrk_version else "wrk",
+        "git_commit": git or None,
+    }
+
+
+def ensure_wrk(log: Log) -> None:
+    if shutil.which("wrk"):
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise SystemExit(
+            "wrk is not installed and cannot be installed here (needs root and apt-get). "
+            "Install wrk 4.x (e.g. `apt-get install wrk`) and run again."
+        )
+    log("wrk not found; running: apt-get update && apt-get install -y wrk")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+        if subprocess.run(cmd, env=env, check=False).returncode != 0:
+            raise SystemExit(f"`{' '.join(cmd)}` failed; install wrk by hand and run again.")
+    if not shutil.which("wrk"):
+        raise SystemExit("apt-get installed no wrk binary; install wrk by hand and run again.")
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def run(targets: Sequence[str], params: Params, log: Log) -> dict[str, Any]:
+    ensure_wrk(log)
+    started = datetime.now(UTC)
+    env = environment()
+    falhook = probe_falhook() if FALHOOK.name in targets else FalhookCli(False, "not selected")
+    if FALHOOK.name in targets and not falhook.available:
+        log(f"falhook: unavailable ({falhook.reason})")
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="falhook-bench-") as tmp:
+        root = Path(tmp)
+        for name in targets:
+            target = REFERENCES.get(name, FALHOOK)
+            if target is not FALHOOK or falhook.available:
+                log(f"{name}: {params.warmup_s:g} s warm-up + {params.duration_s:g} s under wrk")
+            results[name] = run_target(target, params, root / name, log, falhook)
+            r = results[name]
+            log(f"  {r['status']}" + (f": {r['reason']}" if r.get("reason") else ""))
+        dispatch = (
+            run_dispatch(params, root / "dispatch", log, falhook)
+            if FALHOOK.name in targets
+            else {"status": "not run"}
+        )
+    micro = run_micro() if params.micro else {"status": "skipped", "ratio": None}
+    values = report.headline(results, dispatch)
+    return {
+        "date": started.isoformat(timespec="seconds"),
+        "environment": env,
+        "params": params.as_dict(),
+        "targets": results,
+        "dispatch": dispatch,
+        "verify_micro": micro,
+        "headline": values,
+        "goals": report.evaluate(values),
+        "python_executable": sys.executable,
+    }
+
+
+def write_results(result: dict[str, Any], results_dir: Path) -> list[Path]:
+    """latest.json / latest.md plus a timestamped copy of each; written via a .tmp rename."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.fromisoformat(result["date"]).strftime("%Y%m%dT%H%M%SZ")
+    payload = {"json": json.dumps(result, indent=2) + "\n", "md": report.render_markdown(result)}
+    written = []
+    for base in ("latest", stamp):
+        for ext, text in payload.items():
+            path = results_dir / f"{base}.{ext}"
+            tmp = path.with_suffix(f".{ext}.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+            written.append(path)
+    return written
