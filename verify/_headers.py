@@ -33,9 +33,14 @@ TIMESTAMP = "X-Fal-Webhook-Timestamp"
 SIGNATURE = "X-Fal-Webhook-Signature"
 
 CANONICAL = (REQUEST_ID, USER_ID, TIMESTAMP, SIGNATURE)
-# Lowercase names mapped to their slot in the result; precomputed once for both types.
-_SLOTS_STR = {name.lower(): i for i, name in enumerate(CANONICAL)}
-_SLOTS_BYTES = {name.lower().encode("ascii"): i for i, name in enumerate(CANONICAL)}
+# Lowercase names (str and bytes: distinct dict keys) mapped to their slot in the result,
+# precomputed once; raw ASGI names are already lowercase, so one dict hit finds them.
+_SLOTS: dict[object, int] = {}
+for _i, _name in enumerate(CANONICAL):
+    _SLOTS[_name.lower()] = _i
+    _SLOTS[_name.lower().encode("ascii")] = _i
+# Lengths of the four names: other headers are skipped without lowercasing them.
+_NAME_LENGTHS = frozenset(len(name) for name in CANONICAL)
 
 # A timestamp of more than 20 digits is not a time; also bounds int() work on garbage.
 _MAX_TIMESTAMP_DIGITS = 20
@@ -50,15 +55,21 @@ def _malformed(slot: int, why: str) -> WebhookVerificationError:
 
 
 def _decode(slot: int, value: Any) -> str:
-    if isinstance(value, str):
-        text = value
+    cls = value.__class__
+    if cls is bytes:
+        try:
+            text: str = value.decode()
+        except UnicodeDecodeError:
+            raise _malformed(slot, "not valid UTF-8") from None
+    elif cls is str or isinstance(value, str):
+        text = str(value)
     elif isinstance(value, bytes | bytearray | memoryview):
         try:
-            text = bytes(value).decode("utf-8")
+            text = bytes(value).decode()
         except UnicodeDecodeError:
             raise _malformed(slot, "not valid UTF-8") from None
     else:
-        raise _malformed(slot, f"unexpected value type {type(value).__name__}")
+        raise _malformed(slot, f"unexpected value type {cls.__name__}")
     # HTTP field values never hold control characters; a newline inside an id would also
     # let two different header sets produce the same signed message.
     if not text.isprintable():
@@ -73,34 +84,52 @@ def extract(headers: HeadersLike) -> tuple[str, str, str, str]:
     name) when one is absent or empty, ``malformed_header`` when a value is unusable.
     """
     found: list[Any] = [None, None, None, None]
-    if isinstance(headers, Mapping):
-        pairs: Iterable[Any] = headers.items()
+    kind = headers.__class__
+    if kind is list:  # ASGI scope["headers"]: skip the (slow) ABC checks below
+        pairs: Iterable[Any] = headers
+    elif kind is dict or isinstance(headers, Mapping):
+        pairs = headers.items()  # type: ignore[union-attr]
     elif isinstance(headers, str | bytes):
         raise TypeError("headers must be a mapping or an iterable of (name, value) pairs")
     else:
         pairs = headers
-    slots_s = _SLOTS_STR
-    slots_b = _SLOTS_BYTES
+    slots = _SLOTS
+    lengths = _NAME_LENGTHS
     try:
         for name, value in pairs:
-            if isinstance(name, bytes):
-                slot = slots_b.get(name) if name.islower() else slots_b.get(name.lower())
-            elif isinstance(name, str):
-                slot = slots_s.get(name) if name.islower() else slots_s.get(name.lower())
-            else:
-                continue
+            slot = slots.get(name)
             if slot is None:
-                continue
+                if len(name) not in lengths or not isinstance(name, str | bytes):
+                    continue
+                slot = slots.get(name.lower())
+                if slot is None:
+                    continue
             if found[slot] is not None:
                 raise _malformed(slot, "header appears more than once")
             found[slot] = value
     except (TypeError, ValueError) as exc:
         # An iterable that does not yield pairs is a programmer error, not bad input.
         raise TypeError("headers must be a mapping or an iterable of (name, value) pairs") from exc
+    # Hot path: four non-empty bytes values (ASGI) or str values (dicts) that decode and
+    # print cleanly. Anything else takes the careful path below for the right error.
+    a, b, c, d = found
+    cls = a.__class__
+    if cls is b.__class__ is c.__class__ is d.__class__ and a and b and c and d:
+        if cls is bytes:
+            try:
+                a, b, c, d = a.decode(), b.decode(), c.decode(), d.decode()
+            except UnicodeDecodeError:
+                a = None  # fall through to the careful path
+            else:
+                cls = str
+        # The timestamp and signature parsers accept only ASCII digits / hex themselves.
+        if cls is str and a.isprintable() and b.isprintable():
+            return a, b, c, d
+        a, b, c, d = found
     # Presence of all four first, then formats: the cheap, most telling check wins.
     for slot in range(4):
         value = found[slot]
-        if value is None or (isinstance(value, str | bytes | bytearray) and not value):
+        if value is None or value == "" or value == b"":
             name = CANONICAL[slot]
             raise WebhookVerificationError(
                 Reason.MISSING_HEADER, f"{name} is missing or empty", header=name

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from nacl.bindings import crypto_sign_open
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
@@ -25,6 +26,7 @@ from verify.errors import KeysUnavailableError
 __all__ = ["KeysLike", "PublicKey", "load_keys", "parse_jwks"]
 
 _KEY_BYTES = 32
+_SIGNATURE_BYTES = 64
 
 
 def _b64url_decode(text: object) -> bytes:
@@ -90,8 +92,12 @@ class PublicKey:
 
     def verify(self, message: bytes, signature: bytes) -> bool:
         """True when ``signature`` (64 bytes) signs ``message``; never raises for bad input."""
+        # The libsodium binding directly, not VerifyKey.verify: same check, minus ~2 µs of
+        # Python-level argument handling on the hot path. The length check is ours.
+        if len(signature) != _SIGNATURE_BYTES:
+            return False
         try:
-            self._verify_key.verify(message, signature)
+            crypto_sign_open(signature + message, self._raw)
         except (BadSignatureError, ValueError, TypeError):
             return False
         return True

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TypeAlias
 
 from verify._headers import HeadersLike, extract, parse_signature, parse_timestamp
 from verify.errors import Reason, WebhookVerificationError
@@ -40,12 +40,21 @@ class VerifiedWebhook:
     timestamp: int
 
 
-class Prepared(NamedTuple):
-    """A delivery that passed every check except the crypto (internal)."""
+# (message, signature, result): a delivery that passed every check but the crypto. A plain
+# tuple rather than a NamedTuple: it is built on every call and never leaves the package.
+Prepared: TypeAlias = tuple[bytes, bytes, VerifiedWebhook]
 
-    message: bytes
-    signature: bytes
-    result: VerifiedWebhook
+
+def _env_user_id() -> str | None:
+    """``FALHOOK_USER_ID``, read on every call (tests and operators may change it)."""
+    # os.environ.get costs ~0.6 µs (it re-encodes the key each time), over 10% of this
+    # module's whole budget per call; on POSIX, os.environ keeps its data in `_data`, a
+    # bytes dict it updates on every assignment, and a lookup there costs ~25 ns.
+    data = getattr(os.environ, "_data", None)
+    if os.name == "posix" and isinstance(data, dict):
+        raw = data.get(b"FALHOOK_USER_ID")
+        return None if raw is None else os.fsdecode(raw)
+    return os.environ.get("FALHOOK_USER_ID")
 
 
 def default_jwks_url() -> str:
@@ -62,7 +71,7 @@ def prepare(
     now: float | None,
 ) -> Prepared:
     """Run the non-crypto checks and build the signed message (internal)."""
-    if not isinstance(body, bytes | bytearray | memoryview):
+    if body.__class__ is not bytes and not isinstance(body, bytes | bytearray | memoryview):
         raise TypeError(f"body must be the raw request bytes, not {type(body).__name__}")
     request_id, header_user, ts_text, sig_text = extract(headers)
     timestamp = parse_timestamp(ts_text)
@@ -79,7 +88,7 @@ def prepare(
             Reason.TIMESTAMP_TOO_NEW,
             f"timestamp {timestamp} is {timestamp - current} s ahead (tolerance {tolerance:g} s)",
         )
-    pinned = os.environ.get("FALHOOK_USER_ID") if user_id is None else user_id
+    pinned = _env_user_id() if user_id is None else user_id
     if pinned and header_user != pinned:
         raise WebhookVerificationError(
             Reason.USER_MISMATCH, "delivery is for another fal user", header=None
@@ -92,7 +101,7 @@ def prepare(
         raise WebhookVerificationError(
             Reason.MALFORMED_HEADER, "header value is not encodable as UTF-8"
         ) from None
-    return Prepared(message, signature, VerifiedWebhook(request_id, header_user, timestamp))
+    return message, signature, VerifiedWebhook(request_id, header_user, timestamp)
 
 
 def check(prepared: Prepared, keys: Iterable[PublicKey]) -> VerifiedWebhook:
