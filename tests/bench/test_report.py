@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report
+from bench.runner import main_deliveries, write_results
+from bench.servers import parse_status_kb
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert report.percentile(values, 50) == 50.0
+    assert report.percentile(values, 99) == 99.0
+    assert report.percentile(values, 100) == 100.0
+    assert report.percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        report.percentile([], 50)
+
+
+def test_ratio_of_missing_values_is_none() -> None:
+    assert report.ratio(10.0, 4.0) == 2.5
+    assert report.ratio(None, 4.0) is None
+    assert report.ratio(1.0, 0.0) is None
+
+
+def _results(falhook: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        "bare": {"status": "ok", "rps": 20000.0, "p99_ms": 3.0},
+        "verify-only": {"status": "ok", "rps": 8000.0, "p99_ms": 6.0, "peak_rss_mb": 60.0},
+        "naive": {"status": "ok", "rps": 500.0, "p99_ms": 80.0},
+        "falhook": falhook,
+    }
+
+
+def test_goals_pass_fail_and_stretch() -> None:
+    falhook = {"status": "ok", "rps": 7500.0, "p99_ms": 15.0, "peak_rss_mb": 90.0}
+    values = report.headline(_results(falhook), {"status": "ok", "p50_ms": 7.0})
+    verdicts = {e["key"]: e["verdict"] for e in report.evaluate(values)}
+    assert verdicts == {
+        "falhook_vs_verify_rps": "PASS (stretch)",  # 0.94
+        "falhook_vs_naive_rps": "PASS",  # 15x
+        "falhook_vs_verify_p99": "FAIL",  # 2.5x
+        "dispatch_p50_ms": "FAIL",
+        "falhook_peak_rss_mb": "PASS",
+    }
+    assert values["falhook_vs_verify_rps"] == pytest.approx(0.9375)
+
+
+def test_an_invalid_or_missing_falhook_is_not_judged() -> None:
+    for falhook in ({"status": "unavailable"}, {"status": "invalid", "rps": 1e9}):
+        values = report.headline(_results(falhook), None)
+        assert {e["verdict"] for e in report.evaluate(values)} == {"N/A"}
+
+
+def test_tables_render_every_target_and_goal() -> None:
+    result = _results({"status": "unavailable", "reason": "no serve"})
+    rows = report.target_rows(result)
+    assert [r[0] for r in rows] == ["bare", "verify-only", "naive", "falhook"]
+    assert rows[-1][-1] == "unavailable: no serve"
+    md = report.markdown_table(report.TARGET_HEADER, rows)
+    assert md.count("\n") == len(rows) + 1
+    text = report.text_table(report.TARGET_HEADER, rows)
+    assert "20,000" in text
+
+
+def test_report_files_are_written(tmp_path: Path) -> None:
+    values = report.headline(_results({"status": "unavailable"}), None)
+    result = {
+        "date": "2025-01-02T03:04:05+00:00",
+        "environment": {
+            "nproc": 2, "cpu_model": "cpu", "kernel": "k", "python": "3.11",
+            "uvicorn": "u", "starlette": "s", "wrk": "wrk 4",
+        },
+        "params": {
+            "threads": 1, "connections": 32, "duration_s": 10.0, "warmup_s": 2.0,
+            "body_bytes": 2048, "uvicorn_flags": ["--loop", "uvloop"],
+        },
+        "targets": _results({"status": "unavailable"}),
+        "dispatch": {"status": "unavailable"},
+        "verify_micro": {"status": "unavailable", "ratio": None},
+        "goals": report.evaluate(values),
+    }  # fmt: skip
+    names = sorted(p.name for p in write_results(result, tmp_path))
+    assert names == sorted(
+        ["latest.json", "latest.md", "20250102T030405Z.json", "20250102T030405Z.md"]
+    )
+    assert "| bare | 20,000 |" in (tmp_path / "latest.md").read_text()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_main_run_gets_enough_unique_deliveries() -> None:
+    assert main_deliveries(20000.0, 10.0) >= 300_000
+    assert main_deliveries(0.0, 10.0) == 5000
+    assert main_deliveries(1e9, 10.0) == 800_000
+
+
+def test_vmhwm_is_read_from_proc_status() -> None:
+    text = "Name:\tpython\nVmPeak:\t  300000 kB\nVmHWM:\t   61440 kB\nVmRSS:\t 50000 kB\n"
+    assert parse_status_kb(text, "VmHWM") == 61440
+    assert parse_status_kb(text, "VmSwap") is None
