@@ -89,6 +89,7 @@ def _emit(args: argparse.Namespace, document: dict[str, Any], line: str, *, err:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``falhook verify``; returns the exit code."""
+    document: dict[str, Any]
     headers_raw = _read(args.headers, "headers")
     body = _read(args.body, "body")
     try:
@@ -111,11 +112,19 @@ def run(args: argparse.Namespace) -> int:
             now=args.now,
         )
     except WebhookVerificationError as exc:
-        document = {"authentic": False, "reason": exc.reason.value, "message": str(exc)}
+        document = {
+            "authentic": False,
+            "reason": exc.reason.value,
+            "message": str(exc),
+        }
         _emit(args, document, f"NOT authentic: {exc.reason.value} — {exc}", err=False)
         return EXIT_NOT_AUTHENTIC
     except KeysUnavailableError as exc:
-        document = {"authentic": None, "reason": "keys_unavailable", "message": str(exc)}
+        document = {
+            "authentic": None,
+            "reason": "keys_unavailable",
+            "message": str(exc),
+        }
         _emit(args, document, f"keys unavailable, cannot decide: {exc}", err=True)
         return EXIT_KEYS_UNAVAILABLE
     except ValueError as exc:  # e.g. a negative --tolerance

@@ -1,0 +1,248 @@
+"""The receiver: an app factory, and the object users register callbacks on and mount."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from types import TracebackType
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
+
+from receiver.dispatcher import Dispatcher, DispatchObserver
+from receiver.errors import StoreUnavailableError
+from receiver.forward import Forwarder
+from receiver.keysource import KeySource
+from receiver.logs import delivery_log
+from receiver.metrics import Metrics
+from receiver.models import Delivery
+from receiver.registry import Callback, CallbackRegistry
+from receiver.retry import RetryPolicy
+from receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
+from receiver.settings import Settings
+from receiver.store import Claim, Store
+
+__all__ = ["WebhookReceiver", "create_app"]
+
+log = logging.getLogger("falhook.receiver")
+WEBHOOK_PATH = "/webhooks/fal"
+
+
+class _Observer(DispatchObserver):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def started(self, delivery: Delivery) -> None:
+        self.metrics.callback_attempts.inc()
+        if delivery.attempt == 1:
+            self.metrics.dispatch_latency.observe(
+                max(0.0, time.time() - delivery.received_at.timestamp())
+            )
+
+    def finished(self, claim: Claim, outcome: str, error: str | None) -> None:
+        self.metrics.callback_outcomes.labels(outcome).inc()
+        level = logging.INFO if outcome == "done" else logging.WARNING
+        if delivery_log.isEnabledFor(level):
+            delivery_log.log(
+                level,
+                "callbacks %s",
+                outcome,
+                extra={
+                    "request_id": claim.request_id,
+                    "outcome": outcome,
+                    "attempt": claim.attempt,
+                    "error": error,
+                },
+            )
+
+
+class WebhookReceiver:
+    """A fal webhook receiver: verify → store → 200 → callbacks, with retries.
+
+    ::
+
+        hooks = WebhookReceiver(Settings.from_env())
+
+        @hooks.on_ok
+        async def save(delivery): ...
+
+        app = hooks.app                      # run it, or
+        host = FastAPI(lifespan=hooks.lifespan)
+        host.mount("/fal", hooks.app)        # mount it (the host must run hooks.lifespan)
+
+    Starting (its lifespan, or ``async with hooks:``) opens the store and starts the
+    dispatcher; a delivery that arrives before that gets a 503 ``receiver_not_started``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        callbacks: Iterable[Callback] = (),
+    ) -> None:
+        self.settings = settings if settings is not None else Settings.from_env()
+        self.registry = CallbackRegistry()
+        self.registry.add_specs(self.settings.callbacks)
+        for fn in callbacks:
+            self.registry.add(fn)
+        self._forwarder: Forwarder | None = None
+        if self.settings.forward_to:
+            self._forwarder = Forwarder(self.settings.forward_to)
+            self.registry.add(self._forwarder, name=f"forward-to:{self.settings.forward_to}")
+        self.on_ok = self.registry.on_ok
+        self.on_error = self.registry.on_error
+        self.on_delivery = self.registry.on_delivery
+        self.metrics = Metrics()
+        self.metrics.watch_store(
+            lambda: self.store.counts(),
+            lambda: self.store.oldest_pending_age(),
+            lambda: (self.keys.fetches, self.keys.fetch_failures) if self._keys else (0, 0),
+        )
+        self._store: Store | None = None
+        self._keys: KeySource | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._starts = 0
+        self.app = self._build_app()
+
+    # -- what the routes use -----------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._starts > 0
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise StoreUnavailableError("the receiver is not started")
+        return self._store
+
+    @property
+    def keys(self) -> KeySource:
+        assert self._keys is not None, "the receiver is not started"
+        return self._keys
+
+    @property
+    def dispatcher(self) -> Dispatcher | None:
+        return self._dispatcher
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and start the dispatcher. Nested starts are counted."""
+        self._starts += 1
+        if self._starts > 1:
+            return
+        settings = self.settings
+        self._keys = KeySource(
+            settings.jwks_url, user_id=settings.user_id, tolerance=settings.tolerance_seconds
+        )
+        store = Store(settings.database_url, on_committed_insert=self._wake)
+        store.start()
+        self._store = store
+        try:
+            await store.ping()  # create or upgrade the schema now, not on the first delivery
+        except StoreUnavailableError as exc:
+            log.warning("store unavailable at start (will keep trying): %s", exc)
+        if len(self.registry):
+            self._dispatcher = Dispatcher(
+                store,
+                self.registry,
+                policy=RetryPolicy(
+                    max_attempts=settings.callback_max_attempts,
+                    base_delay=settings.callback_backoff_seconds,
+                    max_delay=settings.callback_backoff_max_seconds,
+                ),
+                lease_seconds=settings.lease_seconds,
+                concurrency=settings.concurrency,
+                poll_seconds=settings.poll_seconds,
+                shutdown_timeout=settings.shutdown_timeout_seconds,
+                observer=_Observer(self.metrics),
+            )
+            self._dispatcher.start()
+        else:
+            log.warning(
+                "no callbacks registered: deliveries are stored and stay pending until a "
+                "receiver with callbacks runs"
+            )
+
+    async def stop(self) -> None:
+        """Stop claiming, let running callbacks finish (up to the timeout), close the store."""
+        if self._starts == 0:
+            return
+        self._starts -= 1
+        if self._starts > 0:
+            return
+        if self._dispatcher is not None:
+            await self._dispatcher.stop()
+            self._dispatcher = None
+        if self._store is not None:
+            await self._store.stop()
+            self._store = None
+        if self._forwarder is not None:
+            await self._forwarder.aclose()
+        if self._keys is not None:
+            await self._keys.aclose()
+
+    async def __aenter__(self) -> WebhookReceiver:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """A Starlette/FastAPI lifespan: ``FastAPI(lifespan=hooks.lifespan)``."""
+        async with self:
+            yield
+
+    def _wake(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.wake()
+
+    def _build_app(self) -> Starlette:
+        endpoint = WebhookEndpoint(self)
+        routes = [
+            # Both spellings are served: fal treats any redirect (3xx) as a permanent failure.
+            Route(WEBHOOK_PATH, endpoint),
+            Route(WEBHOOK_PATH + "/", endpoint),
+            Route("/healthz", healthz, methods=["GET", "HEAD"]),
+            Route("/readyz", readyz, methods=["GET", "HEAD"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ]
+        app = Starlette(
+            routes=routes,
+            lifespan=self.lifespan,
+            exception_handlers={HTTPException: _http_error},
+        )
+        router: Router = app.router
+        router.redirect_slashes = False
+        router.default = not_found
+        app.state.falhook = self
+        return app
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"error": error, "detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+def create_app(
+    settings: Settings | None = None, *, callbacks: Iterable[Callback] = ()
+) -> Starlette:
+    """Build a receiver and return its ASGI app (the receiver is ``app.state.falhook``)."""
+    return WebhookReceiver(settings, callbacks=callbacks).app

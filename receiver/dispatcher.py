@@ -1,0 +1,224 @@
+"""The dispatcher: claims due deliveries from the store and runs their callbacks.
+
+Shaped like procrastinate's worker: a semaphore caps concurrency; between rounds it waits
+for whichever comes first — a new insert (woken at once, no poll latency), a free slot,
+the next delivery falling due, or the poll fallback. Every claim has a lease, renewed
+while its callbacks run; a crashed process's claims are retaken when their leases expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+from receiver.errors import StoreUnavailableError
+from receiver.models import Delivery
+from receiver.registry import CallbackRegistry
+from receiver.retry import Retry, RetryPolicy
+from receiver.store import Claim, Store
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger("falhook.dispatcher")
+_MAX_ERROR_CHARS = 4000
+
+
+def _describe(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return text[:_MAX_ERROR_CHARS]
+
+
+class Dispatcher:
+    """Runs callbacks for stored deliveries, at least once each, with retries."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: CallbackRegistry,
+        *,
+        policy: RetryPolicy,
+        lease_seconds: float,
+        concurrency: int = 16,
+        poll_seconds: float = 5.0,
+        shutdown_timeout: float = 30.0,
+        observer: DispatchObserver | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.policy = policy
+        self.lease_seconds = lease_seconds
+        self.concurrency = concurrency
+        self.poll_seconds = poll_seconds
+        self.shutdown_timeout = shutdown_timeout
+        self.observer = observer or DispatchObserver()
+        self._wake = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="falhook-callback")
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="falhook-dispatcher")
+
+    @property
+    def running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def wake(self) -> None:
+        """Something new was committed: look for due deliveries now."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming; let running callbacks finish for up to the shutdown timeout.
+
+        Callbacks still running after that are cancelled; their deliveries stay claimed
+        until the lease expires and are then retaken (by this or another process).
+        """
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.shutdown_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("shutdown: %d callbacks still running were cancelled", len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while not self._stopping:
+            free = self.concurrency - len(self._tasks)
+            timeout = self.poll_seconds
+            if free > 0:
+                self._wake.clear()
+                try:
+                    batch = await self.store.claim(free, self.lease_seconds)
+                except StoreUnavailableError as exc:
+                    log.warning("dispatcher cannot claim (will retry): %s", exc)
+                    timeout, backoff = backoff, min(backoff * 2, self.poll_seconds)
+                else:
+                    backoff = 0.05
+                    for claim in batch.claims:
+                        self._spawn(claim)
+                    if len(batch.claims) == free:
+                        continue  # there may be more due right now
+                    if batch.next_due_at is not None:
+                        timeout = min(timeout, max(0.0, batch.next_due_at - time.time()) + 0.001)
+            await self._wait(wait_seconds=timeout, can_claim=free > 0)
+
+    async def _wait(self, *, wait_seconds: float, can_claim: bool) -> None:
+        self._slot_free.clear()
+        events = [self._slot_free.wait()]
+        if can_claim:
+            events.append(self._wake.wait())
+        waiters = [asyncio.ensure_future(e) for e in events]
+        try:
+            await asyncio.wait(waiters, timeout=wait_seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    def _spawn(self, claim: Claim) -> None:
+        task = asyncio.create_task(self._handle(claim), name=f"falhook-deliver-{claim.request_id}")
+        self._tasks.add(task)
+
+        def _done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._slot_free.set()
+
+        task.add_done_callback(_done)
+
+    async def _handle(self, claim: Claim) -> None:
+        try:
+            delivery = Delivery.from_body(
+                claim.body,
+                attempt=claim.attempt,
+                received_at=claim.received_at,
+                user_id=claim.user_id,
+            )
+        except Exception as exc:
+            # Bodies were validated before they were stored; this is a corrupt row.
+            await self._settle(claim, False, f"stored body unreadable: {exc!r}", (), None)
+            return
+        self.observer.started(delivery)
+        renewer = asyncio.create_task(self._renew(claim))
+        try:
+            completed, error = await self.registry.run(
+                delivery, claim.completed_callbacks, self._executor
+            )
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+        retry_after = error.after if isinstance(error, Retry) else None
+        description = None if error is None else _describe(error)
+        await self._settle(claim, error is None, description, completed, retry_after)
+
+    async def _settle(
+        self,
+        claim: Claim,
+        ok: bool,
+        error: str | None,
+        completed: list[str] | tuple[str, ...],
+        retry_after: float | None,
+    ) -> None:
+        try:
+            if ok:
+                kept = await self.store.finish(claim, completed)
+                outcome = "done"
+            elif self.policy.gives_up_after(claim.attempt):
+                kept = await self.store.bury(claim, error or "failed", completed)
+                outcome = "dead"
+            else:
+                delay = retry_after if retry_after is not None else self.policy.delay(claim.attempt)
+                kept = await self.store.reschedule(
+                    claim, time.time() + delay, error or "failed", completed
+                )
+                outcome = "retry"
+        except StoreUnavailableError as exc:
+            # The outcome is not recorded; the lease will expire and the delivery is retaken.
+            # Callbacks may run again (at-least-once), never zero times.
+            log.warning("could not record outcome of %s: %s", claim.request_id, exc)
+            self.observer.finished(claim, "unrecorded", error)
+            return
+        if not kept:
+            log.warning(
+                "lost the claim on %s (lease expired and retaken); outcome %s not recorded",
+                claim.request_id,
+                outcome,
+            )
+            outcome = "fenced"
+        self.observer.finished(claim, outcome, error)
+
+    async def _renew(self, claim: Claim) -> None:
+        interval = self.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.store.renew(claim, self.lease_seconds):
+                    log.warning("claim on %s was lost while its callbacks ran", claim.request_id)
+                    return
+            except StoreUnavailableError as exc:
+                log.warning("could not renew the lease on %s: %s", claim.request_id, exc)
+
+
+class DispatchObserver:
+    """Hooks for metrics and logs; the default does nothing."""
+
+    def started(self, delivery: Delivery) -> None:
+        """A delivery's callbacks are about to run."""
+
+    def finished(self, claim: Claim, outcome: str, error: str | None) -> None:
+        """An attempt ended: outcome is done, retry, dead, fenced or unrecorded."""

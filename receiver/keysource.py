@@ -1,0 +1,79 @@
+"""Where the receiver gets fal's public keys: a JWKS URL (cached) or a local JWKS file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from verify import AsyncJWKSClient, KeysUnavailableError, PublicKey, VerifiedWebhook, load_keys
+from verify.signature import check, prepare
+
+__all__ = ["KeySource"]
+
+HeaderPairs = Iterable[tuple[bytes, bytes]]
+
+
+class KeySource:
+    """Verifies deliveries for the receiver, never blocking the event loop.
+
+    A URL goes through an `AsyncJWKSClient` (TTL cache, stale-on-error, rate-limited
+    refresh when no key verifies). A file path (or ``file://`` URL) is read once, on first
+    use, so keygen + serve + send work with no network.
+    """
+
+    def __init__(
+        self,
+        jwks: str,
+        *,
+        user_id: str | None,
+        tolerance: float,
+        client: AsyncJWKSClient | None = None,
+    ) -> None:
+        self.jwks = jwks
+        self.user_id = user_id
+        self.tolerance = tolerance
+        self._path: Path | None = None
+        self._static: tuple[PublicKey, ...] | None = None
+        self.client: AsyncJWKSClient | None = None
+        if jwks.startswith(("http://", "https://")):
+            self.client = client or AsyncJWKSClient(jwks)
+        else:
+            self._path = Path(jwks.removeprefix("file://"))
+
+    def _static_keys(self) -> tuple[PublicKey, ...]:
+        if self._static is None:
+            assert self._path is not None
+            if not self._path.is_file():
+                raise KeysUnavailableError(f"JWKS file not found: {self._path}")
+            self._static = load_keys(self._path)
+        return self._static
+
+    async def verify(self, body: bytes, headers: HeaderPairs) -> VerifiedWebhook:
+        """Verify one delivery; raises WebhookVerificationError or KeysUnavailableError."""
+        # The user id is pinned explicitly (even to None) so the library's own
+        # FALHOOK_USER_ID fallback cannot disagree with the receiver's settings.
+        prepared = prepare(
+            body, headers, user_id=self.user_id or "", tolerance=self.tolerance, now=None
+        )
+        if self.client is not None:
+            return await self.client.check(prepared)
+        return check(prepared, self._static_keys())
+
+    async def ready(self) -> None:
+        """Raise KeysUnavailableError unless keys can be had now (cached keys count)."""
+        if self.client is not None:
+            await self.client.get_keys()
+        else:
+            self._static_keys()
+
+    @property
+    def fetches(self) -> int:
+        return self.client.fetches if self.client is not None else 0
+
+    @property
+    def fetch_failures(self) -> int:
+        return self.client.fetch_failures if self.client is not None else 0
+
+    async def aclose(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()

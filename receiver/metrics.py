@@ -1,0 +1,118 @@
+"""Prometheus metrics, one registry per receiver (no process-wide globals)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from receiver.errors import StoreUnavailableError
+from receiver.models import State
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+log = logging.getLogger("falhook.metrics")
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+)  # fmt: skip
+
+
+class _StoreCollector(Collector):
+    """Numbers read from the store (and the key source) at scrape time."""
+
+    def __init__(
+        self,
+        counts: Callable[[], dict[State, int]],
+        oldest_pending_age: Callable[[], float],
+        jwks: Callable[[], tuple[int, int]],
+    ) -> None:
+        self._counts = counts
+        self._oldest = oldest_pending_age
+        self._jwks = jwks
+
+    def describe(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        # Names only: registering must not query a store that may not be open yet.
+        yield CounterMetricFamily("falhook_jwks_fetches", "JWKS fetch attempts")
+        yield CounterMetricFamily("falhook_jwks_fetch_failures", "JWKS fetches that failed")
+        yield GaugeMetricFamily("falhook_deliveries", "Stored deliveries by state")
+        yield GaugeMetricFamily("falhook_oldest_pending_age_seconds", "Oldest pending age")
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        fetches, failures = self._jwks()
+        yield CounterMetricFamily("falhook_jwks_fetches", "JWKS fetch attempts", value=fetches)
+        yield CounterMetricFamily(
+            "falhook_jwks_fetch_failures", "JWKS fetches that failed", value=failures
+        )
+        try:
+            counts = self._counts()
+            oldest = self._oldest()
+        except StoreUnavailableError as exc:
+            log.warning("metrics: store unavailable: %s", exc)
+            return
+        by_state = GaugeMetricFamily(
+            "falhook_deliveries", "Stored deliveries by state", labels=["state"]
+        )
+        for state, count in counts.items():
+            by_state.add_metric([state.value], count)
+        yield by_state
+        yield GaugeMetricFamily(
+            "falhook_oldest_pending_age_seconds",
+            "Age of the oldest delivery not yet done or dead",
+            value=oldest,
+        )
+
+
+class Metrics:
+    """The receiver's metrics. Label children used on the hot path are bound once."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.received = Counter(
+            "falhook_deliveries_received",
+            "Deliveries received, by outcome (accepted, duplicate, rejected) and reason",
+            ["outcome", "reason"],
+            registry=self.registry,
+        )
+        self.accepted = self.received.labels("accepted", "")
+        self.duplicate = self.received.labels("duplicate", "")
+        self.callback_outcomes = Counter(
+            "falhook_callback_outcomes",
+            "Dispatch attempts by outcome (done, retry, dead, fenced, unrecorded)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.callback_attempts = Counter(
+            "falhook_callback_attempts", "Dispatch attempts started", registry=self.registry
+        )
+        self.ack_latency = Histogram(
+            "falhook_ack_latency_seconds",
+            "From the request's body being read to its answer being ready",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.dispatch_latency = Histogram(
+            "falhook_dispatch_latency_seconds",
+            "From a delivery being stored to its first callback attempt starting",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def rejected(self, reason: str) -> None:
+        self.received.labels("rejected", reason).inc()
+
+    def watch_store(
+        self,
+        counts: Callable[[], dict[State, int]],
+        oldest_pending_age: Callable[[], float],
+        jwks: Callable[[], tuple[int, int]],
+    ) -> None:
+        """Report store and key-source numbers at scrape time."""
+        self.registry.register(_StoreCollector(counts, oldest_pending_age, jwks))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

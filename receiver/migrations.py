@@ -1,0 +1,107 @@
+"""Versioned schema migrations, for SQLite and PostgreSQL alike.
+
+Each migration is frozen once released: it states the DDL of its own version (never
+``SQLModel.metadata.create_all``, which would follow the *current* models), so a database
+written by any older falhook is brought forward step by step. The applied version is kept
+in ``falhook_schema_version``. Replicas starting together serialize on a transaction-level
+advisory lock (PostgreSQL) or an immediate write lock (SQLite).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+__all__ = ["MIGRATIONS", "Migration", "current_version", "upgrade"]
+
+VERSION_TABLE = "falhook_schema_version"
+_ADVISORY_LOCK_KEY = 0x46A1_400C  # arbitrary constant: "falhook migrations"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[sa.Connection], None]
+
+
+def _v1_deliveries(conn: sa.Connection) -> None:
+    metadata = sa.MetaData()
+    sa.Table(
+        "falhook_deliveries",
+        metadata,
+        sa.Column("request_id", sa.String(255), primary_key=True),
+        sa.Column("gateway_request_id", sa.String, nullable=True),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("error", sa.String, nullable=True),
+        sa.Column("payload_error", sa.String, nullable=True),
+        sa.Column("user_id", sa.String, nullable=True),
+        sa.Column("body", sa.LargeBinary, nullable=False),
+        sa.Column("received_at", sa.Float, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("due_at", sa.Float, nullable=False),
+        sa.Column("claim_id", sa.String, nullable=True),
+        sa.Column("last_error", sa.String, nullable=True),
+        sa.Column("completed_callbacks", sa.String, nullable=True),
+        sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("finished_at", sa.Float, nullable=True),
+        sa.Index("ix_falhook_deliveries_state_due", "state", "due_at"),
+    )
+    metadata.create_all(conn)
+
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "deliveries table", _v1_deliveries),)
+
+
+def _version_table(metadata: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        VERSION_TABLE,
+        metadata,
+        sa.Column("version", sa.Integer, primary_key=True),
+        sa.Column("description", sa.String, nullable=False),
+        sa.Column("applied_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+    )
+
+
+def current_version(conn: sa.Connection) -> int:
+    """The highest applied migration, 0 for an empty database."""
+    if not sa.inspect(conn).has_table(VERSION_TABLE):
+        return 0
+    table = _version_table(sa.MetaData())
+    return int(
+        conn.execute(sa.select(sa.func.coalesce(sa.func.max(table.c.version), 0))).scalar_one()
+    )
+
+
+def upgrade(engine: sa.Engine, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
+    """Apply every migration newer than the database's version; return the final version."""
+    try:
+        return _upgrade(engine, migrations)
+    except (sa.exc.OperationalError, sa.exc.IntegrityError):
+        # SQLite has no advisory lock: another process (a second `falhook`) may have
+        # migrated between our check and our DDL. Once more sees its work and does nothing.
+        if engine.dialect.name != "sqlite":
+            raise
+        return _upgrade(engine, migrations)
+
+
+def _upgrade(engine: sa.Engine, migrations: tuple[Migration, ...]) -> int:
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
+        metadata = sa.MetaData()
+        table = _version_table(metadata)
+        metadata.create_all(conn)
+        version = current_version(conn)
+        for migration in migrations:
+            if migration.version <= version:
+                continue
+            migration.apply(conn)
+            conn.execute(
+                table.insert().values(version=migration.version, description=migration.description)
+            )
+            version = migration.version
+        return version

@@ -1,0 +1,118 @@
+"""What is stored, and what a callback receives.
+
+`DeliveryRow` (SQLModel) defines the table. The hot path does not use ORM sessions on it:
+the store compiles Core statements against ``DeliveryRow.__table__`` once and executes them
+directly (see store.py). `Delivery` is the immutable view handed to callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+__all__ = ["Delivery", "DeliveryRow", "State", "StoredDelivery"]
+
+
+class State(StrEnum):
+    """Life of a stored delivery. The values are what the database holds."""
+
+    PENDING = "pending"  # waiting for (re)dispatch at due_at
+    RUNNING = "running"  # claimed; due_at is the lease expiry, after which it may be retaken
+    DONE = "done"  # every callback succeeded
+    DEAD = "dead"  # out of attempts; last_error says why; replayable
+
+
+class DeliveryRow(SQLModel, table=True):
+    """One fal delivery, keyed (and so deduplicated) by its request_id."""
+
+    __tablename__ = "falhook_deliveries"
+    __table_args__ = (sa.Index("ix_falhook_deliveries_state_due", "state", "due_at"),)
+
+    request_id: str = Field(primary_key=True, max_length=255)
+    gateway_request_id: str | None = Field(default=None)
+    status: str = Field(max_length=16)  # "OK" | "ERROR", as fal sent it
+    error: str | None = Field(default=None)
+    payload_error: str | None = Field(default=None)
+    user_id: str | None = Field(default=None)  # the fal user the delivery was signed for
+    body: bytes = Field(sa_type=sa.LargeBinary)  # the raw body, byte for byte as received
+    received_at: float  # Unix seconds when the delivery was stored
+    state: str = Field(default=State.PENDING.value, max_length=16)
+    attempts: int = Field(default=0)  # dispatch attempts started so far
+    due_at: float  # pending: next attempt; running: lease expiry
+    claim_id: str | None = Field(default=None)  # fences a claim: only its holder may write
+    last_error: str | None = Field(default=None)
+    completed_callbacks: str | None = Field(default=None)  # JSON list of callbacks done
+    updated_at: float
+    finished_at: float | None = Field(default=None)  # when it became done or dead
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDelivery:
+    """A stored delivery as operators see it (`falhook deliveries show`)."""
+
+    request_id: str
+    gateway_request_id: str | None
+    status: str
+    error: str | None
+    payload_error: str | None
+    user_id: str | None
+    body: bytes
+    received_at: float
+    state: State
+    attempts: int
+    due_at: float
+    claim_id: str | None
+    last_error: str | None
+    completed_callbacks: tuple[str, ...]
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What a callback receives: one fal result, parsed from the stored raw body."""
+
+    request_id: str
+    gateway_request_id: str | None
+    status: Literal["OK", "ERROR"]
+    payload: Any
+    error: str | None
+    payload_error: str | None
+    received_at: datetime
+    attempt: int
+    raw_body: bytes = field(repr=False)
+    user_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True for a successful model result (``status == "OK"``)."""
+        return self.status == "OK"
+
+    def json(self) -> dict[str, Any]:
+        """The whole body as fal sent it, unknown fields included."""
+        parsed: dict[str, Any] = json.loads(self.raw_body)
+        return parsed
+
+    @classmethod
+    def from_body(
+        cls, body: bytes, *, attempt: int, received_at: float, user_id: str | None = None
+    ) -> Delivery:
+        data = json.loads(body)
+        return cls(
+            request_id=data["request_id"],
+            gateway_request_id=data.get("gateway_request_id"),
+            status=data["status"],
+            payload=data.get("payload"),
+            error=data.get("error"),
+            payload_error=data.get("payload_error"),
+            received_at=datetime.fromtimestamp(received_at, UTC),
+            attempt=attempt,
+            raw_body=body,
+            user_id=user_id,
+        )

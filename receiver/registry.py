@@ -1,0 +1,149 @@
+"""Callbacks: who is told about a delivery, and how each one is run."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any, Literal, TypeVar
+
+from receiver.errors import CallbackImportError
+from receiver.models import Delivery
+
+__all__ = ["Callback", "CallbackRegistry", "import_callback"]
+
+Callback = Callable[[Delivery], Any]  # sync, or async returning an awaitable
+Kind = Literal["ok", "error", "any"]
+F = TypeVar("F", bound=Callback)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    name: str  # stable across restarts: recorded when it succeeds, so it is not re-run
+    kind: Kind
+    fn: Callback
+    is_async: bool
+
+    def wants(self, delivery: Delivery) -> bool:
+        if self.kind == "any":
+            return True
+        return (self.kind == "ok") == (delivery.status == "OK")
+
+
+def callback_name(fn: Callable[..., Any]) -> str:
+    module = getattr(fn, "__module__", None) or "?"
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}:{qualname}"
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 — an async __call__ on an object
+    )
+
+
+def import_callback(spec: str) -> Callback:
+    """Import ``package.module:function`` (attributes may be dotted)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CallbackImportError(f"callback {spec!r} is not of the form module:function")
+    try:
+        target: Any = import_module(module_name)
+    except ImportError as exc:
+        raise CallbackImportError(f"cannot import module {module_name!r}: {exc}") from exc
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError as exc:
+            raise CallbackImportError(f"{module_name!r} has no attribute {attr!r}") from exc
+    if not callable(target):
+        raise CallbackImportError(f"callback {spec!r} is not callable")
+    fn: Callback = target
+    return fn
+
+
+class CallbackRegistry:
+    """The callbacks of one receiver, by delivery status.
+
+    Use as decorators::
+
+        @hooks.on_ok
+        async def save(delivery): ...
+
+    Async callbacks are awaited on the event loop; sync ones run in a thread pool.
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[_Entry] = []
+
+    def add(self, fn: Callback, *, kind: Kind = "any", name: str | None = None) -> None:
+        """Register `fn` for OK deliveries, ERROR deliveries, or any."""
+        entry_name = name or callback_name(fn)
+        if any(e.name == entry_name and e.kind == kind for e in self._entries):
+            raise ValueError(f"callback {entry_name!r} is already registered")
+        self._entries.append(_Entry(entry_name, kind, fn, _is_async(fn)))
+
+    def on_ok(self, fn: F) -> F:
+        """Register `fn` for deliveries whose status is "OK"."""
+        self.add(fn, kind="ok")
+        return fn
+
+    def on_error(self, fn: F) -> F:
+        """Register `fn` for deliveries whose status is "ERROR"."""
+        self.add(fn, kind="error")
+        return fn
+
+    def on_delivery(self, fn: F) -> F:
+        """Register `fn` for every delivery."""
+        self.add(fn, kind="any")
+        return fn
+
+    def add_specs(self, specs: Iterable[str]) -> None:
+        """Register ``module:function`` callbacks for every delivery."""
+        for spec in specs:
+            self.add(import_callback(spec), kind="any", name=spec)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self._entries]
+
+    def matching(self, delivery: Delivery) -> list[_Entry]:
+        return [e for e in self._entries if e.wants(delivery)]
+
+    async def run(
+        self, delivery: Delivery, done: Iterable[str], executor: Executor | None
+    ) -> tuple[list[str], BaseException | None]:
+        """Run every matching callback not already in `done`, in registration order.
+
+        Returns the names that have now succeeded (including `done`) and the first
+        exception, if any. A failure does not stop the callbacks after it: each succeeds
+        at most once across attempts, because its success is recorded.
+        """
+        completed = list(done)
+        first_error: BaseException | None = None
+        loop = asyncio.get_running_loop()
+        for entry in self.matching(delivery):
+            if entry.name in completed:
+                continue
+            try:
+                if entry.is_async:
+                    await entry.fn(delivery)
+                else:
+                    result = await loop.run_in_executor(executor, entry.fn, delivery)
+                    if inspect.isawaitable(result):  # a sync-looking callable returned a coroutine
+                        await result
+            except Exception as exc:  # a callback's failure is data, not our crash
+                if first_error is None:
+                    first_error = exc
+                continue
+            completed.append(entry.name)
+        return completed, first_error

@@ -1,0 +1,253 @@
+"""HTTP endpoints. The webhook route is a raw ASGI app: it streams the body under a cap,
+verifies, parses, stores, and only then answers — with a JSON body in every case.
+
+Statuses: 200 new or duplicate; 400 verified but malformed; 401 not authentic; 405 wrong
+method; 413 body over the cap; 503 keys or store unavailable (fal retries); never 3xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from receiver.errors import StoreUnavailableError
+from receiver.logs import delivery_log
+from receiver.metrics import CONTENT_TYPE
+from receiver.store import NewDelivery
+from verify import KeysUnavailableError, WebhookVerificationError
+
+if TYPE_CHECKING:
+    from receiver.app import WebhookReceiver
+
+__all__ = ["WebhookEndpoint", "healthz", "metrics", "not_found", "readyz"]
+
+log = logging.getLogger("falhook.receiver")
+_JSON = (b"content-type", b"application/json")
+_PARSE_IN_THREAD_BYTES = 256 * 1024  # parsing megabytes of JSON would stall the loop
+
+
+class _Reject(Exception):  # noqa: N818 — internal control flow, never escapes this module
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        self.status, self.error, self.detail = status, error, detail
+
+
+async def _send_json(send: Send, status: int, body: bytes, *extra: tuple[bytes, bytes]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [_JSON, (b"content-length", str(len(body)).encode()), *extra],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_body(error: str, detail: str) -> bytes:
+    return json.dumps({"error": error, "detail": detail}).encode()
+
+
+class WebhookEndpoint:
+    """``POST /webhooks/fal`` (and with a trailing slash): the one path a delivery takes."""
+
+    def __init__(self, receiver: WebhookReceiver) -> None:
+        self.receiver = receiver
+        self.max_body = receiver.settings.max_body_bytes
+        self.log_payloads = receiver.settings.log_payloads
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request_id = None
+        try:
+            if scope["method"] != "POST":
+                raise _Reject(405, "method_not_allowed", "use POST")
+            body = await self._read_body(scope, receive)
+            if body is None:
+                return  # the client went away; there is nobody to answer
+            request_id, duplicate = await self._accept(scope, body)
+        except _Reject as rejection:
+            self._rejected(rejection, request_id, scope)
+            extra = [(b"allow", b"POST")] if rejection.status == 405 else []
+            await _send_json(
+                send, rejection.status, _error_body(rejection.error, rejection.detail), *extra
+            )
+            return
+        except Exception:
+            # A bug of ours must not become a 500 that fal may treat as final, nor a lost
+            # delivery: answer 503 so fal retries, and log it loudly.
+            log.exception("unexpected error handling a delivery")
+            self.receiver.metrics.rejected("internal_error")
+            await _send_json(send, 503, _error_body("internal_error", "please retry"))
+            return
+        metrics = self.receiver.metrics
+        (metrics.duplicate if duplicate else metrics.accepted).inc()
+        metrics.ack_latency.observe(time.perf_counter() - started)
+        if delivery_log.isEnabledFor(logging.INFO):
+            delivery_log.info(
+                "delivery %s",
+                "duplicate" if duplicate else "accepted",
+                extra={
+                    "request_id": request_id,
+                    "outcome": "duplicate" if duplicate else "accepted",
+                },
+            )
+        await _send_json(
+            send,
+            200,
+            b'{"request_id":%s,"duplicate":%s}'
+            % (json.dumps(request_id).encode(), b"true" if duplicate else b"false"),
+        )
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise _Reject(
+                        400, "invalid_content_length", "Content-Length is not a number"
+                    ) from None
+                if declared > self.max_body:
+                    raise self._too_large()
+                break
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body:
+                    # Answer now, without reading (or buffering) the rest of the body.
+                    raise self._too_large()
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _too_large(self) -> _Reject:
+        return _Reject(413, "body_too_large", f"body exceeds {self.max_body} bytes")
+
+    async def _accept(self, scope: Scope, body: bytes) -> tuple[str, bool]:
+        receiver = self.receiver
+        if not receiver.started:
+            log.error(
+                "a delivery arrived but the receiver was never started: run its lifespan "
+                "(lifespan=hooks.lifespan, or `async with hooks:` in the host's lifespan)"
+            )
+            raise _Reject(503, "receiver_not_started", "the receiver's lifespan has not run")
+        try:
+            verified = await receiver.keys.verify(body, scope["headers"])
+        except WebhookVerificationError as exc:
+            raise _Reject(401, exc.reason.value, str(exc)) from None
+        except KeysUnavailableError as exc:
+            raise _Reject(503, "keys_unavailable", str(exc)) from None
+        data = await self._parse(body)
+        request_id = data.get("request_id")
+        if not isinstance(request_id, str) or not request_id:
+            raise _Reject(400, "missing_request_id", "body has no request_id string")
+        if request_id != verified.request_id:
+            raise _Reject(
+                400, "request_id_mismatch", "body request_id differs from the signed header"
+            )
+        status = data.get("status")
+        if status not in ("OK", "ERROR"):
+            raise _Reject(400, "invalid_status", 'status must be "OK" or "ERROR"')
+        new = NewDelivery(
+            request_id=request_id,
+            gateway_request_id=_text(data.get("gateway_request_id")),
+            status=status,
+            error=_text(data.get("error")),
+            payload_error=_text(data.get("payload_error")),
+            user_id=verified.user_id,
+            body=body,
+            received_at=time.time(),
+        )
+        try:
+            is_new = await receiver.store.insert(new)
+        except StoreUnavailableError as exc:
+            log.warning("cannot store %s: %s", request_id, exc)
+            raise _Reject(503, "store_unavailable", "the store cannot commit right now") from None
+        return request_id, not is_new
+
+    @staticmethod
+    async def _parse(body: bytes) -> dict[str, Any]:
+        try:
+            if len(body) > _PARSE_IN_THREAD_BYTES:
+                data = await asyncio.to_thread(json.loads, body)
+            else:
+                data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise _Reject(400, "invalid_json", "body is not valid UTF-8 JSON") from None
+        if not isinstance(data, dict):
+            raise _Reject(400, "invalid_json", "body is not a JSON object")
+        return data
+
+    def _rejected(self, rejection: _Reject, request_id: str | None, scope: Scope) -> None:
+        self.receiver.metrics.rejected(rejection.error)
+        delivery_log.info(
+            "delivery rejected: %s",
+            rejection.error,
+            extra={
+                "outcome": "rejected",
+                "status": rejection.status,
+                "reason": rejection.error,
+                "request_id": request_id or _header(scope, b"x-fal-webhook-request-id"),
+            },
+        )
+
+
+def _text(value: Any) -> str | None:
+    """A column's text for a field fal documents as a string (kept verbatim in the body)."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text[:256]
+    return None
+
+
+async def healthz(request: Request) -> Response:
+    """The process is up (nothing else is checked)."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when started, the store answers and keys can be had."""
+    receiver: WebhookReceiver = request.app.state.falhook
+    if not receiver.started:
+        return JSONResponse({"error": "receiver_not_started"}, status_code=503)
+    try:
+        await receiver.store.ping()
+    except StoreUnavailableError as exc:
+        return JSONResponse({"error": "store_unavailable", "detail": str(exc)}, status_code=503)
+    try:
+        await receiver.keys.ready()
+    except KeysUnavailableError as exc:
+        return JSONResponse({"error": "keys_unavailable", "detail": str(exc)}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    receiver: WebhookReceiver = request.app.state.falhook
+    body = await asyncio.to_thread(receiver.metrics.render)
+    return Response(body, media_type=CONTENT_TYPE)
+
+
+async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """Unknown paths: a JSON 404 (never a redirect)."""
+    await _send_json(send, 404, _error_body("not_found", "no such route"))

@@ -1,0 +1,173 @@
+"""Settings: one frozen object, built once (from the environment, then flags) and passed down."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from receiver.errors import SettingsError
+
+__all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_JWKS_URL", "ENV_PREFIX", "Settings"]
+
+ENV_PREFIX = "FALHOOK_"
+DEFAULT_DATABASE_URL = "sqlite:///./falhook.db"
+DEFAULT_JWKS_URL = "https://rest.fal.ai/.well-known/jwks.json"
+_MiB = 1024 * 1024
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be a non-negative number of seconds")
+    return number
+
+
+def _optional_str(value: str) -> str | None:
+    return value.strip() or None
+
+
+def _callbacks(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _str(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value.strip()
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("must be one of debug, info, warning, error, critical")
+    return level
+
+
+def _setting(default: Any, parse: Callable[[str], Any], env: str, help: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "env": env, "help": help})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the receiver can be told. Build with `Settings.from_env()`; never mutate."""
+
+    database_url: str = _setting(
+        DEFAULT_DATABASE_URL, _str, "DATABASE_URL", "store: sqlite:///… or postgresql+psycopg://…"
+    )
+    jwks_url: str = _setting(
+        DEFAULT_JWKS_URL, _str, "JWKS_URL", "JWKS URL, or a local JWKS file path"
+    )
+    user_id: str | None = _setting(
+        None, _optional_str, "USER_ID", "accept only deliveries signed for this fal user id"
+    )
+    tolerance_seconds: float = _setting(
+        300.0, _non_negative_float, "TOLERANCE_SECONDS", "timestamp tolerance in seconds"
+    )
+    max_body_bytes: int = _setting(16 * _MiB, _positive_int, "MAX_BODY_BYTES", "body limit")
+    callbacks: tuple[str, ...] = _setting(
+        (), _callbacks, "CALLBACK", "module:function callbacks, comma-separated"
+    )
+    callback_max_attempts: int = _setting(
+        10, _positive_int, "CALLBACK_MAX_ATTEMPTS", "attempts before a delivery is dead"
+    )
+    callback_backoff_seconds: float = _setting(
+        2.0, _positive_float, "CALLBACK_BACKOFF_SECONDS", "first retry delay (doubles, jittered)"
+    )
+    callback_backoff_max_seconds: float = _setting(
+        3600.0, _positive_float, "CALLBACK_BACKOFF_MAX_SECONDS", "retry delay cap"
+    )
+    lease_seconds: float = _setting(
+        60.0, _positive_float, "LEASE_SECONDS", "claim lease, renewed while a callback runs"
+    )
+    forward_to: str | None = _setting(
+        None, _optional_str, "FORWARD_TO", "POST each delivery to this URL (sidecar mode)"
+    )
+    concurrency: int = _setting(16, _positive_int, "CONCURRENCY", "callbacks run at once")
+    poll_seconds: float = _setting(
+        5.0, _positive_float, "POLL_SECONDS", "dispatcher poll fallback interval"
+    )
+    shutdown_timeout_seconds: float = _setting(
+        30.0, _non_negative_float, "SHUTDOWN_TIMEOUT_SECONDS", "wait for running callbacks"
+    )
+    log_level: str = _setting("INFO", _log_level, "LOG_LEVEL", "log level")
+    log_payloads: bool = _setting(
+        False, _bool, "LOG_PAYLOADS", "include payloads in delivery log lines"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.database_url.startswith(("sqlite", "postgresql")):
+            raise SettingsError(
+                f"FALHOOK_DATABASE_URL must be sqlite:///… or postgresql+psycopg://…, "
+                f"not {self.database_url!r}"
+            )
+        if self.forward_to is not None and not self.forward_to.startswith(("http://", "https://")):
+            raise SettingsError(f"FALHOOK_FORWARD_TO must be an http(s) URL: {self.forward_to!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``FALHOOK_*`` variables, then apply `overrides` (flags win over env)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = ENV_PREFIX + f.metadata["env"]
+            raw = env.get(name)
+            if raw is None:
+                continue
+            values[f.name] = _parse(f, raw, name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def parse_value(cls, name: str, raw: str) -> Any:
+        """Parse one raw (flag or env) value for the field `name`, as from_env would."""
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return _parse(f, raw, "--" + name.replace("_", "-"))
+
+    @classmethod
+    def env_table(cls) -> list[tuple[str, str, str]]:
+        """(env var, default, help) for every setting, for documentation and --help."""
+        return [
+            (ENV_PREFIX + f.metadata["env"], repr(f.default), f.metadata["help"])
+            for f in dataclasses.fields(cls)
+        ]
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes` applied (settings stay immutable)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def jwks_is_url(self) -> bool:
+        return self.jwks_url.startswith(("http://", "https://"))
+
+
+def _parse(f: dataclasses.Field[Any], raw: str, name: str) -> Any:
+    try:
+        return f.metadata["parse"](raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r}: {exc}") from exc
