@@ -89,6 +89,10 @@ class KeyCache:
         last = self.last_attempt
         return last is None or now - last >= self.min_refresh_interval
 
+    def refresh_allowed(self, now: float) -> bool:
+        """A forced refresh: rate-limited, except on a cold cache (nothing else to serve)."""
+        return self.keys is None or self.fetch_allowed(now)
+
     def needs_fetch(self, now: float) -> bool:
         """Cold cache: always. Expired: unless an attempt was made very recently."""
         if self.keys is None:
@@ -220,7 +224,7 @@ class JWKSClient:
         seen = cache.generation
         with self._lock:
             if cache.generation == seen:
-                if not cache.fetch_allowed(cache.clock()):
+                if not cache.refresh_allowed(cache.clock()):
                     return None
                 self._fetch()
             return cache.refreshed(self.url)
@@ -339,7 +343,7 @@ class AsyncJWKSClient:
     async def refresh(self) -> Keys | None:
         """Async twin of `JWKSClient.refresh`."""
         cache = self.cache
-        if self._inflight is None and not cache.fetch_allowed(cache.clock()):
+        if self._inflight is None and not cache.refresh_allowed(cache.clock()):
             return None
         await self._shared_fetch()
         return cache.refreshed(self.url)
