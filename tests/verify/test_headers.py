@@ -37,7 +37,18 @@ def _asgi(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
         Headers(raw=_asgi(CANON)),
         httpx.Headers(CANON),
     ],
-    ids=["dict", "lower", "upper", "pairs", "asgi", "bytes-mixed", "tuple", "iter", "starlette", "httpx"],
+    ids=[
+        "dict",
+        "lower",
+        "upper",
+        "pairs",
+        "asgi",
+        "bytes-mixed",
+        "tuple",
+        "iter",
+        "starlette",
+        "httpx",
+    ],
 )
 def test_extract_from_every_container(container: object) -> None:
     """Names are case-insensitive in every supported container."""
@@ -104,7 +115,17 @@ def test_parse_timestamp_accepts_digits(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", [" 1700000000", "+1700000000", "-1", "1_700_000_000", "١٧٠٠", "1.5", "9" * 21, "0x10"]
+    "text",
+    [
+        " 1700000000",
+        "+1700000000",
+        "-1",
+        "1_700_000_000",
+        "\u0661\u0667\u0660\u0660",  # Arabic-Indic digits: int() accepts them
+        "1.5",
+        "9" * 21,
+        "0x10",
+    ],
 )
 def test_parse_timestamp_rejects_what_int_would_accept(text: str) -> None:
     """int() accepts signs, spaces, underscores and other digits; fal's header is ^[0-9]+$."""

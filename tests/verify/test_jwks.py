@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -50,7 +51,7 @@ class FakeJWKS:
             raise self.error
         return httpx.Response(self.status, json=self.document)
 
-    def client(self, clock: Callable[[], float], **kwargs: float) -> JWKSClient:
+    def client(self, clock: Callable[[], float], **kwargs: Any) -> JWKSClient:
         http = httpx.Client(transport=httpx.MockTransport(self))
         return JWKSClient(URL, http_client=http, clock=clock, **kwargs)
 
@@ -178,9 +179,7 @@ def test_stale_keys_served_when_refresh_fails(
     "failure",
     ["503", "connect", "not-json", "no-ed25519"],
 )
-def test_cold_failure_is_keys_unavailable(
-    keypair: KeyPair, clock: FakeClock, failure: str
-) -> None:
+def test_cold_failure_is_keys_unavailable(keypair: KeyPair, clock: FakeClock, failure: str) -> None:
     """Nothing cached and nothing fetchable: KeysUnavailableError, never a 401 reason."""
     fake = FakeJWKS(keypair)
     if failure == "503":
@@ -234,7 +233,7 @@ class AsyncFake(FakeJWKS):
             raise self.error
         return httpx.Response(self.status, json=self.document)
 
-    def async_client(self, clock: Callable[[], float], **kwargs: float) -> AsyncJWKSClient:
+    def async_client(self, clock: Callable[[], float], **kwargs: Any) -> AsyncJWKSClient:
         http = httpx.AsyncClient(transport=httpx.MockTransport(self.handle))
         return AsyncJWKSClient(URL, http_client=http, clock=clock, **kwargs)
 
