@@ -32,7 +32,7 @@ def _time_ns(fn: Callable[[], object], iterations: int) -> float:
     return (time.perf_counter_ns() - start) / iterations
 
 
-def run(iterations: int = 2000, repeats: int = 7) -> dict[str, float]:
+def run(iterations: int = 500, repeats: int = 30) -> dict[str, float]:
     """Per-call ns of the floor and of warm verification; ratios are verify / floor.
 
     Keys: ``floor_ns``, ``verify_ns`` / ``ratio`` (static ``keys=``, ASGI byte headers),
