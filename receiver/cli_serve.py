@@ -92,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
     from receiver.logs import configure_logging
 
     configure_logging(settings.log_level)
+    # The store's writer thread releases the GIL around every statement and fsync; with
+    # CPython's default 5 ms switch interval it then waits behind the busy event loop for
+    # up to 5 ms each time, and every acknowledgement waits with it. 0.5 ms keeps group
+    # commits flowing (measured with bench/: ~3.1k -> ~4.9k req/s). We own this process;
+    # a mounted receiver leaves the host's setting alone.
+    sys.setswitchinterval(0.0005)
     uvicorn.run(
         receiver.app,
         host=args.host,

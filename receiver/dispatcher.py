@@ -60,12 +60,15 @@ class Dispatcher:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
+        self._held: dict[str, tuple[Claim, float]] = {}  # request_id -> (claim, last renewed)
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="falhook-callback")
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name="falhook-dispatcher")
+        self._renew_task = asyncio.create_task(self._renew_leases(), name="falhook-leases")
 
     @property
     def running(self) -> bool:
@@ -92,6 +95,10 @@ class Dispatcher:
             if pending:
                 log.warning("shutdown: %d callbacks still running were cancelled", len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
+        if self._renew_task is not None:
+            self._renew_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renew_task
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- the loop ----------------------------------------------------------------------
@@ -153,15 +160,13 @@ class Dispatcher:
             await self._settle(claim, False, f"stored body unreadable: {exc!r}", (), None)
             return
         self.observer.started(delivery)
-        renewer = asyncio.create_task(self._renew(claim))
+        self._held[claim.request_id] = (claim, time.monotonic())
         try:
             completed, error = await self.registry.run(
                 delivery, claim.completed_callbacks, self._executor
             )
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            self._held.pop(claim.request_id, None)
         retry_after = error.after if isinstance(error, Retry) else None
         description = None if error is None else _describe(error)
         await self._settle(claim, error is None, description, completed, retry_after)
@@ -202,16 +207,26 @@ class Dispatcher:
             outcome = "fenced"
         self.observer.finished(claim, outcome, error)
 
-    async def _renew(self, claim: Claim) -> None:
+    async def _renew_leases(self) -> None:
+        """One task renews every claim held for a third of a lease (not a task per claim:
+        most callbacks finish long before their lease needs renewing)."""
         interval = self.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
-            try:
-                if not await self.store.renew(claim, self.lease_seconds):
-                    log.warning("claim on %s was lost while its callbacks ran", claim.request_id)
-                    return
-            except StoreUnavailableError as exc:
-                log.warning("could not renew the lease on %s: %s", claim.request_id, exc)
+            cutoff = time.monotonic() - interval
+            for claim, since in list(self._held.values()):
+                if since > cutoff or claim.request_id not in self._held:
+                    continue
+                try:
+                    if await self.store.renew(claim, self.lease_seconds):
+                        self._held[claim.request_id] = (claim, time.monotonic())
+                    else:
+                        log.warning(
+                            "claim on %s was lost while its callbacks ran", claim.request_id
+                        )
+                        self._held.pop(claim.request_id, None)
+                except StoreUnavailableError as exc:
+                    log.warning("could not renew the lease on %s: %s", claim.request_id, exc)
 
 
 class DispatchObserver:
