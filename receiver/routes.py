@@ -64,16 +64,22 @@ class WebhookEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request_id = None
+        body_read = False
         try:
             if scope["method"] != "POST":
                 raise _Reject(405, "method_not_allowed", "use POST")
             body = await self._read_body(scope, receive)
             if body is None:
                 return  # the client went away; there is nobody to answer
+            body_read = True
             request_id, duplicate = await self._accept(scope, body)
         except _Reject as rejection:
             self._rejected(rejection, request_id, scope)
             extra = [(b"allow", b"POST")] if rejection.status == 405 else []
+            if not body_read:
+                # The rest of the body is still on the wire: close the connection after
+                # answering, or the server would keep reading (and discarding) all of it.
+                extra.append((b"connection", b"close"))
             await _send_json(
                 send, rejection.status, _error_body(rejection.error, rejection.detail), *extra
             )
