@@ -1,0 +1,440 @@
+"""Operator commands: ``falhook deliveries list|show|replay`` and ``falhook prune``.
+
+They read and write the same store as ``falhook serve`` (``--database-url`` or
+``FALHOOK_DATABASE_URL``), and may run beside it.
+
+Exit codes: 0 success; 1 a request id that is not stored (``show``, and ``replay`` when
+any id is unknown); 2 bad arguments; 3 the store cannot be reached (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from receiver.cli import CommandError
+from receiver.cli_serve import add_settings_flags
+from receiver.durations import format_duration, format_time, parse_duration, parse_since
+from receiver.errors import SettingsError, StoreUnavailableError
+from receiver.models import State, StoredDelivery
+from receiver.settings import ENV_PREFIX, Settings
+
+__all__ = [
+    "DEFAULT_RETENTION",
+    "EXIT_NOT_FOUND",
+    "EXIT_STORE_UNAVAILABLE",
+    "MIN_RETENTION_SECONDS",
+    "add_parser",
+]
+
+EXIT_NOT_FOUND = 1
+EXIT_STORE_UNAVAILABLE = 3
+# fal retries a failed delivery for up to about 2 hours (or until its stored result
+# expires, about 1 hour). While it may still redeliver, the row must exist: it is what
+# makes the redelivery a duplicate instead of a second dispatch. 7 days is far past
+# that window and keeps a week of history for `show` and `replay`.
+DEFAULT_RETENTION = "7d"
+MIN_RETENTION_SECONDS = 3 * 3600.0
+_LAST_ERROR_WIDTH = 60
+_REPLAY_HINT = (
+    "a running `falhook serve` dispatches replayed deliveries at its next poll "
+    f"({ENV_PREFIX}POLL_SECONDS, default 5 s), or at once on PostgreSQL"
+)
+
+
+# -- argument types (argparse turns ArgumentTypeError into exit 2 with the message) ------
+
+
+def _since(text: str) -> float:
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be longer than zero")
+    return seconds
+
+
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return number
+
+
+# -- parsers ---------------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add ``deliveries`` (list, show, replay) and ``prune`` to the ``falhook`` parser."""
+    deliveries = subparsers.add_parser(
+        "deliveries",
+        help="list, show and replay stored deliveries",
+        description="Inspect the deliveries in the store, and re-queue finished ones.",
+    )
+    actions = deliveries.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+
+    listing = actions.add_parser(
+        "list",
+        help="stored deliveries, newest first",
+        description="Stored deliveries, newest first, as a table (or JSON with --json).",
+    )
+    listing.add_argument(
+        "--state",
+        dest="states",
+        action="append",
+        choices=[s.value for s in State],
+        help="only deliveries in this state; repeatable",
+    )
+    listing.add_argument(
+        "--since",
+        type=_since,
+        metavar="WHEN",
+        help="only deliveries received since WHEN: a duration ago (36h, 7d) or ISO 8601 time",
+    )
+    listing.add_argument(
+        "--limit", type=_positive_int, default=100, metavar="N", help="at most N rows (100)"
+    )
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    add_settings_flags(listing, only={"database_url"})
+    listing.set_defaults(func=run_list)
+
+    show = actions.add_parser(
+        "show",
+        help="one delivery: body, state, attempts, last error",
+        description="One stored delivery: its body, state, attempts, times (UTC), last error.",
+    )
+    show.add_argument("request_id", metavar="REQUEST_ID")
+    show.add_argument("--json", action="store_true", help="print a JSON object")
+    add_settings_flags(show, only={"database_url"})
+    show.set_defaults(func=run_show)
+
+    replay = actions.add_parser(
+        "replay",
+        help="re-queue done or dead deliveries for dispatch",
+        description=(
+            "Re-queue finished deliveries so their callbacks run again (attempts start from "
+            "zero). Idempotent: a pending or running delivery is left alone. " + _REPLAY_HINT + "."
+        ),
+    )
+    replay.add_argument("request_ids", nargs="*", metavar="REQUEST_ID")
+    replay.add_argument(
+        "--state",
+        dest="states",
+        action="append",
+        choices=[State.DEAD.value, State.DONE.value],
+        help="replay every delivery in this state (instead of naming ids); repeatable",
+    )
+    replay.add_argument(
+        "--since",
+        type=_since,
+        metavar="WHEN",
+        help="with --state: only deliveries received since WHEN (36h, 7d, ISO 8601)",
+    )
+    replay.add_argument("--json", action="store_true", help="print what was done as JSON")
+    add_settings_flags(replay, only={"database_url"})
+    replay.set_defaults(func=run_replay)
+
+    prune = subparsers.add_parser(
+        "prune",
+        help="delete old finished deliveries",
+        description=(
+            "Delete deliveries that finished (done, or with --state dead) longer ago than "
+            f"--older-than (default {DEFAULT_RETENTION}). Pending and running deliveries are "
+            "never deleted. Keep them longer than fal's retry window (about 2 h): a pruned "
+            "request_id that fal redelivers is accepted and dispatched again. Anything under "
+            f"{format_duration(MIN_RETENTION_SECONDS)} is refused without --force."
+        ),
+    )
+    prune.add_argument(
+        "--older-than",
+        type=_duration,
+        default=parse_duration(DEFAULT_RETENTION),
+        metavar="DURATION",
+        help=f"finished longer ago than this: 90m, 36h, 7d, 2w (default {DEFAULT_RETENTION})",
+    )
+    prune.add_argument(
+        "--state",
+        dest="states",
+        action="append",
+        choices=[State.DONE.value, State.DEAD.value],
+        help="prune deliveries in this state; repeatable (default: done only)",
+    )
+    prune.add_argument(
+        "--force",
+        action="store_true",
+        help=f"allow --older-than under {format_duration(MIN_RETENTION_SECONDS)}",
+    )
+    prune.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_settings_flags(prune, only={"database_url"})
+    prune.set_defaults(func=run_prune)
+
+
+# -- the store -------------------------------------------------------------------------
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    """The flag, else FALHOOK_DATABASE_URL, else the default — validated like `serve`."""
+    raw = getattr(args, "database_url", None)
+    if raw is None:
+        raw = os.environ.get(ENV_PREFIX + "DATABASE_URL")
+    try:
+        if raw is None:
+            return Settings().database_url
+        url: str = Settings.parse_value("database_url", raw)
+        return Settings(database_url=url).database_url
+    except SettingsError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _sqlite_path(url: str) -> Path | None:
+    import sqlalchemy as sa
+
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+@contextmanager
+def _store(args: argparse.Namespace) -> Iterator[Any]:
+    """The store named by the arguments; StoreUnavailableError if it cannot be opened.
+
+    A SQLite file that does not exist is an error, not an empty store: creating one
+    would hide a wrong --database-url behind "no deliveries".
+    """
+    from receiver.store import Store  # imported late: keeps `falhook --help` fast
+
+    url = _database_url(args)
+    path = _sqlite_path(url)
+    if path is not None and not path.exists():
+        raise StoreUnavailableError(
+            f"no database at {path} (set --database-url or {ENV_PREFIX}DATABASE_URL)"
+        )
+    store = Store(url)
+    try:
+        yield store
+    finally:
+        store.engine.dispose()
+
+
+def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report an unreachable store as one line and exit code 3."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except StoreUnavailableError as exc:
+            name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
+            print(f"falhook {name}: store unavailable: {exc}", file=sys.stderr)  # noqa: T201
+            return EXIT_STORE_UNAVAILABLE
+
+    wrapper.__name__ = run.__name__
+    wrapper.__doc__ = run.__doc__
+    return wrapper
+
+
+# -- rendering -------------------------------------------------------------------------
+
+
+def summary(delivery: StoredDelivery) -> dict[str, Any]:
+    """A delivery without its body, for ``list --json`` (times ISO 8601 UTC)."""
+    pending = delivery.state is State.PENDING
+    running = delivery.state is State.RUNNING
+    return {
+        "request_id": delivery.request_id,
+        "state": delivery.state.value,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "received_at": format_time(delivery.received_at),
+        "updated_at": format_time(delivery.updated_at),
+        "finished_at": format_time(delivery.finished_at),
+        "next_attempt_at": format_time(delivery.due_at) if pending else None,
+        "lease_expires_at": format_time(delivery.due_at) if running else None,
+        "last_error": delivery.last_error,
+        "error": delivery.error,
+        "payload_error": delivery.payload_error,
+        "gateway_request_id": delivery.gateway_request_id,
+        "user_id": delivery.user_id,
+        "completed_callbacks": list(delivery.completed_callbacks),
+    }
+
+
+def _body(delivery: StoredDelivery) -> Any:
+    """The stored body as JSON (Python keeps fal's > 2**53 integers exact), else text."""
+    try:
+        return json.loads(delivery.body)
+    except ValueError:
+        return delivery.body.decode("utf-8", errors="replace")
+
+
+def _one_line(text: str | None, width: int) -> str:
+    if not text:
+        return "-"
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def render_table(rows: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart; the first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+@_guarded
+def run_list(args: argparse.Namespace) -> int:
+    """``falhook deliveries list``."""
+    states = [State(s) for s in args.states or ()]
+    with _store(args) as store:
+        found = store.list(states=states, since=args.since, limit=args.limit)
+    if args.json:
+        _out(json.dumps([summary(d) for d in found], indent=2))
+        return 0
+    if not found:
+        _out("no deliveries match")
+        return 0
+    rows = [["REQUEST_ID", "STATE", "STATUS", "ATTEMPTS", "RECEIVED (UTC)", "LAST_ERROR"]]
+    rows += [
+        [
+            d.request_id,
+            d.state.value,
+            d.status,
+            str(d.attempts),
+            format_time(d.received_at) or "-",
+            _one_line(d.last_error, _LAST_ERROR_WIDTH),
+        ]
+        for d in found
+    ]
+    _out(render_table(rows))
+    if len(found) == args.limit:
+        _out(f"(first {args.limit}; --limit N shows more)")
+    return 0
+
+
+@_guarded
+def run_show(args: argparse.Namespace) -> int:
+    """``falhook deliveries show REQUEST_ID``."""
+    with _store(args) as store:
+        delivery = store.get(args.request_id)
+    if delivery is None:
+        print(f"falhook deliveries show: no delivery {args.request_id!r}", file=sys.stderr)  # noqa: T201
+        return EXIT_NOT_FOUND
+    document = summary(delivery) | {"body": _body(delivery)}
+    if args.json:
+        _out(json.dumps(document, indent=2))
+        return 0
+    fields = [(k, v) for k, v in document.items() if k != "body" and v not in (None, [])]
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        text = ", ".join(value) if isinstance(value, list) else str(value)
+        _out(f"{key.ljust(width)}  {text}")
+    body = document["body"]
+    _out("body:")
+    _out(json.dumps(body, indent=2) if not isinstance(body, str) else body)
+    return 0
+
+
+@_guarded
+def run_replay(args: argparse.Namespace) -> int:
+    """``falhook deliveries replay REQUEST_ID… | --state dead [--since WHEN]``."""
+    ids = list(dict.fromkeys(args.request_ids))  # once each, in the order given
+    if ids and args.states:
+        raise CommandError("give request ids or --state, not both")
+    if not ids and not args.states:
+        raise CommandError("give the request ids to replay, or --state dead")
+    if args.since is not None and not args.states:
+        raise CommandError("--since goes with --state (it selects which to replay)")
+    replayed: list[dict[str, str]] = []
+    left_alone: list[dict[str, str]] = []
+    not_found: list[str] = []
+    with _store(args) as store:
+        if ids:
+            previous = store.replay(ids)
+            for request_id in ids:
+                if request_id in previous:
+                    replayed.append({"request_id": request_id, "was": previous[request_id]})
+                    continue
+                current = store.get(request_id)
+                if current is None:
+                    not_found.append(request_id)
+                else:  # pending or running: already on its way
+                    left_alone.append({"request_id": request_id, "state": current.state.value})
+        else:
+            previous = store.replay(states=[State(s) for s in args.states], since=args.since)
+            replayed = [{"request_id": rid, "was": state} for rid, state in previous.items()]
+    if args.json:
+        document = {"replayed": replayed, "left_alone": left_alone, "not_found": not_found}
+        _out(json.dumps(document, indent=2))
+    else:
+        for item in replayed:
+            _out(f"replayed {item['request_id']} (was {item['was']})")
+        for item in left_alone:
+            _out(f"{item['request_id']}: already {item['state']}, left alone")
+        for request_id in not_found:
+            _out(f"{request_id}: not found")
+        if not ids and not replayed:
+            since = f" received since {format_time(args.since)}" if args.since else ""
+            _out(f"nothing to replay: no {' or '.join(args.states)} deliveries{since}")
+        if replayed:
+            _out(_REPLAY_HINT)
+    return EXIT_NOT_FOUND if not_found else 0
+
+
+@_guarded
+def run_prune(args: argparse.Namespace) -> int:
+    """``falhook prune [--older-than DURATION] [--state done|dead]…``."""
+    older_than: float = args.older_than
+    if older_than < MIN_RETENTION_SECONDS and not args.force:
+        raise CommandError(
+            f"--older-than {format_duration(older_than)} is under "
+            f"{format_duration(MIN_RETENTION_SECONDS)}: fal may still be retrying those "
+            "deliveries (for up to about 2 h), and a pruned request_id it redelivers is "
+            "dispatched again; add --force if you mean it"
+        )
+    states = [State(s) for s in dict.fromkeys(args.states or [State.DONE.value])]
+    with _store(args) as store:
+        deleted = store.prune(older_than, states=states)
+    names = [s.value for s in states]
+    if args.json:
+        document = {"deleted": deleted, "states": names, "older_than_seconds": older_than}
+        _out(json.dumps(document))
+    else:
+        noun = "delivery" if deleted == 1 else "deliveries"
+        _out(
+            f"pruned {deleted} {'/'.join(names)} {noun} that finished more than "
+            f"{format_duration(older_than)} ago"
+        )
+    return 0
