@@ -332,6 +332,11 @@ def cpu_model(cpuinfo: str) -> str:
     return "unknown"
 
 
+def wrk_version_line(first_line: str) -> str:
+    """``wrk debian/4.1.0-3+b2 [epoll] Copyright (C) …`` → ``wrk debian/4.1.0-3+b2 [epoll]``."""
+    return first_line.split(" Copyright")[0].strip() or "wrk"
+
+
 def environment() -> dict[str, Any]:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -340,13 +345,12 @@ def environment() -> dict[str, Any]:
     wrk_version = subprocess.run(
         [wrk_binary(), "-v"], capture_output=True, text=True, check=False
     ).stdout.splitlines()
-    git = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        check=False,
-    ).stdout.strip()
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, cwd=REPO_ROOT, check=False
+        ).stdout.strip()
+
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu_model(cpuinfo),
@@ -358,8 +362,10 @@ def environment() -> dict[str, Any]:
         "pynacl": _version("pynacl"),
         "uvloop": _version("uvloop"),
         "httptools": _version("httptools"),
-        "wrk": wrk_version[0].strip() if wrk_version else "wrk",
-        "git_commit": git or None,
+        "wrk": wrk_version_line(wrk_version[0] if wrk_version else ""),
+        "git_commit": git("rev-parse", "--short", "HEAD") or None,
+        # Uncommitted changes anywhere in the tree (e.g. receiver/ work in progress).
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
     }
 
 

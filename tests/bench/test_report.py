@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from bench import report
-from bench.runner import main_deliveries, write_results
+from bench.runner import cpu_model, main_deliveries, write_results, wrk_version_line
 from bench.servers import parse_status_kb
 
 
@@ -101,3 +101,11 @@ def test_vmhwm_is_read_from_proc_status() -> None:
     text = "Name:\tpython\nVmPeak:\t  300000 kB\nVmHWM:\t   61440 kB\nVmRSS:\t 50000 kB\n"
     assert parse_status_kb(text, "VmHWM") == 61440
     assert parse_status_kb(text, "VmSwap") is None
+
+
+def test_machine_description_helpers() -> None:
+    line = "wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 Will Glozer"
+    assert wrk_version_line(line) == "wrk debian/4.1.0-3+b2 [epoll]"
+    cpuinfo = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+    assert cpu_model(cpuinfo) == "Intel(R) Xeon(R) Processor"
+    assert cpu_model("") == "unknown"
