@@ -28,7 +28,9 @@ def _done(server: ServerProcess, request_id: str, timeout: float = 20.0) -> dict
     return next(r for r in records if r["request_id"] == request_id and r["phase"] == "done")
 
 
-def _state(server: ServerProcess, request_id: str, state: str, timeout: float = 20.0) -> dict:
+def _state(
+    server: ServerProcess, request_id: str, state: str, timeout: float = 20.0
+) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         row = server.row(request_id)
         return row if row is not None and row["state"] == state else None
@@ -44,7 +46,7 @@ def test_ok_error_and_payload_error_reach_the_callback(
 ) -> None:
     server = spawn()
     payload = {"images": [{"url": "https://x/y.png"}], "seed": BIG}
-    sent = {
+    sent: dict[str, dict[str, Any]] = {
         "cb-ok": {"payload": payload, "gateway_request_id": "gw-ok"},
         "cb-error": {
             "status": "ERROR",
