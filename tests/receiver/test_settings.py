@@ -1,0 +1,134 @@
+"""Settings: FALHOOK_* parsing, flags win over env, bad values name their variable."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from receiver import Settings, SettingsError
+from receiver.settings import DEFAULT_DATABASE_URL, DEFAULT_JWKS_URL
+
+
+def test_defaults_match_the_design() -> None:
+    s = Settings.from_env({})
+    assert s.database_url == DEFAULT_DATABASE_URL == "sqlite:///./falhook.db"
+    assert s.jwks_url == DEFAULT_JWKS_URL == "https://rest.fal.ai/.well-known/jwks.json"
+    assert s.user_id is None
+    assert s.tolerance_seconds == 300
+    assert s.max_body_bytes == 16 * 1024 * 1024
+    assert s.callbacks == ()
+    assert s.callback_max_attempts == 10
+    assert s.callback_backoff_seconds == 2
+    assert s.lease_seconds == 60
+    assert s.forward_to is None
+
+
+def test_reads_every_documented_variable() -> None:
+    env = {
+        "FALHOOK_DATABASE_URL": "sqlite:////tmp/x.db",
+        "FALHOOK_JWKS_URL": "http://127.0.0.1:1/jwks.json",
+        "FALHOOK_USER_ID": " user-1 ",
+        "FALHOOK_TOLERANCE_SECONDS": "30",
+        "FALHOOK_MAX_BODY_BYTES": "1024",
+        "FALHOOK_CALLBACK": "a.b:c, d:e ,,",
+        "FALHOOK_CALLBACK_MAX_ATTEMPTS": "3",
+        "FALHOOK_CALLBACK_BACKOFF_SECONDS": "0.05",
+        "FALHOOK_LEASE_SECONDS": "1.5",
+        "FALHOOK_FORWARD_TO": "http://127.0.0.1:9/in",
+    }
+    s = Settings.from_env(env)
+    assert s.database_url == "sqlite:////tmp/x.db"
+    assert s.jwks_url == "http://127.0.0.1:1/jwks.json"
+    assert s.user_id == "user-1"
+    assert s.tolerance_seconds == 30.0
+    assert s.max_body_bytes == 1024
+    assert s.callbacks == ("a.b:c", "d:e")
+    assert s.callback_max_attempts == 3
+    assert s.callback_backoff_seconds == 0.05
+    assert s.lease_seconds == 1.5
+    assert s.forward_to == "http://127.0.0.1:9/in"
+
+
+def test_from_env_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FALHOOK_LEASE_SECONDS", "7")
+    assert Settings.from_env().lease_seconds == 7.0
+
+
+def test_empty_user_id_means_any_user() -> None:
+    assert Settings.from_env({"FALHOOK_USER_ID": "  "}).user_id is None
+
+
+def test_flags_win_over_env() -> None:
+    env = {"FALHOOK_LEASE_SECONDS": "9", "FALHOOK_MAX_BODY_BYTES": "10"}
+    s = Settings.from_env(env, lease_seconds=2.0, max_body_bytes=None)
+    assert s.lease_seconds == 2.0
+    assert s.max_body_bytes == 10  # a flag that was not given (None) leaves the env value
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("FALHOOK_LEASE_SECONDS", "abc"),
+        ("FALHOOK_LEASE_SECONDS", "0"),
+        ("FALHOOK_LEASE_SECONDS", "-1"),
+        ("FALHOOK_LEASE_SECONDS", "nan"),
+        ("FALHOOK_LEASE_SECONDS", "inf"),
+        ("FALHOOK_CALLBACK_BACKOFF_SECONDS", "soon"),
+        ("FALHOOK_CALLBACK_MAX_ATTEMPTS", "0"),
+        ("FALHOOK_CALLBACK_MAX_ATTEMPTS", "2.5"),
+        ("FALHOOK_MAX_BODY_BYTES", "16MiB"),
+        ("FALHOOK_TOLERANCE_SECONDS", "-5"),
+        ("FALHOOK_JWKS_URL", "   "),
+        ("FALHOOK_LOG_LEVEL", "loud"),
+        ("FALHOOK_LOG_PAYLOADS", "maybe"),
+    ],
+)
+def test_bad_values_raise_settings_error_naming_the_variable(var: str, value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({var: value})
+    assert var in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("FALHOOK_DATABASE_URL", "mysql://x/y"),
+        ("FALHOOK_FORWARD_TO", "ftp://example.com/in"),
+    ],
+)
+def test_unusable_urls_name_the_variable(var: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=var):
+        Settings.from_env({var: value})
+
+
+def test_parse_value_names_the_flag() -> None:
+    with pytest.raises(SettingsError, match="--lease-seconds"):
+        Settings.parse_value("lease_seconds", "abc")
+    assert Settings.parse_value("lease_seconds", "0.25") == 0.25
+
+
+def test_settings_are_frozen_and_replace_returns_a_copy() -> None:
+    s = Settings.from_env({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.lease_seconds = 1.0  # type: ignore[misc]
+    t = s.replace(lease_seconds=1.0)
+    assert t.lease_seconds == 1.0 and s.lease_seconds == 60.0
+
+
+def test_env_table_documents_every_setting() -> None:
+    names = [name for name, _, _ in Settings.env_table()]
+    assert len(names) == len(dataclasses.fields(Settings))
+    for documented in (
+        "FALHOOK_DATABASE_URL",
+        "FALHOOK_JWKS_URL",
+        "FALHOOK_USER_ID",
+        "FALHOOK_TOLERANCE_SECONDS",
+        "FALHOOK_MAX_BODY_BYTES",
+        "FALHOOK_CALLBACK",
+        "FALHOOK_CALLBACK_MAX_ATTEMPTS",
+        "FALHOOK_CALLBACK_BACKOFF_SECONDS",
+        "FALHOOK_LEASE_SECONDS",
+    ):
+        assert documented in names
