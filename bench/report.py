@@ -167,12 +167,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     params = report["params"]
     micro = report.get("verify_micro") or {}
     dispatch = report.get("dispatch") or {}
+    dirty = " (with uncommitted changes)" if env.get("git_dirty") else ""
     lines = [
         f"# falhook benchmark — {report['date']}",
         "",
         f"Machine: {env['nproc']} cores, {env['cpu_model']}, kernel {env['kernel']}; "
         f"Python {env['python']}, uvicorn {env['uvicorn']}, starlette {env['starlette']}, "
-        f"{env['wrk']}.",
+        f"{env['wrk']}; load average at start {env.get('loadavg_at_start')}; "
+        f"commit {env.get('git_commit')}{dirty}.",
         f"wrk: {params['threads']} thread, {params['connections']} connections, "
         f"{params['duration_s']:g} s per target after a {params['warmup_s']:g} s warm-up; "
         f"unique signed ~{params['body_bytes']} B deliveries. Server: uvicorn "

@@ -337,6 +337,14 @@ def wrk_version_line(first_line: str) -> str:
     return first_line.split(" Copyright")[0].strip() or "wrk"
 
 
+def load_average() -> str | None:
+    """1/5/15-minute load: other work on the machine skews every number in the run."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return None
+
+
 def environment() -> dict[str, Any]:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -363,6 +371,7 @@ def environment() -> dict[str, Any]:
         "uvloop": _version("uvloop"),
         "httptools": _version("httptools"),
         "wrk": wrk_version_line(wrk_version[0] if wrk_version else ""),
+        "loadavg_at_start": load_average(),
         "git_commit": git("rev-parse", "--short", "HEAD") or None,
         # Uncommitted changes anywhere in the tree (e.g. receiver/ work in progress).
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),

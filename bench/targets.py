@@ -19,12 +19,14 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import registry
 from sqlmodel import Field, Session, SQLModel, create_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -44,12 +46,16 @@ async def _healthz(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
-def _app(endpoint: Callable[[Request], Awaitable[Response]]) -> Starlette:
+def _app(
+    endpoint: Callable[[Request], Awaitable[Response]],
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+) -> Starlette:
     return Starlette(
         routes=[
             Route(WEBHOOK_PATH, endpoint, methods=["POST"]),
             Route("/healthz", _healthz, methods=["GET"]),
-        ]
+        ],
+        lifespan=lifespan,
     )
 
 
@@ -127,7 +133,11 @@ def verify_only_app() -> Starlette:
     return _app(receive)
 
 
-class NaiveDelivery(SQLModel, table=True):
+class _NaiveBase(SQLModel, registry=registry()):
+    """Own metadata, so importing the benchmark adds no table to SQLModel's global one."""
+
+
+class NaiveDelivery(_NaiveBase, table=True):
     request_id: str = Field(primary_key=True)
     body: str
     status: str
@@ -142,7 +152,12 @@ def naive_app() -> Starlette:
     keys, tolerance = _config()
     verify = _verifier(keys, tolerance)
     engine = create_engine(f"sqlite:///{os.environ['BENCH_DB_PATH']}")
-    SQLModel.metadata.create_all(engine, tables=[NaiveDelivery.__table__])  # type: ignore[attr-defined]
+    NaiveDelivery.metadata.create_all(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
 
     async def receive(request: Request) -> Response:
         body = await request.body()
@@ -162,4 +177,4 @@ def naive_app() -> Starlette:
             return JSONResponse({"request_id": request_id, "duplicate": True})
         return JSONResponse({"request_id": request_id, "duplicate": False})
 
-    return _app(receive)
+    return _app(receive, lifespan)
