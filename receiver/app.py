@@ -19,6 +19,7 @@ from receiver.dispatcher import Dispatcher, DispatchObserver
 from receiver.errors import StoreUnavailableError
 from receiver.forward import Forwarder
 from receiver.keysource import KeySource
+from receiver.listener import Listener
 from receiver.logs import delivery_log
 from receiver.metrics import Metrics
 from receiver.models import Delivery
@@ -107,6 +108,7 @@ class WebhookReceiver:
         self._store: Store | None = None
         self._keys: KeySource | None = None
         self._dispatcher: Dispatcher | None = None
+        self._listener: Listener | None = None
         self._starts = 0
         self.app = self._build_app()
 
@@ -165,6 +167,9 @@ class WebhookReceiver:
                 observer=_Observer(self.metrics),
             )
             self._dispatcher.start()
+            if store.dialect == "postgresql":  # wake-ups from the other replicas' inserts
+                self._listener = Listener(settings.database_url, self._wake)
+                self._listener.start()
         else:
             log.warning(
                 "no callbacks registered: deliveries are stored and stay pending until a "
@@ -178,6 +183,9 @@ class WebhookReceiver:
         self._starts -= 1
         if self._starts > 0:
             return
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
         if self._dispatcher is not None:
             await self._dispatcher.stop()
             self._dispatcher = None

@@ -53,7 +53,35 @@ def _v1_deliveries(conn: sa.Connection) -> None:
     metadata.create_all(conn)
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "deliveries table", _v1_deliveries),)
+def _v2_indexes(conn: sa.Connection) -> None:
+    # Claims and the dispatcher's next-due query read only active rows, ordered by due_at:
+    # a partial index holds just those (done rows, the vast majority, are not in it). Its
+    # predicate is spelled exactly as the store's queries spell it (store.ACTIVE_PREDICATE),
+    # so both SQLite and PostgreSQL can prove the query implies it.
+    # received_at serves `deliveries list` (newest first), replay --since and the oldest
+    # pending age.
+    predicate = sa.text("state = 'pending' OR state = 'running'")
+    metadata = sa.MetaData()
+    table = sa.Table(
+        "falhook_deliveries",
+        metadata,
+        sa.Column("state", sa.String(16)),
+        sa.Column("due_at", sa.Float),
+        sa.Column("received_at", sa.Float),
+    )
+    sa.Index(
+        "ix_falhook_deliveries_active_due",
+        table.c.due_at,
+        postgresql_where=predicate,
+        sqlite_where=predicate,
+    ).create(conn)
+    sa.Index("ix_falhook_deliveries_received_at", table.c.received_at).create(conn)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "deliveries table", _v1_deliveries),
+    Migration(2, "partial index on due_at for active rows; index on received_at", _v2_indexes),
+)
 
 
 def _version_table(metadata: sa.MetaData) -> sa.Table:
@@ -92,6 +120,11 @@ def _upgrade(engine: sa.Engine, migrations: tuple[Migration, ...]) -> int:
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
+        elif conn.dialect.name == "sqlite":
+            # Take the write lock before reading the version: with the driver's deferred
+            # transaction, processes starting together all read version 0 and then race to
+            # CREATE TABLE. (pysqlite sends no BEGIN of its own before DDL or SELECT.)
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         metadata = sa.MetaData()
         table = _version_table(metadata)
         metadata.create_all(conn)

@@ -32,7 +32,18 @@ class DeliveryRow(SQLModel, table=True):
     """One fal delivery, keyed (and so deduplicated) by its request_id."""
 
     __tablename__ = "falhook_deliveries"
-    __table_args__ = (sa.Index("ix_falhook_deliveries_state_due", "state", "due_at"),)
+    # The schema itself is created by receiver/migrations.py (frozen DDL per version);
+    # these mirror it, and tests/receiver/test_migrations.py checks that they agree.
+    __table_args__ = (
+        sa.Index("ix_falhook_deliveries_state_due", "state", "due_at"),
+        sa.Index(
+            "ix_falhook_deliveries_active_due",
+            "due_at",
+            postgresql_where=sa.text("state = 'pending' OR state = 'running'"),
+            sqlite_where=sa.text("state = 'pending' OR state = 'running'"),
+        ),
+        sa.Index("ix_falhook_deliveries_received_at", "received_at"),
+    )
 
     request_id: str = Field(primary_key=True, max_length=255)
     gateway_request_id: str | None = Field(default=None)

@@ -42,6 +42,10 @@ T = TypeVar("T")
 TABLE: sa.Table = DeliveryRow.__table__  # type: ignore[attr-defined]
 NOTIFY_CHANNEL = "falhook_deliveries"
 _ACTIVE = (State.PENDING.value, State.RUNNING.value)
+# The active-state predicate, spelled with literals exactly as the partial index
+# ix_falhook_deliveries_active_due (migration 2) states it: a planner can only match a
+# partial index whose predicate the query implies, and a bound parameter implies nothing.
+ACTIVE_PREDICATE = "state = 'pending' OR state = 'running'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,18 @@ class ClaimBatch:
 Op = Callable[[Any, "_Sql"], Any]  # (DBAPI cursor, compiled statements) -> result
 
 
+# libpq options for every PostgreSQL connection (the pool's and the listener's): a bounded
+# connect, and TCP keepalives so a peer that vanished without a FIN/RST (a dead host, a cut
+# network path) is noticed in ~20 s instead of the kernel's two hours.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+}
+
+
 def make_engine(url: str) -> sa.Engine:
     """An engine configured for durability: WAL + synchronous=FULL on SQLite."""
     try:
@@ -107,7 +123,7 @@ def make_engine(url: str) -> sa.Engine:
         pool_size=4,
         max_overflow=4,
         pool_timeout=5,
-        connect_args={"connect_timeout": 5},
+        connect_args=PG_CONNECT_ARGS,
     )
 
 
@@ -147,8 +163,13 @@ class _Sql:
             return _Compiled(str(compiled), constants)
 
         bp = sa.bindparam
-        # Spelled out rather than IN (…): an "expanding" IN cannot be compiled ahead of time.
-        active = sa.or_(c.state == State.PENDING.value, c.state == State.RUNNING.value)
+        # Literal SQL rather than IN (…) with parameters: an "expanding" IN cannot be compiled
+        # ahead of time, and the partial index on due_at needs the literal predicate.
+        active = sa.text(f"({ACTIVE_PREDICATE})")
+        # Set by an operation that made a delivery due now (a new insert, a revived dead
+        # one): only such a transaction NOTIFYs the other replicas. A NOTIFY on every
+        # transaction (claims included) would make idle replicas wake each other forever.
+        self.due_now = False
         self.insert = text(
             insert_fn(t)
             .values(
@@ -274,8 +295,11 @@ def _op_insert(new: NewDelivery) -> Op:
     def op(cur: Any, sql: _Sql) -> bool:
         sql.insert.execute(cur, params)
         if cur.rowcount == 1:
+            sql.due_now = True
             return True
         sql.revive_dead.execute(cur, {"request_id": new.request_id, "now": time.time()})
+        if cur.rowcount == 1:
+            sql.due_now = True
         return False
 
     return op
@@ -484,45 +508,65 @@ class Store:
         self._close_conn()
 
     def _run_batch(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
+        woke = False
         try:
-            outcomes = self._transaction([op for op, _ in batch])
-        except Exception as exc:
-            if len(batch) == 1:
-                outcomes = [_failure(exc)]
-            else:
-                # One bad operation (or a connection lost mid-batch) must not fail the others:
-                # run each alone, on a fresh connection if the old one broke.
-                outcomes = []
-                for op, _ in batch:
-                    try:
-                        outcomes.extend(self._transaction([op]))
-                    except Exception as single_exc:
-                        outcomes.append(_failure(single_exc))
-        inserted = any(value is True for ok, value in outcomes if ok) and any(
-            getattr(op, "__qualname__", "").startswith("_op_insert") for op, _ in batch
-        )
+            outcomes, woke = self._transaction([op for op, _ in batch])
+        except StoreUnavailableError as exc:
+            # Could not connect (or migrate): every operation fails alike, at once. Retrying
+            # them one by one would only multiply the connect timeouts.
+            outcomes = [_failure(exc)] * len(batch)
+        except Exception:
+            # A connection lost mid-batch (a server restart, pg_terminate_backend, an idle
+            # connection killed long ago) or one bad operation: run each operation once more,
+            # alone, on a fresh connection (the old one was discarded), so neither fails the
+            # others nor a request that a reconnect would have saved. Re-running is safe: an
+            # insert that did commit reports a duplicate, and a fenced write that did commit
+            # reports a lost claim (its outcome is kept).
+            outcomes = []
+            unreachable: StoreUnavailableError | None = None
+            for op, _ in batch:
+                if unreachable is not None:
+                    outcomes.append(_failure(unreachable))
+                    continue
+                try:
+                    single, single_woke = self._transaction([op])
+                except StoreUnavailableError as single_exc:
+                    unreachable = single_exc
+                    outcomes.append(_failure(single_exc))
+                except Exception as single_exc:
+                    outcomes.append(_failure(single_exc))
+                else:
+                    outcomes.extend(single)
+                    woke = woke or single_woke
         loop = self.loop
         assert loop is not None
         try:
             loop.call_soon_threadsafe(_resolve, batch, outcomes)
-            if inserted and self._on_committed_insert is not None:
+            if woke and self._on_committed_insert is not None:
                 loop.call_soon_threadsafe(self._on_committed_insert)
         except RuntimeError:
             pass  # the loop is closed: nobody is waiting any more
 
-    def _transaction(self, ops: Sequence[Op]) -> list[tuple[bool, Any]]:
+    def _transaction(self, ops: Sequence[Op]) -> tuple[list[tuple[bool, Any]], bool]:
+        """Run `ops` in one transaction; return their results and whether any made work due.
+
+        Raises StoreUnavailableError if no connection could be had (nothing was run), any
+        other exception if the transaction failed (its connection is then discarded).
+        """
         conn = self._connection()
+        sql = self._sql
+        sql.due_now = False
         try:
             cur = conn.cursor()
-            results = [op(cur, self._sql) for op in ops]
-            if self._sql.notify is not None:
-                cur.execute(self._sql.notify)
+            results = [op(cur, sql) for op in ops]
+            if sql.due_now and sql.notify is not None:
+                cur.execute(sql.notify)  # delivered to LISTENers only if this commits
             conn.commit()
             cur.close()
         except Exception:
             self._discard_conn()
             raise
-        return [(True, r) for r in results]
+        return [(True, r) for r in results], sql.due_now
 
     def _connection(self) -> Any:
         if not self._migrated:
@@ -535,18 +579,19 @@ class Store:
         return self._conn.driver_connection
 
     def _discard_conn(self) -> None:
+        """Drop the writer's connection after a failed transaction; the next batch reconnects.
+
+        Always invalidated, never returned to the pool: after an error we cannot tell a
+        healthy connection from one the server killed (restart, pg_terminate_backend, a cut
+        network), and errors are rare enough that a fresh connection costs nothing.
+        """
         conn, self._conn = self._conn, None
         if conn is None:
             return
         try:
-            conn.driver_connection.rollback()
-            conn.close()
+            conn.invalidate()
         except Exception:
-            # Broken beyond rollback (e.g. the server killed it): never return it to the pool.
-            try:
-                conn.invalidate()
-            except Exception:
-                log.debug("could not invalidate a broken connection", exc_info=True)
+            log.debug("could not invalidate a broken connection", exc_info=True)
 
     def _close_conn(self) -> None:
         conn, self._conn = self._conn, None

@@ -1,0 +1,521 @@
+"""The store contract: the same suite on SQLite (always) and PostgreSQL (TEST_DATABASE_URL).
+
+Every test runs against a real database (a file in tmp_path, or a fresh PostgreSQL schema);
+nothing is mocked. Async store calls run on a loop of the test's own (``asyncio.run``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+import sqlalchemy as sa
+
+from receiver.errors import StoreUnavailableError
+from receiver.models import State
+from receiver.store import Claim, Store
+from tests.receiver import store_fixtures
+from tests.receiver.store_fixtures import PG_URL, delivery, pg_admin, requires_pg
+
+# Fixtures, re-exported so pytest finds them in this module.
+pg_schema_url = store_fixtures.pg_schema_url
+store_url = store_fixtures.store_url
+
+T = TypeVar("T")
+
+
+def run(fn: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await fn()
+
+    return asyncio.run(main())
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str, **kwargs: Any) -> AsyncIterator[Store]:
+    store = Store(url, **kwargs)
+    store.start()
+    try:
+        yield store
+    finally:
+        await store.stop()
+
+
+async def claim_all(store: Store, limit: int = 100, lease: float = 30.0) -> list[Claim]:
+    return (await store.claim(limit, lease)).claims
+
+
+# -- insert and dedupe -------------------------------------------------------------------
+
+
+def test_insert_new_then_duplicate(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            assert await store.insert(delivery("a")) is True
+            assert await store.insert(delivery("a")) is False
+            assert await store.insert(delivery("b")) is True
+            row = store.get("a")
+            assert row is not None
+            assert row.state is State.PENDING
+            assert row.attempts == 0
+            assert row.status == "OK"
+            assert row.gateway_request_id == "gw-a"
+            assert row.body == delivery("a").body
+            assert store.get("missing") is None
+
+    run(body)
+
+
+def test_duplicate_of_a_dead_delivery_revives_it(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await store.insert(delivery("a"))
+            (claim,) = await claim_all(store)
+            assert await store.bury(claim, "boom") is True
+            assert store.get("a").state is State.DEAD  # type: ignore[union-attr]
+            assert await store.insert(delivery("a")) is False  # still a duplicate to fal…
+            row = store.get("a")
+            assert row is not None  # …but the failure is not hidden: it is due again
+            assert row.state is State.PENDING
+            assert row.attempts == 0
+            assert row.finished_at is None
+            (again,) = await claim_all(store)
+            assert again.request_id == "a"
+            assert again.attempt == 1
+
+    run(body)
+
+
+def test_duplicate_of_a_done_delivery_changes_nothing(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await store.insert(delivery("a"))
+            (claim,) = await claim_all(store)
+            assert await store.finish(claim, ["cb"]) is True
+            before = store.get("a")
+            assert await store.insert(delivery("a")) is False
+            assert store.get("a") == before
+            assert await claim_all(store) == []
+
+    run(body)
+
+
+# -- claims ------------------------------------------------------------------------------
+
+
+def test_claim_orders_by_due_at_and_respects_the_limit(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            now = time.time()
+            # Inserted out of order; due_at starts at received_at.
+            for i in (3, 0, 4, 1, 2):
+                await store.insert(delivery(f"r{i}", received_at=now - 100 + i))
+            # The earliest due are taken first (RETURNING order within a batch is unspecified).
+            first = await store.claim(2, 30)
+            assert {c.request_id for c in first.claims} == {"r0", "r1"}
+            assert all(c.attempt == 1 for c in first.claims)
+            assert first.claims[0].claim_id == first.claims[1].claim_id
+            assert first.next_due_at is not None and first.next_due_at <= now
+            rest = await store.claim(10, 30)
+            assert {c.request_id for c in rest.claims} == {"r2", "r3", "r4"}
+            # Only running rows are left; the next due moment is the earliest lease expiry.
+            assert rest.next_due_at is not None and rest.next_due_at > now + 20
+            assert (await store.claim(10, 30)).claims == []
+            assert store.counts()[State.RUNNING] == 5
+
+    run(body)
+
+
+def test_claim_carries_what_dispatch_needs(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            new = delivery("a", status="ERROR")
+            await store.insert(new)
+            (claim,) = await claim_all(store)
+            assert claim.status == "ERROR"
+            assert claim.body == new.body
+            assert claim.user_id == "user-1"
+            assert claim.received_at == pytest.approx(new.received_at)
+            assert claim.completed_callbacks == ()
+            empty = await store.claim(5, 30)
+            assert empty.claims == []
+
+    run(body)
+
+
+def test_expired_lease_is_retaken_with_attempts_plus_one(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await store.insert(delivery("a"))
+            (first,) = await claim_all(store, lease=0.3)
+            assert (await store.claim(10, 0.3)).claims == []  # held while the lease runs
+            await asyncio.sleep(0.4)
+            (second,) = await claim_all(store, lease=30)
+            assert second.request_id == "a"
+            assert second.attempt == first.attempt + 1 == 2
+            assert second.claim_id != first.claim_id
+            row = store.get("a")
+            assert row is not None and row.claim_id == second.claim_id
+
+    run(body)
+
+
+def test_renew_keeps_a_claim_past_its_original_lease(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await store.insert(delivery("a"))
+            (claim,) = await claim_all(store, lease=0.3)
+            assert await store.renew(claim, 30) is True
+            await asyncio.sleep(0.4)
+            assert (await store.claim(10, 30)).claims == []
+            assert await store.finish(claim) is True
+
+    run(body)
+
+
+def test_a_taken_over_claim_is_fenced_out(store_url: str) -> None:
+    """A worker whose lease was retaken can neither renew nor settle: nothing changes."""
+
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await store.insert(delivery("a"))
+            (stale,) = await claim_all(store, lease=0.2)
+            await asyncio.sleep(0.3)
+            (current,) = await claim_all(store, lease=30)
+            before = store.get("a")
+            assert before is not None and before.claim_id == current.claim_id
+            assert await store.renew(stale, 30) is False
+            assert await store.finish(stale, ["cb"]) is False
+            assert await store.reschedule(stale, time.time() + 60, "stale", ["cb"]) is False
+            assert await store.bury(stale, "stale") is False
+            assert store.get("a") == before  # not a single column changed
+            # The current holder is unaffected.
+            assert await store.renew(current, 30) is True
+            assert await store.finish(current, ["cb"]) is True
+            done = store.get("a")
+            assert done is not None and done.state is State.DONE
+            assert done.completed_callbacks == ("cb",)
+            # And a finished claim cannot be written again either.
+            assert await store.bury(current, "late") is False
+            assert store.get("a") == done
+
+    run(body)
+
+
+def test_reschedule_respects_due_at_and_keeps_progress(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await store.insert(delivery("a"))
+            (claim,) = await claim_all(store)
+            due = time.time() + 0.5
+            assert await store.reschedule(claim, due, "try later", ["first"]) is True
+            row = store.get("a")
+            assert row is not None
+            assert row.state is State.PENDING
+            assert row.claim_id is None
+            assert row.last_error == "try later"
+            assert row.completed_callbacks == ("first",)
+            batch = await store.claim(10, 30)
+            assert batch.claims == []
+            assert batch.next_due_at == pytest.approx(due)
+            await asyncio.sleep(max(0.0, due - time.time()) + 0.05)
+            (again,) = await claim_all(store)
+            assert again.attempt == 2
+            assert again.completed_callbacks == ("first",)
+
+    run(body)
+
+
+def test_bury_keeps_the_last_error(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await store.insert(delivery("a"))
+            (claim,) = await claim_all(store)
+            assert await store.bury(claim, "ValueError: nope", ["x"]) is True
+            row = store.get("a")
+            assert row is not None
+            assert row.state is State.DEAD
+            assert row.last_error == "ValueError: nope"
+            assert row.completed_callbacks == ("x",)
+            assert row.finished_at is not None
+            assert row.claim_id is None
+            assert await claim_all(store) == []
+
+    run(body)
+
+
+# -- operator actions: replay, prune, counts ---------------------------------------------
+
+
+async def _settled(store: Store) -> None:
+    """a: done, b: dead, c: pending, d: running."""
+    now = time.time()
+    for i, rid in enumerate("abcd"):
+        await store.insert(delivery(rid, received_at=now - 10 + i))
+    claims = {c.request_id: c for c in (await store.claim(2, 30)).claims}
+    assert set(claims) == {"a", "b"}
+    assert await store.finish(claims["a"], ["cb"])
+    assert await store.bury(claims["b"], "boom")
+    (running,) = (await store.claim(1, 30)).claims
+    assert running.request_id == "c"
+    assert await store.reschedule(running, time.time() + 600, "later")
+    (running,) = (await store.claim(1, 30)).claims
+    assert running.request_id == "d"
+
+
+def test_replay_requeues_done_and_dead_only_and_is_idempotent(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await _settled(store)
+            assert store.replay(["a", "b", "c", "d", "zz"]) == {
+                "a": State.DONE,
+                "b": State.DEAD,
+            }
+            assert store.replay(["a", "b", "c", "d"]) == {}  # twice queues once
+            for rid in "ab":
+                row = store.get(rid)
+                assert row is not None
+                assert row.state is State.PENDING
+                assert row.attempts == 0
+                assert row.completed_callbacks == ()
+                assert row.finished_at is None
+            c = store.get("c")
+            assert c is not None and c.state is State.PENDING and c.last_error == "later"
+            d = store.get("d")
+            assert d is not None and d.state is State.RUNNING
+            claimed = {c.request_id: c.attempt for c in await claim_all(store)}
+            assert claimed == {"a": 1, "b": 1}
+
+    run(body)
+
+
+def test_replay_by_state(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await _settled(store)
+            assert store.replay(states=[State.DEAD]) == {"b": State.DEAD}
+            assert store.replay(states=[State.PENDING, State.RUNNING]) == {}
+            assert store.get("a").state is State.DONE  # type: ignore[union-attr]
+
+    run(body)
+
+
+def test_prune_never_deletes_pending_or_running(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await _settled(store)
+            assert store.prune(0, states=[State.PENDING, State.RUNNING]) == 0
+            assert store.prune(3600, states=[State.DONE, State.DEAD]) == 0  # too recent
+            await asyncio.sleep(0.01)
+            assert store.prune(0) == 1  # the default: done only
+            assert store.get("a") is None
+            assert store.prune(0, states=list(State)) == 1  # dead; never c or d
+            assert store.get("b") is None
+            assert {r.request_id for r in store.list()} == {"c", "d"}
+
+    run(body)
+
+
+def test_counts_and_oldest_pending_age(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            assert store.counts() == dict.fromkeys(State, 0)
+            assert store.oldest_pending_age() == 0.0
+            await _settled(store)
+            assert store.counts() == {
+                State.PENDING: 1,
+                State.RUNNING: 1,
+                State.DONE: 1,
+                State.DEAD: 1,
+            }
+            c = store.get("c")
+            assert c is not None
+            now = time.time()
+            # c is the oldest active one (a and b finished).
+            assert store.oldest_pending_age(now) == pytest.approx(now - c.received_at)
+
+    run(body)
+
+
+def test_list_newest_first_with_filters(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await _settled(store)
+            assert [r.request_id for r in store.list()] == ["d", "c", "b", "a"]
+            assert [r.request_id for r in store.list(limit=2)] == ["d", "c"]
+            assert [r.request_id for r in store.list(states=[State.DONE, State.DEAD])] == [
+                "b",
+                "a",
+            ]
+            c = store.get("c")
+            assert c is not None
+            assert [r.request_id for r in store.list(since=c.received_at)] == ["d", "c"]
+
+    run(body)
+
+
+# -- concurrency -------------------------------------------------------------------------
+
+
+def test_two_stores_never_claim_the_same_delivery(store_url: str) -> None:
+    """Two Store instances (two writer connections) race to claim: each row goes once."""
+
+    async def body() -> None:
+        async with opened(store_url) as first, opened(store_url) as second:
+            now = time.time()
+            for i in range(300):
+                await first.insert(delivery(f"r{i:03}", received_at=now - 1))
+
+            async def drain(store: Store) -> list[str]:
+                got: list[str] = []
+                while True:
+                    batch = await store.claim(7, 60)
+                    if not batch.claims:
+                        return got
+                    got.extend(c.request_id for c in batch.claims)
+                    # Let the other writer in: SQLite's busy handler backs off in sleeps,
+                    # so without a pause one store could drain everything alone.
+                    await asyncio.sleep(0.005)
+
+            a, b = await asyncio.gather(drain(first), drain(second))
+            assert not set(a) & set(b)
+            assert len(a) + len(b) == 300
+            assert set(a) | set(b) == {f"r{i:03}" for i in range(300)}
+            assert a and b  # both really took part
+
+    run(body)
+
+
+def test_group_commit_500_concurrent_inserts_all_durable(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            ids = [f"g{i:03}" for i in range(500)]
+            # Every id twice, all at once: exactly one of each pair is new.
+            results = await asyncio.gather(*(store.insert(delivery(r)) for r in ids + ids))
+            firsts, seconds = results[:500], results[500:]
+            assert all(new != dup for new, dup in zip(firsts, seconds, strict=True))
+            assert sum(results) == 500
+            again = await asyncio.gather(*(store.insert(delivery(r)) for r in ids))
+            assert not any(again)
+        # A new Store (new connections) sees every row: they were committed, not cached.
+        async with opened(store_url) as reopened:
+            assert reopened.counts()[State.PENDING] == 500
+            assert {r.request_id for r in reopened.list(limit=None)} == set(ids)
+
+    run(body)
+
+
+def test_inserts_wake_the_local_dispatcher(store_url: str) -> None:
+    async def body() -> None:
+        woken = asyncio.Event()
+        async with opened(store_url, on_committed_insert=woken.set) as store:
+            await store.insert(delivery("a"))
+            await asyncio.wait_for(woken.wait(), 5)
+            woken.clear()
+            await store.insert(delivery("a"))  # a duplicate makes nothing due
+            await store.claim(10, 30)
+            await asyncio.sleep(0.05)
+            assert not woken.is_set()
+
+    run(body)
+
+
+# -- the store when the database is not there ---------------------------------------------
+
+
+def test_not_started_store_refuses_async_calls(store_url: str) -> None:
+    async def body() -> None:
+        store = Store(store_url)
+        with pytest.raises(StoreUnavailableError):
+            await store.insert(delivery("a"))
+
+    run(body)
+
+
+def test_unreachable_sqlite_store_raises_store_unavailable(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'x.db'}"
+
+    async def body() -> None:
+        async with opened(url) as store:
+            with pytest.raises(StoreUnavailableError):
+                await store.ping()
+            with pytest.raises(StoreUnavailableError):
+                await store.insert(delivery("a"))
+            with pytest.raises(StoreUnavailableError):
+                store.counts()
+            (tmp_path / "no" / "such" / "dir").mkdir(parents=True)
+            await store.ping()  # it comes back without a restart
+            assert await store.insert(delivery("a")) is True
+
+    run(body)
+
+
+@pytest.mark.postgres
+@requires_pg
+def test_pg_database_created_after_start() -> None:
+    """Store unreachable at start (no such database) → 503s; ready once it exists."""
+    assert PG_URL is not None
+    name = f"falhook_late_{int(time.time() * 1000)}"
+    url = sa.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    admin = pg_admin()
+
+    async def body() -> None:
+        async with opened(url) as store:
+            with pytest.raises(StoreUnavailableError):
+                await store.ping()
+            with pytest.raises(StoreUnavailableError):
+                await store.insert(delivery("a"))
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f"CREATE DATABASE {name}")
+            await store.ping()
+            assert await store.insert(delivery("a")) is True
+            assert store.counts()[State.PENDING] == 1
+
+    try:
+        run(body)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+
+def _terminate_others(schema_url: str) -> int:
+    """pg_terminate_backend every session on the schema's database except ours."""
+    with pg_admin().connect() as conn:
+        return len(
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND backend_type = 'client backend'"
+                )
+            ).all()
+        )
+
+
+@pytest.mark.postgres
+@requires_pg
+def test_pg_writer_survives_terminated_connections(pg_schema_url: str) -> None:
+    """The writer discards a killed connection and the same call succeeds on a new one."""
+
+    async def body() -> None:
+        async with opened(pg_schema_url) as store:
+            assert await store.insert(delivery("a")) is True
+            store.counts()  # a pooled sync connection too
+            for i in range(3):
+                assert _terminate_others(pg_schema_url) >= 1
+                # The batch fails on the dead connection and is re-run on a fresh one.
+                assert await store.insert(delivery(f"b{i}")) is True
+                assert store.counts()[State.PENDING] == 2 + i  # pre-ping replaces it
+            claims = await claim_all(store)
+            assert len(claims) == 4
+            _terminate_others(pg_schema_url)
+            results = await asyncio.gather(*(store.finish(c) for c in claims))
+            assert all(results)
+            assert store.counts()[State.DONE] == 4
+
+    run(body)
