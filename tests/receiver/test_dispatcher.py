@@ -1,0 +1,300 @@
+"""Dispatcher against a real SQLite store: leases renewed while callbacks run, shutdown
+waits for running callbacks, Retry(after=…) honoured, successes remembered across tries."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from receiver import CallbackRegistry, Delivery, Retry, RetryPolicy, State, Store
+from receiver.dispatcher import Dispatcher
+from receiver.store import NewDelivery
+from verify.testing import fal_body
+
+T = TypeVar("T")
+
+
+def _new(request_id: str) -> NewDelivery:
+    now = time.time()
+    return NewDelivery(
+        request_id=request_id,
+        gateway_request_id=request_id,
+        status="OK",
+        error=None,
+        payload_error=None,
+        user_id="user-test",
+        body=fal_body(request_id),
+        received_at=now,
+    )
+
+
+@asynccontextmanager
+async def _running(
+    db_url: str, registry: CallbackRegistry, **kwargs: Any
+) -> AsyncIterator[tuple[Store, Dispatcher]]:
+    woken: list[Dispatcher] = []
+    store = Store(db_url, on_committed_insert=lambda: woken[0].wake() if woken else None)
+    store.start()
+    options: dict[str, Any] = {
+        "policy": RetryPolicy(max_attempts=5, base_delay=0.05),
+        "lease_seconds": 5.0,
+        "poll_seconds": 0.2,
+        "shutdown_timeout": 5.0,
+        **kwargs,
+    }
+    dispatcher = Dispatcher(store, registry, **options)
+    woken.append(dispatcher)  # wired as the receiver wires it: inserts wake it
+    dispatcher.start()
+    try:
+        yield store, dispatcher
+    finally:
+        await dispatcher.stop()
+        await store.stop()
+
+
+async def _until(check: Callable[[], Awaitable[T | None] | T | None], within: float = 10) -> T:
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result  # type: ignore[return-value]
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def _state(store: Store, request_id: str) -> State | None:
+    row = store.get(request_id)
+    return row.state if row else None
+
+
+def test_lease_is_renewed_while_a_long_callback_runs(db_url: str) -> None:
+    registry = CallbackRegistry()
+    started = asyncio.Event()
+    release = asyncio.Event()
+    calls = 0
+
+    @registry.on_delivery
+    async def long(delivery: Delivery) -> None:
+        nonlocal calls
+        calls += 1
+        started.set()
+        await release.wait()
+
+    async def main() -> None:
+        lease = 0.3
+        async with _running(db_url, registry, lease_seconds=lease) as (store, _):
+            await store.insert(_new("long"))
+            await asyncio.wait_for(started.wait(), 10)
+            first = store.get("long")
+            assert first is not None and first.state is State.RUNNING
+            # Several leases' worth of time: the claim must have been renewed, so nobody
+            # else can take the delivery, and its lease expiry keeps moving forward.
+            deadline = time.time() + 4 * lease
+            while time.time() < deadline:
+                stolen = await store.claim(10, lease)
+                assert stolen.claims == []
+                await asyncio.sleep(lease / 3)
+            later = store.get("long")
+            assert later is not None
+            assert later.state is State.RUNNING
+            assert later.claim_id == first.claim_id
+            assert later.due_at > first.due_at
+            release.set()
+            await _until(lambda: _state(store, "long") is State.DONE)
+            done = store.get("long")
+            assert done is not None and done.attempts == 1
+        assert calls == 1
+
+    asyncio.run(main())
+
+
+def test_shutdown_waits_for_running_callbacks(db_url: str) -> None:
+    registry = CallbackRegistry()
+    started = asyncio.Event()
+    finished: list[str] = []
+
+    @registry.on_delivery
+    async def slowish(delivery: Delivery) -> None:
+        started.set()
+        await asyncio.sleep(0.5)  # the workload: a callback still running at shutdown
+        finished.append(delivery.request_id)
+
+    async def main() -> None:
+        store = Store(db_url)
+        store.start()
+        dispatcher = Dispatcher(
+            store,
+            registry,
+            policy=RetryPolicy(),
+            lease_seconds=5.0,
+            poll_seconds=0.1,
+            shutdown_timeout=10.0,
+        )
+        dispatcher.start()
+        await store.insert(_new("graceful"))
+        await asyncio.wait_for(started.wait(), 10)
+        await dispatcher.stop()
+        assert finished == ["graceful"]
+        assert _state(store, "graceful") is State.DONE
+        await store.stop()
+
+    asyncio.run(main())
+
+
+def test_shutdown_cancels_callbacks_after_the_timeout_and_leaves_them_claimed(
+    db_url: str,
+) -> None:
+    registry = CallbackRegistry()
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    @registry.on_delivery
+    async def stuck(delivery: Delivery) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def main() -> None:
+        store = Store(db_url)
+        store.start()
+        dispatcher = Dispatcher(
+            store,
+            registry,
+            policy=RetryPolicy(),
+            lease_seconds=5.0,
+            poll_seconds=0.1,
+            shutdown_timeout=0.2,
+        )
+        dispatcher.start()
+        await store.insert(_new("stuck"))
+        await asyncio.wait_for(started.wait(), 10)
+        began = time.monotonic()
+        await asyncio.wait_for(dispatcher.stop(), 10)
+        assert time.monotonic() - began < 5
+        assert cancelled.is_set()
+        # Not recorded as done or failed: the lease expires and another worker retakes it.
+        assert _state(store, "stuck") is State.RUNNING
+        await store.stop()
+
+    asyncio.run(main())
+
+
+def test_retry_after_from_a_callback_is_honoured(db_url: str) -> None:
+    registry = CallbackRegistry()
+    attempts: list[int] = []
+
+    @registry.on_delivery
+    async def asks(delivery: Delivery) -> None:
+        attempts.append(delivery.attempt)
+        if delivery.attempt == 1:
+            raise Retry(after=0.1)
+
+    async def main() -> None:
+        # The policy alone would wait an hour; the callback asked for 0.1 s.
+        policy = RetryPolicy(max_attempts=5, base_delay=3600.0)
+        async with _running(db_url, registry, policy=policy) as (store, _):
+            before = time.time()
+            await store.insert(_new("retry-after"))
+            await _until(lambda: _state(store, "retry-after") is State.DONE, within=10)
+            assert attempts == [1, 2]
+            assert time.time() - before >= 0.1
+
+    asyncio.run(main())
+
+
+def test_retry_after_is_stored_as_the_next_due_time(db_url: str) -> None:
+    registry = CallbackRegistry()
+
+    @registry.on_delivery
+    async def later(delivery: Delivery) -> None:
+        raise Retry(after=30.0)
+
+    async def main() -> None:
+        async with _running(db_url, registry) as (store, _):
+            before = time.time()
+            await store.insert(_new("retry-later"))
+
+            def pending() -> Any:
+                row = store.get("retry-later")
+                return row if row and row.state is State.PENDING and row.attempts == 1 else None
+
+            row = await _until(pending)
+            assert before + 29 <= row.due_at <= time.time() + 31
+            assert row.last_error is not None and "Retry" in row.last_error
+
+    asyncio.run(main())
+
+
+def test_failures_back_off_then_go_dead_with_the_last_error(db_url: str) -> None:
+    registry = CallbackRegistry()
+    attempts: list[int] = []
+
+    @registry.on_delivery
+    def broken(delivery: Delivery) -> None:
+        attempts.append(delivery.attempt)
+        raise ValueError(f"broken on attempt {delivery.attempt}")
+
+    async def main() -> None:
+        policy = RetryPolicy(max_attempts=3, base_delay=0.02)
+        async with _running(db_url, registry, policy=policy) as (store, _):
+            await store.insert(_new("doomed"))
+            await _until(lambda: _state(store, "doomed") is State.DEAD)
+            row = store.get("doomed")
+            assert row is not None
+            assert row.attempts == 3
+            assert row.last_error == "ValueError: broken on attempt 3"
+        assert attempts == [1, 2, 3]
+
+    asyncio.run(main())
+
+
+def test_a_callback_that_succeeded_is_not_rerun_when_a_sibling_failed(db_url: str) -> None:
+    registry = CallbackRegistry()
+    calls: list[tuple[str, int]] = []
+
+    @registry.on_delivery
+    def save(delivery: Delivery) -> None:
+        calls.append(("save", delivery.attempt))
+
+    @registry.on_delivery
+    async def notify(delivery: Delivery) -> None:
+        calls.append(("notify", delivery.attempt))
+        if delivery.attempt < 3:
+            raise RuntimeError("notify down")
+
+    async def main() -> None:
+        async with _running(db_url, registry) as (store, _):
+            await store.insert(_new("siblings"))
+            await _until(lambda: _state(store, "siblings") is State.DONE)
+            row = store.get("siblings")
+            assert row is not None
+            assert sorted(row.completed_callbacks) == sorted(registry.names)
+        assert calls == [("save", 1), ("notify", 1), ("notify", 2), ("notify", 3)]
+
+    asyncio.run(main())
+
+
+def test_many_deliveries_each_run_once(db_url: str) -> None:
+    registry = CallbackRegistry()
+    seen: list[str] = []
+
+    @registry.on_delivery
+    async def record(delivery: Delivery) -> None:
+        seen.append(delivery.request_id)
+
+    async def main() -> None:
+        async with _running(db_url, registry, concurrency=4) as (store, _):
+            await asyncio.gather(*(store.insert(_new(f"many-{i}")) for i in range(50)))
+            await _until(lambda: len(seen) >= 50)
+            await _until(lambda: store.counts()[State.DONE] == 50)
+        assert sorted(seen) == sorted(f"many-{i}" for i in range(50))
+
+    asyncio.run(main())
