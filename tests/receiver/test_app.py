@@ -1,0 +1,131 @@
+"""Mounting the receiver in a host app: its lifespan must be composed, and a delivery that
+arrives when it never ran gets a loud 503 receiver_not_started."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+
+from receiver import Delivery, Settings, WebhookReceiver, create_app
+from tests.receiver.conftest import Signer
+
+
+def _wait(received: list[Delivery]) -> None:
+    deadline = time.monotonic() + 10
+    while not received:
+        assert time.monotonic() < deadline, "callback never ran"
+        time.sleep(0.01)
+
+
+def test_mounted_with_lifespan_hooks_lifespan(settings: Settings, signer: Signer) -> None:
+    hooks = WebhookReceiver(settings)
+    received: list[Delivery] = []
+
+    @hooks.on_ok
+    async def save(delivery: Delivery) -> None:
+        received.append(delivery)
+
+    host = FastAPI(lifespan=hooks.lifespan)
+    host.mount("/fal", hooks.app)
+
+    @host.get("/")
+    def index() -> dict[str, str]:
+        return {"app": "host"}
+
+    with TestClient(host, follow_redirects=False) as client:
+        assert client.get("/").json() == {"app": "host"}
+        body, headers = signer("mounted-1")
+        response = client.post("/fal/webhooks/fal", content=body, headers=headers)
+        assert response.json() == {"request_id": "mounted-1", "duplicate": False}
+        slash = client.post("/fal/webhooks/fal/", content=body, headers=headers)
+        assert slash.json() == {"request_id": "mounted-1", "duplicate": True}
+        assert client.get("/fal/readyz").json() == {"status": "ready"}
+        _wait(received)
+    assert [d.request_id for d in received] == ["mounted-1"]
+    assert not hooks.started
+
+
+def test_composed_with_async_with_in_the_hosts_own_lifespan(
+    settings: Settings, signer: Signer
+) -> None:
+    hooks = WebhookReceiver(settings)
+    received: list[Delivery] = []
+    hooks.on_delivery(received.append)
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        events.append("host up")
+        async with hooks:
+            assert hooks.started and hooks.dispatcher is not None
+            yield
+        events.append("host down")
+
+    host = FastAPI(lifespan=lifespan)
+    host.mount("/hooks", hooks.app)
+    with TestClient(host) as client:
+        body, headers = signer("composed-1")
+        response = client.post("/hooks/webhooks/fal", content=body, headers=headers)
+        assert response.status_code == 200
+        _wait(received)
+    assert events == ["host up", "host down"]
+    assert not hooks.started
+
+
+def test_503_receiver_not_started_when_the_lifespan_never_ran(
+    settings: Settings, signer: Signer, caplog: pytest.LogCaptureFixture
+) -> None:
+    hooks = WebhookReceiver(settings)
+    hooks.on_delivery(lambda d: None)
+    host = FastAPI()  # forgot lifespan=hooks.lifespan
+    host.mount("/fal", hooks.app)
+    with TestClient(host) as client, caplog.at_level(logging.ERROR, "falhook.receiver"):
+        body, headers = signer("never-started")
+        response = client.post("/fal/webhooks/fal", content=body, headers=headers)
+        assert response.status_code == 503
+        assert response.json()["error"] == "receiver_not_started"
+        ready = client.get("/fal/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["error"] == "receiver_not_started"
+        assert client.get("/fal/healthz").status_code == 200
+    assert any("lifespan" in r.getMessage() for r in caplog.records)
+
+
+def test_nested_starts_are_counted(settings: Settings) -> None:
+    hooks = WebhookReceiver(settings)
+
+    async def main() -> None:
+        async with hooks:
+            async with hooks:
+                assert hooks.started
+            assert hooks.started  # the inner exit does not stop it
+        assert not hooks.started
+
+    asyncio.run(main())
+
+
+def test_create_app_exposes_the_receiver(settings: Settings, signer: Signer) -> None:
+    received: list[Delivery] = []
+    app = create_app(settings, callbacks=[received.append])
+    assert isinstance(app.state.falhook, WebhookReceiver)
+    with TestClient(app) as client:
+        body, headers = signer("factory-1")
+        assert client.post("/webhooks/fal", content=body, headers=headers).status_code == 200
+        _wait(received)
+
+
+def test_without_callbacks_deliveries_stay_pending(settings: Settings, signer: Signer) -> None:
+    hooks = WebhookReceiver(settings)
+    with TestClient(hooks.app) as client:
+        body, headers = signer("pending-1")
+        assert client.post("/webhooks/fal", content=body, headers=headers).status_code == 200
+        assert hooks.dispatcher is None
+        row = hooks.store.get("pending-1")
+        assert row is not None and row.state.value == "pending"

@@ -1,0 +1,82 @@
+"""`falhook serve` argument handling: flags win over env, bad values exit 2 cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from receiver.cli import build_parser, main
+from receiver.cli_serve import settings_from_args
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FALHOOK_LEASE_SECONDS", "9")
+    monkeypatch.setenv("FALHOOK_MAX_BODY_BYTES", "2048")
+    monkeypatch.setenv("FALHOOK_CALLBACK", "from.env:cb")
+    args = _parse("--lease-seconds", "1.5", "--callback", "a:b", "--callback", "c:d")
+    settings = settings_from_args(args)
+    assert settings.lease_seconds == 1.5
+    assert settings.max_body_bytes == 2048
+    assert settings.callbacks == ("a:b", "c:d")
+
+
+def test_forward_to_and_host_port() -> None:
+    args = _parse("--forward-to", "http://127.0.0.1:9000/in", "--host", "0.0.0.0", "--port", "9")
+    assert settings_from_args(args).forward_to == "http://127.0.0.1:9000/in"
+    assert args.host == "0.0.0.0" and args.port == 9
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--lease-seconds", "abc"], "--lease-seconds"),
+        (["--callback-max-attempts", "0"], "--callback-max-attempts"),
+        (["--forward-to", "ftp://x/y"], "FORWARD_TO"),
+        (["--callback", "no_such_module_xyz:fn"], "no_such_module_xyz"),
+        (["--database-url", "mysql://x"], "DATABASE_URL"),
+    ],
+)
+def test_bad_values_exit_2_with_one_clear_line(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert err.startswith("falhook serve: ")
+    assert "Traceback" not in err
+
+
+def test_bad_env_value_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FALHOOK_LEASE_SECONDS", "soon")
+    assert main(["serve"]) == 2
+    assert "FALHOOK_LEASE_SECONDS" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_lease_seconds_abc_in_a_real_process() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "receiver", "serve", "--lease-seconds", "abc"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--lease-seconds='abc'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_unknown_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--no-such-flag"])
+    assert info.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err
