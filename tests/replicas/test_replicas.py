@@ -199,14 +199,19 @@ def _pg_cluster() -> tuple[str, str] | None:
     return (versions[-1], "main") if versions else None
 
 
+# Read once at import: the autouse fixture clears FALHOOK_* variables before each test.
+_CLUSTER = _pg_cluster()
+
+
 @pytest.mark.skipif(
-    _pg_cluster() is None,
+    _CLUSTER is None,
     reason="restarts the shared PostgreSQL server: set FALHOOK_TEST_PG_RESTART=1 (CI)",
 )
 def test_postgresql_restarted_under_load(
     cluster: Cluster, database: Database, keypair: KeyPair
 ) -> None:
-    version, name = _pg_cluster()  # type: ignore[misc]
+    assert _CLUSTER is not None
+    version, name = _CLUSTER
     replicas = cluster.start(3, lease_seconds=FAULT_LEASE)
     sender = Sender(keypair)
 
