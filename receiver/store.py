@@ -1,10 +1,10 @@
 """The delivery store: SQLModel tables, written through one group-committing writer.
 
-Why a writer thread: a durable commit costs one fsync (about 0.3-2 ms), and committing
-each request alone caps a receiver at a few thousand requests per second. One thread owns
-the write connection; request handlers hand it an operation and await a future; it runs
-every queued operation in one transaction, commits once, then resolves all the futures.
-Each request still answers only after its own row is durable.
+Why group commit: a durable commit costs one fsync (about 0.3-2 ms), and committing each
+request alone caps a receiver at a few thousand requests per second. Every write goes
+through one writer (writer.py), which runs every operation queued by then in one
+transaction, commits once, then resolves all their futures. Each request still answers
+only after its own row is durable.
 
 Why raw DBAPI cursors: the statements are SQLAlchemy Core, built against the SQLModel
 table and compiled once per dialect; executing the compiled text on the driver's cursor
@@ -19,7 +19,6 @@ import asyncio
 import builtins
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -34,6 +33,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from receiver.errors import StoreUnavailableError
 from receiver.migrations import upgrade
 from receiver.models import DeliveryRow, State, StoredDelivery
+from receiver.writer import Connection, LoopWriter, Op, ThreadWriter, Writer, brief
 
 __all__ = ["Claim", "ClaimBatch", "NewDelivery", "Store", "make_engine"]
 
@@ -80,9 +80,6 @@ class Claim:
 class ClaimBatch:
     claims: list[Claim]
     next_due_at: float | None  # earliest due_at of any pending or running delivery left
-
-
-Op = Callable[[Any, "_Sql"], Any]  # (DBAPI cursor, compiled statements) -> result
 
 
 # libpq options for every PostgreSQL connection (the pool's and the listener's): a bounded
@@ -336,12 +333,9 @@ class Store:
         self._sql = _Sql(self.engine.dialect)
         self._max_batch = max_batch
         self._on_committed_insert = on_committed_insert
-        self._jobs: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._conn: Any = None  # the writer's pooled DBAPI connection
+        self._writer: Writer | None = None
         self._migrated = False
         self._migrate_lock = threading.Lock()
-        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -351,34 +345,40 @@ class Store:
             try:
                 version = upgrade(self.engine)
             except sa.exc.SQLAlchemyError as exc:
-                raise StoreUnavailableError(f"cannot migrate the store: {_brief(exc)}") from exc
+                raise StoreUnavailableError(f"cannot migrate the store: {brief(exc)}") from exc
             self._migrated = True
             return version
 
     def start(self) -> None:
-        """Start the writer thread; async methods may be awaited from the calling loop."""
-        if self._thread is not None:
+        """Start the writer; the async methods may then be awaited on the calling loop."""
+        if self._writer is not None:
             return
-        self.loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._writer, name="falhook-store", daemon=True)
-        self._thread.start()
+        strategy = LoopWriter if self.dialect == "sqlite" else ThreadWriter
+        self._writer = strategy(
+            Connection(self.engine, self._ensure_schema),
+            self._sql,
+            on_due=self._on_committed_insert,
+            max_batch=self._max_batch,
+        )
+        self._writer.start()
+
+    def _ensure_schema(self) -> None:
+        if not self._migrated:
+            self.migrate()
 
     async def stop(self) -> None:
         """Let queued operations finish, then stop the writer and close connections."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._jobs.put(None)
-            await asyncio.to_thread(thread.join)
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await writer.stop()
         self.engine.dispose()
 
     # -- async API (the app) -----------------------------------------------------------
 
     def _submit(self, op: Op) -> asyncio.Future[Any]:
-        if self._thread is None:
+        if self._writer is None:
             raise StoreUnavailableError("the store is not started")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._jobs.put((op, future))
-        return future
+        return self._writer.submit(op)
 
     async def insert(self, new: NewDelivery) -> bool:
         """Store a delivery durably. True if new, False if its request_id was already stored."""
@@ -486,121 +486,6 @@ class Store:
 
         await self._submit(op)
 
-    # -- the writer thread -------------------------------------------------------------
-
-    def _writer(self) -> None:
-        stopping = False
-        while not stopping:
-            job = self._jobs.get()
-            if job is None:
-                break
-            batch = [job]
-            while len(batch) < self._max_batch:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                    break
-                batch.append(job)
-            self._run_batch(batch)
-        self._close_conn()
-
-    def _run_batch(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
-        woke = False
-        try:
-            outcomes, woke = self._transaction([op for op, _ in batch])
-        except StoreUnavailableError as exc:
-            # Could not connect (or migrate): every operation fails alike, at once. Retrying
-            # them one by one would only multiply the connect timeouts.
-            outcomes = [_failure(exc)] * len(batch)
-        except Exception:
-            # A connection lost mid-batch (a server restart, pg_terminate_backend, an idle
-            # connection killed long ago) or one bad operation: run each operation once more,
-            # alone, on a fresh connection (the old one was discarded), so neither fails the
-            # others nor a request that a reconnect would have saved. Re-running is safe: an
-            # insert that did commit reports a duplicate, and a fenced write that did commit
-            # reports a lost claim (its outcome is kept).
-            outcomes = []
-            unreachable: StoreUnavailableError | None = None
-            for op, _ in batch:
-                if unreachable is not None:
-                    outcomes.append(_failure(unreachable))
-                    continue
-                try:
-                    single, single_woke = self._transaction([op])
-                except StoreUnavailableError as single_exc:
-                    unreachable = single_exc
-                    outcomes.append(_failure(single_exc))
-                except Exception as single_exc:
-                    outcomes.append(_failure(single_exc))
-                else:
-                    outcomes.extend(single)
-                    woke = woke or single_woke
-        loop = self.loop
-        assert loop is not None
-        try:
-            loop.call_soon_threadsafe(_resolve, batch, outcomes)
-            if woke and self._on_committed_insert is not None:
-                loop.call_soon_threadsafe(self._on_committed_insert)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is waiting any more
-
-    def _transaction(self, ops: Sequence[Op]) -> tuple[list[tuple[bool, Any]], bool]:
-        """Run `ops` in one transaction; return their results and whether any made work due.
-
-        Raises StoreUnavailableError if no connection could be had (nothing was run), any
-        other exception if the transaction failed (its connection is then discarded).
-        """
-        conn = self._connection()
-        sql = self._sql
-        sql.due_now = False
-        try:
-            cur = conn.cursor()
-            results = [op(cur, sql) for op in ops]
-            if sql.due_now and sql.notify is not None:
-                cur.execute(sql.notify)  # delivered to LISTENers only if this commits
-            conn.commit()
-            cur.close()
-        except Exception:
-            self._discard_conn()
-            raise
-        return [(True, r) for r in results], sql.due_now
-
-    def _connection(self) -> Any:
-        if not self._migrated:
-            self.migrate()
-        if self._conn is None:
-            try:
-                self._conn = self.engine.raw_connection()
-            except sa.exc.SQLAlchemyError as exc:
-                raise StoreUnavailableError(f"cannot connect: {_brief(exc)}") from exc
-        return self._conn.driver_connection
-
-    def _discard_conn(self) -> None:
-        """Drop the writer's connection after a failed transaction; the next batch reconnects.
-
-        Always invalidated, never returned to the pool: after an error we cannot tell a
-        healthy connection from one the server killed (restart, pg_terminate_backend, a cut
-        network), and errors are rare enough that a fresh connection costs nothing.
-        """
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            conn.invalidate()
-        except Exception:
-            log.debug("could not invalidate a broken connection", exc_info=True)
-
-    def _close_conn(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                log.debug("could not close the writer connection", exc_info=True)
-
     # -- sync API (CLI, tests, health) -------------------------------------------------
 
     def _connect(self) -> sa.Connection:
@@ -609,7 +494,7 @@ class Store:
         try:
             return self.engine.connect()
         except sa.exc.SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"cannot connect: {_brief(exc)}") from exc
+            raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
 
     def get(self, request_id: str) -> StoredDelivery | None:
         """One stored delivery, or None."""
@@ -692,7 +577,7 @@ class Store:
                     if self._sql.notify is not None:
                         conn.exec_driver_sql(self._sql.notify)
         except sa.exc.SQLAlchemyError as exc:
-            raise StoreUnavailableError(_brief(exc)) from exc
+            raise StoreUnavailableError(brief(exc)) from exc
         return previous
 
     def prune(self, older_than: float, *, states: Sequence[State] = (State.DONE,)) -> int:
@@ -709,7 +594,7 @@ class Store:
             with self._connect() as conn, conn.begin():
                 return int(conn.execute(stmt).rowcount)
         except sa.exc.SQLAlchemyError as exc:
-            raise StoreUnavailableError(_brief(exc)) from exc
+            raise StoreUnavailableError(brief(exc)) from exc
 
     def check(self) -> None:
         """Raise StoreUnavailableError unless the store answers a query."""
@@ -720,7 +605,7 @@ class Store:
             with self._connect() as conn:
                 return list(conn.execute(stmt))
         except sa.exc.SQLAlchemyError as exc:
-            raise StoreUnavailableError(_brief(exc)) from exc
+            raise StoreUnavailableError(brief(exc)) from exc
 
     def _select(self, stmt: sa.Select[Any]) -> builtins.list[StoredDelivery]:
         return [
@@ -744,26 +629,3 @@ class Store:
             )
             for r in self._execute(stmt)
         ]
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def _failure(exc: Exception) -> tuple[bool, Any]:
-    if isinstance(exc, StoreUnavailableError):
-        return (False, exc)
-    wrapped = StoreUnavailableError(_brief(exc))
-    wrapped.__cause__ = exc
-    return (False, wrapped)
-
-
-def _resolve(batch: list[tuple[Op, asyncio.Future[Any]]], outcomes: list[tuple[bool, Any]]) -> None:
-    for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-        if future.done():  # the awaiting request was cancelled (client went away)
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)

@@ -1,0 +1,368 @@
+"""Group commit: many operations, one transaction, one fsync — and a future for each.
+
+Request handlers hand the writer an operation (a function of a DBAPI cursor) and await
+its future. The writer runs every operation queued by then in one transaction, commits
+once, and only then resolves the futures, so each request still answers only after its
+own row is durable while concurrent requests share the cost of the commit.
+
+Two strategies, one contract:
+
+- `ThreadWriter` (PostgreSQL): a thread owns the connection and runs whole batches.
+  Each statement is a network round trip, which must not happen on the event loop.
+- `LoopWriter` (SQLite): statements are microseconds of CPU, so they run on the event
+  loop itself; only the edges of each transaction — taking the write lock (which may
+  wait for another process) and the commit's fsync — go to a worker thread. Measured
+  with bench/: a writer thread that runs every statement itself releases the GIL around
+  each one and then waits up to a switch interval to get it back from the busy event
+  loop, which made acknowledgements wait milliseconds for each statement in their batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+
+from receiver.errors import StoreUnavailableError
+
+__all__ = ["Connection", "LoopWriter", "Op", "ThreadWriter", "Writer"]
+
+log = logging.getLogger("falhook.store")
+
+# An operation: runs on the writer's cursor inside its batch transaction. The second
+# argument is the store's compiled statements; an operation that made work due for
+# dispatch sets ``sql.due_now = True`` (so replicas are told with NOTIFY, and the local
+# dispatcher is woken once the batch is committed).
+Op = Callable[[Any, Any], Any]
+Job = tuple[Op, "asyncio.Future[Any]"]
+Outcome = tuple[bool, Any]  # (True, result) or (False, StoreUnavailableError)
+
+
+class Statements(Protocol):
+    due_now: bool
+    notify: str | None
+
+
+class Writer(Protocol):
+    def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def submit(self, op: Op) -> asyncio.Future[Any]: ...
+
+
+class Connection:
+    """The writer's one DBAPI connection: opened lazily, thrown away after any error.
+
+    Never returned to the pool after an error: we cannot tell a healthy connection from
+    one the server killed (restart, pg_terminate_backend, a cut network), and errors are
+    rare enough that a fresh connection costs nothing.
+    """
+
+    def __init__(self, engine: sa.Engine, ensure_schema: Callable[[], object]) -> None:
+        self._engine = engine
+        self._ensure_schema = ensure_schema
+        self._fairy: Any = None
+
+    def get(self) -> Any:
+        """The driver connection; raises StoreUnavailableError if none can be had."""
+        if self._fairy is None:
+            self._ensure_schema()
+            try:
+                self._fairy = self._engine.raw_connection()
+            except sa.exc.SQLAlchemyError as exc:
+                raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
+        return self._fairy.driver_connection
+
+    def discard(self) -> None:
+        fairy, self._fairy = self._fairy, None
+        if fairy is None:
+            return
+        try:
+            fairy.invalidate()
+        except Exception:
+            log.debug("could not invalidate a broken connection", exc_info=True)
+
+    def close(self) -> None:
+        fairy, self._fairy = self._fairy, None
+        if fairy is not None:
+            try:
+                fairy.close()
+            except Exception:
+                log.debug("could not close the writer connection", exc_info=True)
+
+
+def brief(exc: BaseException) -> str:
+    """The first line of a (driver) error, for messages."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def failure(exc: BaseException) -> Outcome:
+    if isinstance(exc, StoreUnavailableError):
+        return (False, exc)
+    wrapped = StoreUnavailableError(brief(exc))
+    wrapped.__cause__ = exc
+    return (False, wrapped)
+
+
+def resolve(batch: Sequence[Job], outcomes: Sequence[Outcome]) -> None:
+    for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+        if future.done():  # the awaiting request was cancelled (the client went away)
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class ThreadWriter:
+    """Runs whole batches in one thread that owns the connection (PostgreSQL)."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        sql: Statements,
+        *,
+        on_due: Callable[[], None] | None,
+        max_batch: int,
+    ) -> None:
+        self._connection = connection
+        self._sql = sql
+        self._on_due = on_due
+        self._max_batch = max_batch
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="falhook-store", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(thread.join)
+
+    def submit(self, op: Op) -> asyncio.Future[Any]:
+        if self._thread is None:
+            raise StoreUnavailableError("the store is not started")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._jobs.put((op, future))
+        return future
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            job = self._jobs.get()
+            if job is None:
+                break
+            batch = [job]
+            while len(batch) < self._max_batch:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                batch.append(job)
+            outcomes, due = _with_retries(self._transaction, [op for op, _ in batch])
+            loop = self._loop
+            assert loop is not None
+            try:
+                loop.call_soon_threadsafe(resolve, batch, outcomes)
+                if due and self._on_due is not None:
+                    loop.call_soon_threadsafe(self._on_due)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting any more
+        self._connection.close()
+
+    def _transaction(self, ops: Sequence[Op]) -> tuple[list[Outcome], bool]:
+        conn = self._connection.get()
+        sql = self._sql
+        sql.due_now = False
+        try:
+            cur = conn.cursor()
+            results = [op(cur, sql) for op in ops]
+            if sql.due_now and sql.notify is not None:
+                cur.execute(sql.notify)  # delivered to LISTENers only if this commits
+            conn.commit()
+            cur.close()
+        except Exception:
+            self._connection.discard()
+            raise
+        return [(True, r) for r in results], sql.due_now
+
+
+def _with_retries(
+    transaction: Callable[[Sequence[Op]], tuple[list[Outcome], bool]], ops: Sequence[Op]
+) -> tuple[list[Outcome], bool]:
+    """Run `ops` in one transaction; if that fails, run each alone on a fresh connection.
+
+    A connection lost mid-batch (a server restart, pg_terminate_backend) or one bad
+    operation must fail neither the others nor a request a reconnect would have saved.
+    Re-running is safe: an insert that did commit reports a duplicate, and a fenced write
+    that did commit reports a lost claim. When no connection can be had at all, every
+    operation fails at once (retrying one by one would multiply connect timeouts).
+    """
+    try:
+        return transaction(ops)
+    except StoreUnavailableError as exc:
+        return [failure(exc)] * len(ops), False
+    except Exception:
+        pass
+    outcomes: list[Outcome] = []
+    due = False
+    for op in ops:
+        try:
+            single, single_due = transaction([op])
+        except StoreUnavailableError as exc:
+            outcomes.extend([failure(exc)] * (len(ops) - len(outcomes)))
+            break
+        except Exception as exc:
+            outcomes.append(failure(exc))
+        else:
+            outcomes.extend(single)
+            due = due or single_due
+    return outcomes, due
+
+
+class LoopWriter:
+    """Runs statements on the event loop; the lock and the fsync in one worker thread (SQLite).
+
+    Batches are sequential: while one commits, new operations queue and form the next.
+    ``BEGIN IMMEDIATE`` is taken in the worker thread, so waiting for another process's
+    write lock (a CLI replay, a second receiver on the same file) never blocks the loop;
+    once it is held, no statement can wait for a lock.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        sql: Statements,
+        *,
+        on_due: Callable[[], None] | None,
+        max_batch: int,
+    ) -> None:
+        self._connection = connection
+        self._sql = sql
+        self._on_due = on_due
+        self._max_batch = max_batch
+        self._pending: list[Job] = []
+        self._drainer: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._open: Any = None  # a connection whose transaction is begun, or None
+
+    def start(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="falhook-store")
+
+    async def stop(self) -> None:
+        if self._drainer is not None:
+            await asyncio.gather(self._drainer, return_exceptions=True)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, self._close)
+            executor.shutdown(wait=True)
+
+    def submit(self, op: Op) -> asyncio.Future[Any]:
+        if self._executor is None:
+            raise StoreUnavailableError("the store is not started")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            try:
+                outcomes, due = await self._run(batch)
+            except asyncio.CancelledError:
+                resolve(batch, [failure(StoreUnavailableError("the store stopped"))] * len(batch))
+                raise
+            resolve(batch, outcomes)
+            if due and self._on_due is not None:
+                self._on_due()
+
+    async def _run(self, batch: Sequence[Job]) -> tuple[list[Outcome], bool]:
+        ops = [op for op, _ in batch]
+        try:
+            return await self._transaction(ops)
+        except StoreUnavailableError as exc:
+            return [failure(exc)] * len(ops), False
+        except Exception:
+            pass
+        outcomes: list[Outcome] = []
+        due = False
+        for op in ops:  # the same fallback as `_with_retries`, one operation at a time
+            try:
+                single, single_due = await self._transaction([op])
+            except StoreUnavailableError as exc:
+                outcomes.extend([failure(exc)] * (len(ops) - len(outcomes)))
+                break
+            except Exception as exc:
+                outcomes.append(failure(exc))
+            else:
+                outcomes.extend(single)
+                due = due or single_due
+        return outcomes, due
+
+    async def _transaction(self, ops: Sequence[Op]) -> tuple[list[Outcome], bool]:
+        loop = asyncio.get_running_loop()
+        conn = self._open or await loop.run_in_executor(self._executor, self._begin)
+        self._open = None
+        sql = self._sql
+        sql.due_now = False
+        try:
+            cur = conn.cursor()
+            results = [op(cur, sql) for op in ops]
+            cur.close()
+            # Commit, and if more work is already waiting, begin its transaction in the
+            # same trip to the worker thread.
+            self._open = await loop.run_in_executor(
+                self._executor, self._commit, conn, bool(self._pending)
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            self._connection.discard()
+            raise
+        return [(True, r) for r in results], sql.due_now
+
+    def _begin(self) -> Any:
+        conn = self._connection.get()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except Exception:
+            self._connection.discard()
+            raise
+        return conn
+
+    def _commit(self, conn: Any, begin_next: bool) -> Any:
+        conn.commit()
+        if not begin_next:
+            return None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except Exception:
+            # The commit stands; the next batch will take the lock again on its own.
+            log.debug("could not begin the next transaction", exc_info=True)
+            return None
+        return conn
+
+    def _close(self) -> None:
+        if self._open is not None:
+            with contextlib.suppress(Exception):
+                self._open.rollback()
+            self._open = None
+        self._connection.close()
