@@ -145,7 +145,7 @@ class WebhookReceiver:
         self._keys = KeySource(
             settings.jwks_url, user_id=settings.user_id, tolerance=settings.tolerance_seconds
         )
-        store = Store(settings.database_url, on_committed_insert=self._wake)
+        store = Store(settings.database_url, on_committed_insert=self._wake, on_claimed=self._adopt)
         store.start()
         self._store = store
         try:
@@ -219,6 +219,11 @@ class WebhookReceiver:
     def _wake(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.wake()
+
+    def _adopt(self, claims: list[Claim]) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.adopt(claims)
+        # Otherwise the claims' leases expire and a running dispatcher retakes them.
 
     def _build_app(self) -> ReceiverApp:
         endpoint = WebhookEndpoint(self)

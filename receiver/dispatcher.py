@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import traceback
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from receiver.errors import StoreUnavailableError
@@ -62,6 +64,10 @@ class Dispatcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
         self._held: dict[str, tuple[Claim, float]] = {}  # request_id -> (claim, last renewed)
+        # Slots promised to requests whose deliveries are being inserted already claimed.
+        self._reserved: set[str] = set()
+        self._claim_prefix = uuid.uuid4().hex[:16] + "-"
+        self._claim_numbers = itertools.count(1)
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="falhook-callback")
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -77,6 +83,35 @@ class Dispatcher:
     def wake(self) -> None:
         """Something new was committed: look for due deliveries now."""
         self._wake.set()
+
+    @property
+    def free_slots(self) -> int:
+        return self.concurrency - len(self._tasks) - len(self._reserved)
+
+    def reserve(self) -> str | None:
+        """A claim id for a delivery about to be inserted, if a slot is free now.
+
+        The delivery is then stored already claimed and dispatched as soon as it is
+        committed (`adopt`), saving a claim round trip and a second parse of its body.
+        Release the id (`release`) whether or not the insert took it.
+        """
+        if self._stopping or self.free_slots <= 0:
+            return None
+        claim_id = f"{self._claim_prefix}{next(self._claim_numbers)}"
+        self._reserved.add(claim_id)
+        return claim_id
+
+    def release(self, claim_id: str) -> None:
+        """Give back a reservation the insert did not use (a duplicate, an error)."""
+        if claim_id in self._reserved:
+            self._reserved.discard(claim_id)
+            self._slot_free.set()
+
+    def adopt(self, claims: list[Claim]) -> None:
+        """Run callbacks for deliveries that were committed already claimed by us."""
+        for claim in claims:
+            self._reserved.discard(claim.claim_id)
+            self._spawn(claim)
 
     async def stop(self) -> None:
         """Stop claiming; let running callbacks finish for up to the shutdown timeout.
@@ -106,7 +141,7 @@ class Dispatcher:
     async def _run(self) -> None:
         backoff = 0.05
         while not self._stopping:
-            free = self.concurrency - len(self._tasks)
+            free = self.free_slots
             timeout = self.poll_seconds
             if free > 0:
                 self._wake.clear()
@@ -154,6 +189,7 @@ class Dispatcher:
                 attempt=claim.attempt,
                 received_at=claim.received_at,
                 user_id=claim.user_id,
+                parsed=claim.parsed,
             )
         except Exception as exc:
             # Bodies were validated before they were stored; this is a corrupt row.

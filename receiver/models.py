@@ -112,9 +112,15 @@ class Delivery:
 
     @classmethod
     def from_body(
-        cls, body: bytes, *, attempt: int, received_at: float, user_id: str | None = None
+        cls,
+        body: bytes,
+        *,
+        attempt: int,
+        received_at: float,
+        user_id: str | None = None,
+        parsed: dict[str, Any] | None = None,
     ) -> Delivery:
-        data = json.loads(body)
+        data = parsed if parsed is not None else json.loads(body)
         return cls(
             request_id=data["request_id"],
             gateway_request_id=data.get("gateway_request_id"),

@@ -60,6 +60,7 @@ class WebhookEndpoint:
         self.receiver = receiver
         self.max_body = receiver.settings.max_body_bytes
         self.log_payloads = receiver.settings.log_payloads
+        self.lease_seconds = receiver.settings.lease_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -177,11 +178,18 @@ class WebhookEndpoint:
             body=body,
             received_at=time.time(),
         )
+        dispatcher = receiver.dispatcher
+        claim_id = dispatcher.reserve() if dispatcher is not None else None
         try:
-            is_new = await receiver.store.insert(new)
+            is_new = await receiver.store.insert(
+                new, claim_id=claim_id, lease_seconds=self.lease_seconds, parsed=data
+            )
         except StoreUnavailableError as exc:
             log.warning("cannot store %s: %s", request_id, exc)
             raise _Reject(503, "store_unavailable", "the store cannot commit right now") from None
+        finally:
+            if claim_id is not None:
+                dispatcher.release(claim_id)  # type: ignore[union-attr]  # no-op once adopted
         return request_id, not is_new
 
     @staticmethod

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -74,6 +74,8 @@ class Claim:
     user_id: str | None
     received_at: float
     completed_callbacks: tuple[str, ...]
+    # The body already parsed, when the claim was taken as the delivery was inserted.
+    parsed: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +169,7 @@ class _Sql:
         # one): only such a transaction NOTIFYs the other replicas. A NOTIFY on every
         # transaction (claims included) would make idle replicas wake each other forever.
         self.due_now = False
+        self.claimed: list[Claim] = []
         self.insert = text(
             insert_fn(t)
             .values(
@@ -181,6 +184,27 @@ class _Sql:
                 state=State.PENDING.value,
                 attempts=0,
                 due_at=bp("received_at"),
+                updated_at=bp("received_at"),
+            )
+            .on_conflict_do_nothing(index_elements=["request_id"])
+        )
+        # The same, already claimed by the inserting process: it dispatches at once after
+        # the commit, without a separate claim. A crash before that leaves a lease to expire.
+        self.insert_claimed = text(
+            insert_fn(t)
+            .values(
+                request_id=bp("request_id"),
+                gateway_request_id=bp("gateway_request_id"),
+                status=bp("status"),
+                error=bp("error"),
+                payload_error=bp("payload_error"),
+                user_id=bp("user_id"),
+                body=bp("body"),
+                received_at=bp("received_at"),
+                state=State.RUNNING.value,
+                attempts=1,
+                claim_id=bp("claim_id"),
+                due_at=bp("lease_until"),
                 updated_at=bp("received_at"),
             )
             .on_conflict_do_nothing(index_elements=["request_id"])
@@ -277,7 +301,9 @@ class _Sql:
 # --- operations: run on the writer's cursor, inside its batch transaction --------------
 
 
-def _op_insert(new: NewDelivery) -> Op:
+def _op_insert(
+    new: NewDelivery, claim_id: str | None, lease_seconds: float, parsed: dict[str, Any] | None
+) -> Op:
     params = {
         "request_id": new.request_id,
         "gateway_request_id": new.gateway_request_id,
@@ -288,12 +314,33 @@ def _op_insert(new: NewDelivery) -> Op:
         "body": new.body,
         "received_at": new.received_at,
     }
+    if claim_id is not None:
+        params["claim_id"] = claim_id
+        params["lease_until"] = new.received_at + lease_seconds
 
     def op(cur: Any, sql: _Sql) -> bool:
-        sql.insert.execute(cur, params)
-        if cur.rowcount == 1:
-            sql.due_now = True
-            return True
+        if claim_id is None:
+            sql.insert.execute(cur, params)
+            if cur.rowcount == 1:
+                sql.due_now = True
+                return True
+        else:
+            sql.insert_claimed.execute(cur, params)
+            if cur.rowcount == 1:
+                sql.claimed.append(
+                    Claim(
+                        request_id=new.request_id,
+                        claim_id=claim_id,
+                        attempt=1,
+                        status=new.status,
+                        body=new.body,
+                        user_id=new.user_id,
+                        received_at=new.received_at,
+                        completed_callbacks=(),
+                        parsed=parsed,
+                    )
+                )
+                return True
         sql.revive_dead.execute(cur, {"request_id": new.request_id, "now": time.time()})
         if cur.rowcount == 1:
             sql.due_now = True
@@ -326,6 +373,7 @@ class Store:
         *,
         max_batch: int = 512,
         on_committed_insert: Callable[[], None] | None = None,
+        on_claimed: Callable[[list[Claim]], None] | None = None,
     ) -> None:
         self.url = url
         self.engine = make_engine(url)
@@ -333,6 +381,7 @@ class Store:
         self._sql = _Sql(self.engine.dialect)
         self._max_batch = max_batch
         self._on_committed_insert = on_committed_insert
+        self._on_claimed = on_claimed
         self._writer: Writer | None = None
         self._migrated = False
         self._migrate_lock = threading.Lock()
@@ -357,10 +406,17 @@ class Store:
         self._writer = strategy(
             Connection(self.engine, self._ensure_schema),
             self._sql,
-            on_due=self._on_committed_insert,
+            on_commit=self._committed,
             max_batch=self._max_batch,
         )
         self._writer.start()
+
+    def _committed(self, due: bool, claimed: list[Any]) -> None:
+        # Claims first: the dispatcher must own them before it looks for other due work.
+        if claimed and self._on_claimed is not None:
+            self._on_claimed(claimed)
+        if due and self._on_committed_insert is not None:
+            self._on_committed_insert()
 
     def _ensure_schema(self) -> None:
         if not self._migrated:
@@ -380,9 +436,20 @@ class Store:
             raise StoreUnavailableError("the store is not started")
         return self._writer.submit(op)
 
-    async def insert(self, new: NewDelivery) -> bool:
-        """Store a delivery durably. True if new, False if its request_id was already stored."""
-        result: bool = await self._submit(_op_insert(new))
+    async def insert(
+        self,
+        new: NewDelivery,
+        *,
+        claim_id: str | None = None,
+        lease_seconds: float = 60.0,
+        parsed: dict[str, Any] | None = None,
+    ) -> bool:
+        """Store a delivery durably. True if new, False if its request_id was already stored.
+
+        With `claim_id`, a new delivery is stored already claimed (running, attempt 1,
+        leased for `lease_seconds`) and handed to `on_claimed` right after the commit.
+        """
+        result: bool = await self._submit(_op_insert(new, claim_id, lease_seconds, parsed))
         return result
 
     async def claim(self, limit: int, lease_seconds: float) -> ClaimBatch:

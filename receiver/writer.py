@@ -39,15 +39,21 @@ log = logging.getLogger("falhook.store")
 # An operation: runs on the writer's cursor inside its batch transaction. The second
 # argument is the store's compiled statements; an operation that made work due for
 # dispatch sets ``sql.due_now = True`` (so replicas are told with NOTIFY, and the local
-# dispatcher is woken once the batch is committed).
+# dispatcher is woken once the batch is committed), and one that took a claim appends it
+# to ``sql.claimed`` (handed over only once the batch is committed).
 Op = Callable[[Any, Any], Any]
 Job = tuple[Op, "asyncio.Future[Any]"]
 Outcome = tuple[bool, Any]  # (True, result) or (False, StoreUnavailableError)
+Result = tuple[list[Outcome], bool, list[Any]]  # outcomes, work became due, claims taken
 
 
 class Statements(Protocol):
-    due_now: bool
+    due_now: bool  # an operation made work due (NOTIFY replicas, wake the dispatcher)
+    claimed: list[Any]  # claims taken by operations, handed over after the commit
     notify: str | None
+
+
+OnCommit = Callable[[bool, list[Any]], None]  # (work became due, claims taken)
 
 
 class Writer(Protocol):
@@ -129,12 +135,12 @@ class ThreadWriter:
         connection: Connection,
         sql: Statements,
         *,
-        on_due: Callable[[], None] | None,
+        on_commit: OnCommit | None,
         max_batch: int,
     ) -> None:
         self._connection = connection
         self._sql = sql
-        self._on_due = on_due
+        self._on_commit = on_commit
         self._max_batch = max_batch
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -174,21 +180,27 @@ class ThreadWriter:
                     stopping = True
                     break
                 batch.append(job)
-            outcomes, due = _with_retries(self._transaction, [op for op, _ in batch])
+            outcomes, due, claimed = _with_retries(self._transaction, [op for op, _ in batch])
             loop = self._loop
             assert loop is not None
-            try:
-                loop.call_soon_threadsafe(resolve, batch, outcomes)
-                if due and self._on_due is not None:
-                    loop.call_soon_threadsafe(self._on_due)
-            except RuntimeError:
-                pass  # the loop is closed: nobody is waiting any more
+            # RuntimeError: the loop is closed, so nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._done, batch, outcomes, due, claimed)
         self._connection.close()
 
-    def _transaction(self, ops: Sequence[Op]) -> tuple[list[Outcome], bool]:
+    def _done(
+        self, batch: Sequence[Job], outcomes: Sequence[Outcome], due: bool, claimed: list[Any]
+    ) -> None:
+        # Hand over claims before waking the requests: the dispatcher owns them first.
+        if (due or claimed) and self._on_commit is not None:
+            self._on_commit(due, claimed)
+        resolve(batch, outcomes)
+
+    def _transaction(self, ops: Sequence[Op]) -> Result:
         conn = self._connection.get()
         sql = self._sql
         sql.due_now = False
+        sql.claimed = []
         try:
             cur = conn.cursor()
             results = [op(cur, sql) for op in ops]
@@ -199,12 +211,10 @@ class ThreadWriter:
         except Exception:
             self._connection.discard()
             raise
-        return [(True, r) for r in results], sql.due_now
+        return [(True, r) for r in results], sql.due_now, sql.claimed
 
 
-def _with_retries(
-    transaction: Callable[[Sequence[Op]], tuple[list[Outcome], bool]], ops: Sequence[Op]
-) -> tuple[list[Outcome], bool]:
+def _with_retries(transaction: Callable[[Sequence[Op]], Result], ops: Sequence[Op]) -> Result:
     """Run `ops` in one transaction; if that fails, run each alone on a fresh connection.
 
     A connection lost mid-batch (a server restart, pg_terminate_backend) or one bad
@@ -216,14 +226,15 @@ def _with_retries(
     try:
         return transaction(ops)
     except StoreUnavailableError as exc:
-        return [failure(exc)] * len(ops), False
+        return [failure(exc)] * len(ops), False, []
     except Exception:
         pass
     outcomes: list[Outcome] = []
     due = False
+    claimed: list[Any] = []
     for op in ops:
         try:
-            single, single_due = transaction([op])
+            single, single_due, single_claimed = transaction([op])
         except StoreUnavailableError as exc:
             outcomes.extend([failure(exc)] * (len(ops) - len(outcomes)))
             break
@@ -232,7 +243,8 @@ def _with_retries(
         else:
             outcomes.extend(single)
             due = due or single_due
-    return outcomes, due
+            claimed.extend(single_claimed)
+    return outcomes, due, claimed
 
 
 class LoopWriter:
@@ -249,12 +261,12 @@ class LoopWriter:
         connection: Connection,
         sql: Statements,
         *,
-        on_due: Callable[[], None] | None,
+        on_commit: OnCommit | None,
         max_batch: int,
     ) -> None:
         self._connection = connection
         self._sql = sql
-        self._on_due = on_due
+        self._on_commit = on_commit
         self._max_batch = max_batch
         self._pending: list[Job] = []
         self._drainer: asyncio.Task[None] | None = None
@@ -286,27 +298,28 @@ class LoopWriter:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
             try:
-                outcomes, due = await self._run(batch)
+                outcomes, due, claimed = await self._run(batch)
             except asyncio.CancelledError:
                 resolve(batch, [failure(StoreUnavailableError("the store stopped"))] * len(batch))
                 raise
+            if (due or claimed) and self._on_commit is not None:
+                self._on_commit(due, claimed)
             resolve(batch, outcomes)
-            if due and self._on_due is not None:
-                self._on_due()
 
-    async def _run(self, batch: Sequence[Job]) -> tuple[list[Outcome], bool]:
+    async def _run(self, batch: Sequence[Job]) -> Result:
         ops = [op for op, _ in batch]
         try:
             return await self._transaction(ops)
         except StoreUnavailableError as exc:
-            return [failure(exc)] * len(ops), False
+            return [failure(exc)] * len(ops), False, []
         except Exception:
             pass
         outcomes: list[Outcome] = []
         due = False
+        claimed: list[Any] = []
         for op in ops:  # the same fallback as `_with_retries`, one operation at a time
             try:
-                single, single_due = await self._transaction([op])
+                single, single_due, single_claimed = await self._transaction([op])
             except StoreUnavailableError as exc:
                 outcomes.extend([failure(exc)] * (len(ops) - len(outcomes)))
                 break
@@ -315,14 +328,16 @@ class LoopWriter:
             else:
                 outcomes.extend(single)
                 due = due or single_due
-        return outcomes, due
+                claimed.extend(single_claimed)
+        return outcomes, due, claimed
 
-    async def _transaction(self, ops: Sequence[Op]) -> tuple[list[Outcome], bool]:
+    async def _transaction(self, ops: Sequence[Op]) -> Result:
         loop = asyncio.get_running_loop()
         conn = self._open or await loop.run_in_executor(self._executor, self._begin)
         self._open = None
         sql = self._sql
         sql.due_now = False
+        sql.claimed = []
         try:
             cur = conn.cursor()
             results = [op(cur, sql) for op in ops]
@@ -337,7 +352,7 @@ class LoopWriter:
                 conn.rollback()
             self._connection.discard()
             raise
-        return [(True, r) for r in results], sql.due_now
+        return [(True, r) for r in results], sql.due_now, sql.claimed
 
     def _begin(self) -> Any:
         conn = self._connection.get()

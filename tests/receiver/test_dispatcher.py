@@ -298,3 +298,45 @@ def test_many_deliveries_each_run_once(db_url: str) -> None:
         assert sorted(seen) == sorted(f"many-{i}" for i in range(50))
 
     asyncio.run(main())
+
+
+def test_reservations_count_against_concurrency_and_are_released(db_url: str) -> None:
+    registry = CallbackRegistry()
+    registry.add(lambda d: None, name="noop")
+
+    async def body() -> None:
+        async with _running(db_url, registry, concurrency=2) as (_, dispatcher):
+            first = dispatcher.reserve()
+            second = dispatcher.reserve()
+            assert first and second and first != second
+            assert dispatcher.reserve() is None  # both slots promised
+            dispatcher.release(first)
+            dispatcher.release(first)  # idempotent
+            assert dispatcher.free_slots == 1
+            dispatcher.release(second)
+            assert dispatcher.free_slots == 2
+
+    asyncio.run(body())
+
+
+def test_a_delivery_inserted_claimed_is_dispatched_once_without_a_claim_round(
+    db_url: str,
+) -> None:
+    registry = CallbackRegistry()
+    seen: list[tuple[str, int]] = []
+    registry.add(lambda d: seen.append((d.request_id, d.attempt)), name="record")
+
+    async def body() -> None:
+        async with _running(db_url, registry) as (store, dispatcher):
+            store._on_claimed = dispatcher.adopt  # wired as the receiver wires it
+            claim_id = dispatcher.reserve()
+            assert claim_id is not None
+            try:
+                assert await store.insert(_new("a"), claim_id=claim_id, lease_seconds=5)
+            finally:
+                dispatcher.release(claim_id)
+            await _until(lambda: _state(store, "a") is State.DONE)
+            assert seen == [("a", 1)]
+            assert dispatcher.free_slots == dispatcher.concurrency
+
+    asyncio.run(body())

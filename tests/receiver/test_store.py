@@ -424,6 +424,68 @@ def test_inserts_wake_the_local_dispatcher(store_url: str) -> None:
     run(body)
 
 
+def test_insert_claimed_is_running_and_handed_over_after_commit(store_url: str) -> None:
+    async def body() -> None:
+        handed: list[list[Claim]] = []
+        woken: list[bool] = []
+        parsed = {"request_id": "a", "status": "OK"}
+        async with opened(
+            store_url, on_claimed=handed.append, on_committed_insert=lambda: woken.append(True)
+        ) as store:
+            assert await store.insert(
+                delivery("a"), claim_id="c-1", lease_seconds=30, parsed=parsed
+            )
+            # Handed over by the time the insert's caller resumes, i.e. after the commit.
+            assert [[c.request_id for c in batch] for batch in handed] == [["a"]]
+            (claim,) = handed[0]
+            assert (claim.claim_id, claim.attempt, claim.status) == ("c-1", 1, "OK")
+            assert claim.parsed is parsed
+            assert claim.body == delivery("a").body
+            row = store.get("a")
+            assert row is not None
+            assert (row.state, row.attempts, row.claim_id) == (State.RUNNING, 1, "c-1")
+            assert row.due_at > time.time() + 20  # leased, not due for anyone else
+            assert await claim_all(store) == []
+            assert woken == []  # nothing became due for other dispatchers
+            assert await store.finish(claim) is True
+            assert store.get("a").state is State.DONE  # type: ignore[union-attr]
+
+    run(body)
+
+
+def test_insert_claimed_duplicate_takes_no_claim(store_url: str) -> None:
+    async def body() -> None:
+        handed: list[list[Claim]] = []
+        async with opened(store_url, on_claimed=handed.append) as store:
+            assert await store.insert(delivery("a"))
+            assert await store.insert(delivery("a"), claim_id="c-2") is False
+            assert handed == []
+            row = store.get("a")
+            assert row is not None
+            assert (row.state, row.claim_id, row.attempts) == (State.PENDING, None, 0)
+
+    run(body)
+
+
+def test_insert_claimed_then_crash_is_retaken_when_the_lease_expires(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            # Stored claimed, and the claimant never ran it (the process died).
+            await store.insert(delivery("a"), claim_id="dead-process-1", lease_seconds=0.2)
+            deadline = time.monotonic() + 10
+            claims: list[Claim] = []
+            while not claims:
+                assert time.monotonic() < deadline, "never retaken"
+                claims = await claim_all(store)
+                await asyncio.sleep(0.02)
+            assert (claims[0].request_id, claims[0].attempt) == ("a", 2)
+            assert claims[0].claim_id != "dead-process-1"
+            stale = Claim("a", "dead-process-1", 1, "OK", b"", None, 0.0, ())
+            assert await store.finish(stale) is False  # the dead claimant is fenced out
+
+    run(body)
+
+
 # -- the store when the database is not there ---------------------------------------------
 
 
