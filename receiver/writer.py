@@ -71,6 +71,7 @@ class Connection:
     """
 
     def __init__(self, engine: sa.Engine, ensure_schema: Callable[[], object]) -> None:
+        self.engine = engine
         self._engine = engine
         self._ensure_schema = ensure_schema
         self._fairy: Any = None
@@ -272,13 +273,17 @@ class LoopWriter:
         self._drainer: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._open: Any = None  # a connection whose transaction is begun, or None
+        self._configured: Any = None  # the connection whose checkpoints we switched off
+        self._checkpointer = Checkpointer(connection.engine)
 
     def start(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="falhook-store")
+        self._checkpointer.start()
 
     async def stop(self) -> None:
         if self._drainer is not None:
             await asyncio.gather(self._drainer, return_exceptions=True)
+        await asyncio.to_thread(self._checkpointer.stop)
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.get_running_loop().run_in_executor(executor, self._close)
@@ -357,6 +362,10 @@ class LoopWriter:
     def _begin(self) -> Any:
         conn = self._connection.get()
         try:
+            if conn is not self._configured:
+                # Checkpoints move to the Checkpointer's thread, off the commit path.
+                conn.execute("PRAGMA wal_autocheckpoint=0")
+                self._configured = conn
             conn.execute("BEGIN IMMEDIATE")
         except Exception:
             self._connection.discard()
@@ -365,6 +374,7 @@ class LoopWriter:
 
     def _commit(self, conn: Any, begin_next: bool) -> Any:
         conn.commit()
+        self._checkpointer.committed()
         if not begin_next:
             return None
         try:
@@ -381,3 +391,57 @@ class LoopWriter:
                 self._open.rollback()
             self._open = None
         self._connection.close()
+
+
+class Checkpointer:
+    """Copies the SQLite WAL back into the database file from a thread of its own.
+
+    With SQLite's default, the commit that grows the WAL past 1000 pages runs the
+    checkpoint itself: every few hundred deliveries, one batch of acknowledgements would
+    wait for a burst of writes and fsyncs (measured with bench/: p99 ~25 ms). PASSIVE
+    checkpoints here never block the writer, and durability is unchanged: a commit is
+    durable once its WAL frames are synced, checkpointed or not.
+    """
+
+    def __init__(self, engine: sa.Engine, interval: float = 0.2) -> None:
+        self._engine = engine
+        self._interval = interval
+        self._commits = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def committed(self) -> None:
+        self._commits += 1
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="falhook-checkpoint", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        seen = 0
+        fairy: Any = None
+        while not self._stop.wait(self._interval):
+            if self._commits == seen:
+                continue
+            seen = self._commits
+            try:
+                if fairy is None:
+                    fairy = self._engine.raw_connection()
+                fairy.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except Exception as exc:
+                # The writer's own commits still succeed; the next round tries again.
+                log.warning("WAL checkpoint failed: %s", brief(exc))
+                if fairy is not None:
+                    with contextlib.suppress(Exception):
+                        fairy.invalidate()
+                    fairy = None
+        if fairy is not None:
+            with contextlib.suppress(Exception):
+                fairy.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                fairy.close()

@@ -581,3 +581,23 @@ def test_pg_writer_survives_terminated_connections(pg_schema_url: str) -> None:
             assert store.counts()[State.DONE] == 4
 
     run(body)
+
+
+def test_sqlite_wal_is_checkpointed_off_the_commit_path(tmp_path: Any) -> None:
+    """The writer switches SQLite's inline checkpoints off; its checkpointer thread copies
+    the WAL back into the database file instead, and nothing committed is lost."""
+    path = tmp_path / "wal.db"
+
+    async def body() -> None:
+        async with opened(f"sqlite:///{path}") as store:
+            await asyncio.gather(*(store.insert(delivery(f"r{i}")) for i in range(300)))
+            start_size = path.stat().st_size
+            deadline = time.monotonic() + 10
+            # Checkpointed pages land in the main file: it grows past its empty size.
+            while path.stat().st_size <= start_size:
+                assert time.monotonic() < deadline, "the WAL was never checkpointed"
+                await asyncio.sleep(0.02)
+        async with opened(f"sqlite:///{path}") as reopened:
+            assert reopened.counts()[State.PENDING] == 300
+
+    run(body)
