@@ -202,10 +202,13 @@ class Dispatcher:
                 delivery, claim.completed_callbacks, self._executor
             )
         finally:
-            self._held.pop(claim.request_id, None)
+            held = self._held.pop(claim.request_id, None)
         retry_after = error.after if isinstance(error, Retry) else None
         description = None if error is None else _describe(error)
-        await self._settle(claim, error is None, description, completed, retry_after)
+        lease_ends = (held[1] if held else time.monotonic()) + self.lease_seconds
+        await self._settle(
+            claim, error is None, description, completed, retry_after, lease_ends=lease_ends
+        )
 
     async def _settle(
         self,
@@ -214,26 +217,28 @@ class Dispatcher:
         error: str | None,
         completed: list[str] | tuple[str, ...],
         retry_after: float | None,
+        *,
+        lease_ends: float | None = None,
     ) -> None:
-        try:
-            if ok:
-                kept = await self.store.finish(claim, completed)
-                outcome = "done"
-            elif self.policy.gives_up_after(claim.attempt):
-                kept = await self.store.bury(claim, error or "failed", completed)
-                outcome = "dead"
-            else:
-                delay = retry_after if retry_after is not None else self.policy.delay(claim.attempt)
-                kept = await self.store.reschedule(
-                    claim, time.time() + delay, error or "failed", completed
-                )
-                outcome = "retry"
-        except StoreUnavailableError as exc:
-            # The outcome is not recorded; the lease will expire and the delivery is retaken.
-            # Callbacks may run again (at-least-once), never zero times.
-            log.warning("could not record outcome of %s: %s", claim.request_id, exc)
-            self.observer.finished(claim, "unrecorded", error)
-            return
+        """Record an attempt's outcome, retrying while our lease still holds.
+
+        A store outage of a few seconds (a database restart, a dropped connection) must
+        not cost a whole lease: the outcome is written as soon as the store is back. If
+        the lease runs out first, the delivery is retaken and its callbacks run again —
+        at least once, never zero times.
+        """
+        pause = 0.05
+        while True:
+            try:
+                kept, outcome = await self._record(claim, ok, error, completed, retry_after)
+                break
+            except StoreUnavailableError as exc:
+                if lease_ends is None or time.monotonic() + pause >= lease_ends:
+                    log.warning("could not record outcome of %s: %s", claim.request_id, exc)
+                    self.observer.finished(claim, "unrecorded", error)
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
         if not kept:
             log.warning(
                 "lost the claim on %s (lease expired and retaken); outcome %s not recorded",
@@ -242,6 +247,22 @@ class Dispatcher:
             )
             outcome = "fenced"
         self.observer.finished(claim, outcome, error)
+
+    async def _record(
+        self,
+        claim: Claim,
+        ok: bool,
+        error: str | None,
+        completed: list[str] | tuple[str, ...],
+        retry_after: float | None,
+    ) -> tuple[bool, str]:
+        if ok:
+            return await self.store.finish(claim, completed), "done"
+        if self.policy.gives_up_after(claim.attempt):
+            return await self.store.bury(claim, error or "failed", completed), "dead"
+        delay = retry_after if retry_after is not None else self.policy.delay(claim.attempt)
+        kept = await self.store.reschedule(claim, time.time() + delay, error or "failed", completed)
+        return kept, "retry"
 
     async def _renew_leases(self) -> None:
         """One task renews every claim held for a third of a lease (not a task per claim:

@@ -4,14 +4,20 @@ waits for running callbacks, Retry(after=…) honoured, successes remembered acr
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import pytest
+import sqlalchemy as sa
+
 from receiver import CallbackRegistry, Delivery, Retry, RetryPolicy, State, Store
 from receiver.dispatcher import Dispatcher
 from receiver.store import NewDelivery
+from tests.receiver.store_fixtures import pg_schema_url as pg_schema_url  # fixture
+from tests.replicas.proxy import TcpProxy
 from verify.testing import fal_body
 
 T = TypeVar("T")
@@ -340,3 +346,37 @@ def test_a_delivery_inserted_claimed_is_dispatched_once_without_a_claim_round(
             assert dispatcher.free_slots == dispatcher.concurrency
 
     asyncio.run(body())
+
+
+@pytest.mark.postgres
+def test_an_outcome_is_recorded_once_the_store_is_back_within_the_lease(
+    pg_schema_url: str,
+) -> None:
+    """A store outage while a callback runs costs seconds, not the whole lease."""
+    parsed = sa.make_url(pg_schema_url)
+    with TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432)) as proxy:
+        url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        registry = CallbackRegistry()
+        entered = threading.Event()
+        release = threading.Event()
+
+        def slow(delivery: Delivery) -> None:
+            entered.set()
+            assert release.wait(10)
+
+        registry.add(slow, name="slow")
+
+        async def body() -> None:
+            async with _running(url, registry, lease_seconds=60.0) as (store, _):
+                await store.insert(_new("a"))
+                await asyncio.to_thread(entered.wait, 10)
+                proxy.refuse()  # the database goes away while the callback runs
+                release.set()
+                await asyncio.sleep(0.3)  # let the first attempts to record it fail
+                proxy.resume()
+                started = time.monotonic()
+                await _until(lambda: _state(store, "a") is State.DONE, within=15)
+                # Recorded as soon as the store answered again, not after the 60 s lease.
+                assert time.monotonic() - started < 15
+
+        asyncio.run(body())
