@@ -242,3 +242,21 @@ def test_arbitrary_signed_bodies_never_500(client: TestClient, signer: Signer) -
             assert isinstance(data["error"], str)
 
     check()
+
+
+@pytest.mark.parametrize("log_payloads", [False, True])
+def test_one_log_line_per_outcome_payload_only_when_asked(
+    settings: Settings, signer: Signer, caplog: pytest.LogCaptureFixture, log_payloads: bool
+) -> None:
+    hooks = WebhookReceiver(settings.replace(log_payloads=log_payloads))
+    body, headers = signer("r-log", payload={"secret": "prompt text"})
+    with caplog.at_level("INFO", logger="falhook.deliveries"), TestClient(hooks.app) as client:
+        assert client.post(URL, content=body, headers=headers).status_code == 200
+        assert client.post(URL, content=b"{}", headers={}).status_code == 401
+    records = [r for r in caplog.records if r.name == "falhook.deliveries"]
+    accepted = [r for r in records if getattr(r, "outcome", None) == "accepted"]
+    rejected = [r for r in records if getattr(r, "outcome", None) == "rejected"]
+    assert [r.request_id for r in accepted] == ["r-log"]  # type: ignore[attr-defined]
+    assert [r.reason for r in rejected] == ["missing_header"]  # type: ignore[attr-defined]
+    assert (getattr(accepted[0], "body", None) == body.decode()) is log_payloads
+    assert all("prompt text" not in r.getMessage() for r in records)
