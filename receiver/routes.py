@@ -96,10 +96,10 @@ class WebhookEndpoint:
         (metrics.duplicate if duplicate else metrics.accepted).inc()
         metrics.ack_latency.observe(time.perf_counter() - started)
         if delivery_log.isEnabledFor(logging.INFO):
-            extra = {"request_id": request_id, "outcome": "duplicate" if duplicate else "accepted"}
+            fields = {"request_id": request_id, "outcome": "duplicate" if duplicate else "accepted"}
             if self.log_payloads:  # off by default: payloads may hold users' data
-                extra["body"] = body.decode("utf-8", "replace")
-            delivery_log.info("delivery %s", extra["outcome"], extra=extra)
+                fields["body"] = body.decode("utf-8", "replace")
+            delivery_log.info("delivery %s", fields["outcome"], extra=fields)
         await _send_json(
             send,
             200,
