@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -220,3 +222,88 @@ def run_wrk(
     if proc.returncode != 0:
         raise RuntimeError(f"wrk exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
     return parse_wrk_output(proc.stdout), proc.stdout
+
+
+def combine_parallel(results: Sequence[WrkResult]) -> WrkResult:
+    """Several wrk processes that ran at the same time, each against its own server, as one.
+
+    Throughput adds up: ``rps`` is the sum of each run's req/s (each over its own duration),
+    ``requests`` the sum and ``duration_s`` the longest. Latency percentiles cannot be merged
+    from percentiles, so p50/p90/p99/p99.9 and max are the worst (highest) of the runs — an
+    upper bound for the combined distribution — and the mean is weighted by requests. Errors,
+    non-2xx answers and wraps are summed, so any run's problem is the combined run's problem.
+    """
+    if not results:
+        raise ValueError("no wrk results to combine")
+    requests = sum(r.requests for r in results)
+    return WrkResult(
+        requests=requests,
+        duration_s=max(r.duration_s for r in results),
+        rps=sum(r.rps for r in results),
+        p50_ms=max(r.p50_ms for r in results),
+        p90_ms=max(r.p90_ms for r in results),
+        p99_ms=max(r.p99_ms for r in results),
+        p999_ms=max(r.p999_ms for r in results),
+        mean_ms=(
+            sum(r.mean_ms * r.requests for r in results) / requests
+            if requests
+            else max(r.mean_ms for r in results)
+        ),
+        max_ms=max(r.max_ms for r in results),
+        errors=WrkErrors(
+            connect=sum(r.errors.connect for r in results),
+            read=sum(r.errors.read for r in results),
+            write=sum(r.errors.write for r in results),
+            status=sum(r.errors.status for r in results),
+            timeout=sum(r.errors.timeout for r in results),
+        ),
+        non2xx=sum(r.non2xx for r in results),
+        counted_non2xx=all(r.counted_non2xx for r in results),
+        wraps=sum(r.wraps for r in results),
+    )
+
+
+def split_connections(connections: int, parts: int) -> list[int]:
+    """``connections`` spread over ``parts`` wrk processes (32 over 2 → 16 + 16)."""
+    if parts < 1 or connections < parts:
+        raise ValueError(f"cannot split {connections} connections over {parts} wrk processes")
+    base, extra = divmod(connections, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def run_wrk_parallel(
+    jobs: Sequence[tuple[str, Path]],
+    script: Path,
+    *,
+    duration_s: float,
+    connections: int,
+    threads: int = 1,
+) -> list[tuple[WrkResult, str]]:
+    """One wrk per (url, deliveries) job, all started together; ``connections`` split."""
+    shares = split_connections(connections, len(jobs))
+    if len(jobs) == 1:
+        ((url, deliveries),) = jobs
+        return [
+            run_wrk(
+                url,
+                script,
+                deliveries,
+                duration_s=duration_s,
+                connections=connections,
+                threads=threads,
+            )
+        ]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = [
+            pool.submit(
+                run_wrk,
+                url,
+                script,
+                deliveries,
+                duration_s=duration_s,
+                connections=share,
+                threads=threads,
+            )
+            for (url, deliveries), share in zip(jobs, shares, strict=True)
+        ]
+        return [f.result() for f in futures]

@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.wrk import RESULT_MARKER, lua_script, parse_wrk_output, wrk_command
+from bench.wrk import (
+    RESULT_MARKER,
+    WrkResult,
+    combine_parallel,
+    lua_script,
+    parse_wrk_output,
+    split_connections,
+    wrk_command,
+)
 
 
 def _line(**overrides: object) -> str:
@@ -76,3 +84,43 @@ def test_wrk_command_passes_the_deliveries_file_to_the_script(
     cmd = wrk_command(url, Path("s.lua"), Path("d.tsv"), duration_s=10, connections=32)
     assert cmd[:4] == ["/usr/bin/wrk", "-t1", "-c32", "-d10s"]
     assert cmd[-2:] == ["--", "d.tsv"]
+
+
+def _result(**overrides: object) -> WrkResult:
+    return parse_wrk_output(_line(**overrides))
+
+
+def test_two_concurrent_runs_add_throughput_and_keep_the_worse_latency() -> None:
+    a = _result(requests=30000, p50_us=1000, p90_us=2000, p99_us=5000, max_us=9000)
+    b = _result(requests=10000, duration_us=10_100_000, p50_us=3000, p99_us=4000, mean_us=3000.0)
+    both = combine_parallel([a, b])
+    assert both.rps == pytest.approx(a.rps + b.rps)
+    assert both.requests == 40000
+    assert both.duration_s == pytest.approx(10.1)
+    assert (both.p50_ms, both.p90_ms, both.p99_ms, both.max_ms) == (3.0, 2.0, 5.0, 9.0)
+    assert both.mean_ms == pytest.approx((1.6005 * 30000 + 3.0 * 10000) / 40000)
+    assert both.problems == []
+    assert combine_parallel([a]) == a
+
+
+def test_a_problem_in_either_run_is_a_problem_of_both() -> None:
+    ok = _result()
+    bad = _result(
+        non2xx=2,
+        wraps=1,
+        errors={"connect": 0, "read": 1, "write": 0, "status": 0, "timeout": 3},
+    )
+    both = combine_parallel([ok, bad])
+    assert both.wraps == 1 and both.non2xx == 2
+    assert (both.errors.read, both.errors.timeout) == (1, 3)
+    assert any("socket errors 1, timeouts 3" in p for p in both.problems)
+    with pytest.raises(ValueError):
+        combine_parallel([])
+
+
+def test_connections_are_split_between_the_wrk_processes() -> None:
+    assert split_connections(32, 2) == [16, 16]
+    assert split_connections(33, 2) == [17, 16]
+    assert split_connections(32, 1) == [32]
+    with pytest.raises(ValueError):
+        split_connections(1, 2)
