@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import report
-from bench.runner import ALL_TARGETS, Params, run, write_results
+from bench.pg import probe
+from bench.runner import ALL_TARGETS, PG_TARGETS, Params, default_targets, run, write_results
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -29,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="~3 s per target smoke run")
     p.add_argument(
-        "--targets", type=parse_targets, default=list(ALL_TARGETS), help=",".join(ALL_TARGETS)
+        "--targets",
+        type=parse_targets,
+        default=None,
+        help=f"{','.join(ALL_TARGETS)} (default: all; {','.join(PG_TARGETS)} only when "
+        "PostgreSQL at BENCH_PG_URL answers)",
     )
     p.add_argument("--duration", type=float, help="seconds per target (default 10, quick 3)")
     p.add_argument("--warmup", type=float, help="warm-up seconds (default 2, quick 1)")
@@ -62,11 +67,24 @@ def log(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = run(args.targets, params_from(args), log)
+    targets = args.targets
+    pg = None
+    if targets is None:
+        pg = probe()
+        targets = default_targets(pg.available)
+        if not pg.available:
+            log(f"{', '.join(PG_TARGETS)}: not run, PostgreSQL unavailable: {pg.reason}")
+    result = run(targets, params_from(args), log, pg)
     print()
     print(report.text_table(report.TARGET_HEADER, report.target_rows(result["targets"])))
     print()
     print(report.text_table(report.GOAL_HEADER, report.goal_rows(result["goals"])))
+    if any(name in result["targets"] for name in PG_TARGETS):
+        print()
+        rows = report.comparison_rows(result["comparisons"])
+        print(report.text_table(report.COMPARISON_HEADER, rows))
+    elif result["postgres"].get("status") == "unavailable":
+        print(f"\nPostgreSQL targets not run: unavailable: {result['postgres'].get('reason')}")
     micro = result["verify_micro"]
     dispatch = result["dispatch"]
     print()

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-TARGET_ORDER = ("bare", "verify-only", "naive", "falhook")
+TARGET_ORDER = ("bare", "verify-only", "naive", "falhook", "falhook-pg", "falhook-pg2")
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -46,6 +46,20 @@ GOALS = (
 )
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """A ratio reported for information, with no target to pass or fail."""
+
+    key: str
+    label: str
+
+
+COMPARISONS = (
+    Comparison("pg_vs_sqlite_rps", "falhook-pg / falhook (SQLite) req/s"),
+    Comparison("pg2_vs_pg_rps", "falhook-pg2 / falhook-pg req/s"),
+)
+
+
 def _valid(results: Mapping[str, Mapping[str, Any]], name: str) -> Mapping[str, Any] | None:
     r = results.get(name)
     if r is None or r.get("status") != "ok":
@@ -60,6 +74,8 @@ def headline(
     fal = _valid(results, "falhook")
     ver = _valid(results, "verify-only")
     nai = _valid(results, "naive")
+    pg1 = _valid(results, "falhook-pg")
+    pg2 = _valid(results, "falhook-pg2")
 
     def get(r: Mapping[str, Any] | None, key: str) -> float | None:
         return None if r is None else r.get(key)
@@ -70,6 +86,8 @@ def headline(
         "falhook_vs_verify_p99": ratio(get(fal, "p99_ms"), get(ver, "p99_ms")),
         "dispatch_p50_ms": None if not dispatch else dispatch.get("p50_ms"),
         "falhook_peak_rss_mb": get(fal, "peak_rss_mb"),
+        "pg_vs_sqlite_rps": ratio(get(pg1, "rps"), get(fal, "rps")),
+        "pg2_vs_pg_rps": ratio(get(pg2, "rps"), get(pg1, "rps")),
     }
 
 
@@ -104,6 +122,16 @@ def evaluate(values: Mapping[str, float | None]) -> list[dict[str, Any]]:
     return out
 
 
+def comparisons(values: Mapping[str, float | None]) -> list[dict[str, Any]]:
+    return [{"key": c.key, "label": c.label, "value": values.get(c.key)} for c in COMPARISONS]
+
+
+def comparison_rows(entries: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    return [
+        [e["label"], _fmt(e["value"]) + ("x" if e["value"] is not None else "")] for e in entries
+    ]
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "—"
@@ -129,15 +157,24 @@ def target_rows(results: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
                 _fmt(r.get("rps"), 0),
                 _fmt(r.get("p50_ms")),
                 _fmt(r.get("p99_ms")),
-                _fmt(r.get("peak_rss_mb"), 1),
+                _peak(r),
                 status,
             ]
         )
     return rows
 
 
+def _peak(r: Mapping[str, Any]) -> str:
+    """Peak RSS; for several replicas each one's, e.g. ``71.0 / 70.2``."""
+    per_replica = r.get("peak_rss_mb_per_replica")
+    if per_replica:
+        return " / ".join(_fmt(p, 1) for p in per_replica)
+    return _fmt(r.get("peak_rss_mb"), 1)
+
+
 TARGET_HEADER = ["target", "req/s", "p50 ms", "p99 ms", "peak RSS MiB", "status"]
 GOAL_HEADER = ["measure", "value", "target", "verdict"]
+COMPARISON_HEADER = ["comparison (informational)", "value"]
 
 
 def goal_rows(evaluation: Sequence[Mapping[str, Any]]) -> list[list[str]]:
@@ -185,6 +222,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         markdown_table(GOAL_HEADER, goal_rows(report["goals"])),
         "",
+        *_postgres_lines(report),
         f"verify_signature micro ratio (warm, vs bare nacl floor): "
         f"{_fmt(micro.get('ratio'), 3) if micro.get('status') == 'ok' else micro.get('status')}",
         f"Dispatch latency (ack → callback start): p50 {_fmt(dispatch.get('p50_ms'))} ms, "
@@ -192,3 +230,26 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _postgres_lines(report: Mapping[str, Any]) -> list[str]:
+    """The PostgreSQL comparisons and how the replicas were driven, when a PG target ran."""
+    targets = report["targets"]
+    pg = report.get("postgres") or {}
+    if not any(name in targets for name in ("falhook-pg", "falhook-pg2")):
+        if pg.get("status") == "unavailable":
+            return [f"falhook-pg, falhook-pg2: not run, PostgreSQL unavailable: {pg.get('reason')}"
+                    f" ({pg.get('admin_url')}).", ""]  # fmt: skip
+        return []
+    entries = report.get("comparisons") or comparisons(report.get("headline") or {})
+    lines = [markdown_table(COMPARISON_HEADER, comparison_rows(entries)), ""]
+    if pg:
+        detail = pg.get("server_version") or pg.get("reason") or ""
+        lines.append(f"PostgreSQL: {pg.get('status')} ({detail}) at {pg.get('admin_url')}.")
+    if "falhook-pg2" in targets:
+        lines.append(
+            "falhook-pg2: two `falhook serve` replicas on one fresh database, each driven by "
+            "its own wrk with half the connections, both at once; req/s is the sum, p50/p99 "
+            "the worse of the two wrk runs, peak RSS per replica."
+        )
+    return [*lines, ""]

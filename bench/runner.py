@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -24,8 +25,17 @@ import httpx
 from bench import report
 from bench.fixtures import TARGET_BODY_BYTES, new_signing_key, read_deliveries, write_deliveries
 from bench.fixtures import write_jwks as write_jwks_file
+from bench.pg import PgProbe, fresh_database, redacted
+from bench.pg import probe as probe_pg
 from bench.servers import REPO_ROOT, UVICORN_FLAGS, VENV_BIN, Server, free_port, uvicorn_command
-from bench.wrk import lua_script, run_wrk, wrk_binary
+from bench.wrk import (
+    WrkResult,
+    combine_parallel,
+    lua_script,
+    run_wrk_parallel,
+    split_connections,
+    wrk_binary,
+)
 
 WEBHOOK_PATH = "/webhooks/fal"
 # Warm-up deliveries per second of warm-up: more than any target here answers (bare ~21k/s).
@@ -63,6 +73,8 @@ class Target:
     name: str
     dedupes: bool  # repeated request ids would take a different path (duplicate answers)
     factory: str | None = None  # uvicorn factory for the references
+    postgres: bool = False  # falhook on a fresh PostgreSQL database instead of SQLite
+    replicas: int = 1  # falhook serve processes sharing that database, one wrk each
 
 
 REFERENCES = {
@@ -71,7 +83,16 @@ REFERENCES = {
     "naive": Target("naive", dedupes=True, factory="bench.targets:naive_app"),
 }
 FALHOOK = Target("falhook", dedupes=True)
-ALL_TARGETS = (*REFERENCES, FALHOOK.name)
+FALHOOK_PG = Target("falhook-pg", dedupes=True, postgres=True)
+FALHOOK_PG2 = Target("falhook-pg2", dedupes=True, postgres=True, replicas=2)
+FALHOOKS = {t.name: t for t in (FALHOOK, FALHOOK_PG, FALHOOK_PG2)}
+PG_TARGETS = (FALHOOK_PG.name, FALHOOK_PG2.name)
+ALL_TARGETS = (*REFERENCES, *FALHOOKS)
+
+
+def default_targets(pg_available: bool) -> list[str]:
+    """Every target; the PostgreSQL ones only when PostgreSQL answered the probe."""
+    return [n for n in ALL_TARGETS if pg_available or n not in PG_TARGETS]
 
 
 def main_deliveries(estimated_rps: float, duration_s: float) -> int:
@@ -128,9 +149,9 @@ def probe_falhook() -> FalhookCli:
     return FalhookCli(True, help_text=proc.stdout)
 
 
-def falhook_env(workdir: Path, jwks: Path) -> dict[str, str]:
+def falhook_env(workdir: Path, jwks: Path, database_url: str | None = None) -> dict[str, str]:
     return {
-        "FALHOOK_DATABASE_URL": f"sqlite:///{workdir / 'falhook.db'}",
+        "FALHOOK_DATABASE_URL": database_url or f"sqlite:///{workdir / 'falhook.db'}",
         "FALHOOK_JWKS_URL": str(jwks),
     }
 
@@ -144,62 +165,95 @@ def run_target(
     workdir: Path,
     log: Log,
     falhook: FalhookCli,
+    pg: PgProbe | None = None,
 ) -> dict[str, Any]:
-    if target is FALHOOK and not falhook.available:
+    if target.factory is None and not falhook.available:
         return {"status": "unavailable", "reason": falhook.reason}
+    if target.postgres and (pg is None or not pg.available):
+        return {"status": "unavailable", "reason": pg.reason if pg else "PostgreSQL not probed"}
     workdir.mkdir(parents=True)
     key = new_signing_key()
     jwks = write_jwks_file(key, workdir / "jwks.json")
     script = workdir / "deliveries.lua"
     script.write_text(lua_script(WEBHOOK_PATH, count_non2xx=True))
-    port = free_port()
-    if target.factory is not None:
-        command = uvicorn_command(target.factory, port)
-        env = {"BENCH_JWKS_FILE": str(jwks), "BENCH_DB_PATH": str(workdir / "naive.db")}
-    else:
-        command = falhook.command(port, "bench.callbacks:noop")
-        env = falhook_env(workdir, jwks)
-    server = Server(target.name, command, port, env, workdir / "server.log")
-    result: dict[str, Any] = {"command": " ".join(command)}
+    n = target.replicas
+    # One file name per replica; a single server keeps the plain names.
+    suffixes = [""] if n == 1 else [str(i + 1) for i in range(n)]
+    servers: list[Server] = []
+    result: dict[str, Any] = {}
     try:
-        warm = write_deliveries(
-            key, max(1000, int(params.warmup_s * WARMUP_RATE_CAP)), workdir / "warmup.tsv"
-        )
-        with server:
-            url = server.base_url + WEBHOOK_PATH
-            warm_result, _ = run_wrk(
-                url,
+        with ExitStack() as stack:
+            if target.factory is not None:
+                port = free_port()
+                command = uvicorn_command(target.factory, port)
+                env = {"BENCH_JWKS_FILE": str(jwks), "BENCH_DB_PATH": str(workdir / "naive.db")}
+                servers.append(Server(target.name, command, port, env, workdir / "server.log"))
+            else:
+                database_url = None
+                if target.postgres:
+                    assert pg is not None
+                    database_url = stack.enter_context(fresh_database(pg.admin_url))
+                    result["database_url"] = redacted(database_url)
+                env = falhook_env(workdir, jwks, database_url)
+                for suffix in suffixes:
+                    port = free_port()
+                    command = falhook.command(port, "bench.callbacks:noop")
+                    name = target.name + (f"-{suffix}" if suffix else "")
+                    log_path = workdir / f"server{suffix}.log"
+                    servers.append(Server(name, command, port, env, log_path))
+            result["command"] = " ".join(servers[0].command)
+            if n > 1:
+                result["commands"] = [" ".join(s.command) for s in servers]
+            warm_files = [
+                write_deliveries(
+                    key,
+                    max(1000, int(params.warmup_s * WARMUP_RATE_CAP / n)),
+                    workdir / f"warmup{suffix}.tsv",
+                )
+                for suffix in suffixes
+            ]
+            for server in servers:  # started one after the other; each must answer first
+                stack.enter_context(server)
+            urls = [server.base_url + WEBHOOK_PATH for server in servers]
+            warm_runs = run_wrk_parallel(
+                list(zip(urls, warm_files, strict=True)),
                 script,
-                warm,
                 duration_s=params.warmup_s,
                 connections=params.connections,
                 threads=params.threads,
             )
-            count = main_deliveries(warm_result.rps, params.duration_s)
+            warm_result = combine_parallel([r for r, _ in warm_runs])
+            counts = [main_deliveries(r.rps, params.duration_s) for r, _ in warm_runs]
+            count = sum(counts)
             log(f"  warm-up {warm_result.rps:,.0f} req/s; signing {count:,} fresh deliveries")
-            main = write_deliveries(key, count, workdir / "main.tsv")
-            measured, text = run_wrk(
-                url,
+            main_files = [
+                write_deliveries(key, c, workdir / f"main{suffix}.tsv")
+                for c, suffix in zip(counts, suffixes, strict=True)
+            ]
+            runs = run_wrk_parallel(
+                list(zip(urls, main_files, strict=True)),
                 script,
-                main,
                 duration_s=params.duration_s,
                 connections=params.connections,
                 threads=params.threads,
             )
-            result["peak_rss_mb"] = server.peak_rss_mb()
-        (workdir / "wrk.txt").write_text(text)
+            peaks = [server.peak_rss_mb() for server in servers]
+        for (_, text), suffix in zip(runs, suffixes, strict=True):
+            (workdir / f"wrk{suffix}.txt").write_text(text)
     except Exception as exc:
         return {
             **result,
             "status": "error",
             "reason": f"{type(exc).__name__}: {exc}",
-            "server_log": server.log_tail(),
+            "server_log": "\n".join(s.log_tail() for s in servers),
         }
+    measured = combine_parallel([r for r, _ in runs])
     problems = measured.problems
     if warm_result.problems:
         problems = [f"warm-up: {p}" for p in warm_result.problems] + problems
     if measured.wraps and target.dedupes:
         problems.append(f"ran out of unique deliveries ({count:,}); repeats were duplicates")
+    known_peaks = [p for p in peaks if p is not None]
     result.update(
         {
             "status": "invalid" if problems else "ok",
@@ -218,9 +272,44 @@ def run_target(
             "unique_deliveries": count,
             "wraps": measured.wraps,
             "warmup_rps": warm_result.rps,
+            # One server: its peak. Several replicas: the highest of them (each in the list).
+            "peak_rss_mb": max(known_peaks) if known_peaks else None,
         }
     )
+    if n > 1:
+        result["latency_is"] = "worst of the replicas' wrk runs (p50/p90/p99/p99.9/max)"
+        result["peak_rss_mb_per_replica"] = peaks
+        result["replicas"] = [
+            replica_dict(r, share, peak, c, w.rps)
+            for (r, _), share, peak, c, (w, _) in zip(
+                runs,
+                split_connections(params.connections, n),
+                peaks,
+                counts,
+                warm_runs,
+                strict=True,
+            )
+        ]
     return result
+
+
+def replica_dict(
+    measured: WrkResult, connections: int, peak_rss_mb: float | None, count: int, warm_rps: float
+) -> dict[str, Any]:
+    """One replica's own wrk run, kept beside the combined figures."""
+    return {
+        "connections": connections,
+        "rps": measured.rps,
+        "p50_ms": measured.p50_ms,
+        "p90_ms": measured.p90_ms,
+        "p99_ms": measured.p99_ms,
+        "max_ms": measured.max_ms,
+        "requests": measured.requests,
+        "problems": measured.problems,
+        "peak_rss_mb": peak_rss_mb,
+        "unique_deliveries": count,
+        "warmup_rps": warm_rps,
+    }
 
 
 # ---------------------------------------------------------------- dispatch latency
@@ -398,21 +487,38 @@ def ensure_wrk(log: Log) -> None:
 # ---------------------------------------------------------------- the whole run
 
 
-def run(targets: Sequence[str], params: Params, log: Log) -> dict[str, Any]:
+def run(
+    targets: Sequence[str], params: Params, log: Log, pg: PgProbe | None = None
+) -> dict[str, Any]:
+    """Measure ``targets``; ``pg`` is the PostgreSQL probe if the caller already made it."""
     ensure_wrk(log)
     started = datetime.now(UTC)
     env = environment()
-    falhook = probe_falhook() if FALHOOK.name in targets else FalhookCli(False, "not selected")
-    if FALHOOK.name in targets and not falhook.available:
+    wants_falhook = any(n in FALHOOKS for n in targets)
+    falhook = probe_falhook() if wants_falhook else FalhookCli(False, "not selected")
+    if wants_falhook and not falhook.available:
         log(f"falhook: unavailable ({falhook.reason})")
+    if any(n in PG_TARGETS for n in targets):
+        pg = pg if pg is not None else probe_pg()
+        if not pg.available:
+            log(f"PostgreSQL: unavailable ({pg.reason})")
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="falhook-bench-") as tmp:
         root = Path(tmp)
         for name in targets:
-            target = REFERENCES.get(name, FALHOOK)
-            if target is not FALHOOK or falhook.available:
-                log(f"{name}: {params.warmup_s:g} s warm-up + {params.duration_s:g} s under wrk")
-            results[name] = run_target(target, params, root / name, log, falhook)
+            target = REFERENCES.get(name) or FALHOOKS[name]
+            runnable = (target.factory is not None or falhook.available) and (
+                not target.postgres or (pg is not None and pg.available)
+            )
+            if runnable:
+                how = f"{params.duration_s:g} s under wrk"
+                if target.replicas > 1:
+                    shares = " + ".join(
+                        map(str, split_connections(params.connections, target.replicas))
+                    )
+                    how = f"{params.duration_s:g} s under {target.replicas} wrk ({shares} conns)"
+                log(f"{name}: {params.warmup_s:g} s warm-up + {how}")
+            results[name] = run_target(target, params, root / name, log, falhook, pg)
             r = results[name]
             log(f"  {r['status']}" + (f": {r['reason']}" if r.get("reason") else ""))
         dispatch = (
@@ -431,6 +537,8 @@ def run(targets: Sequence[str], params: Params, log: Log) -> dict[str, Any]:
         "verify_micro": micro,
         "headline": values,
         "goals": report.evaluate(values),
+        "comparisons": report.comparisons(values),
+        "postgres": pg.as_dict() if pg is not None else {"status": "not probed"},
         "python_executable": sys.executable,
     }
 
