@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from importlib import import_module
 
-__all__ = ["CommandError", "main"]
+__all__ = ["CommandError", "main", "positive_int"]
 
 # Subcommand modules, in the order they appear in --help.
 _COMMAND_MODULES = (
@@ -26,6 +26,17 @@ _COMMAND_MODULES = (
 
 class CommandError(Exception):
     """A user error a command reports as one line on stderr with exit code 2."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return number
 
 
 class _Parser(argparse.ArgumentParser):

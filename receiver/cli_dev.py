@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from receiver.cli import CommandError
+from receiver.cli import CommandError, positive_int
 from verify.testing import KeyPair, fal_body, generate_keypair, jwks_document, sign
 
 __all__ = [
@@ -40,16 +40,6 @@ BACKOFF_CAP_SECONDS = 600.0
 _ERROR_PAYLOAD = {
     "detail": [{"loc": ["body", "prompt"], "msg": "field required", "type": "value_error.missing"}]
 }
-
-
-def _positive_int(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return number
 
 
 def _seconds(text: str) -> float:
@@ -109,7 +99,7 @@ def add_parser(subparsers: Any) -> None:
         "re-signing each attempt with a fresh timestamp",
     )
     send.add_argument(
-        "--max-attempts", type=_positive_int, default=10, metavar="N", help="attempts in all (10)"
+        "--max-attempts", type=positive_int, default=10, metavar="N", help="attempts in all (10)"
     )
     send.add_argument(
         "--backoff",

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from receiver.cli import CommandError
+from receiver.cli import CommandError, positive_int
 from receiver.cli_serve import add_settings_flags
 from receiver.durations import format_duration, format_time, parse_duration, parse_since
 from receiver.errors import SettingsError, StoreUnavailableError
@@ -68,16 +68,6 @@ def _duration(text: str) -> float:
     return seconds
 
 
-def _positive_int(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return number
-
-
 # -- parsers ---------------------------------------------------------------------------
 
 
@@ -110,7 +100,7 @@ def add_parser(subparsers: Any) -> None:
         help="only deliveries received since WHEN: a duration ago (36h, 7d) or ISO 8601 time",
     )
     listing.add_argument(
-        "--limit", type=_positive_int, default=100, metavar="N", help="at most N rows (100)"
+        "--limit", type=positive_int, default=100, metavar="N", help="at most N rows (100)"
     )
     listing.add_argument("--json", action="store_true", help="print a JSON array")
     add_settings_flags(listing, only={"database_url"})

@@ -170,22 +170,23 @@ class _Sql:
         # transaction (claims included) would make idle replicas wake each other forever.
         self.due_now = False
         self.claimed: list[Claim] = []
+        row: dict[str, Any] = {
+            name: bp(name)
+            for name in (
+                "request_id",
+                "gateway_request_id",
+                "status",
+                "error",
+                "payload_error",
+                "user_id",
+                "body",
+                "received_at",
+            )
+        }
+        row["updated_at"] = bp("received_at")
         self.insert = text(
             insert_fn(t)
-            .values(
-                request_id=bp("request_id"),
-                gateway_request_id=bp("gateway_request_id"),
-                status=bp("status"),
-                error=bp("error"),
-                payload_error=bp("payload_error"),
-                user_id=bp("user_id"),
-                body=bp("body"),
-                received_at=bp("received_at"),
-                state=State.PENDING.value,
-                attempts=0,
-                due_at=bp("received_at"),
-                updated_at=bp("received_at"),
-            )
+            .values(**row, state=State.PENDING.value, attempts=0, due_at=bp("received_at"))
             .on_conflict_do_nothing(index_elements=["request_id"])
         )
         # The same, already claimed by the inserting process: it dispatches at once after
@@ -193,19 +194,11 @@ class _Sql:
         self.insert_claimed = text(
             insert_fn(t)
             .values(
-                request_id=bp("request_id"),
-                gateway_request_id=bp("gateway_request_id"),
-                status=bp("status"),
-                error=bp("error"),
-                payload_error=bp("payload_error"),
-                user_id=bp("user_id"),
-                body=bp("body"),
-                received_at=bp("received_at"),
+                **row,
                 state=State.RUNNING.value,
                 attempts=1,
                 claim_id=bp("claim_id"),
                 due_at=bp("lease_until"),
-                updated_at=bp("received_at"),
             )
             .on_conflict_do_nothing(index_elements=["request_id"])
         )

@@ -230,22 +230,42 @@ def _with_retries(transaction: Callable[[Sequence[Op]], Result], ops: Sequence[O
         return [failure(exc)] * len(ops), False, []
     except Exception:
         pass
-    outcomes: list[Outcome] = []
-    due = False
-    claimed: list[Any] = []
+    one_by_one = _OneByOne(len(ops))
     for op in ops:
         try:
-            single, single_due, single_claimed = transaction([op])
-        except StoreUnavailableError as exc:
-            outcomes.extend([failure(exc)] * (len(ops) - len(outcomes)))
-            break
+            one_by_one.add(transaction([op]))
         except Exception as exc:
-            outcomes.append(failure(exc))
-        else:
-            outcomes.extend(single)
-            due = due or single_due
-            claimed.extend(single_claimed)
-    return outcomes, due, claimed
+            if one_by_one.fail(exc):
+                break
+    return one_by_one.result()
+
+
+class _OneByOne:
+    """The bookkeeping of running a failed batch's operations one transaction each."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.outcomes: list[Outcome] = []
+        self.due = False
+        self.claimed: list[Any] = []
+
+    def add(self, result: Result) -> None:
+        outcomes, due, claimed = result
+        self.outcomes.extend(outcomes)
+        self.due = self.due or due
+        self.claimed.extend(claimed)
+
+    def fail(self, exc: Exception) -> bool:
+        """Record a failed operation; True when no connection can be had, so the
+        operations not yet run fail with it (trying each would multiply timeouts)."""
+        if isinstance(exc, StoreUnavailableError):
+            self.outcomes.extend([failure(exc)] * (self.count - len(self.outcomes)))
+            return True
+        self.outcomes.append(failure(exc))
+        return False
+
+    def result(self) -> Result:
+        return self.outcomes, self.due, self.claimed
 
 
 class LoopWriter:
@@ -319,22 +339,14 @@ class LoopWriter:
             return [failure(exc)] * len(ops), False, []
         except Exception:
             pass
-        outcomes: list[Outcome] = []
-        due = False
-        claimed: list[Any] = []
-        for op in ops:  # the same fallback as `_with_retries`, one operation at a time
+        one_by_one = _OneByOne(len(ops))  # the same fallback as `_with_retries`
+        for op in ops:
             try:
-                single, single_due, single_claimed = await self._transaction([op])
-            except StoreUnavailableError as exc:
-                outcomes.extend([failure(exc)] * (len(ops) - len(outcomes)))
-                break
+                one_by_one.add(await self._transaction([op]))
             except Exception as exc:
-                outcomes.append(failure(exc))
-            else:
-                outcomes.extend(single)
-                due = due or single_due
-                claimed.extend(single_claimed)
-        return outcomes, due, claimed
+                if one_by_one.fail(exc):
+                    break
+        return one_by_one.result()
 
     async def _transaction(self, ops: Sequence[Op]) -> Result:
         loop = asyncio.get_running_loop()
