@@ -276,6 +276,8 @@ def run_target(
             "peak_rss_mb": max(known_peaks) if known_peaks else None,
         }
     )
+    if problems:  # why the servers answered as they did
+        result["server_log"] = "\n".join(s.log_tail() for s in servers)
     if n > 1:
         result["latency_is"] = "worst of the replicas' wrk runs (p50/p90/p99/p99.9/max)"
         result["peak_rss_mb_per_replica"] = peaks
