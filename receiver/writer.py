@@ -412,10 +412,12 @@ class Checkpointer:
     checkpoint itself: every few hundred deliveries, one batch of acknowledgements would
     wait for a burst of writes and fsyncs (measured with bench/: p99 ~25 ms). PASSIVE
     checkpoints here never block the writer, and durability is unchanged: a commit is
-    durable once its WAL frames are synced, checkpointed or not.
+    durable once its WAL frames are synced, checkpointed or not. Once a second (rather
+    than every 0.2 s) measured as well or better: fewer fsyncs of the database file
+    contending with the WAL's, for a WAL of at most a few tens of MB under full load.
     """
 
-    def __init__(self, engine: sa.Engine, interval: float = 0.2) -> None:
+    def __init__(self, engine: sa.Engine, interval: float = 1.0) -> None:
         self._engine = engine
         self._interval = interval
         self._commits = 0
