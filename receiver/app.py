@@ -17,7 +17,7 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from receiver.dispatcher import Dispatcher, DispatchObserver
-from receiver.errors import StoreUnavailableError
+from receiver.errors import NotStartedError, StoreUnavailableError
 from receiver.forward import Forwarder
 from receiver.keysource import KeySource
 from receiver.listener import Listener
@@ -121,13 +121,16 @@ class WebhookReceiver:
 
     @property
     def store(self) -> Store:
+        """The open store; raises NotStartedError before `start()`."""
         if self._store is None:
-            raise StoreUnavailableError("the receiver is not started")
+            raise NotStartedError()
         return self._store
 
     @property
     def keys(self) -> KeySource:
-        assert self._keys is not None, "the receiver is not started"
+        """The key source; raises NotStartedError before `start()`."""
+        if self._keys is None:
+            raise NotStartedError()
         return self._keys
 
     @property

@@ -76,10 +76,6 @@ class Dispatcher:
         self._loop_task = asyncio.create_task(self._run(), name="falhook-dispatcher")
         self._renew_task = asyncio.create_task(self._renew_leases(), name="falhook-leases")
 
-    @property
-    def running(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
-
     def wake(self) -> None:
         """Something new was committed: look for due deliveries now."""
         self._wake.set()

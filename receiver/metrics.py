@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from receiver.errors import StoreUnavailableError
+from receiver.errors import ReceiverError
 from receiver.models import State
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -51,8 +51,8 @@ class _StoreCollector(Collector):
         try:
             counts = self._counts()
             oldest = self._oldest()
-        except StoreUnavailableError as exc:
-            log.warning("metrics: store unavailable: %s", exc)
+        except ReceiverError as exc:  # store unavailable, or the receiver not started
+            log.warning("metrics: store numbers unavailable: %s", exc)
             return
         by_state = GaugeMetricFamily(
             "falhook_deliveries", "Stored deliveries by state", labels=["state"]

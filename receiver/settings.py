@@ -161,10 +161,6 @@ class Settings:
         """A copy with `changes` applied (settings stay immutable)."""
         return dataclasses.replace(self, **changes)
 
-    @property
-    def jwks_is_url(self) -> bool:
-        return self.jwks_url.startswith(("http://", "https://"))
-
 
 def _parse(f: dataclasses.Field[Any], raw: str, name: str) -> Any:
     try:

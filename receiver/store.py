@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -38,7 +38,6 @@ from receiver.writer import Connection, LoopWriter, Op, ThreadWriter, Writer, br
 __all__ = ["Claim", "ClaimBatch", "NewDelivery", "Store", "make_engine"]
 
 log = logging.getLogger("falhook.store")
-T = TypeVar("T")
 TABLE: sa.Table = DeliveryRow.__table__  # type: ignore[attr-defined]
 NOTIFY_CHANNEL = "falhook_deliveries"
 _ACTIVE = (State.PENDING.value, State.RUNNING.value)
@@ -655,10 +654,6 @@ class Store:
                 return int(conn.execute(stmt).rowcount)
         except sa.exc.SQLAlchemyError as exc:
             raise StoreUnavailableError(brief(exc)) from exc
-
-    def check(self) -> None:
-        """Raise StoreUnavailableError unless the store answers a query."""
-        self._execute(sa.select(sa.literal(1)))
 
     def _execute(self, stmt: sa.Executable) -> builtins.list[Any]:
         try:

@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
-from receiver import Delivery, Settings, WebhookReceiver, create_app
+from receiver import Delivery, NotStartedError, Settings, WebhookReceiver, create_app
 from tests.receiver.conftest import Signer
 
 
@@ -129,3 +129,15 @@ def test_without_callbacks_deliveries_stay_pending(settings: Settings, signer: S
         assert hooks.dispatcher is None
         row = hooks.store.get("pending-1")
         assert row is not None and row.state.value == "pending"
+
+
+def test_store_and_keys_before_start_raise_not_started(settings: Settings) -> None:
+    hooks = WebhookReceiver(settings)
+    with pytest.raises(NotStartedError):
+        _ = hooks.store
+    with pytest.raises(NotStartedError):
+        _ = hooks.keys
+    # A scrape before the lifespan ran still answers, without the store's numbers.
+    body = hooks.metrics.render().decode()
+    assert "falhook_deliveries_received_total" in body
+    assert "falhook_oldest_pending_age_seconds" not in body
