@@ -1,0 +1,98 @@
+"""The group-commit writers on a real SQLite file: one failing operation fails alone,
+an unreachable store fails every operation at once, and claims reach the hook only
+after their commit."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from receiver.errors import StoreUnavailableError
+from receiver.store import Store, _op_insert
+from receiver.writer import LoopWriter
+from tests.receiver.store_fixtures import delivery
+
+
+def _store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'w.db'}")
+
+
+def test_sqlite_uses_the_loop_writer(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = _store(tmp_path)
+        store.start()
+        try:
+            assert isinstance(store._writer, LoopWriter)
+        finally:
+            await store.stop()
+
+    asyncio.run(body())
+
+
+def test_a_failing_operation_fails_alone_and_the_rest_commit(tmp_path: Path) -> None:
+    def broken(cur: Any, sql: Any) -> None:
+        cur.execute("INSERT INTO no_such_table VALUES (1)")
+
+    async def body() -> None:
+        store = _store(tmp_path)
+        store.start()
+        try:
+            # Queued before the writer runs, so they share one batch (one transaction).
+            futures = [
+                store._submit(broken),
+                store._submit(_op_insert(delivery("a"), None, 60.0, None)),
+            ]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            assert isinstance(results[0], StoreUnavailableError)
+            assert results[1] is True
+            assert store.get("a") is not None  # committed despite its neighbour's failure
+            assert await store.insert(delivery("b")) is True  # the writer carries on
+        finally:
+            await store.stop()
+
+    asyncio.run(body())
+
+
+def test_an_unreachable_store_fails_every_queued_operation(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = Store(f"sqlite:///{tmp_path / 'missing' / 'dir' / 'w.db'}")
+        store.start()
+        try:
+            results = await asyncio.gather(
+                *(store.insert(delivery(f"r{i}")) for i in range(5)), return_exceptions=True
+            )
+            assert all(isinstance(r, StoreUnavailableError) for r in results)
+        finally:
+            await store.stop()
+
+    asyncio.run(body())
+
+
+def test_claims_are_handed_over_before_the_inserts_resolve(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    async def body() -> None:
+        store = Store(
+            f"sqlite:///{tmp_path / 'w.db'}",
+            on_claimed=lambda claims: events.extend(f"claimed {c.request_id}" for c in claims),
+        )
+        store.start()
+        try:
+            await store.insert(delivery("a"), claim_id="c-a", lease_seconds=30)
+            events.append("insert returned")
+        finally:
+            await store.stop()
+
+    asyncio.run(body())
+    assert events == ["claimed a", "insert returned"]
+
+
+def test_submitting_before_start_is_refused(tmp_path: Path) -> None:
+    async def body() -> None:
+        with pytest.raises(StoreUnavailableError):
+            await _store(tmp_path).insert(delivery("a"))
+
+    asyncio.run(body())
