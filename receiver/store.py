@@ -251,28 +251,25 @@ class _Sql:
         self.renew = text(
             sa.update(t).where(*mine).values(due_at=bp("lease_until"), updated_at=bp("now"))
         )
+        # What every outcome writes: the claim is released, progress and time recorded.
+        released: dict[str, Any] = {
+            "claim_id": None,
+            "completed_callbacks": bp("completed_callbacks"),
+            "updated_at": bp("now"),
+        }
         self.finish = text(
             sa.update(t)
             .where(*mine)
-            .values(
-                state=State.DONE.value,
-                claim_id=None,
-                last_error=None,
-                completed_callbacks=bp("completed_callbacks"),
-                updated_at=bp("now"),
-                finished_at=bp("now"),
-            )
+            .values(state=State.DONE.value, last_error=None, finished_at=bp("now"), **released)
         )
         self.reschedule = text(
             sa.update(t)
             .where(*mine)
             .values(
                 state=State.PENDING.value,
-                claim_id=None,
                 due_at=bp("due_at"),
                 last_error=bp("last_error"),
-                completed_callbacks=bp("completed_callbacks"),
-                updated_at=bp("now"),
+                **released,
             )
         )
         self.bury = text(
@@ -280,11 +277,9 @@ class _Sql:
             .where(*mine)
             .values(
                 state=State.DEAD.value,
-                claim_id=None,
                 last_error=bp("last_error"),
-                completed_callbacks=bp("completed_callbacks"),
-                updated_at=bp("now"),
                 finished_at=bp("now"),
+                **released,
             )
         )
         self.notify = f"NOTIFY {NOTIFY_CHANNEL}" if self.name == "postgresql" else None

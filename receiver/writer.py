@@ -128,8 +128,8 @@ def resolve(batch: Sequence[Job], outcomes: Sequence[Outcome]) -> None:
             future.set_exception(value)
 
 
-class ThreadWriter:
-    """Runs whole batches in one thread that owns the connection (PostgreSQL)."""
+class _WriterBase:
+    """What both strategies are given: the connection, the statements, the commit hook."""
 
     def __init__(
         self,
@@ -143,6 +143,13 @@ class ThreadWriter:
         self._sql = sql
         self._on_commit = on_commit
         self._max_batch = max_batch
+
+
+class ThreadWriter(_WriterBase):
+    """Runs whole batches in one thread that owns the connection (PostgreSQL)."""
+
+    def __init__(self, connection: Connection, sql: Statements, **options: Any) -> None:
+        super().__init__(connection, sql, **options)
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -268,7 +275,7 @@ class _OneByOne:
         return self.outcomes, self.due, self.claimed
 
 
-class LoopWriter:
+class LoopWriter(_WriterBase):
     """Runs statements on the event loop; the lock and the fsync in one worker thread (SQLite).
 
     Batches are sequential: while one commits, new operations queue and form the next.
@@ -277,18 +284,8 @@ class LoopWriter:
     once it is held, no statement can wait for a lock.
     """
 
-    def __init__(
-        self,
-        connection: Connection,
-        sql: Statements,
-        *,
-        on_commit: OnCommit | None,
-        max_batch: int,
-    ) -> None:
-        self._connection = connection
-        self._sql = sql
-        self._on_commit = on_commit
-        self._max_batch = max_batch
+    def __init__(self, connection: Connection, sql: Statements, **options: Any) -> None:
+        super().__init__(connection, sql, **options)
         self._pending: list[Job] = []
         self._drainer: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
