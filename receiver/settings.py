@@ -108,7 +108,7 @@ class Settings:
     forward_to: str | None = _setting(
         None, _optional_str, "FORWARD_TO", "POST each delivery to this URL (sidecar mode)"
     )
-    concurrency: int = _setting(16, _positive_int, "CONCURRENCY", "callbacks run at once")
+    concurrency: int = _setting(64, _positive_int, "CONCURRENCY", "callbacks run at once")
     poll_seconds: float = _setting(
         5.0, _positive_float, "POLL_SECONDS", "dispatcher poll fallback interval"
     )

@@ -306,6 +306,37 @@ def test_many_deliveries_each_run_once(db_url: str) -> None:
     asyncio.run(main())
 
 
+def test_no_more_callbacks_run_at_once_than_the_concurrency(db_url: str) -> None:
+    """The cap is on callbacks: a slot is free again once they return (its outcome is
+    recorded afterwards), and never more than `concurrency` run together."""
+    registry = CallbackRegistry()
+    gate = asyncio.Event()
+    running: list[str] = []
+    peak = 0
+    started: list[str] = []
+
+    @registry.on_delivery
+    async def held(delivery: Delivery) -> None:
+        nonlocal peak
+        running.append(delivery.request_id)
+        started.append(delivery.request_id)
+        peak = max(peak, len(running))
+        await gate.wait()
+        running.remove(delivery.request_id)
+
+    async def main() -> None:
+        async with _running(db_url, registry, concurrency=2) as (store, dispatcher):
+            await asyncio.gather(*(store.insert(_new(f"cap-{i}")) for i in range(6)))
+            await _until(lambda: len(started) == 2)
+            assert dispatcher.free_slots == 0
+            gate.set()  # from now on callbacks return at once
+            await _until(lambda: store.counts()[State.DONE] == 6)
+        assert sorted(started) == sorted(f"cap-{i}" for i in range(6))
+        assert peak == 2
+
+    asyncio.run(main())
+
+
 def test_reservations_count_against_concurrency_and_are_released(db_url: str) -> None:
     registry = CallbackRegistry()
     registry.add(lambda d: None, name="noop")
