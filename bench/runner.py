@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from bench import report
+from bench import backlog, report
 from bench.fixtures import TARGET_BODY_BYTES, new_signing_key, read_deliveries, write_deliveries
 from bench.fixtures import write_jwks as write_jwks_file
 from bench.pg import PgProbe, fresh_database, redacted
@@ -238,6 +238,9 @@ def run_target(
                 threads=params.threads,
             )
             peaks = [server.peak_rss_mb() for server in servers]
+            if target.factory is None:  # a falhook target: did dispatch keep up?
+                result["dispatch_backlog"] = backlog.measure(env["FALHOOK_DATABASE_URL"])
+                log("  " + backlog.summary(result["dispatch_backlog"]))
         for (_, text), suffix in zip(runs, suffixes, strict=True):
             (workdir / f"wrk{suffix}.txt").write_text(text)
     except Exception as exc:
@@ -251,6 +254,7 @@ def run_target(
     problems = measured.problems
     if warm_result.problems:
         problems = [f"warm-up: {p}" for p in warm_result.problems] + problems
+    problems += backlog.problems(result.get("dispatch_backlog", {}))
     if measured.wraps and target.dedupes:
         problems.append(f"ran out of unique deliveries ({count:,}); repeats were duplicates")
     known_peaks = [p for p in peaks if p is not None]
