@@ -371,11 +371,19 @@ class LoopWriter(_WriterBase):
         next_conn: Any,
     ) -> None:
         self._open = next_conn
-        # Hand over claims before waking the requests: the dispatcher owns them first.
-        if (due or claimed) and self._on_commit is not None:
-            self._on_commit(due, claimed)
+        self._hand_over(due, claimed)
         self._next_batch()  # the next fsync starts before these requests are answered
         resolve(batch, [(True, r) for r in results])
+
+    def _hand_over(self, due: bool, claimed: list[Any]) -> None:
+        # Claims before waking the requests: the dispatcher owns them first. A failing hook
+        # must not leave the batch's requests waiting forever (they are answered anyway;
+        # claims it dropped are retaken when their lease expires).
+        if (due or claimed) and self._on_commit is not None:
+            try:
+                self._on_commit(due, claimed)
+            except Exception:
+                log.exception("the commit hook failed")
 
     # -- in the worker thread ----------------------------------------------------------
 
@@ -466,8 +474,7 @@ class LoopWriter(_WriterBase):
             resolve(batch, [failure(StoreUnavailableError("the store stopped"))] * len(batch))
             raise
         outcomes, due, claimed = one_by_one.result()
-        if (due or claimed) and self._on_commit is not None:
-            self._on_commit(due, claimed)
+        self._hand_over(due, claimed)
         resolve(batch, outcomes)
         self._next_batch()
 

@@ -131,3 +131,20 @@ def test_the_wal_starts_over_under_steady_writes(
     # Every delivery wrote at least its own 4 KiB page to the WAL; a WAL that was never
     # rewound would hold them all.
     assert wal_bytes < written * 4096 / 2, (written, wal_bytes)
+
+
+def test_a_failing_commit_hook_does_not_leave_requests_waiting(tmp_path: Path) -> None:
+    def broken_hook(claims: list[Any]) -> None:
+        raise RuntimeError("a bug in the hook")
+
+    async def body() -> None:
+        store = Store(f"sqlite:///{tmp_path / 'w.db'}", on_claimed=broken_hook)
+        store.start()
+        try:
+            inserted = store.insert(delivery("a"), claim_id="c-a", lease_seconds=30)
+            assert await asyncio.wait_for(inserted, timeout=10) is True
+            assert await store.insert(delivery("b")) is True  # the writer carries on
+        finally:
+            await store.stop()
+
+    asyncio.run(body())
