@@ -471,8 +471,11 @@ def environment() -> dict[str, Any]:
         "wrk": wrk_version_line(wrk_version[0] if wrk_version else ""),
         "loadavg_at_start": load_average(),
         "git_commit": git("rev-parse", "--short", "HEAD") or None,
-        # Uncommitted changes anywhere in the tree (e.g. receiver/ work in progress).
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # Uncommitted changes anywhere in the tree (e.g. receiver/ work in progress), but
+        # not the benchmark's own results: the runs after the first would all say so.
+        "git_dirty": bool(
+            git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+        ),
     }
 
 
