@@ -36,8 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{','.join(ALL_TARGETS)} (default: all; {','.join(PG_TARGETS)} only when "
         "PostgreSQL at BENCH_PG_URL answers)",
     )
-    p.add_argument("--duration", type=float, help="seconds per target (default 10, quick 3)")
+    p.add_argument(
+        "--duration", type=float, help="seconds per target and round (default 6, quick 3)"
+    )
     p.add_argument("--warmup", type=float, help="warm-up seconds (default 2, quick 1)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="interleaved rounds; each target's median is reported (default 3, quick 1)",
+    )
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("--dispatch-count", type=int, help="dispatch deliveries (500, quick 100)")
@@ -51,13 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 def params_from(args: argparse.Namespace) -> Params:
     quick = bool(args.quick)
     return Params(
-        duration_s=args.duration or (3.0 if quick else 10.0),
+        duration_s=args.duration or (3.0 if quick else 6.0),
         warmup_s=args.warmup or (1.0 if quick else 2.0),
         connections=args.connections,
         threads=args.threads,
         dispatch_count=args.dispatch_count or (100 if quick else 500),
         dispatch_rate=args.dispatch_rate,
         micro=not args.no_micro,
+        rounds=max(1, args.rounds or (1 if quick else 3)),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,42 @@ COMPARISONS = (
     Comparison("pg_vs_sqlite_rps", "falhook-pg / falhook (SQLite) req/s"),
     Comparison("pg2_vs_pg_rps", "falhook-pg2 / falhook-pg req/s"),
 )
+
+
+_MEDIAN_KEYS = ("rps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "mean_ms")
+
+
+def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One target's result over interleaved rounds: the median of each latency and rate,
+    the highest peak RSS; invalid if any round was. Each round is kept under ``rounds``."""
+    if len(rounds) == 1:
+        return dict(rounds[0])
+    bad = [r for r in rounds if r.get("status") != "ok"]
+    if bad:
+        worst = dict(bad[0])
+        worst["rounds"] = [_round_summary(r) for r in rounds]
+        return worst
+    # The round with the median rate supplies everything that is not a median.
+    by_rate = sorted(rounds, key=lambda r: r["rps"])
+    combined = dict(by_rate[(len(by_rate) - 1) // 2])
+    for key in _MEDIAN_KEYS:
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        if values:
+            combined[key] = statistics.median(values)
+    peaks = [r["peak_rss_mb"] for r in rounds if r.get("peak_rss_mb") is not None]
+    combined["peak_rss_mb"] = max(peaks) if peaks else None
+    combined["requests"] = sum(r.get("requests", 0) for r in rounds)
+    combined["rounds"] = [_round_summary(r) for r in rounds]
+    return combined
+
+
+def _round_summary(r: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("status", "rps", "p50_ms", "p99_ms", "peak_rss_mb", "problems", "reason")
+    summary = {k: r[k] for k in keys if k in r}
+    backlog = r.get("dispatch_backlog")
+    if backlog:
+        summary["done_at_end"] = backlog.get("done_at_end")
+    return summary
 
 
 def _valid(results: Mapping[str, Mapping[str, Any]], name: str) -> Mapping[str, Any] | None:
@@ -226,7 +263,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"{env['wrk']}; load average at start {env.get('loadavg_at_start')}; "
         f"commit {env.get('git_commit')}{dirty}.",
         f"wrk: {params['threads']} thread, {params['connections']} connections, "
-        f"{params['duration_s']:g} s per target after a {params['warmup_s']:g} s warm-up; "
+        f"{params['duration_s']:g} s per target after a {params['warmup_s']:g} s warm-up"
+        f"{_rounds_text(params)}; "
         f"unique signed ~{params['body_bytes']} B deliveries. Server: uvicorn "
         f"{' '.join(params['uvicorn_flags'])}. References are Starlette `Route` + "
         "`await request.body()`.",
@@ -248,6 +286,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _rounds_text(params: Mapping[str, Any]) -> str:
+    rounds = params.get("rounds", 1)
+    if rounds <= 1:
+        return ""
+    return (
+        f", in {rounds} interleaved rounds (every target once per round, each on a fresh "
+        "server and database); the tables show each target's median over its rounds"
+    )
 
 
 def _postgres_lines(report: Mapping[str, Any]) -> list[str]:

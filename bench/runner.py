@@ -54,6 +54,7 @@ class Params:
     dispatch_count: int = 500
     dispatch_rate: float = 50.0
     micro: bool = True
+    rounds: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +64,7 @@ class Params:
             "threads": self.threads,
             "dispatch_count": self.dispatch_count,
             "dispatch_rate": self.dispatch_rate,
+            "rounds": self.rounds,
             "body_bytes": TARGET_BODY_BYTES,
             "uvicorn_flags": list(UVICORN_FLAGS),
         }
@@ -514,10 +516,12 @@ def run(
         pg = pg if pg is not None else probe_pg()
         if not pg.available:
             log(f"PostgreSQL: unavailable ({pg.reason})")
-    results: dict[str, dict[str, Any]] = {}
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     with tempfile.TemporaryDirectory(prefix="falhook-bench-") as tmp:
         root = Path(tmp)
-        for name in targets:
+        # Interleaved rounds: a noisy minute on a shared VM then weighs on every target
+        # alike, instead of on whichever target happened to run during it.
+        for round_no, name in ((i, n) for i in range(params.rounds) for n in targets):
             target = REFERENCES.get(name) or FALHOOKS[name]
             runnable = (target.factory is not None or falhook.available) and (
                 not target.postgres or (pg is not None and pg.available)
@@ -529,10 +533,12 @@ def run(
                         map(str, split_connections(params.connections, target.replicas))
                     )
                     how = f"{params.duration_s:g} s under {target.replicas} wrk ({shares} conns)"
-                log(f"{name}: {params.warmup_s:g} s warm-up + {how}")
-            results[name] = run_target(target, params, root / name, log, falhook, pg)
-            r = results[name]
+                which = f" (round {round_no + 1} of {params.rounds})" if params.rounds > 1 else ""
+                log(f"{name}{which}: {params.warmup_s:g} s warm-up + {how}")
+            r = run_target(target, params, root / f"{name}-{round_no + 1}", log, falhook, pg)
+            rounds[name].append(r)
             log(f"  {r['status']}" + (f": {r['reason']}" if r.get("reason") else ""))
+        results = {name: report.combine_rounds(rs) for name, rs in rounds.items()}
         dispatch = (
             run_dispatch(params, root / "dispatch", log, falhook)
             if FALHOOK.name in targets

@@ -110,3 +110,32 @@ def test_machine_description_helpers() -> None:
     cpuinfo = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n"
     assert cpu_model(cpuinfo) == "Intel(R) Xeon(R) Processor"
     assert cpu_model("") == "unknown"
+
+
+def test_rounds_are_combined_by_median_with_the_highest_peak() -> None:
+    rounds = [
+        {"status": "ok", "rps": 100.0, "p50_ms": 3.0, "p99_ms": 9.0, "peak_rss_mb": 70.0},
+        {"status": "ok", "rps": 300.0, "p50_ms": 1.0, "p99_ms": 30.0, "peak_rss_mb": 75.0},
+        {"status": "ok", "rps": 200.0, "p50_ms": 2.0, "p99_ms": 10.0, "peak_rss_mb": 72.0},
+    ]
+    combined = report.combine_rounds(rounds)
+    assert combined["status"] == "ok"
+    assert (combined["rps"], combined["p50_ms"], combined["p99_ms"]) == (200.0, 2.0, 10.0)
+    assert combined["peak_rss_mb"] == 75.0
+    assert [r["rps"] for r in combined["rounds"]] == [100.0, 300.0, 200.0]
+
+
+def test_one_invalid_round_makes_the_target_invalid() -> None:
+    rounds = [
+        {"status": "ok", "rps": 100.0},
+        {"status": "invalid", "rps": 5.0, "problems": ["12 non-2xx answers"]},
+    ]
+    combined = report.combine_rounds(rounds)
+    assert combined["status"] == "invalid"
+    assert combined["problems"] == ["12 non-2xx answers"]
+    assert len(combined["rounds"]) == 2
+
+
+def test_a_single_round_is_reported_as_it_ran() -> None:
+    only = {"status": "ok", "rps": 123.0, "p99_ms": 4.0}
+    assert report.combine_rounds([only]) == only
