@@ -301,6 +301,7 @@ class LoopWriter(_WriterBase):
         self._open: Any = None  # a connection whose transaction is begun, or None
         self._configured: Any = None  # the connection whose checkpoints we switched off
         self._fallback: asyncio.Task[None] | None = None
+        self._stopping = False
         self._checkpointer = Checkpointer(connection.engine)
 
     def start(self) -> None:
@@ -309,6 +310,9 @@ class LoopWriter(_WriterBase):
         self._checkpointer.start()
 
     async def stop(self) -> None:
+        # Refuse new work first: an operation submitted while we wait below would find no
+        # worker to commit it, and its request would wait forever.
+        self._stopping = True
         await self._idle.wait()
         await asyncio.to_thread(self._checkpointer.stop)
         executor, self._executor = self._executor, None
@@ -320,6 +324,8 @@ class LoopWriter(_WriterBase):
         loop = self._loop
         if self._executor is None or loop is None:
             raise StoreUnavailableError("the store is not started")
+        if self._stopping:
+            raise StoreUnavailableError("the store is stopping")
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((op, future))
         if not self._busy:

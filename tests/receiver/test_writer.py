@@ -148,3 +148,19 @@ def test_a_failing_commit_hook_does_not_leave_requests_waiting(tmp_path: Path) -
             await store.stop()
 
     asyncio.run(body())
+
+
+def test_work_submitted_while_stopping_is_refused_not_left_waiting(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = _store(tmp_path)
+        store.start()
+        writer = store._writer
+        assert await store.insert(delivery("a")) is True
+        stopping = asyncio.create_task(store.stop())
+        await asyncio.sleep(0)  # stop() has begun: it refuses new work from here on
+        assert writer is not None
+        with pytest.raises(StoreUnavailableError):
+            await writer.submit(_op_insert(delivery("b"), None, 60.0, None))
+        await stopping
+
+    asyncio.run(body())
