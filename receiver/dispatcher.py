@@ -181,6 +181,16 @@ class Dispatcher:
 
     async def _handle(self, claim: Claim) -> None:
         try:
+            ok, error, completed, retry_after, lease_ends = await self._attempt(claim)
+        finally:
+            self._slot_freed()  # the callbacks are over (or never ran): the slot is free
+        await self._settle(claim, ok, error, completed, retry_after, lease_ends=lease_ends)
+
+    async def _attempt(
+        self, claim: Claim
+    ) -> tuple[bool, str | None, list[str] | tuple[str, ...], float | None, float | None]:
+        """Run the delivery's callbacks: (ok, error, completed, retry after, lease end)."""
+        try:
             delivery = Delivery.from_body(
                 claim.body,
                 attempt=claim.attempt,
@@ -189,25 +199,20 @@ class Dispatcher:
                 parsed=claim.parsed,
             )
         except Exception as exc:
-            self._slot_freed()
             # Bodies were validated before they were stored; this is a corrupt row.
-            await self._settle(claim, False, f"stored body unreadable: {exc!r}", (), None)
-            return
-        self.observer.started(delivery)
+            return False, f"stored body unreadable: {exc!r}", (), None, None
         self._held[claim.request_id] = (claim, time.monotonic())
         try:
+            self.observer.started(delivery)
             completed, error = await self.registry.run(
                 delivery, claim.completed_callbacks, self._executor
             )
         finally:
             held = self._held.pop(claim.request_id, None)
-            self._slot_freed()
         retry_after = error.after if isinstance(error, Retry) else None
         description = None if error is None else _describe(error)
         lease_ends = (held[1] if held else time.monotonic()) + self.lease_seconds
-        await self._settle(
-            claim, error is None, description, completed, retry_after, lease_ends=lease_ends
-        )
+        return error is None, description, completed, retry_after, lease_ends
 
     def _slot_freed(self) -> None:
         self._running -= 1

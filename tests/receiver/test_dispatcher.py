@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from receiver import CallbackRegistry, Delivery, Retry, RetryPolicy, State, Store
-from receiver.dispatcher import Dispatcher
+from receiver.dispatcher import Dispatcher, DispatchObserver
 from receiver.store import NewDelivery
 from tests.receiver.store_fixtures import pg_schema_url as pg_schema_url  # fixture
 from tests.replicas.proxy import TcpProxy
@@ -333,6 +333,27 @@ def test_no_more_callbacks_run_at_once_than_the_concurrency(db_url: str) -> None
             await _until(lambda: store.counts()[State.DONE] == 6)
         assert sorted(started) == sorted(f"cap-{i}" for i in range(6))
         assert peak == 2
+
+    asyncio.run(main())
+
+
+def test_a_failing_observer_does_not_leak_a_slot(db_url: str) -> None:
+    class Broken(DispatchObserver):
+        def started(self, delivery: Delivery) -> None:
+            raise RuntimeError("a bug in the metrics hook")
+
+    registry = CallbackRegistry()
+    registry.add(lambda d: None, name="noop")
+
+    async def main() -> None:
+        async with _running(db_url, registry, concurrency=1, observer=Broken()) as (
+            store,
+            dispatcher,
+        ):
+            await store.insert(_new("broken-observer"))
+            await _until(lambda: _state(store, "broken-observer") is State.RUNNING)
+            await _until(lambda: not dispatcher._tasks)
+            assert dispatcher.free_slots == 1
 
     asyncio.run(main())
 
