@@ -24,7 +24,7 @@ from pathlib import Path
 from bench import backlog
 from bench.fixtures import new_signing_key, write_deliveries
 from bench.fixtures import write_jwks as write_jwks_file
-from bench.runner import falhook_env, main_deliveries
+from bench.runner import deliveries_dir, falhook_env, main_deliveries
 from bench.servers import Server, free_port
 from bench.wrk import lua_script, run_wrk
 
@@ -90,9 +90,12 @@ def run_once(variant: Variant, workdir: Path, duration_s: float, connections: in
         "PYTHONPATH": f"{variant.tree}{os.pathsep}{bench_root}",
         **variant.env,
     }
-    warm = write_deliveries(key, 20_000, workdir / "warmup.tsv")
-    main = write_deliveries(key, main_deliveries(10_000, duration_s), workdir / "main.tsv")
-    with Server(variant.name, command, port, env, workdir / "server.log") as server:
+    with (
+        deliveries_dir(workdir) as data,
+        Server(variant.name, command, port, env, workdir / "server.log") as server,
+    ):
+        warm = write_deliveries(key, 20_000, data / "warmup.tsv")
+        main = write_deliveries(key, main_deliveries(10_000, duration_s), data / "main.tsv")
         url = server.base_url + WEBHOOK_PATH
         run_wrk(url, script, warm, duration_s=2, connections=connections)
         assert server.proc is not None

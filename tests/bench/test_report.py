@@ -139,3 +139,16 @@ def test_one_invalid_round_makes_the_target_invalid() -> None:
 def test_a_single_round_is_reported_as_it_ran() -> None:
     only = {"status": "ok", "rps": 123.0, "p99_ms": 4.0}
     assert report.combine_rounds([only]) == only
+
+
+def test_deliveries_go_to_ram_when_there_is_some(tmp_path: Path) -> None:
+    from bench.runner import SHM, deliveries_dir
+
+    with deliveries_dir(tmp_path) as data:
+        if SHM.is_dir():
+            assert data.parent == SHM and data.is_dir()
+        else:
+            assert data == tmp_path
+        (data / "main.tsv").write_bytes(b"x")
+    if SHM.is_dir():
+        assert not data.exists()  # removed with the target
