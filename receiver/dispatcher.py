@@ -16,6 +16,7 @@ import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 from receiver.errors import StoreUnavailableError
 from receiver.models import Delivery
@@ -181,15 +182,13 @@ class Dispatcher:
 
     async def _handle(self, claim: Claim) -> None:
         try:
-            ok, error, completed, retry_after, lease_ends = await self._attempt(claim)
+            attempt = await self._attempt(claim)
         finally:
             self._slot_freed()  # the callbacks are over (or never ran): the slot is free
-        await self._settle(claim, ok, error, completed, retry_after, lease_ends=lease_ends)
+        await self._settle(claim, attempt)
 
-    async def _attempt(
-        self, claim: Claim
-    ) -> tuple[bool, str | None, list[str] | tuple[str, ...], float | None, float | None]:
-        """Run the delivery's callbacks: (ok, error, completed, retry after, lease end)."""
+    async def _attempt(self, claim: Claim) -> _Attempt:
+        """Run the delivery's callbacks."""
         try:
             delivery = Delivery.from_body(
                 claim.body,
@@ -200,7 +199,7 @@ class Dispatcher:
             )
         except Exception as exc:
             # Bodies were validated before they were stored; this is a corrupt row.
-            return False, f"stored body unreadable: {exc!r}", (), None, None
+            return _Attempt(False, f"stored body unreadable: {exc!r}", (), None, None)
         self._held[claim.request_id] = (claim, time.monotonic())
         try:
             self.observer.started(delivery)
@@ -212,22 +211,13 @@ class Dispatcher:
         retry_after = error.after if isinstance(error, Retry) else None
         description = None if error is None else _describe(error)
         lease_ends = (held[1] if held else time.monotonic()) + self.lease_seconds
-        return error is None, description, completed, retry_after, lease_ends
+        return _Attempt(error is None, description, completed, retry_after, lease_ends)
 
     def _slot_freed(self) -> None:
         self._running -= 1
         self._slot_free.set()
 
-    async def _settle(
-        self,
-        claim: Claim,
-        ok: bool,
-        error: str | None,
-        completed: list[str] | tuple[str, ...],
-        retry_after: float | None,
-        *,
-        lease_ends: float | None = None,
-    ) -> None:
+    async def _settle(self, claim: Claim, attempt: _Attempt) -> None:
         """Record an attempt's outcome, retrying while our lease still holds.
 
         A store outage of a few seconds (a database restart, a dropped connection) must
@@ -238,12 +228,13 @@ class Dispatcher:
         pause = 0.05
         while True:
             try:
-                kept, outcome = await self._record(claim, ok, error, completed, retry_after)
+                kept, outcome = await self._record(claim, attempt)
                 break
             except StoreUnavailableError as exc:
-                if lease_ends is None or time.monotonic() + pause >= lease_ends:
+                ends = attempt.lease_ends
+                if ends is None or time.monotonic() + pause >= ends:
                     log.warning("could not record outcome of %s: %s", claim.request_id, exc)
-                    self.observer.finished(claim, "unrecorded", error)
+                    self.observer.finished(claim, "unrecorded", attempt.error)
                     return
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
@@ -254,16 +245,10 @@ class Dispatcher:
                 outcome,
             )
             outcome = "fenced"
-        self.observer.finished(claim, outcome, error)
+        self.observer.finished(claim, outcome, attempt.error)
 
-    async def _record(
-        self,
-        claim: Claim,
-        ok: bool,
-        error: str | None,
-        completed: list[str] | tuple[str, ...],
-        retry_after: float | None,
-    ) -> tuple[bool, str]:
+    async def _record(self, claim: Claim, attempt: _Attempt) -> tuple[bool, str]:
+        ok, error, completed, retry_after, _ = attempt
         if ok:
             return await self.store.finish(claim, completed), "done"
         if self.policy.gives_up_after(claim.attempt):
@@ -292,6 +277,16 @@ class Dispatcher:
                         self._held.pop(claim.request_id, None)
                 except StoreUnavailableError as exc:
                     log.warning("could not renew the lease on %s: %s", claim.request_id, exc)
+
+
+class _Attempt(NamedTuple):
+    """What running a delivery's callbacks came to, for recording."""
+
+    ok: bool
+    error: str | None  # the first failure, described
+    completed: list[str] | tuple[str, ...]  # callbacks that have now succeeded
+    retry_after: float | None  # asked for by a callback's Retry(after=)
+    lease_ends: float | None  # retry recording until then (monotonic clock)
 
 
 class DispatchObserver:
