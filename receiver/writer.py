@@ -551,7 +551,7 @@ class Checkpointer:
             return
         self.catch_up_due = False
         try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._pass(conn)
         except Exception as exc:
             log.debug("WAL catch-up checkpoint failed: %s", brief(exc))
 
@@ -602,5 +602,5 @@ class Checkpointer:
                     fairy = None
         if fairy is not None:
             with contextlib.suppress(Exception):
-                fairy.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self._pass(fairy.driver_connection)
                 fairy.close()
