@@ -78,9 +78,116 @@ def _v2_indexes(conn: sa.Connection) -> None:
     sa.Index("ix_falhook_deliveries_received_at", table.c.received_at).create(conn)
 
 
+_V3_STATE_COLUMNS = (
+    "request_id",
+    "gateway_request_id",
+    "status",
+    "error",
+    "payload_error",
+    "user_id",
+    "received_at",
+    "state",
+    "attempts",
+    "due_at",
+    "claim_id",
+    "last_error",
+    "completed_callbacks",
+    "updated_at",
+    "finished_at",
+)
+
+
+def _v3_bodies_apart(conn: sa.Connection) -> None:
+    # The raw body moves to its own table, joined by a new sequential integer key, so that
+    # recording an outcome no longer rewrites the page holding the ~2 KB body (see
+    # models.py). Changing a primary key needs a new table on SQLite; the same rebuild is
+    # used on PostgreSQL so both follow one path. Ids are given in received order.
+    key = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+    metadata = sa.MetaData()
+    old = sa.Table(
+        "falhook_deliveries",
+        metadata,
+        sa.Column("body", sa.LargeBinary),
+        *(sa.Column(name) for name in _V3_STATE_COLUMNS),
+    )
+    new = sa.Table(
+        "falhook_deliveries_v3",
+        metadata,
+        sa.Column("id", key, primary_key=True),
+        sa.Column("request_id", sa.String(255), nullable=False),
+        sa.Column("gateway_request_id", sa.String, nullable=True),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("error", sa.String, nullable=True),
+        sa.Column("payload_error", sa.String, nullable=True),
+        sa.Column("user_id", sa.String, nullable=True),
+        sa.Column("received_at", sa.Float, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("due_at", sa.Float, nullable=False),
+        sa.Column("claim_id", sa.String, nullable=True),
+        sa.Column("last_error", sa.String, nullable=True),
+        sa.Column("completed_callbacks", sa.String, nullable=True),
+        sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("finished_at", sa.Float, nullable=True),
+    )
+    bodies = sa.Table(
+        "falhook_bodies",
+        metadata,
+        sa.Column("id", key, primary_key=True, autoincrement=False),
+        sa.Column("body", sa.LargeBinary, nullable=False),
+    )
+    new.create(conn)
+    bodies.create(conn)
+    state = [old.c[name] for name in _V3_STATE_COLUMNS]
+    conn.execute(
+        new.insert().from_select(
+            list(_V3_STATE_COLUMNS),
+            sa.select(*state).order_by(old.c.received_at, old.c.request_id),
+        )
+    )
+    conn.execute(
+        bodies.insert().from_select(
+            ["id", "body"],
+            sa.select(new.c.id, old.c.body).join(old, old.c.request_id == new.c.request_id),
+        )
+    )
+    old.drop(conn)  # and its indexes, whose names the new table takes below
+    conn.exec_driver_sql("ALTER TABLE falhook_deliveries_v3 RENAME TO falhook_deliveries")
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(
+            "ALTER TABLE falhook_deliveries "
+            "RENAME CONSTRAINT falhook_deliveries_v3_pkey TO falhook_deliveries_pkey"
+        )
+        conn.exec_driver_sql(
+            "ALTER SEQUENCE falhook_deliveries_v3_id_seq RENAME TO falhook_deliveries_id_seq"
+        )
+    table = sa.Table(
+        "falhook_deliveries",
+        sa.MetaData(),
+        sa.Column("request_id", sa.String(255)),
+        sa.Column("state", sa.String(16)),
+        sa.Column("due_at", sa.Float),
+        sa.Column("received_at", sa.Float),
+    )
+    predicate = sa.text("state = 'pending' OR state = 'running'")  # as in migration 2
+    for index in (
+        sa.Index("ux_falhook_deliveries_request_id", table.c.request_id, unique=True),
+        sa.Index("ix_falhook_deliveries_state_due", table.c.state, table.c.due_at),
+        sa.Index(
+            "ix_falhook_deliveries_active_due",
+            table.c.due_at,
+            postgresql_where=predicate,
+            sqlite_where=predicate,
+        ),
+        sa.Index("ix_falhook_deliveries_received_at", table.c.received_at),
+    ):
+        index.create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "deliveries table", _v1_deliveries),
     Migration(2, "partial index on due_at for active rows; index on received_at", _v2_indexes),
+    Migration(3, "bodies apart from dispatch state, joined by a sequential id", _v3_bodies_apart),
 )
 
 

@@ -32,14 +32,19 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from receiver.errors import StoreUnavailableError
 from receiver.migrations import upgrade
-from receiver.models import DeliveryRow, State, StoredDelivery
+from receiver.models import BodyRow, DeliveryRow, State, StoredDelivery
 from receiver.writer import Connection, LoopWriter, Op, ThreadWriter, Writer, brief
 
 __all__ = ["Claim", "ClaimBatch", "NewDelivery", "Store", "make_engine"]
 
 log = logging.getLogger("falhook.store")
 TABLE: sa.Table = DeliveryRow.__table__  # type: ignore[attr-defined]
+BODIES: sa.Table = BodyRow.__table__  # type: ignore[attr-defined]
 NOTIFY_CHANNEL = "falhook_deliveries"
+# What operators read: a delivery's state row with its body.
+_WITH_BODY = sa.select(TABLE, BODIES.c.body).join(BODIES, BODIES.c.id == TABLE.c.id)
+# Bodies deleted per statement by prune: well under SQLite's bound-parameter limit.
+_PRUNE_CHUNK = 500
 _ACTIVE = (State.PENDING.value, State.RUNNING.value)
 # The active-state predicate, spelled with literals exactly as the partial index
 # ix_falhook_deliveries_active_due (migration 2) states it: a planner can only match a
@@ -178,28 +183,51 @@ class _Sql:
                 "error",
                 "payload_error",
                 "user_id",
-                "body",
                 "received_at",
             )
         }
         row["updated_at"] = bp("received_at")
-        self.insert = text(
-            insert_fn(t)
-            .values(**row, state=State.PENDING.value, attempts=0, due_at=bp("received_at"))
-            .on_conflict_do_nothing(index_elements=["request_id"])
+        b = BODIES
+        # Spelled out: SQLite's compiler writes RETURNING columns unqualified, which would
+        # turn a Core correlation into "id = id" (true for every body).
+        body_of = (
+            sa.select(b.c.body)
+            .where(sa.text("falhook_bodies.id = falhook_deliveries.id"))
+            .scalar_subquery()
+        )
+
+        def with_body(insert: Any) -> _Compiled:
+            # A new delivery's state row, then its body under the same id. PostgreSQL does
+            # both in one statement (one round trip): the body is inserted only for a row
+            # the first insert returned, so a duplicate inserts nothing. SQLite has no DML
+            # in a WITH; there the op follows with `insert_body` and the cursor's lastrowid.
+            insert = insert.on_conflict_do_nothing(index_elements=["request_id"])
+            if self.name != "postgresql":
+                return text(insert)
+            added = insert.returning(c.id).cte("added")
+            body = sa.bindparam("body", type_=sa.LargeBinary)
+            return text(sa.insert(b).from_select(["id", "body"], sa.select(added.c.id, body)))
+
+        self.insert = with_body(
+            insert_fn(t).values(
+                **row, state=State.PENDING.value, attempts=0, due_at=bp("received_at")
+            )
         )
         # The same, already claimed by the inserting process: it dispatches at once after
         # the commit, without a separate claim. A crash before that leaves a lease to expire.
-        self.insert_claimed = text(
-            insert_fn(t)
-            .values(
+        self.insert_claimed = with_body(
+            insert_fn(t).values(
                 **row,
                 state=State.RUNNING.value,
                 attempts=1,
                 claim_id=bp("claim_id"),
                 due_at=bp("lease_until"),
             )
-            .on_conflict_do_nothing(index_elements=["request_id"])
+        )
+        self.insert_body = (
+            None
+            if self.name == "postgresql"
+            else text(sa.insert(b).values(id=bp("id"), body=bp("body")))
         )
         # A duplicate of a dead delivery re-arms it: a duplicate must never hide a failure.
         self.revive_dead = text(
@@ -215,7 +243,7 @@ class _Sql:
             )
         )
         due = (
-            sa.select(c.request_id)
+            sa.select(c.id)
             .where(active, c.due_at <= bp("now"))
             .order_by(c.due_at)
             .limit(bp("limit"))
@@ -224,7 +252,7 @@ class _Sql:
             due = due.with_for_update(skip_locked=True)
         self.claim = text(
             sa.update(t)
-            .where(c.request_id.in_(due.scalar_subquery()))
+            .where(c.id.in_(due.scalar_subquery()))
             .values(
                 state=State.RUNNING.value,
                 claim_id=bp("claim_id"),
@@ -236,7 +264,7 @@ class _Sql:
                 c.request_id,
                 c.attempts,
                 c.status,
-                c.body,
+                body_of,
                 c.user_id,
                 c.received_at,
                 c.completed_callbacks,
@@ -284,6 +312,15 @@ class _Sql:
         )
         self.notify = f"NOTIFY {NOTIFY_CHANNEL}" if self.name == "postgresql" else None
 
+    def add(self, cur: Any, insert: _Compiled, params: dict[str, Any]) -> bool:
+        """Insert a new delivery and its body; False (nothing written) for a duplicate."""
+        insert.execute(cur, params)
+        if cur.rowcount != 1:
+            return False
+        if self.insert_body is not None:
+            self.insert_body.execute(cur, {"id": cur.lastrowid, "body": params["body"]})
+        return True
+
 
 # --- operations: run on the writer's cursor, inside its batch transaction --------------
 
@@ -307,13 +344,11 @@ def _op_insert(
 
     def op(cur: Any, sql: _Sql) -> bool:
         if claim_id is None:
-            sql.insert.execute(cur, params)
-            if cur.rowcount == 1:
+            if sql.add(cur, sql.insert, params):
                 sql.due_now = True
                 return True
         else:
-            sql.insert_claimed.execute(cur, params)
-            if cur.rowcount == 1:
+            if sql.add(cur, sql.insert_claimed, params):
                 sql.claimed.append(
                     Claim(
                         request_id=new.request_id,
@@ -552,7 +587,7 @@ class Store:
 
     def get(self, request_id: str) -> StoredDelivery | None:
         """One stored delivery, or None."""
-        rows = self._select(sa.select(TABLE).where(TABLE.c.request_id == request_id))
+        rows = self._select(_WITH_BODY.where(TABLE.c.request_id == request_id))
         return rows[0] if rows else None
 
     def list(
@@ -563,7 +598,7 @@ class Store:
         limit: int | None = 100,
     ) -> builtins.list[StoredDelivery]:
         """Stored deliveries, newest first, filtered by state and received time."""
-        stmt = sa.select(TABLE).order_by(TABLE.c.received_at.desc(), TABLE.c.request_id)
+        stmt = _WITH_BODY.order_by(TABLE.c.received_at.desc(), TABLE.c.request_id)
         if states:
             stmt = stmt.where(TABLE.c.state.in_([s.value for s in states]))
         if since is not None:
@@ -643,10 +678,20 @@ class Store:
         if not allowed:
             return 0
         cutoff = time.time() - older_than
-        stmt = sa.delete(TABLE).where(TABLE.c.state.in_(allowed), TABLE.c.finished_at < cutoff)
+        # The state rows go first and say which bodies go with them: a delivery that
+        # changed state meanwhile (a replay) is not deleted, so neither is its body.
+        stmt = (
+            sa.delete(TABLE)
+            .where(TABLE.c.state.in_(allowed), TABLE.c.finished_at < cutoff)
+            .returning(TABLE.c.id)
+        )
         try:
             with self._connect() as conn, conn.begin():
-                return int(conn.execute(stmt).rowcount)
+                ids = [row[0] for row in conn.execute(stmt)]
+                for start in range(0, len(ids), _PRUNE_CHUNK):
+                    chunk = ids[start : start + _PRUNE_CHUNK]
+                    conn.execute(sa.delete(BODIES).where(BODIES.c.id.in_(chunk)))
+                return len(ids)
         except sa.exc.SQLAlchemyError as exc:
             raise StoreUnavailableError(brief(exc)) from exc
 

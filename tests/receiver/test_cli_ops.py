@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 
 from receiver.app import WebhookReceiver
 from receiver.cli import main
-from receiver.models import Delivery, DeliveryRow, State
+from receiver.models import BodyRow, Delivery, DeliveryRow, State
 from receiver.settings import Settings
 from receiver.store import Store
 from verify.testing import KeyPair, fal_body, sign
@@ -48,6 +48,10 @@ def run(capsys: pytest.CaptureFixture[str], db: str) -> Run:
         return code, captured.out, captured.err
 
     return invoke
+
+
+DELIVERIES: sa.Table = DeliveryRow.__table__  # type: ignore[attr-defined]
+BODIES: sa.Table = BodyRow.__table__  # type: ignore[attr-defined]
 
 
 def seed(
@@ -84,9 +88,12 @@ def seed(
         if finished
         else None,
     }
+    body = row.pop("body")
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.insert(DeliveryRow.__table__).values(**row))  # type: ignore[attr-defined]
+        inserted = conn.execute(sa.insert(DELIVERIES).values(**row))
+        key = inserted.inserted_primary_key[0]  # type: ignore[index]
+        conn.execute(sa.insert(BODIES).values(id=key, body=body))
     engine.dispose()
 
 

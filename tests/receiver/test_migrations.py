@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from receiver.migrations import MIGRATIONS, VERSION_TABLE, current_version, upgrade
-from receiver.models import DeliveryRow, State
+from receiver.models import BodyRow, DeliveryRow, State
 from receiver.store import Store, make_engine
 from tests.receiver import store_fixtures
 from tests.receiver.store_fixtures import delivery, fresh_pg_schema
@@ -28,6 +28,7 @@ store_url = store_fixtures.store_url
 
 LATEST = MIGRATIONS[-1].version
 TABLE: sa.Table = DeliveryRow.__table__  # type: ignore[attr-defined]
+BODIES: sa.Table = BodyRow.__table__  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
@@ -58,6 +59,10 @@ def test_versions_are_consecutive() -> None:
     assert [m.version for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
 
 
+def v1_body(rid: str) -> bytes:
+    return b'{"request_id":"%s","status":"OK","payload":{}}' % rid.encode()
+
+
 def _v1_rows(now: float) -> list[dict[str, Any]]:
     base: dict[str, Any] = {
         "gateway_request_id": None,
@@ -75,15 +80,12 @@ def _v1_rows(now: float) -> list[dict[str, Any]]:
         "finished_at": None,
     }
 
-    def body(rid: str) -> bytes:
-        return b'{"request_id":"%s","status":"OK","payload":{}}' % rid.encode()
-
     return [
-        {**base, "request_id": "old-pending", "body": body("old-pending"), "state": "pending"},
+        {**base, "request_id": "old-pending", "body": v1_body("old-pending"), "state": "pending"},
         {
             **base,
             "request_id": "old-done",
-            "body": body("old-done"),
+            "body": v1_body("old-done"),
             "state": "done",
             "attempts": 1,
             "completed_callbacks": '["cb"]',
@@ -92,7 +94,7 @@ def _v1_rows(now: float) -> list[dict[str, Any]]:
         {
             **base,
             "request_id": "old-dead",
-            "body": body("old-dead"),
+            "body": v1_body("old-dead"),
             "state": "dead",
             "attempts": 10,
             "last_error": "boom",
@@ -101,7 +103,7 @@ def _v1_rows(now: float) -> list[dict[str, Any]]:
         {
             **base,
             "request_id": "old-running",
-            "body": body("old-running"),
+            "body": v1_body("old-running"),
             "state": "running",
             "attempts": 1,
             "claim_id": "gone-worker",
@@ -135,6 +137,10 @@ def test_database_written_by_v1_keeps_working_after_upgrade(store_url: str) -> N
             done = store.get("old-done")
             assert done is not None
             assert done.state is State.DONE and done.completed_callbacks == ("cb",)
+            # Each body came along, byte for byte, joined to its own delivery.
+            for rid in ("old-pending", "old-done", "old-dead", "old-running"):
+                stored = store.get(rid)
+                assert stored is not None and stored.body == v1_body(rid), rid
             dead = store.get("old-dead")
             assert dead is not None and dead.last_error == "boom"
             # The store works on the upgraded rows: the pending one and the expired
@@ -143,6 +149,9 @@ def test_database_written_by_v1_keeps_working_after_upgrade(store_url: str) -> N
             assert {c.request_id: c.attempt for c in batch.claims} == {
                 "old-pending": 1,
                 "old-running": 2,
+            }
+            assert {c.request_id: c.body for c in batch.claims} == {
+                rid: v1_body(rid) for rid in ("old-pending", "old-running")
             }
             assert await store.insert(delivery("old-done")) is False
             assert await store.insert(delivery("old-dead")) is False  # revived
@@ -188,7 +197,7 @@ def test_concurrent_upgrades_apply_each_migration_once(store_url: str) -> None:
 # -- the migrated schema is the SQLModel table ---------------------------------------------
 
 
-def _shape(url: str) -> dict[str, Any]:
+def _shape(url: str, table: str) -> dict[str, Any]:
     with engine_for(url) as engine, engine.connect() as conn:
         inspector = sa.inspect(conn)
         columns = {
@@ -196,16 +205,16 @@ def _shape(url: str) -> dict[str, Any]:
                 c["type"].compile(dialect=engine.dialect),
                 c["nullable"],
             )
-            for c in inspector.get_columns("falhook_deliveries")
+            for c in inspector.get_columns(table)
         }
-        pk = inspector.get_pk_constraint("falhook_deliveries")["constrained_columns"]
+        pk = inspector.get_pk_constraint(table)["constrained_columns"]
         indexes = {
             ix["name"]: (
                 tuple(ix["column_names"]),
                 bool(ix["unique"]),
                 _where(ix.get("dialect_options", {})),
             )
-            for ix in inspector.get_indexes("falhook_deliveries")
+            for ix in inspector.get_indexes(table)
         }
         return {"columns": columns, "pk": pk, "indexes": indexes}
 
@@ -224,20 +233,35 @@ def _other_database(store_url: str, tmp_path: Path) -> Iterator[str]:
             yield url
 
 
-def test_migrated_schema_matches_the_sqlmodel_table(store_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("table", [TABLE, BODIES], ids=lambda t: t.name)
+def test_migrated_schema_matches_the_sqlmodel_table(
+    store_url: str, tmp_path: Path, table: sa.Table
+) -> None:
     with engine_for(store_url) as engine:
         upgrade(engine)
     with _other_database(store_url, tmp_path) as model_url:
         with engine_for(model_url) as engine:
-            TABLE.create(engine)  # what the current model alone would create
-        migrated, modelled = _shape(store_url), _shape(model_url)
+            table.create(engine)  # what the current model alone would create
+        migrated, modelled = _shape(store_url, table.name), _shape(model_url, table.name)
     assert migrated["columns"] == modelled["columns"]
-    assert migrated["pk"] == modelled["pk"] == ["request_id"]
+    assert migrated["pk"] == modelled["pk"] == ["id"]
     assert migrated["indexes"] == modelled["indexes"]
-    assert set(migrated["indexes"]) == {ix.name for ix in TABLE.indexes}
+    assert set(migrated["indexes"]) == {ix.name for ix in table.indexes}
     # Nullability, spelled out from the model (the claim path relies on these).
-    for column in TABLE.columns:
+    for column in table.columns:
         assert migrated["columns"][column.name][1] == column.nullable, column.name
+
+
+def test_sqlite_delivery_id_is_the_rowid(tmp_path: Path) -> None:
+    """Only "INTEGER PRIMARY KEY" makes the key the rowid: in order, and no second index."""
+    url = f"sqlite:///{tmp_path / 'rowid.db'}"
+    with engine_for(url) as engine:
+        upgrade(engine)
+        with engine.connect() as conn:
+            for table in ("falhook_deliveries", "falhook_bodies"):
+                # A primary key that is not the rowid gets an index of origin "pk".
+                origins = [row[3] for row in conn.exec_driver_sql(f"PRAGMA index_list({table})")]
+                assert "pk" not in origins, (table, origins)
 
 
 @pytest.mark.postgres

@@ -49,6 +49,15 @@ async def claim_all(store: Store, limit: int = 100, lease: float = 30.0) -> list
     return (await store.claim(limit, lease)).claims
 
 
+def row_counts(store: Store) -> tuple[int, int]:
+    """(state rows, body rows), read straight from the tables."""
+    with store.engine.connect() as conn:
+        return (
+            conn.exec_driver_sql("SELECT count(*) FROM falhook_deliveries").scalar_one(),
+            conn.exec_driver_sql("SELECT count(*) FROM falhook_bodies").scalar_one(),
+        )
+
+
 # -- insert and dedupe -------------------------------------------------------------------
 
 
@@ -66,6 +75,7 @@ def test_insert_new_then_duplicate(store_url: str) -> None:
             assert row.gateway_request_id == "gw-a"
             assert row.body == delivery("a").body
             assert store.get("missing") is None
+            assert row_counts(store) == (2, 2)  # the duplicate wrote no second body
 
     run(body)
 
@@ -143,6 +153,27 @@ def test_claim_carries_what_dispatch_needs(store_url: str) -> None:
             assert claim.completed_callbacks == ()
             empty = await store.claim(5, 30)
             assert empty.claims == []
+
+    run(body)
+
+
+def test_every_claim_and_read_carries_its_own_body(store_url: str) -> None:
+    """Bodies live in their own table: each is joined to its own delivery, never another's."""
+
+    async def body() -> None:
+        async with opened(store_url) as store:
+            news = {rid: delivery(rid) for rid in ("a", "b", "c", "d", "e")}
+            for new in news.values():
+                await store.insert(new)
+            assert len({new.body for new in news.values()}) == 5
+            claims = await claim_all(store)
+            assert {c.request_id: c.body for c in claims} == {
+                rid: new.body for rid, new in news.items()
+            }
+            assert {r.request_id: r.body for r in store.list()} == {
+                rid: new.body for rid, new in news.items()
+            }
+            assert store.get("c").body == news["c"].body  # type: ignore[union-attr]
 
     run(body)
 
@@ -316,6 +347,7 @@ def test_prune_never_deletes_pending_or_running(store_url: str) -> None:
             assert store.prune(0, states=list(State)) == 1  # dead; never c or d
             assert store.get("b") is None
             assert {r.request_id for r in store.list()} == {"c", "d"}
+            assert row_counts(store) == (2, 2)  # the pruned deliveries' bodies went too
 
     run(body)
 
@@ -463,6 +495,7 @@ def test_insert_claimed_duplicate_takes_no_claim(store_url: str) -> None:
             row = store.get("a")
             assert row is not None
             assert (row.state, row.claim_id, row.attempts) == (State.PENDING, None, 0)
+            assert row_counts(store) == (1, 1)
 
     run(body)
 
