@@ -48,7 +48,7 @@ class _Observer(DispatchObserver):
             )
 
     def finished(self, claim: Claim, outcome: str, error: str | None) -> None:
-        self.metrics.callback_outcomes.labels(outcome).inc()
+        self.metrics.outcome(outcome)
         level = logging.INFO if outcome == "done" else logging.WARNING
         if delivery_log.isEnabledFor(level):
             delivery_log.log(

@@ -26,7 +26,9 @@ def test_counters_histograms_and_store_numbers() -> None:
     metrics.duplicate.inc()
     metrics.rejected("invalid_signature")
     metrics.rejected("invalid_signature")
-    metrics.callback_outcomes.labels("dead").inc()
+    metrics.outcome("dead")
+    metrics.outcome("done")
+    metrics.outcome("done")  # the cached child of the first call
     metrics.ack_latency.observe(0.003)
     samples = _samples(metrics)
     received = "falhook_deliveries_received_total"
@@ -34,6 +36,7 @@ def test_counters_histograms_and_store_numbers() -> None:
     assert samples[(received, (("outcome", "duplicate"), ("reason", "")))] == 1
     assert samples[(received, (("outcome", "rejected"), ("reason", "invalid_signature")))] == 2
     assert samples[("falhook_callback_outcomes_total", (("outcome", "dead"),))] == 1
+    assert samples[("falhook_callback_outcomes_total", (("outcome", "done"),))] == 2
     assert samples[("falhook_ack_latency_seconds_count", ())] == 1
     assert samples[("falhook_deliveries", (("state", "pending"),))] == 3
     assert samples[("falhook_deliveries", (("state", "dead"),))] == 1

@@ -279,7 +279,7 @@ def test_pg_claim_and_next_due_can_use_the_partial_index(pg_schema_url: str) -> 
                 conn.exec_driver_sql("SET enable_bitmapscan = off")
                 sql = store._sql.next_due
                 plan = "\n".join(
-                    r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql.sql, sql.constants)
+                    r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql.sql, sql.args())
                 )
             assert "ix_falhook_deliveries_active_due" in plan, plan
         finally:

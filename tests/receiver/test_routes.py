@@ -85,6 +85,7 @@ def test_callback_gets_the_delivery(
     [
         (b"{", "invalid_json"),
         (b"\xff", "invalid_json"),
+        ('{"request_id": "r-400", "status": "OK"}'.encode("utf-16"), "invalid_json"),
         (b"null", "invalid_json"),
         (b"[]", "invalid_json"),
         (b"{}", "missing_request_id"),

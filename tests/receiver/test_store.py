@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 
 from receiver.errors import StoreUnavailableError
 from receiver.models import State
-from receiver.store import Claim, Store
+from receiver.store import Claim, Store, _Compiled
 from tests.receiver import store_fixtures
 from tests.receiver.store_fixtures import PG_URL, delivery, pg_admin, requires_pg
 
@@ -634,3 +635,25 @@ def test_sqlite_wal_is_checkpointed_off_the_commit_path(tmp_path: Any) -> None:
             assert reopened.counts()[State.PENDING] == 300
 
     run(body)
+
+
+@pytest.mark.parametrize(
+    ("sql", "order", "constants", "params", "expected"),
+    [
+        ("SELECT 7", [], {}, None, (7,)),
+        ("SELECT ?", ["a"], {}, {"a": "x"}, ("x",)),
+        ("SELECT ?, ?, ?", ["a", "k", "a"], {"k": 3}, {"a": 1}, (1, 3, 1)),
+    ],
+)
+def test_compiled_statement_binds_by_position(
+    sql: str,
+    order: list[str],
+    constants: dict[str, Any],
+    params: dict[str, Any] | None,
+    expected: tuple[Any, ...],
+) -> None:
+    """Names (repeated ones included) and the statement's constants map onto placeholders."""
+    statement = _Compiled(sql, order, constants)
+    cursor = sqlite3.connect(":memory:").cursor()
+    statement.execute(cursor, params)
+    assert cursor.fetchone() == expected
