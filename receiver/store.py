@@ -524,7 +524,9 @@ class Store:
                     claim_id=claim_id,
                     attempt=r[1],
                     status=r[2],
-                    body=bytes(r[3]),
+                    # No body row would be a damaged store: an empty body then fails as
+                    # "stored body unreadable" and is retried, not a crashed claim batch.
+                    body=bytes(r[3]) if r[3] is not None else b"",
                     user_id=r[4],
                     received_at=r[5],
                     completed_callbacks=_decode_callbacks(r[6]),

@@ -179,6 +179,24 @@ def test_every_claim_and_read_carries_its_own_body(store_url: str) -> None:
     run(body)
 
 
+def test_a_missing_body_row_does_not_break_the_claim(store_url: str) -> None:
+    """A damaged store (a body row deleted by hand) must not fail the others' claims."""
+
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await store.insert(delivery("a"))
+            await store.insert(delivery("b"))
+            with store.engine.begin() as conn:
+                conn.exec_driver_sql(
+                    "DELETE FROM falhook_bodies WHERE id = "
+                    "(SELECT id FROM falhook_deliveries WHERE request_id = 'a')"
+                )
+            claims = {c.request_id: c.body for c in await claim_all(store)}
+            assert claims == {"a": b"", "b": delivery("b").body}
+
+    run(body)
+
+
 def test_expired_lease_is_retaken_with_attempts_plus_one(store_url: str) -> None:
     async def body() -> None:
         async with opened(store_url) as store:
