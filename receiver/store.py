@@ -171,7 +171,8 @@ class _Sql:
             compile_dialect: sa.Dialect = sqlite_dialect.dialect(paramstyle="qmark")
             insert_fn: Any = sqlite_dialect.insert
         else:
-            compile_dialect = pg_dialect.psycopg.dialect(paramstyle="format")  # type: ignore[no-untyped-call]
+            driver: Any = type(dialect)  # the engine's own driver, positional ("%s")
+            compile_dialect = driver(paramstyle="format")
             insert_fn = pg_dialect.insert
         t = TABLE
         c = t.c
