@@ -44,7 +44,8 @@ TABLE: sa.Table = DeliveryRow.__table__  # type: ignore[attr-defined]
 BODIES: sa.Table = BodyRow.__table__  # type: ignore[attr-defined]
 NOTIFY_CHANNEL = "falhook_deliveries"
 # What operators read: a delivery's state row with its body.
-_WITH_BODY = sa.select(TABLE, BODIES.c.body).join(BODIES, BODIES.c.id == TABLE.c.id)
+# Outer: a delivery whose body row is missing (a damaged store) still shows, body empty.
+_WITH_BODY = sa.select(TABLE, BODIES.c.body).outerjoin(BODIES, BODIES.c.id == TABLE.c.id)
 # Bodies deleted per statement by prune: well under SQLite's bound-parameter limit.
 _PRUNE_CHUNK = 500
 _ACTIVE = (State.PENDING.value, State.RUNNING.value)
@@ -743,7 +744,7 @@ class Store:
                 error=r.error,
                 payload_error=r.payload_error,
                 user_id=r.user_id,
-                body=bytes(r.body),
+                body=bytes(r.body) if r.body is not None else b"",
                 received_at=r.received_at,
                 state=State(r.state),
                 attempts=r.attempts,
