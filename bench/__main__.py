@@ -87,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.text_table(report.TARGET_HEADER, report.target_rows(result["targets"])))
     print()
     print(report.text_table(report.GOAL_HEADER, report.goal_rows(result["goals"])))
+    ceiling = report.ceiling_line(result["headline"])
+    if ceiling:
+        print(ceiling)
     if any(name in result["targets"] for name in PG_TARGETS):
         print()
         rows = report.comparison_rows(result["comparisons"])

@@ -47,6 +47,9 @@ def test_goals_pass_fail_and_stretch() -> None:
         "falhook_peak_rss_mb": "PASS",
     }
     assert values["falhook_vs_verify_rps"] == pytest.approx(0.9375)
+    assert values["verify_vs_naive_rps"] == pytest.approx(16.0)  # 8000 / 500
+    assert "16.00x" in (report.ceiling_line(values) or "")
+    assert report.ceiling_line({"verify_vs_naive_rps": None}) is None
 
 
 def test_an_invalid_or_missing_falhook_is_not_judged() -> None:
@@ -82,12 +85,15 @@ def test_report_files_are_written(tmp_path: Path) -> None:
         "dispatch": {"status": "unavailable"},
         "verify_micro": {"status": "unavailable", "ratio": None},
         "goals": report.evaluate(values),
+        "headline": values,
     }  # fmt: skip
     names = sorted(p.name for p in write_results(result, tmp_path))
     assert names == sorted(
         ["latest.json", "latest.md", "20250102T030405Z.json", "20250102T030405Z.md"]
     )
-    assert "| bare | 20,000 |" in (tmp_path / "latest.md").read_text()
+    markdown = (tmp_path / "latest.md").read_text()
+    assert "| bare | 20,000 |" in markdown
+    assert "verify-only / naive req/s: 16.00x" in markdown
     assert not list(tmp_path.glob("*.tmp"))
 
 
