@@ -1,0 +1,164 @@
+"""``python -m bench.inproc``: the event loop's CPU per delivery, in process, without HTTP.
+
+wrk runs on a shared 2-core VM swing by ±10% from one minute to the next, which hides any
+change of a few percent. This drives ``WebhookReceiver``'s ASGI app directly (32 concurrent
+senders, uvloop, a SQLite file, a no-op async callback) and reports the loop thread's CPU
+time per delivery, from the first stored delivery to the last one done. Deliveries are
+signed before the clock starts.
+
+For a figure that does not move with the machine at all, count instructions instead: run
+it under ``valgrind --tool=callgrind`` with two sizes and divide the difference of the
+totals by the difference of the sizes (start-up and warm-up cancel out)::
+
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.2000.%p \\
+        .venv/bin/python -m bench.inproc --deliveries 2000
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.6000.%p \\
+        .venv/bin/python -m bench.inproc --deliveries 6000
+    grep -h ^totals /tmp/cg.2000.* /tmp/cg.6000.*   # (b - a) / 4000 = instructions/delivery
+
+``--tree PATH`` measures another checkout's ``receiver`` (e.g. a ``git worktree``) with
+this checkout's harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.fixtures import Delivery, iter_deliveries, new_signing_key, write_jwks
+
+SENDERS = 32
+WARMUP = 2000
+
+
+@dataclass(frozen=True)
+class Result:
+    deliveries: int
+    loop_cpu_us: float  # the loop thread's CPU time per delivery
+    per_second: float  # deliveries stored and dispatched per wall-clock second
+
+
+async def _noop(delivery: Any) -> None:
+    return None
+
+
+def _scope(delivery: Delivery) -> dict[str, Any]:
+    headers = [(k.lower().encode(), v.encode()) for k, v in delivery.headers().items()]
+    headers.append((b"content-length", str(len(delivery.body)).encode()))
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/webhooks/fal",
+        "raw_path": b"/webhooks/fal",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+    }
+
+
+async def measure(
+    deliveries: Sequence[Delivery],
+    jwks: Path,
+    workdir: Path,
+    *,
+    callback: bool = True,
+    warmup: int = WARMUP,
+) -> Result:
+    """Send ``deliveries`` (the first ``warmup`` unmeasured) and wait until all are done."""
+    from receiver.app import WebhookReceiver  # imported late: --tree picks the checkout
+    from receiver.models import State
+    from receiver.settings import Settings
+
+    settings = Settings.from_env(
+        {
+            "FALHOOK_DATABASE_URL": f"sqlite:///{workdir / 'falhook.db'}",
+            "FALHOOK_JWKS_URL": str(jwks),
+        }
+    )
+    receiver = WebhookReceiver(settings, callbacks=[_noop] if callback else [])
+    await receiver.start()
+    try:
+
+        async def send(delivery: Delivery) -> None:
+            statuses: list[int] = []
+            body_sent = False
+
+            async def receive() -> dict[str, Any]:
+                nonlocal body_sent
+                if body_sent:  # the app never asks again once it has the whole body
+                    raise RuntimeError("receive() called after the body")
+                body_sent = True
+                return {"type": "http.request", "body": delivery.body, "more_body": False}
+
+            async def reply(message: MutableMapping[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    statuses.append(message["status"])
+
+            await receiver.app(_scope(delivery), receive, reply)
+            if statuses != [200]:
+                raise RuntimeError(f"delivery {delivery.request_id} answered {statuses}")
+
+        async def run(batch: Sequence[Delivery]) -> None:
+            queue = iter(batch)
+
+            async def sender() -> None:
+                for delivery in queue:
+                    await send(delivery)
+
+            await asyncio.gather(*(sender() for _ in range(SENDERS)))
+
+        async def all_done(total: int) -> None:
+            # counts() is a synchronous read: run it off the loop, or it would be measured.
+            deadline = time.monotonic() + 120
+            while (await asyncio.to_thread(receiver.store.counts))[State.DONE] < total:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("dispatch did not finish within 120 s")
+                await asyncio.sleep(0.005)
+
+        warm, measured = deliveries[:warmup], deliveries[warmup:]
+        await run(warm)
+        cpu, wall = time.thread_time(), time.perf_counter()
+        await run(measured)
+        if callback:
+            await all_done(len(deliveries))
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+    finally:
+        await receiver.stop()
+    return Result(len(measured), cpu / len(measured) * 1e6, len(measured) / wall)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__.split("\n")[0])
+    p.add_argument("--deliveries", type=int, default=20_000, help="measured (after a warm-up)")
+    p.add_argument("--warmup", type=int, default=WARMUP, help="unmeasured, sent first")
+    p.add_argument("--no-callback", action="store_true", help="store only: no dispatch")
+    p.add_argument("--tree", type=Path, help="measure this checkout's receiver package")
+    args = p.parse_args(argv)
+    if args.tree is not None:
+        sys.path.insert(0, str(args.tree.resolve()))
+    import uvloop
+
+    key = new_signing_key()
+    deliveries = list(iter_deliveries(key, args.warmup + args.deliveries))
+    with tempfile.TemporaryDirectory(prefix="falhook-inproc-") as tmp:
+        jwks = write_jwks(key, Path(tmp) / "jwks.json")
+        work = measure(
+            deliveries, jwks, Path(tmp), callback=not args.no_callback, warmup=args.warmup
+        )
+        result = uvloop.run(work)
+    print(
+        f"{result.deliveries:,} deliveries: loop CPU {result.loop_cpu_us:.1f} us/delivery, "
+        f"{result.per_second:,.0f}/s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
