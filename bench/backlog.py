@@ -20,7 +20,12 @@ _UNFINISHED = ("pending", "running")
 
 
 def state_counts(database_url: str) -> dict[str, int]:
-    """Deliveries per state, read with a connection of its own."""
+    """Deliveries per state, read with a connection of its own.
+
+    Plain SQL on the one column every schema version has, not ``Store.counts()``: a
+    ``Store`` migrates the database it opens, and ``bench.ab`` reads the stores of older
+    checkouts while their servers are still dispatching.
+    """
     engine = sa.create_engine(database_url)
     try:
         with engine.connect() as conn:
