@@ -8,6 +8,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/falhook
 COPY pyproject.toml README.md ./
+COPY falhook ./falhook
 COPY verify ./verify
 COPY receiver ./receiver
 RUN /opt/falhook/bin/pip install '.[postgres]'

@@ -51,7 +51,7 @@ def parse_variant(text: str) -> Variant:
             raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
         env[key] = value
     tree = Path(path).resolve()
-    if not (tree / "receiver" / "__main__.py").exists():
+    if not (tree / "receiver" / "__main__.py").exists():  # both layouts keep receiver/
         raise argparse.ArgumentTypeError(f"{tree} is not a falhook source tree")
     return Variant(name, tree, env)
 
@@ -82,7 +82,9 @@ def run_once(variant: Variant, workdir: Path, duration_s: float, connections: in
     script = workdir / "deliveries.lua"
     script.write_text(lua_script(WEBHOOK_PATH, count_non2xx=True))
     port = free_port()
-    command = [sys.executable, "-m", "receiver", "serve", "--host", "127.0.0.1"]
+    # Trees from before the falhook namespace ran as `-m receiver`.
+    module = "falhook.receiver" if (variant.tree / "falhook").is_dir() else "receiver"
+    command = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--callback", "bench.callbacks:noop", "--log-level", "warning"]
     bench_root = Path(__file__).resolve().parent.parent  # for bench.callbacks
     env = {

@@ -72,9 +72,9 @@ async def measure(
     warmup: int = WARMUP,
 ) -> Result:
     """Send ``deliveries`` (the first ``warmup`` unmeasured) and wait until all are done."""
-    from receiver.app import WebhookReceiver  # imported late: --tree picks the checkout
-    from receiver.models import State
-    from receiver.settings import Settings
+    from falhook.receiver.app import WebhookReceiver  # imported late: --tree picks the checkout
+    from falhook.receiver.models import State
+    from falhook.receiver.settings import Settings
 
     settings = Settings.from_env(
         {

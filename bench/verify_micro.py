@@ -16,8 +16,8 @@ from collections.abc import Callable
 import httpx
 from nacl.signing import VerifyKey
 
-from verify import JWKSClient, verify_signature
-from verify.testing import fal_body, generate_keypair, jwks_document, sign
+from falhook.verify import JWKSClient, verify_signature
+from falhook.verify.testing import fal_body, generate_keypair, jwks_document, sign
 
 __all__ = ["run"]
 

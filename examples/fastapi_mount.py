@@ -14,9 +14,9 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 
-from receiver.app import WebhookReceiver
-from receiver.models import Delivery
-from receiver.settings import Settings
+from falhook.receiver.app import WebhookReceiver
+from falhook.receiver.models import Delivery
+from falhook.receiver.settings import Settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -10,8 +10,8 @@ a callback that raises is retried with backoff, and `falhook deliveries` shows t
 
 from __future__ import annotations
 
-from receiver.app import WebhookReceiver
-from receiver.models import Delivery
+from falhook.receiver.app import WebhookReceiver
+from falhook.receiver.models import Delivery
 
 hooks = WebhookReceiver()  # settings from FALHOOK_* environment variables
 

@@ -3,19 +3,19 @@
 The public API; import these from ``receiver`` directly.
 """
 
-from receiver.app import WebhookReceiver, create_app
-from receiver.errors import (
+from falhook.receiver.app import WebhookReceiver, create_app
+from falhook.receiver.errors import (
     CallbackImportError,
     NotStartedError,
     ReceiverError,
     SettingsError,
     StoreUnavailableError,
 )
-from receiver.models import Delivery, State, StoredDelivery
-from receiver.registry import CallbackRegistry
-from receiver.retry import Retry, RetryPolicy
-from receiver.settings import Settings
-from receiver.store import Store
+from falhook.receiver.models import Delivery, State, StoredDelivery
+from falhook.receiver.registry import CallbackRegistry
+from falhook.receiver.retry import Retry, RetryPolicy
+from falhook.receiver.settings import Settings
+from falhook.receiver.store import Store
 
 __all__ = [
     "CallbackImportError",

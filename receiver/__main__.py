@@ -1,5 +1,5 @@
 import sys
 
-from receiver.cli import main
+from falhook.receiver.cli import main
 
 sys.exit(main())

@@ -16,19 +16,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from receiver.dispatcher import Dispatcher, DispatchObserver
-from receiver.errors import NotStartedError, StoreUnavailableError
-from receiver.forward import Forwarder
-from receiver.keysource import KeySource
-from receiver.listener import Listener
-from receiver.logs import delivery_log
-from receiver.metrics import Metrics
-from receiver.models import Delivery
-from receiver.registry import Callback, CallbackRegistry
-from receiver.retry import RetryPolicy
-from receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
-from receiver.settings import Settings
-from receiver.store import Claim, Store
+from falhook.receiver.dispatcher import Dispatcher, DispatchObserver
+from falhook.receiver.errors import NotStartedError, StoreUnavailableError
+from falhook.receiver.forward import Forwarder
+from falhook.receiver.keysource import KeySource
+from falhook.receiver.logs import delivery_log
+from falhook.receiver.metrics import Metrics
+from falhook.receiver.models import Delivery
+from falhook.receiver.registry import Callback, CallbackRegistry
+from falhook.receiver.retry import RetryPolicy
+from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
+from falhook.receiver.settings import Settings
+from falhook.receiver.store import Claim, Store
+from falhook.receiver.store.listener import Listener
 
 __all__ = ["WebhookReceiver", "create_app"]
 

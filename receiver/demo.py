@@ -21,12 +21,12 @@ from typing import Any, TextIO
 
 import httpx
 
-from receiver.app import WEBHOOK_PATH, WebhookReceiver
-from receiver.cli_ops import render_table
-from receiver.durations import format_time
-from receiver.models import Delivery, State
-from receiver.settings import Settings
-from verify.testing import JWKSServer, KeyPair, fal_body, generate_keypair, sign
+from falhook.receiver.app import WEBHOOK_PATH, WebhookReceiver
+from falhook.receiver.cli.ops import render_table
+from falhook.receiver.durations import format_time
+from falhook.receiver.models import Delivery, State
+from falhook.receiver.settings import Settings
+from falhook.verify.testing import JWKSServer, KeyPair, fal_body, generate_keypair, sign
 
 __all__ = ["run"]
 
@@ -45,7 +45,7 @@ def _quiet_logs() -> Iterator[None]:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("  [log] %(levelname)s %(name)s: %(message)s"))
     saved = []
-    for name in ("falhook", "verify", "uvicorn", "uvicorn.error"):
+    for name in ("falhook", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         saved.append((logger, logger.handlers[:], logger.level, logger.propagate))
         logger.handlers[:] = [handler]

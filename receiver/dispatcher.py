@@ -18,11 +18,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from receiver.errors import StoreUnavailableError
-from receiver.models import Delivery
-from receiver.registry import CallbackRegistry
-from receiver.retry import Retry, RetryPolicy
-from receiver.store import Claim, Store
+from falhook.receiver.errors import StoreUnavailableError
+from falhook.receiver.models import Delivery
+from falhook.receiver.registry import CallbackRegistry
+from falhook.receiver.retry import Retry, RetryPolicy
+from falhook.receiver.store import Claim, Store
 
 __all__ = ["Dispatcher"]
 

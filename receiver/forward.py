@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from receiver.models import Delivery
+from falhook.receiver.models import Delivery
 
 __all__ = ["ForwardError", "Forwarder"]
 

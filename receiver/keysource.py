@@ -5,8 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from verify import AsyncJWKSClient, KeysUnavailableError, PublicKey, VerifiedWebhook, load_keys
-from verify.signature import check, prepare
+from falhook.verify import (
+    AsyncJWKSClient,
+    KeysUnavailableError,
+    PublicKey,
+    VerifiedWebhook,
+    load_keys,
+)
+from falhook.verify.signature import check, prepare
 
 __all__ = ["KeySource"]
 

@@ -38,7 +38,7 @@ def configure_logging(level: str = "INFO") -> None:
     """Send falhook's logs to stderr as JSON lines (for `falhook serve`)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    for name in ("falhook", "verify"):
+    for name in ("falhook",):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level)

@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from receiver.errors import ReceiverError
-from receiver.models import State
+from falhook.receiver.errors import ReceiverError
+from falhook.receiver.models import State
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 

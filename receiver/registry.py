@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, Literal, TypeVar
 
-from receiver.errors import CallbackImportError
-from receiver.models import Delivery
+from falhook.receiver.errors import CallbackImportError
+from falhook.receiver.models import Delivery
 
 __all__ = ["Callback", "CallbackRegistry", "import_callback"]
 

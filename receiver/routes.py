@@ -17,14 +17,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from receiver.errors import StoreUnavailableError
-from receiver.logs import delivery_log
-from receiver.metrics import CONTENT_TYPE
-from receiver.store import NewDelivery
-from verify import KeysUnavailableError, WebhookVerificationError
+from falhook.receiver.errors import StoreUnavailableError
+from falhook.receiver.logs import delivery_log
+from falhook.receiver.metrics import CONTENT_TYPE
+from falhook.receiver.store import NewDelivery
+from falhook.verify import KeysUnavailableError, WebhookVerificationError
 
 if TYPE_CHECKING:
-    from receiver.app import WebhookReceiver
+    from falhook.receiver.app import WebhookReceiver
 
 __all__ = ["WebhookEndpoint", "healthz", "metrics", "not_found", "readyz"]
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from receiver.errors import SettingsError
+from falhook.receiver.errors import SettingsError
 
 __all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_JWKS_URL", "ENV_PREFIX", "Settings"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from verify.testing import KeyPair, generate_keypair, jwks_document
+from falhook.verify.testing import KeyPair, generate_keypair, jwks_document
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import verify
+from falhook import verify
 
 
 def test_all_is_sorted_and_complete() -> None:
@@ -19,7 +19,7 @@ def test_exports_come_from_the_package() -> None:
         if name == "__version__":
             continue
         module = getattr(verify, name).__module__
-        assert module == "verify" or module.startswith("verify."), name
+        assert module == "falhook.verify" or module.startswith("falhook.verify."), name
 
 
 def test_version_is_a_string() -> None:

@@ -4,16 +4,21 @@ Start with `verify_signature` (or `verify_signature_async`); catch
 `WebhookVerificationError` (answer 401) and `KeysUnavailableError` (answer 503).
 """
 
-from verify.errors import KeysUnavailableError, Reason, VerifyError, WebhookVerificationError
-from verify.jwks import (
+from falhook.verify.errors import (
+    KeysUnavailableError,
+    Reason,
+    VerifyError,
+    WebhookVerificationError,
+)
+from falhook.verify.jwks import (
     AsyncJWKSClient,
     JWKSClient,
     KeyCache,
     get_async_jwks_client,
     get_jwks_client,
 )
-from verify.keys import PublicKey, load_keys, parse_jwks
-from verify.signature import VerifiedWebhook, verify_signature, verify_signature_async
+from falhook.verify.keys import PublicKey, load_keys, parse_jwks
+from falhook.verify.signature import VerifiedWebhook, verify_signature, verify_signature_async
 
 __version__ = "0.1.0"
 

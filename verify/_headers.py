@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeAlias
 
-from verify.errors import Reason, WebhookVerificationError
+from falhook.verify.errors import Reason, WebhookVerificationError
 
 __all__ = [
     "REQUEST_ID",

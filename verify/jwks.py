@@ -23,10 +23,10 @@ from types import TracebackType
 
 import httpx
 
-from verify._headers import HeadersLike
-from verify.errors import KeysUnavailableError, Reason, WebhookVerificationError
-from verify.keys import PublicKey, parse_jwks
-from verify.signature import DEFAULT_TOLERANCE, Prepared, VerifiedWebhook, prepare
+from falhook.verify._headers import HeadersLike
+from falhook.verify.errors import KeysUnavailableError, Reason, WebhookVerificationError
+from falhook.verify.keys import PublicKey, parse_jwks
+from falhook.verify.signature import DEFAULT_TOLERANCE, Prepared, VerifiedWebhook, prepare
 
 __all__ = [
     "MAX_TTL",
@@ -37,7 +37,7 @@ __all__ = [
     "get_jwks_client",
 ]
 
-logger = logging.getLogger("verify.jwks")
+logger = logging.getLogger("falhook.verify.jwks")
 
 MAX_TTL = 24 * 3600.0
 """fal: "Do not cache longer than 24 hours since they can change"."""

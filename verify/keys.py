@@ -21,7 +21,7 @@ from nacl.bindings import crypto_sign_open
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from verify.errors import KeysUnavailableError
+from falhook.verify.errors import KeysUnavailableError
 
 __all__ = ["KeysLike", "PublicKey", "load_keys", "parse_jwks"]
 

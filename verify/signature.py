@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from verify._headers import HeadersLike, extract, parse_signature, parse_timestamp
-from verify.errors import Reason, WebhookVerificationError
-from verify.keys import KeysLike, PublicKey, load_keys
+from falhook.verify._headers import HeadersLike, extract, parse_signature, parse_timestamp
+from falhook.verify.errors import Reason, WebhookVerificationError
+from falhook.verify.keys import KeysLike, PublicKey, load_keys
 
 __all__ = [
     "DEFAULT_JWKS_URL",
@@ -170,7 +170,7 @@ def verify_signature(
     prepared = prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now)
     if keys is not None:
         return check(prepared, static_keys(keys))
-    from verify.jwks import get_jwks_client  # deferred: jwks imports this module
+    from falhook.verify.jwks import get_jwks_client  # deferred: jwks imports this module
 
     return get_jwks_client(jwks_url or default_jwks_url()).check(prepared)
 
@@ -194,6 +194,6 @@ async def verify_signature_async(
     prepared = prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now)
     if keys is not None:
         return check(prepared, static_keys(keys))
-    from verify.jwks import get_async_jwks_client
+    from falhook.verify.jwks import get_async_jwks_client
 
     return await get_async_jwks_client(jwks_url or default_jwks_url()).check(prepared)

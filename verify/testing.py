@@ -24,8 +24,8 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from verify._headers import REQUEST_ID, SIGNATURE, TIMESTAMP, USER_ID
-from verify.keys import PublicKey
+from falhook.verify._headers import REQUEST_ID, SIGNATURE, TIMESTAMP, USER_ID
+from falhook.verify.keys import PublicKey
 
 __all__ = ["JWKSServer", "KeyPair", "fal_body", "generate_keypair", "jwks_document", "sign"]
 

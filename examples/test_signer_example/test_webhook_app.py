@@ -1,4 +1,4 @@
-"""How a user tests a fal webhook endpoint with `verify.testing`."""
+"""How a user tests a fal webhook endpoint with `falhook.verify.testing`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import webhook_app  # type: ignore[import-not-found]  # (mypy runs from the repo root)
 from starlette.testclient import TestClient
 
-from verify.testing import JWKSServer, KeyPair, fal_body, generate_keypair, sign
+from falhook.verify.testing import JWKSServer, KeyPair, fal_body, generate_keypair, sign
 
 USER_ID = "my-fal-user"
 

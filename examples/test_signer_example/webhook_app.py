@@ -1,6 +1,6 @@
 """A user's own webhook endpoint that uses only `verify_signature` (no falhook receiver).
 
-The test beside it (test_webhook_app.py) signs deliveries with `verify.testing`, exactly as
+The test beside it (test_webhook_app.py) signs deliveries with `falhook.verify.testing`, exactly as
 fal does, and serves the test key's JWKS on loopback — no network, no mocks of falhook.
 """
 
@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from verify import KeysUnavailableError, WebhookVerificationError, verify_signature_async
+from falhook.verify import KeysUnavailableError, WebhookVerificationError, verify_signature_async
 
 received: dict[str, Any] = {}
 

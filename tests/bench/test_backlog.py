@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 from bench import backlog
-from receiver.store import Store
+from falhook.receiver.store import Store
 from tests.receiver.store_fixtures import delivery
 
 

@@ -21,8 +21,8 @@ def test_measure_stores_every_delivery_and_waits_for_dispatch(
     result = asyncio.run(inproc.measure(deliveries, jwks, tmp_path, callback=callback, warmup=50))
     assert result.deliveries == 100
     assert result.loop_cpu_us > 0 and result.per_second > 0
-    from receiver.models import State
-    from receiver.store import Store
+    from falhook.receiver.models import State
+    from falhook.receiver.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'falhook.db'}")
     try:

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from receiver import Delivery
+from falhook.receiver import Delivery
 
 RECORD_ENV = "FALHOOK_TEST_RECORD"
 

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
+from falhook.verify.testing import JWKSServer, KeyPair, generate_keypair
 from tests.e2e.server import Sender, ServerProcess
-from verify.testing import JWKSServer, KeyPair, generate_keypair
 
 SEED = b"\x07" * 32
 

@@ -1,6 +1,6 @@
 """Run a real `falhook serve` subprocess on loopback, and talk to it.
 
-`ServerProcess` starts ``python -m receiver serve`` with a SQLite file and a JWKS (a
+`ServerProcess` starts ``python -m falhook.receiver serve`` with a SQLite file and a JWKS (a
 loopback `JWKSServer` URL or a file), waits for ``/healthz`` with a deadline, and stops it
 with SIGTERM (graceful) or SIGKILL (a crash). Its output goes to a log file that failure
 messages quote.
@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from falhook.verify.testing import KeyPair, fal_body, sign
 from tests.e2e.callbacks import RECORD_ENV
-from verify.testing import KeyPair, fal_body, sign
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECORD_CALLBACK = "tests.e2e.callbacks:record"
@@ -91,7 +91,7 @@ class ServerProcess:
 
     def start(self, *, wait: bool = True, timeout: float = 30.0) -> ServerProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        command = [sys.executable, "-m", "receiver", "serve"]
+        command = [sys.executable, "-m", "falhook.receiver", "serve"]
         command += ["--host", "127.0.0.1", "--port", str(self.port), *self.args]
         with self.log_path.open("ab") as log:
             log.write(f"\n=== start {command}\n".encode())

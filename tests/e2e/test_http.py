@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from falhook.verify.testing import JWKSServer, generate_keypair, sign
 from tests.e2e.server import USER_ID, Sender, ServerProcess
-from verify.testing import JWKSServer, generate_keypair, sign
 
 pytestmark = pytest.mark.slow
 

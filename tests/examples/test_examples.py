@@ -16,8 +16,8 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from receiver.settings import Settings
-from verify.testing import KeyPair, fal_body, sign
+from falhook.receiver.settings import Settings
+from falhook.verify.testing import KeyPair, fal_body, sign
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples"
@@ -151,7 +151,7 @@ def test_fastapi_mount_without_the_lifespan_is_a_clear_503(
 ) -> None:
     from fastapi import FastAPI
 
-    from receiver.app import WebhookReceiver
+    from falhook.receiver.app import WebhookReceiver
 
     hooks = WebhookReceiver(
         Settings(database_url=f"sqlite:///{tmp_path / 'g.db'}", jwks_url=str(jwks_file))
@@ -180,7 +180,7 @@ def test_sidecar_forwards_to_the_app(
         "falhook",
         [
             "-m",
-            "receiver",
+            "falhook.receiver",
             "serve",
             "--port",
             str(hook_port),
@@ -199,7 +199,7 @@ def test_sidecar_forwards_to_the_app(
     webhook = f"http://127.0.0.1:{hook_port}/webhooks/fal"
     assert deliver(webhook, "side-1", keypair).status_code == 200
     forged = fal_body("side-forged")
-    from verify.testing import generate_keypair
+    from falhook.verify.testing import generate_keypair
 
     headers = sign(forged, "side-forged", "user-1", keypair=generate_keypair())
     assert httpx.post(webhook, content=forged, headers=headers).status_code == 401

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from receiver import Settings
-from verify.testing import KeyPair, fal_body, sign
+from falhook.receiver import Settings
+from falhook.verify.testing import KeyPair, fal_body, sign
 
 USER_ID = "user-test"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from receiver.store import NewDelivery
+from falhook.receiver.store import NewDelivery
 
 __all__ = [
     "PG_URL",

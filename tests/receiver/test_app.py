@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
-from receiver import Delivery, NotStartedError, Settings, WebhookReceiver, create_app
+from falhook.receiver import Delivery, NotStartedError, Settings, WebhookReceiver, create_app
 from tests.receiver.conftest import Signer
 
 

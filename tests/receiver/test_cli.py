@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from receiver.cli import build_parser, main, positive_int
+from falhook.receiver.cli import build_parser, main, positive_int
 
 
 def test_every_subcommand_is_registered() -> None:

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from receiver.cli import main
-from receiver.cli_dev import backoff_delay
-from verify import load_keys, verify_signature
-from verify.testing import KeyPair
+from falhook.receiver.cli import main
+from falhook.receiver.cli.dev import backoff_delay
+from falhook.verify import load_keys, verify_signature
+from falhook.verify.testing import KeyPair
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 Run = Callable[..., tuple[int, str, str]]
@@ -325,7 +325,7 @@ def test_keygen_serve_send_offline(run: Run, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "receiver",
+            "falhook.receiver",
             "serve",
             "--port",
             str(port),
@@ -376,7 +376,7 @@ def test_demo_runs_offline_and_explains_rejections(tmp_path: Path) -> None:
     env["PYTHONPATH"] = str(REPO_ROOT)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "receiver", "demo"],
+        [sys.executable, "-m", "falhook.receiver", "demo"],
         cwd=tmp_path,  # it must not create ./falhook.db
         env=env,
         capture_output=True,

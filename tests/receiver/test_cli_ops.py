@@ -12,12 +12,12 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from receiver.app import WebhookReceiver
-from receiver.cli import main
-from receiver.models import BodyRow, Delivery, DeliveryRow, State
-from receiver.settings import Settings
-from receiver.store import Store
-from verify.testing import KeyPair, fal_body, sign
+from falhook.receiver.app import WebhookReceiver
+from falhook.receiver.cli import main
+from falhook.receiver.models import BodyRow, Delivery, DeliveryRow, State
+from falhook.receiver.settings import Settings
+from falhook.receiver.store import Store
+from falhook.verify.testing import KeyPair, fal_body, sign
 
 DAY = 86400.0
 BIG_SEED = 17454220438242315174  # > 2**53: must survive `show --json` exactly

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from receiver.cli import build_parser, main
-from receiver.cli_serve import settings_from_args
+from falhook.receiver.cli import build_parser, main
+from falhook.receiver.cli.serve import settings_from_args
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -64,7 +64,7 @@ def test_bad_env_value_exits_2(
 @pytest.mark.slow
 def test_serve_lease_seconds_abc_in_a_real_process() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "receiver", "serve", "--lease-seconds", "abc"],
+        [sys.executable, "-m", "falhook.receiver", "serve", "--lease-seconds", "abc"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 import pytest
 import sqlalchemy as sa
 
-from receiver import CallbackRegistry, Delivery, Retry, RetryPolicy, State, Store
-from receiver.dispatcher import Dispatcher, DispatchObserver
-from receiver.store import NewDelivery
+from falhook.receiver import CallbackRegistry, Delivery, Retry, RetryPolicy, State, Store
+from falhook.receiver.dispatcher import Dispatcher, DispatchObserver
+from falhook.receiver.store import NewDelivery
+from falhook.verify.testing import fal_body
 from tests.receiver.store_fixtures import pg_schema_url as pg_schema_url  # fixture
 from tests.replicas.proxy import TcpProxy
-from verify.testing import fal_body
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from receiver.durations import format_duration, format_time, parse_duration, parse_since
+from falhook.receiver.durations import format_duration, format_time, parse_duration, parse_since
 
 
 @pytest.mark.parametrize(

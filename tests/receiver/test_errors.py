@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from receiver.errors import (
+from falhook.receiver.errors import (
     CallbackImportError,
     NotStartedError,
     ReceiverError,

@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from receiver import Delivery
-from receiver.forward import Forwarder, ForwardError
+from falhook.receiver import Delivery
+from falhook.receiver.forward import Forwarder, ForwardError
 
 BODY = b'{"request_id": "fw-1",  "status": "OK", "payload": {"seed": 17454220438242315174}}'
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from receiver.keysource import KeySource
-from verify import KeysUnavailableError, Reason, WebhookVerificationError
-from verify.testing import JWKSServer, KeyPair, fal_body, generate_keypair, sign
+from falhook.receiver.keysource import KeySource
+from falhook.verify import KeysUnavailableError, Reason, WebhookVerificationError
+from falhook.verify.testing import JWKSServer, KeyPair, fal_body, generate_keypair, sign
 
 
 def _pairs(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 import sqlalchemy as sa
 
-from receiver.listener import Listener, libpq_conninfo
-from receiver.store import Store
+from falhook.receiver.store import Store
+from falhook.receiver.store.listener import Listener, libpq_conninfo
 from tests.receiver import store_fixtures
 from tests.receiver.store_fixtures import delivery, pg_admin
 

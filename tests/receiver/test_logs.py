@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from receiver.logs import JsonFormatter
+from falhook.receiver.logs import JsonFormatter
 
 
 def test_json_line_carries_message_level_and_extras() -> None:

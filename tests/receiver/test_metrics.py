@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from receiver.errors import StoreUnavailableError
-from receiver.metrics import Metrics
-from receiver.models import State
+from falhook.receiver.errors import StoreUnavailableError
+from falhook.receiver.metrics import Metrics
+from falhook.receiver.models import State
 
 
 def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from receiver.migrations import MIGRATIONS, VERSION_TABLE, current_version, upgrade
-from receiver.models import BodyRow, DeliveryRow, State
-from receiver.store import Store, make_engine
+from falhook.receiver.models import BodyRow, DeliveryRow, State
+from falhook.receiver.store import Store, make_engine
+from falhook.receiver.store.migrations import MIGRATIONS, VERSION_TABLE, current_version, upgrade
 from tests.receiver import store_fixtures
 from tests.receiver.store_fixtures import delivery, fresh_pg_schema
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from receiver.models import Delivery, State
+from falhook.receiver.models import Delivery, State
 
 
 def test_from_body_keeps_every_field_and_the_raw_bytes() -> None:

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from receiver import CallbackImportError, CallbackRegistry, Delivery
-from receiver.registry import import_callback
-from verify.testing import fal_body
+from falhook.receiver import CallbackImportError, CallbackRegistry, Delivery
+from falhook.receiver.registry import import_callback
+from falhook.verify.testing import fal_body
 
 
 def _delivery(status: str = "OK", request_id: str = "req-1") -> Delivery:

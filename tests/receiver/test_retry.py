@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from receiver import Retry, RetryPolicy
+from falhook.receiver import Retry, RetryPolicy
 
 
 @pytest.mark.parametrize("attempt", range(1, 15))

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from receiver import Delivery, Settings, WebhookReceiver
+from falhook.receiver import Delivery, Settings, WebhookReceiver
+from falhook.verify.testing import generate_keypair, sign
 from tests.receiver.conftest import USER_ID, Signer
-from verify.testing import generate_keypair, sign
 
 URL = "/webhooks/fal"
 MAX_BODY = 1024

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from receiver import Settings, SettingsError
-from receiver.settings import DEFAULT_DATABASE_URL, DEFAULT_JWKS_URL
+from falhook.receiver import Settings, SettingsError
+from falhook.receiver.settings import DEFAULT_DATABASE_URL, DEFAULT_JWKS_URL
 
 
 def test_defaults_match_the_design() -> None:

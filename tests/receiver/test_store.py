@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 import pytest
 import sqlalchemy as sa
 
-from receiver.errors import StoreUnavailableError
-from receiver.models import State
-from receiver.store import Claim, Store, _Compiled
+from falhook.receiver.errors import StoreUnavailableError
+from falhook.receiver.models import State
+from falhook.receiver.store import Claim, Store
+from falhook.receiver.store.store import _Compiled
 from tests.receiver import store_fixtures
 from tests.receiver.store_fixtures import PG_URL, delivery, pg_admin, requires_pg
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from receiver.errors import StoreUnavailableError
-from receiver.store import Store, _op_insert
-from receiver.writer import Checkpointer, LoopWriter
+from falhook.receiver.errors import StoreUnavailableError
+from falhook.receiver.store import Store
+from falhook.receiver.store.store import _op_insert
+from falhook.receiver.store.writer import Checkpointer, LoopWriter
 from tests.receiver.store_fixtures import delivery
 
 

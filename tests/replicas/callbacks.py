@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from receiver.models import Delivery
+from falhook.receiver.models import Delivery
 
 CREATE_LOG = """
 CREATE TABLE IF NOT EXISTS callback_log (

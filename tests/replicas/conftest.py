@@ -24,14 +24,14 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from receiver.listener import libpq_conninfo
+from falhook.receiver.store.listener import libpq_conninfo
+from falhook.verify.testing import KeyPair, fal_body, generate_keypair, jwks_document, sign
 from tests.replicas.callbacks import CREATE_LOG
-from verify.testing import KeyPair, fal_body, generate_keypair, jwks_document, sign
 
 PG_URL = os.environ.get("TEST_DATABASE_URL") or None
 ROOT = Path(__file__).resolve().parents[2]
 USER_ID = "user-replicas"
-_SERVE = [sys.executable, "-m", "receiver", "serve", "--host", "127.0.0.1"]
+_SERVE = [sys.executable, "-m", "falhook.receiver", "serve", "--host", "127.0.0.1"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

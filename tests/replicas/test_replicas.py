@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import pytest
 
+from falhook.verify.testing import KeyPair
 from tests.replicas.conftest import Cluster, Database, Replica, Sender, wait_for
 from tests.replicas.proxy import TcpProxy
-from verify.testing import KeyPair
 
 # A short lease under connection faults: an outcome that could not be recorded while the
 # database was away (the dispatcher does not retry recording it) leaves its delivery
@@ -183,7 +183,7 @@ def test_database_unreachable_for_seconds_under_load(
     target = sa.make_url(database.url)
     with TcpProxy((target.host or "127.0.0.1", target.port or 5432)) as proxy:
         url = target.set(port=proxy.port).render_as_string(hide_password=False)
-        from receiver.listener import libpq_conninfo
+        from falhook.receiver.store.listener import libpq_conninfo
 
         replicas = cluster.start(
             3, database_url=url, log_dsn=libpq_conninfo(url), lease_seconds=FAULT_LEASE

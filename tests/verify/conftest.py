@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from verify import jwks
-from verify.testing import KeyPair, generate_keypair
+from falhook.verify import jwks
+from falhook.verify.testing import KeyPair, generate_keypair
 
 
 @pytest.fixture(autouse=True)

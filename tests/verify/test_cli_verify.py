@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from receiver.cli import main
-from verify.testing import JWKSServer, KeyPair, fal_body, jwks_document, sign
+from falhook.receiver.cli import main
+from falhook.verify.testing import JWKSServer, KeyPair, fal_body, jwks_document, sign
 
 NOW = 1_752_019_770
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from verify.errors import KeysUnavailableError, Reason, VerifyError, WebhookVerificationError
+from falhook.verify.errors import (
+    KeysUnavailableError,
+    Reason,
+    VerifyError,
+    WebhookVerificationError,
+)
 
 
 def test_every_reason_has_its_documented_value() -> None:

@@ -6,8 +6,8 @@ import httpx
 import pytest
 from starlette.datastructures import Headers
 
-from verify._headers import extract, parse_signature, parse_timestamp
-from verify.errors import Reason, WebhookVerificationError
+from falhook.verify._headers import extract, parse_signature, parse_timestamp
+from falhook.verify.errors import Reason, WebhookVerificationError
 
 SIG = "ab" * 64
 CANON = {

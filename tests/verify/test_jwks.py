@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from verify import (
+from falhook.verify import (
     AsyncJWKSClient,
     JWKSClient,
     KeyCache,
@@ -21,8 +21,8 @@ from verify import (
     get_async_jwks_client,
     get_jwks_client,
 )
-from verify.jwks import MAX_TTL
-from verify.testing import JWKSServer, KeyPair, fal_body, jwks_document, sign
+from falhook.verify.jwks import MAX_TTL
+from falhook.verify.testing import JWKSServer, KeyPair, fal_body, jwks_document, sign
 
 from .conftest import FakeClock
 
@@ -163,7 +163,7 @@ def test_stale_keys_served_when_refresh_fails(
         client.get_keys()
         fake.status = 503
         clock.advance(61)
-        with caplog.at_level(logging.WARNING, logger="verify.jwks"):
+        with caplog.at_level(logging.WARNING, logger="falhook.verify.jwks"):
             assert client.get_keys() == (keypair.public_key,)
         assert "serving cached keys" in caplog.text
         body, headers = _delivery(keypair)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from verify.errors import KeysUnavailableError
-from verify.keys import PublicKey, load_keys, parse_jwks
-from verify.testing import KeyPair, jwks_document
+from falhook.verify.errors import KeysUnavailableError
+from falhook.verify.keys import PublicKey, load_keys, parse_jwks
+from falhook.verify.testing import KeyPair, jwks_document
 
 
 def _x(kp: KeyPair, *, padded: bool) -> str:

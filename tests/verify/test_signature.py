@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from verify import (
+from falhook.verify import (
     KeysUnavailableError,
     Reason,
     VerifiedWebhook,
@@ -21,7 +21,7 @@ from verify import (
     verify_signature,
     verify_signature_async,
 )
-from verify.testing import JWKSServer, KeyPair, fal_body, generate_keypair, sign
+from falhook.verify.testing import JWKSServer, KeyPair, fal_body, generate_keypair, sign
 
 NOW = 1_752_019_770
 RID = "5057fca7-6e34-4a4b-a8b5-1a2b3c4d5e6f"
@@ -223,7 +223,7 @@ def test_user_pinning_from_env(keypair: KeyPair, monkeypatch: pytest.MonkeyPatch
 
 def test_static_keys_object_is_parsed_once(keypair: KeyPair) -> None:
     """The same JWKS dict is parsed on first use only (the warm path never re-parses)."""
-    from verify import signature
+    from falhook.verify import signature
 
     body, headers = _signed(keypair)
     document: dict[str, Any] = {"keys": [keypair.jwk()]}
@@ -279,7 +279,7 @@ def test_end_to_end_jwks_url_from_env(
 
 def test_default_jwks_url(monkeypatch: pytest.MonkeyPatch) -> None:
     """fal's current JWKS host is the default; the env var overrides it."""
-    from verify.signature import default_jwks_url
+    from falhook.verify.signature import default_jwks_url
 
     assert default_jwks_url() == "https://rest.fal.ai/.well-known/jwks.json"
     monkeypatch.setenv("FALHOOK_JWKS_URL", "http://127.0.0.1:1/jwks")

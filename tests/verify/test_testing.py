@@ -1,4 +1,4 @@
-"""verify.testing: key pairs, fal-shaped bodies, the signer and the JWKS server."""
+"""falhook.verify.testing: key pairs, fal-shaped bodies, the signer and the JWKS server."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from verify import parse_jwks, verify_signature
-from verify.testing import JWKSServer, KeyPair, fal_body, generate_keypair, jwks_document, sign
+from falhook.verify import parse_jwks, verify_signature
+from falhook.verify.testing import (
+    JWKSServer,
+    KeyPair,
+    fal_body,
+    generate_keypair,
+    jwks_document,
+    sign,
+)
 
 
 def test_seeded_keypairs_are_deterministic() -> None:

@@ -32,10 +32,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from receiver.errors import StoreUnavailableError
-from receiver.migrations import upgrade
-from receiver.models import BodyRow, DeliveryRow, State, StoredDelivery
-from receiver.writer import Connection, LoopWriter, Op, ThreadWriter, Writer, brief
+from falhook.receiver.errors import StoreUnavailableError
+from falhook.receiver.models import BodyRow, DeliveryRow, State, StoredDelivery
+from falhook.receiver.store.migrations import upgrade
+from falhook.receiver.store.writer import Connection, LoopWriter, Op, ThreadWriter, Writer, brief
 
 __all__ = ["Claim", "ClaimBatch", "NewDelivery", "Store", "make_engine"]
 

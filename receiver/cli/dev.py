@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from receiver.cli import CommandError, positive_int
-from verify.testing import KeyPair, fal_body, generate_keypair, jwks_document, sign
+from falhook.receiver.cli.common import CommandError, positive_int
+from falhook.verify.testing import KeyPair, fal_body, generate_keypair, jwks_document, sign
 
 __all__ = [
     "DEFAULT_USER_ID",
@@ -164,7 +164,7 @@ def run_keygen(args: argparse.Namespace) -> int:
         f"  FALHOOK_JWKS_URL={jwks_abs} falhook serve --callback yourapp:handle\n"
         f"  falhook send http://127.0.0.1:8000/webhooks/fal --key {key_abs}\n"
         "\n"
-        "In tests: verify.testing.KeyPair.load(path) signs with the same key.\n"
+        "In tests: falhook.verify.testing.KeyPair.load(path) signs with the same key.\n"
     )
     return 0
 
@@ -299,6 +299,6 @@ def run_send(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """``falhook demo``."""
-    from receiver.demo import run
+    from falhook.receiver.demo import run
 
     return run(timeout=args.timeout)

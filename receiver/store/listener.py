@@ -23,7 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from receiver.store import NOTIFY_CHANNEL, PG_CONNECT_ARGS
+from falhook.receiver.store.store import NOTIFY_CHANNEL, PG_CONNECT_ARGS
 
 __all__ = ["Listener", "libpq_conninfo"]
 

@@ -18,12 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from receiver.cli import CommandError, positive_int
-from receiver.cli_serve import add_settings_flags
-from receiver.durations import format_duration, format_time, parse_duration, parse_since
-from receiver.errors import SettingsError, StoreUnavailableError
-from receiver.models import State, StoredDelivery
-from receiver.settings import ENV_PREFIX, Settings
+from falhook.receiver.cli.common import CommandError, positive_int
+from falhook.receiver.cli.serve import add_settings_flags
+from falhook.receiver.durations import format_duration, format_time, parse_duration, parse_since
+from falhook.receiver.errors import SettingsError, StoreUnavailableError
+from falhook.receiver.models import State, StoredDelivery
+from falhook.receiver.settings import ENV_PREFIX, Settings
 
 __all__ = [
     "DEFAULT_RETENTION",
@@ -216,7 +216,7 @@ def _store(args: argparse.Namespace) -> Iterator[Any]:
     A SQLite file that does not exist is an error, not an empty store: creating one
     would hide a wrong --database-url behind "no deliveries".
     """
-    from receiver.store import Store  # imported late: keeps `falhook --help` fast
+    from falhook.receiver.store import Store  # imported late: keeps `falhook --help` fast
 
     url = _database_url(args)
     path = _sqlite_path(url)

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
-from receiver.errors import StoreUnavailableError
+from falhook.receiver.errors import StoreUnavailableError
 
 __all__ = ["Connection", "LoopWriter", "Op", "ThreadWriter", "Writer"]
 

@@ -9,8 +9,8 @@ import os
 import sys
 from typing import Any
 
-from receiver.errors import ReceiverError, SettingsError
-from receiver.settings import ENV_PREFIX, Settings
+from falhook.receiver.errors import ReceiverError, SettingsError
+from falhook.receiver.settings import ENV_PREFIX, Settings
 
 __all__ = ["add_parser", "add_settings_flags", "settings_from_args"]
 
@@ -75,14 +75,15 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from receiver.cli import CommandError
+    from falhook.receiver.cli.common import CommandError
 
     # Like uvicorn: `--callback app:handle` finds app.py in the current directory.
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         settings = settings_from_args(args)
-        from receiver.app import WebhookReceiver  # imported late: keeps `falhook --help` fast
+        # imported late: keeps `falhook --help` fast
+        from falhook.receiver.app import WebhookReceiver
 
         receiver = WebhookReceiver(settings)
     except (SettingsError, ReceiverError) as exc:
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from receiver.logs import configure_logging
+    from falhook.receiver.logs import configure_logging
 
     configure_logging(settings.log_level)
     # Store threads (PostgreSQL's writer for every statement, SQLite's for each commit)

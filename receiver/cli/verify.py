@@ -11,8 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from receiver.cli import CommandError
-from verify import KeysUnavailableError, WebhookVerificationError, load_keys, verify_signature
+from falhook.receiver.cli.common import CommandError
+from falhook.verify import (
+    KeysUnavailableError,
+    WebhookVerificationError,
+    load_keys,
+    verify_signature,
+)
 
 __all__ = ["add_parser", "parse_headers_text", "run"]
 
