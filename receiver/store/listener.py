@@ -23,7 +23,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from falhook.receiver.store.store import NOTIFY_CHANNEL, PG_CONNECT_ARGS
+from falhook.receiver.store.engine import PG_CONNECT_ARGS
+from falhook.receiver.store.statements import NOTIFY_CHANNEL
 
 __all__ = ["Listener", "libpq_conninfo"]
 

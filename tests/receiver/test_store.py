@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.models import State
 from falhook.receiver.store import Claim, Store
-from falhook.receiver.store.store import _Compiled
+from falhook.receiver.store.statements import Compiled
 from tests.receiver import store_fixtures
 from tests.receiver.store_fixtures import PG_URL, delivery, pg_admin, requires_pg
 
@@ -674,7 +674,7 @@ def test_compiled_statement_binds_by_position(
     expected: tuple[Any, ...],
 ) -> None:
     """Names (repeated ones included) and the statement's constants map onto placeholders."""
-    statement = _Compiled(sql, order, constants)
+    statement = Compiled(sql, order, constants)
     cursor = sqlite3.connect(":memory:").cursor()
     statement.execute(cursor, params)
     assert cursor.fetchone() == expected

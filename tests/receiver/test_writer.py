@@ -13,9 +13,13 @@ import pytest
 
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.store import Store
-from falhook.receiver.store.store import _op_insert
-from falhook.receiver.store.writer import Checkpointer, LoopWriter
-from tests.receiver.store_fixtures import delivery
+from falhook.receiver.store.checkpointer import Checkpointer
+from falhook.receiver.store.loop_writer import LoopWriter
+from falhook.receiver.store.operations import op_insert
+from falhook.receiver.store.writer import Tx
+from tests.receiver.store_fixtures import delivery, pg_schema_url, store_url
+
+__all__ = ["pg_schema_url", "store_url"]  # fixtures
 
 
 def _store(tmp_path: Path) -> Store:
@@ -35,8 +39,8 @@ def test_sqlite_uses_the_loop_writer(tmp_path: Path) -> None:
 
 
 def test_a_failing_operation_fails_alone_and_the_rest_commit(tmp_path: Path) -> None:
-    def broken(cur: Any, sql: Any) -> None:
-        cur.execute("INSERT INTO no_such_table VALUES (1)")
+    def broken(tx: Tx) -> None:
+        tx.cur.execute("INSERT INTO no_such_table VALUES (1)")
 
     async def body() -> None:
         store = _store(tmp_path)
@@ -45,7 +49,7 @@ def test_a_failing_operation_fails_alone_and_the_rest_commit(tmp_path: Path) -> 
             # Queued before the writer runs, so they share one batch (one transaction).
             futures = [
                 store._submit(broken),
-                store._submit(_op_insert(delivery("a"), None, 60.0, None)),
+                store._submit(op_insert(delivery("a"), None, 60.0, None)),
             ]
             results = await asyncio.gather(*futures, return_exceptions=True)
             assert isinstance(results[0], StoreUnavailableError)
@@ -134,12 +138,14 @@ def test_the_wal_starts_over_under_steady_writes(
     assert wal_bytes < written * 4096 / 2, (written, wal_bytes)
 
 
-def test_a_failing_commit_hook_does_not_leave_requests_waiting(tmp_path: Path) -> None:
+def test_a_failing_commit_hook_does_not_leave_requests_waiting(store_url: str) -> None:
+    """Both writers (the loop writer on SQLite, the thread writer on PostgreSQL)."""
+
     def broken_hook(claims: list[Any]) -> None:
         raise RuntimeError("a bug in the hook")
 
     async def body() -> None:
-        store = Store(f"sqlite:///{tmp_path / 'w.db'}", on_claimed=broken_hook)
+        store = Store(store_url, on_claimed=broken_hook)
         store.start()
         try:
             inserted = store.insert(delivery("a"), claim_id="c-a", lease_seconds=30)
@@ -161,7 +167,7 @@ def test_work_submitted_while_stopping_is_refused_not_left_waiting(tmp_path: Pat
         await asyncio.sleep(0)  # stop() has begun: it refuses new work from here on
         assert writer is not None
         with pytest.raises(StoreUnavailableError):
-            await writer.submit(_op_insert(delivery("b"), None, 60.0, None))
+            await writer.submit(op_insert(delivery("b"), None, 60.0, None))
         await stopping
 
     asyncio.run(body())

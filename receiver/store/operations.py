@@ -1,0 +1,131 @@
+"""Operations: functions run on the writer's cursor, inside its batch transaction.
+
+Each returns its request's result; one that makes work due sets ``tx.due_now``, one that
+takes a claim appends it to ``tx.claimed`` (handed to the dispatcher once committed).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from falhook.receiver.store.records import Claim, ClaimBatch, NewDelivery
+from falhook.receiver.store.statements import Compiled
+from falhook.receiver.store.writer import Op, Tx
+
+__all__ = ["decode_callbacks", "encode_callbacks", "op_claim", "op_fenced", "op_insert", "op_ping"]
+
+
+def op_insert(
+    new: NewDelivery, claim_id: str | None, lease_seconds: float, parsed: dict[str, Any] | None
+) -> Op:
+    params = {
+        "request_id": new.request_id,
+        "gateway_request_id": new.gateway_request_id,
+        "status": new.status,
+        "error": new.error,
+        "payload_error": new.payload_error,
+        "user_id": new.user_id,
+        "body": new.body,
+        "received_at": new.received_at,
+    }
+    if claim_id is not None:
+        params["claim_id"] = claim_id
+        params["lease_until"] = new.received_at + lease_seconds
+
+    def op(tx: Tx) -> bool:
+        cur, sql = tx.cur, tx.sql
+        if claim_id is None:
+            if sql.add(cur, sql.insert, params):
+                tx.due_now = True
+                return True
+        else:
+            if sql.add(cur, sql.insert_claimed, params):
+                tx.claimed.append(
+                    Claim(
+                        request_id=new.request_id,
+                        claim_id=claim_id,
+                        attempt=1,
+                        status=new.status,
+                        body=new.body,
+                        user_id=new.user_id,
+                        received_at=new.received_at,
+                        completed_callbacks=(),
+                        parsed=parsed,
+                    )
+                )
+                return True
+        sql.revive_dead.execute(cur, {"request_id": new.request_id, "now": time.time()})
+        if cur.rowcount == 1:
+            tx.due_now = True
+        return False
+
+    return op
+
+
+@functools.lru_cache(maxsize=256)
+def _encode_sorted(names: tuple[str, ...]) -> str:
+    # The same few callback sets recur for every delivery: encode each once.
+    return json.dumps(list(names))
+
+
+def encode_callbacks(names: Iterable[str]) -> str | None:
+    unique = tuple(sorted(set(names)))
+    return _encode_sorted(unique) if unique else None
+
+
+def decode_callbacks(value: str | None) -> tuple[str, ...]:
+    return tuple(json.loads(value)) if value else ()
+
+
+def op_claim(claim_id: str, limit: int, lease_seconds: float) -> Op:
+    """Claim up to `limit` due deliveries (pending, or running with an expired lease)."""
+
+    def op(tx: Tx) -> ClaimBatch:
+        cur, sql = tx.cur, tx.sql
+        now = time.time()
+        sql.claim.execute(
+            cur,
+            {"now": now, "limit": limit, "claim_id": claim_id, "lease_until": now + lease_seconds},
+        )
+        claims = [
+            Claim(
+                request_id=r[0],
+                claim_id=claim_id,
+                attempt=r[1],
+                status=r[2],
+                # No body row would be a damaged store: an empty body then fails as
+                # "stored body unreadable" and is retried, not a crashed claim batch.
+                body=bytes(r[3]) if r[3] is not None else b"",
+                user_id=r[4],
+                received_at=r[5],
+                completed_callbacks=decode_callbacks(r[6]),
+            )
+            for r in cur.fetchall()
+        ]
+        sql.next_due.execute(cur)
+        row = cur.fetchone()
+        return ClaimBatch(claims, row[0] if row else None)
+
+    return op
+
+
+def op_fenced(statement: str, params: dict[str, Any]) -> Op:
+    """A write to a claimed delivery (renew, finish, reschedule, bury) that changes
+    nothing unless the claim is still ours; True if it was."""
+
+    def op(tx: Tx) -> bool:
+        compiled: Compiled = getattr(tx.sql, statement)
+        compiled.execute(tx.cur, {**params, "now": time.time()})
+        return bool(tx.cur.rowcount == 1)
+
+    return op
+
+
+def op_ping(tx: Tx) -> None:
+    """A round trip through the writer's connection."""
+    tx.cur.execute("SELECT 1")
+    tx.cur.fetchall()

@@ -1,0 +1,44 @@
+"""The values that travel between the app, the store and the dispatcher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Claim", "ClaimBatch", "NewDelivery"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """A verified, parsed delivery on its way into the store."""
+
+    request_id: str
+    gateway_request_id: str | None
+    status: str
+    error: str | None
+    payload_error: str | None
+    user_id: str | None
+    body: bytes
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A delivery claimed for dispatch. Only the holder of `claim_id` may write it back."""
+
+    request_id: str
+    claim_id: str
+    attempt: int
+    status: str
+    body: bytes
+    user_id: str | None
+    received_at: float
+    completed_callbacks: tuple[str, ...]
+    # The body already parsed, when the claim was taken as the delivery was inserted.
+    parsed: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimBatch:
+    claims: list[Claim]
+    next_due_at: float | None  # earliest due_at of any pending or running delivery left
