@@ -10,9 +10,11 @@ from falhook.verify import (
     KeysUnavailableError,
     PublicKey,
     VerifiedWebhook,
+    WebhookHeaders,
+    check_headers,
     load_keys,
 )
-from falhook.verify.signature import check, prepare
+from falhook.verify.signature import check, prepare_body
 
 __all__ = ["KeySource"]
 
@@ -54,13 +56,16 @@ class KeySource:
             self._static = load_keys(self._path)
         return self._static
 
-    async def verify(self, body: bytes, headers: HeaderPairs) -> VerifiedWebhook:
-        """Verify one delivery; raises WebhookVerificationError or KeysUnavailableError."""
+    def check_headers(self, headers: HeaderPairs) -> WebhookHeaders:
+        """Everything the headers alone decide; raises WebhookVerificationError."""
         # The user id is pinned explicitly (even to None) so the library's own
         # FALHOOK_USER_ID fallback cannot disagree with the receiver's settings.
-        prepared = prepare(
-            body, headers, user_id=self.user_id or "", tolerance=self.tolerance, now=None
-        )
+        return check_headers(headers, user_id=self.user_id or "", tolerance=self.tolerance)
+
+    async def verify(self, body: bytes, checked: WebhookHeaders) -> VerifiedWebhook:
+        """Verify a body against headers `check_headers` passed; raises
+        WebhookVerificationError or KeysUnavailableError."""
+        prepared = prepare_body(checked, body)
         if self.client is not None:
             return await self.client.check(prepared)
         return check(prepared, self._static_keys())

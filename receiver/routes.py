@@ -2,7 +2,11 @@
 verifies, parses, stores, and only then answers — with a JSON body in every case.
 
 Statuses: 200 new or duplicate; 400 verified but malformed; 401 not authentic; 405 wrong
-method; 413 body over the cap; 503 keys or store unavailable (fal retries); never 3xx.
+method; 408 body not received in time; 413 body over the cap; 503 keys or store unavailable,
+or too many body bytes buffered at once (fal retries); never 3xx.
+
+What the headers alone decide (present, well-formed, timestamp, user pin) is decided
+before a byte of the body is read, so an unauthenticated client cannot make us buffer it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.logs import delivery_log
 from falhook.receiver.metrics import CONTENT_TYPE
 from falhook.receiver.store import NewDelivery
-from falhook.verify import KeysUnavailableError, WebhookVerificationError
+from falhook.verify import KeysUnavailableError, WebhookHeaders, WebhookVerificationError
 
 if TYPE_CHECKING:
     from falhook.receiver.app import WebhookReceiver
@@ -58,22 +62,37 @@ class WebhookEndpoint:
 
     def __init__(self, receiver: WebhookReceiver) -> None:
         self.receiver = receiver
-        self.max_body = receiver.settings.max_body_bytes
-        self.log_payloads = receiver.settings.log_payloads
-        self.lease_seconds = receiver.settings.lease_seconds
+        settings = receiver.settings
+        self.max_body = settings.max_body_bytes
+        self.max_buffered = settings.max_buffered_bytes
+        self.body_timeout = settings.body_timeout_seconds
+        self.log_payloads = settings.log_payloads
+        self.lease_seconds = settings.lease_seconds
+        # Body bytes held by requests in flight, across all of them (one event loop: a
+        # plain int is enough).
+        self.buffered = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        held = [0]  # this request's share of `buffered`
+        try:
+            await self._handle(scope, receive, send, held)
+        finally:
+            self.buffered -= held[0]  # given back once answered, whatever happened
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, held: list[int]) -> None:
         started = time.perf_counter()
         request_id = None
         body_read = False
         try:
             if scope["method"] != "POST":
                 raise _Reject(405, "method_not_allowed", "use POST")
-            body = await self._read_body(scope, receive)
+            declared = self._declared_length(scope)
+            checked = self._check_headers(scope)
+            body = await self._read_body(receive, declared, held)
             if body is None:
                 return  # the client went away; there is nobody to answer
             body_read = True
-            request_id, duplicate = await self._accept(scope, body)
+            request_id, duplicate = await self._accept(body, checked)
         except _Reject as rejection:
             self._rejected(rejection, request_id, scope)
             extra = [(b"allow", b"POST")] if rejection.status == 405 else []
@@ -107,7 +126,22 @@ class WebhookEndpoint:
             % (json.dumps(request_id).encode(), b"true" if duplicate else b"false"),
         )
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+    def _check_headers(self, scope: Scope) -> WebhookHeaders:
+        receiver = self.receiver
+        if not receiver.started:
+            log.error(
+                "a delivery arrived but the receiver was never started: run its lifespan "
+                "(lifespan=hooks.lifespan, or `async with hooks:` in the host's lifespan)"
+            )
+            raise _Reject(503, "receiver_not_started", "the receiver's lifespan has not run")
+        try:
+            return receiver.keys.check_headers(scope["headers"])
+        except WebhookVerificationError as exc:
+            raise _Reject(401, exc.reason.value, str(exc)) from None
+
+    def _declared_length(self, scope: Scope) -> int:
+        """Content-Length, or -1 when none was sent (chunked); 413 when over the cap."""
+        declared = -1
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -119,36 +153,51 @@ class WebhookEndpoint:
                 if declared > self.max_body:
                     raise self._too_large()
                 break
+        return declared
+
+    async def _read_body(self, receive: Receive, declared: int, held: list[int]) -> bytes | None:
+        if declared >= 0:
+            self._hold(held, declared)  # all of it up front: refuse before reading any
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > self.max_body:
-                    # Answer now, without reading (or buffering) the rest of the body.
-                    raise self._too_large()
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunk = message.get("body", b"")
+                    if chunk:
+                        size += len(chunk)
+                        if size > self.max_body:
+                            # Answer now, without reading (or buffering) the rest of the body.
+                            raise self._too_large()
+                        if size > held[0]:  # chunked: no length was declared
+                            self._hold(held, size - held[0])
+                        chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            raise _Reject(
+                408, "body_timeout", f"body not received within {self.body_timeout:g} s"
+            ) from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _hold(self, held: list[int], size: int) -> None:
+        if self.buffered + size > self.max_buffered:
+            raise _Reject(
+                503, "body_budget_exceeded", "too many body bytes in flight; please retry"
+            )
+        self.buffered += size
+        held[0] += size
 
     def _too_large(self) -> _Reject:
         return _Reject(413, "body_too_large", f"body exceeds {self.max_body} bytes")
 
-    async def _accept(self, scope: Scope, body: bytes) -> tuple[str, bool]:
+    async def _accept(self, body: bytes, checked: WebhookHeaders) -> tuple[str, bool]:
         receiver = self.receiver
-        if not receiver.started:
-            log.error(
-                "a delivery arrived but the receiver was never started: run its lifespan "
-                "(lifespan=hooks.lifespan, or `async with hooks:` in the host's lifespan)"
-            )
-            raise _Reject(503, "receiver_not_started", "the receiver's lifespan has not run")
         try:
-            verified = await receiver.keys.verify(body, scope["headers"])
+            verified = await receiver.keys.verify(body, checked)
         except WebhookVerificationError as exc:
             raise _Reject(401, exc.reason.value, str(exc)) from None
         except KeysUnavailableError as exc:

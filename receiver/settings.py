@@ -90,6 +90,24 @@ class Settings:
         300.0, _non_negative_float, "TOLERANCE_SECONDS", "timestamp tolerance in seconds"
     )
     max_body_bytes: int = _setting(16 * _MiB, _positive_int, "MAX_BODY_BYTES", "body limit")
+    max_buffered_bytes: int = _setting(
+        64 * _MiB,
+        _positive_int,
+        "MAX_BUFFERED_BYTES",
+        "request body bytes held at once across all requests (beyond: 503)",
+    )
+    body_timeout_seconds: float = _setting(
+        10.0, _positive_float, "BODY_TIMEOUT_SECONDS", "deadline to receive a body (beyond: 408)"
+    )
+    header_timeout_seconds: float = _setting(
+        10.0,
+        _positive_float,
+        "HEADER_TIMEOUT_SECONDS",
+        "serve: close a connection whose request head takes longer",
+    )
+    max_connections: int = _setting(
+        512, _positive_int, "MAX_CONNECTIONS", "serve: open connections (beyond: 503)"
+    )
     callbacks: tuple[str, ...] = _setting(
         (), _callbacks, "CALLBACK", "module:function callbacks, comma-separated"
     )
@@ -125,6 +143,12 @@ class Settings:
             raise SettingsError(
                 f"FALHOOK_DATABASE_URL must be sqlite:///… or postgresql+psycopg://…, "
                 f"not {self.database_url!r}"
+            )
+        if self.max_buffered_bytes < self.max_body_bytes:
+            # A body the budget can never hold would get 503 forever (fal retries for hours).
+            raise SettingsError(
+                f"FALHOOK_MAX_BUFFERED_BYTES ({self.max_buffered_bytes}) must be at least "
+                f"FALHOOK_MAX_BODY_BYTES ({self.max_body_bytes})"
             )
         if self.forward_to is not None and not self.forward_to.startswith(("http://", "https://")):
             raise SettingsError(f"FALHOOK_FORWARD_TO must be an http(s) URL: {self.forward_to!r}")

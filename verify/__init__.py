@@ -18,7 +18,13 @@ from falhook.verify.jwks import (
     get_jwks_client,
 )
 from falhook.verify.keys import PublicKey, load_keys, parse_jwks
-from falhook.verify.signature import VerifiedWebhook, verify_signature, verify_signature_async
+from falhook.verify.signature import (
+    VerifiedWebhook,
+    WebhookHeaders,
+    check_headers,
+    verify_signature,
+    verify_signature_async,
+)
 
 __version__ = "0.1.0"
 
@@ -31,8 +37,10 @@ __all__ = [
     "Reason",
     "VerifiedWebhook",
     "VerifyError",
+    "WebhookHeaders",
     "WebhookVerificationError",
     "__version__",
+    "check_headers",
     "get_async_jwks_client",
     "get_jwks_client",
     "load_keys",

@@ -22,6 +22,8 @@ from falhook.verify.keys import KeysLike, PublicKey, load_keys
 __all__ = [
     "DEFAULT_JWKS_URL",
     "VerifiedWebhook",
+    "WebhookHeaders",
+    "check_headers",
     "default_jwks_url",
     "verify_signature",
     "verify_signature_async",
@@ -62,17 +64,34 @@ def default_jwks_url() -> str:
     return os.environ.get("FALHOOK_JWKS_URL") or DEFAULT_JWKS_URL
 
 
-def prepare(
-    body: bytes,
+@dataclass(frozen=True, slots=True)
+class WebhookHeaders:
+    """fal's four headers, checked as far as headers alone allow (see `check_headers`)."""
+
+    request_id: str
+    user_id: str
+    timestamp: int
+    timestamp_text: str  # verbatim: the signed message holds the header as sent
+    signature: bytes
+
+
+def check_headers(
     headers: HeadersLike,
     *,
-    user_id: str | None,
-    tolerance: float,
-    now: float | None,
-) -> Prepared:
-    """Run the non-crypto checks and build the signed message (internal)."""
-    if body.__class__ is not bytes and not isinstance(body, bytes | bytearray | memoryview):
-        raise TypeError(f"body must be the raw request bytes, not {type(body).__name__}")
+    user_id: str | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    now: float | None = None,
+) -> WebhookHeaders:
+    """Run every check that needs no body and no key: presence, formats, timestamp
+    tolerance and the user pin. A server can call it before reading the body and refuse
+    an inauthentic request without buffering a byte of it.
+
+    Arguments are those of `verify_signature`.
+
+    :raises WebhookVerificationError: the headers alone prove the delivery inauthentic.
+    """
+    if tolerance != DEFAULT_TOLERANCE:
+        _check_tolerance(tolerance)
     request_id, header_user, ts_text, sig_text = extract(headers)
     timestamp = parse_timestamp(ts_text)
     signature = parse_signature(sig_text)
@@ -93,15 +112,36 @@ def prepare(
         raise WebhookVerificationError(
             Reason.USER_MISMATCH, "delivery is for another fal user", header=None
         )
+    return WebhookHeaders(request_id, header_user, timestamp, ts_text, signature)
+
+
+def prepare_body(checked: WebhookHeaders, body: bytes) -> Prepared:
+    """Build the signed message for headers `check_headers` passed (internal)."""
     try:
         message = (
-            f"{request_id}\n{header_user}\n{ts_text}\n{hashlib.sha256(body).hexdigest()}"
+            f"{checked.request_id}\n{checked.user_id}\n{checked.timestamp_text}\n"
+            f"{hashlib.sha256(body).hexdigest()}"
         ).encode()
     except UnicodeEncodeError:  # lone surrogates in a str header value
         raise WebhookVerificationError(
             Reason.MALFORMED_HEADER, "header value is not encodable as UTF-8"
         ) from None
-    return message, signature, VerifiedWebhook(request_id, header_user, timestamp)
+    result = VerifiedWebhook(checked.request_id, checked.user_id, checked.timestamp)
+    return message, checked.signature, result
+
+
+def prepare(
+    body: bytes,
+    headers: HeadersLike,
+    *,
+    user_id: str | None,
+    tolerance: float,
+    now: float | None,
+) -> Prepared:
+    """Run the non-crypto checks and build the signed message (internal)."""
+    if body.__class__ is not bytes and not isinstance(body, bytes | bytearray | memoryview):
+        raise TypeError(f"body must be the raw request bytes, not {type(body).__name__}")
+    return prepare_body(check_headers(headers, user_id=user_id, tolerance=tolerance, now=now), body)
 
 
 def check(prepared: Prepared, keys: Iterable[PublicKey]) -> VerifiedWebhook:

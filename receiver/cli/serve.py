@@ -105,12 +105,16 @@ def run(args: argparse.Namespace) -> int:
     # GC's sight. Without this, each full collection walked it all and stalled the event
     # loop ~25 ms, several times a minute under load (measured: gc.callbacks + bench/).
     gc.freeze()
+    from falhook.receiver.protocol import http_protocol
+
     uvicorn.run(
         receiver.app,
         host=args.host,
         port=args.port,
         loop="uvloop",
-        http="httptools",
+        http=http_protocol(settings.header_timeout_seconds),
+        # uvicorn counts the connection asking too: +1 so N connections are served.
+        limit_concurrency=settings.max_connections + 1,
         lifespan="on",
         access_log=False,
         log_level=settings.log_level.lower() if settings.log_level != "INFO" else "warning",

@@ -149,3 +149,20 @@ def test_parse_signature_rejects_non_hex(text: str) -> None:
     with pytest.raises(WebhookVerificationError) as info:
         parse_signature(text)
     assert info.value.reason is Reason.MALFORMED_HEADER
+
+
+def test_check_headers_decides_what_headers_alone_decide() -> None:
+    from falhook.verify import WebhookHeaders, check_headers
+
+    checked = check_headers(CANON, user_id="user-1", now=1_700_000_100)
+    assert checked == WebhookHeaders("req-1", "user-1", 1_700_000_000, "1700000000", b"\xab" * 64)
+    for headers, now, user, reason in [
+        ({}, 1_700_000_000, None, Reason.MISSING_HEADER),
+        ({**CANON, "X-Fal-Webhook-Signature": "zz"}, 1_700_000_000, None, Reason.MALFORMED_HEADER),
+        (CANON, 1_700_000_301, None, Reason.TIMESTAMP_TOO_OLD),
+        (CANON, 1_699_999_699, None, Reason.TIMESTAMP_TOO_NEW),
+        (CANON, 1_700_000_000, "user-2", Reason.USER_MISMATCH),
+    ]:
+        with pytest.raises(WebhookVerificationError) as info:
+            check_headers(headers, user_id=user, now=now)
+        assert info.value.reason is reason

@@ -1,0 +1,197 @@
+"""Hostile clients against a real `falhook serve`: what headers alone decide is answered
+before the body, buffered bytes are bounded, and slow or idle connections are closed."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from falhook.verify.testing import JWKSServer, fal_body
+from tests.e2e.server import Sender, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, jwks_server: JWKSServer
+) -> Iterator[ServerProcess]:
+    proc = ServerProcess(
+        tmp_path_factory.mktemp("hostile"),
+        jwks=jwks_server.url,
+        env={
+            "FALHOOK_MAX_BODY_BYTES": str(MiB),
+            "FALHOOK_MAX_BUFFERED_BYTES": str(MiB),
+            "FALHOOK_BODY_TIMEOUT_SECONDS": "1",
+            "FALHOOK_HEADER_TIMEOUT_SECONDS": "1",
+            "FALHOOK_MAX_CONNECTIONS": "8",
+        },
+    )
+    try:
+        yield proc.start()
+    finally:
+        proc.kill()
+
+
+def _connect(server: ServerProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=5)
+
+
+def _request_head(headers: dict[str, str], length: int, *extra: str) -> bytes:
+    lines = ["POST /webhooks/fal HTTP/1.1", "Host: x", f"Content-Length: {length}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    lines += list(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one response (head + Content-Length body); the socket timeout is the deadline."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before a response: {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return int(status_line.split()[1]), headers, rest
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True when the server closes the connection (EOF or reset) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+    return False
+
+
+def _stale(sender: Sender) -> dict[str, str]:
+    _, headers = sender.signed("stale")
+    headers["X-Fal-Webhook-Timestamp"] = str(int(time.time()) - 3600)
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("make_headers", "error"),
+    [
+        (lambda sender: {}, "missing_header"),
+        (
+            lambda sender: {**sender.signed("garbage")[1], "X-Fal-Webhook-Signature": "zz"},
+            "malformed_header",
+        ),
+        (_stale, "timestamp_too_old"),
+        (
+            lambda sender: {**sender.signed("other")[1], "X-Fal-Webhook-User-Id": "someone-else"},
+            "user_mismatch",
+        ),
+    ],
+)
+def test_headers_alone_are_rejected_before_any_body_byte(
+    server: ServerProcess, sender: Sender, make_headers: object, error: str
+) -> None:
+    headers = make_headers(sender)  # type: ignore[operator]
+    with _connect(server) as sock:
+        # A body is declared but never sent: the answer must not wait for it.
+        sock.sendall(_request_head(headers, 900_000, "Expect: 100-continue"))
+        status, response_headers, body = _read_response(sock)
+        assert status == 401, body
+        assert response_headers.get("connection") == "close"
+        assert error.encode() in body
+        assert _closed_within(sock, 3)
+
+
+def test_bytes_buffered_across_requests_are_bounded(server: ServerProcess, sender: Sender) -> None:
+    big = fal_body("budget-1", payload={"pad": "x" * 700_000})
+    body, headers = sender.signed("budget-1", body=big)
+    with _connect(server) as first, _connect(server) as second:
+        first.sendall(_request_head(headers, len(body)) + body[:1000])
+        # Wait until the first request holds its share of the budget: a second one of the
+        # same size would exceed it, so it is refused at once with 503 (fal retries).
+        other, other_headers = sender.signed("budget-2", body=big.replace(b"budget-1", b"budget-2"))
+        deadline = time.monotonic() + 5
+        while True:
+            second.sendall(_request_head(other_headers, len(other)))
+            status, response_headers, text = _read_response(second)
+            if status == 503 or time.monotonic() > deadline:
+                break
+            second.close()
+            second = _connect(server)
+        assert status == 503, text
+        assert b"body_budget_exceeded" in text
+        assert response_headers.get("connection") == "close"
+        # The first, within the budget, completes normally.
+        first.sendall(body[1000:])
+        status, _, text = _read_response(first)
+        assert status == 200, text
+    # Once it is done, its bytes are given back: the same size is accepted again.
+    with _connect(server) as third:
+        third.sendall(_request_head(other_headers, len(other)) + other)
+        status, _, text = _read_response(third)
+        assert status == 200, text
+
+
+def test_a_body_that_does_not_arrive_in_time_is_answered_408(
+    server: ServerProcess, sender: Sender
+) -> None:
+    body, headers = sender.signed("slow-body")
+    with _connect(server) as sock:
+        started = time.monotonic()
+        sock.sendall(_request_head(headers, len(body)) + body[:10])
+        status, response_headers, text = _read_response(sock)
+        assert status == 408, text
+        assert b"body_timeout" in text
+        assert response_headers.get("connection") == "close"
+        assert time.monotonic() - started < 4
+
+
+def test_idle_and_slow_header_connections_are_closed(server: ServerProcess) -> None:
+    with _connect(server) as idle, _connect(server) as slow:
+        slow.sendall(b"POST /webhooks/fal HTTP/1.1\r\nHost: x\r\n")
+        assert _closed_within(idle, 4)
+        assert _closed_within(slow, 4)
+
+
+def test_connections_beyond_the_cap_get_503(server: ServerProcess, sender: Sender) -> None:
+    held = [_connect(server) for _ in range(8)]
+    try:
+        for sock in held:  # headers sent, so each holds its connection
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _read_response(sock)[0] == 200
+        with _connect(server) as extra:
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _read_response(extra)[0] == 503
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_an_oversized_request_head_gets_431(server: ServerProcess) -> None:
+    with _connect(server) as sock:
+        head = b"POST /webhooks/fal HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 70_000
+        sock.sendall(head + b"\r\n\r\n")
+        status, _, text = _read_response(sock)
+        assert status == 431, text
+        assert b"headers_too_large" in text
+        assert _closed_within(sock, 3)
