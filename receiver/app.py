@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -29,6 +30,7 @@ from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found
 from falhook.receiver.settings import Settings
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.listener import Listener
+from falhook.receiver.watchdog import LoopWatchdog
 
 __all__ = ["WebhookReceiver", "create_app"]
 
@@ -46,6 +48,12 @@ class _Observer(DispatchObserver):
             self.metrics.dispatch_latency.observe(
                 max(0.0, time.time() - delivery.received_at.timestamp())
             )
+
+    def timed_out(self, callback: str) -> None:
+        self.metrics.callback_timeouts.labels(callback).inc()
+
+    def abandoned(self, threads: int) -> None:
+        self.metrics.callback_threads_abandoned.set(threads)
 
     def finished(self, claim: Claim, outcome: str, error: str | None) -> None:
         self.metrics.outcome(outcome)
@@ -110,6 +118,7 @@ class WebhookReceiver:
         self._keys: KeySource | None = None
         self._dispatcher: Dispatcher | None = None
         self._listener: Listener | None = None
+        self._watchdog: LoopWatchdog | None = None
         self._starts = 0
         self.app = self._build_app()
 
@@ -145,6 +154,13 @@ class WebhookReceiver:
         if self._starts > 1:
             return
         settings = self.settings
+        self._watchdog = LoopWatchdog(
+            asyncio.get_running_loop(),
+            self.registry.on_loop,
+            on_lag=self.metrics.loop_lag.observe,
+            on_blocked=lambda callback: self.metrics.loop_blocked.labels(callback).inc(),
+        )
+        self._watchdog.start()
         self._keys = KeySource(
             settings.jwks_url, user_id=settings.user_id, tolerance=settings.tolerance_seconds
         )
@@ -168,6 +184,7 @@ class WebhookReceiver:
                 concurrency=settings.concurrency,
                 poll_seconds=settings.poll_seconds,
                 shutdown_timeout=settings.shutdown_timeout_seconds,
+                callback_timeout=settings.callback_timeout_seconds,
                 observer=_Observer(self.metrics),
             )
             self._dispatcher.start()
@@ -187,6 +204,9 @@ class WebhookReceiver:
         self._starts -= 1
         if self._starts > 0:
             return
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None

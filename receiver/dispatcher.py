@@ -15,8 +15,8 @@ import logging
 import time
 import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.models import Delivery
@@ -48,6 +48,7 @@ class Dispatcher:
         concurrency: int = 16,
         poll_seconds: float = 5.0,
         shutdown_timeout: float = 30.0,
+        callback_timeout: float | None = None,
         observer: DispatchObserver | None = None,
     ) -> None:
         self.store = store
@@ -57,6 +58,7 @@ class Dispatcher:
         self.concurrency = concurrency
         self.poll_seconds = poll_seconds
         self.shutdown_timeout = shutdown_timeout
+        self.callback_timeout = callback_timeout
         self.observer = observer or DispatchObserver()
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
@@ -74,7 +76,12 @@ class Dispatcher:
         self._reserved: set[str] = set()
         self._claim_prefix = uuid.uuid4().hex[:16] + "-"
         self._claim_numbers = itertools.count(1)
-        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="falhook-callback")
+        # Sync callbacks past their timeout keep their threads (Python cannot stop one):
+        # up to `concurrency` such abandoned threads run beside the pool's own at no cost
+        # to dispatch (threads are started only when needed); each one beyond that takes a
+        # slot until its callback returns, so their number stays bounded.
+        self._abandoned = 0
+        self._executor = ThreadPoolExecutor(2 * concurrency, thread_name_prefix="falhook-callback")
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -88,7 +95,13 @@ class Dispatcher:
 
     @property
     def free_slots(self) -> int:
-        return self.concurrency - self._running - len(self._reserved)
+        over = self._abandoned - self.concurrency
+        return self.concurrency - self._running - len(self._reserved) - max(0, over)
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Sync callbacks past their timeout whose threads are still running."""
+        return self._abandoned
 
     def reserve(self) -> str | None:
         """A claim id for a delivery about to be inserted, if a slot is free now.
@@ -204,7 +217,11 @@ class Dispatcher:
         try:
             self.observer.started(delivery)
             completed, error = await self.registry.run(
-                delivery, claim.completed_callbacks, self._executor
+                delivery,
+                claim.completed_callbacks,
+                self._executor,
+                timeout=self.callback_timeout,
+                on_timeout=lambda name, thread: self._timed_out(claim, name, thread),
             )
         finally:
             held = self._held.pop(claim.request_id, None)
@@ -212,6 +229,47 @@ class Dispatcher:
         description = None if error is None else _describe(error)
         lease_ends = (held[1] if held else time.monotonic()) + self.lease_seconds
         return _Attempt(error is None, description, completed, retry_after, lease_ends)
+
+    def _timed_out(self, claim: Claim, name: str, thread: Future[Any] | None) -> None:
+        self.observer.timed_out(name)
+        if thread is None:
+            log.warning(
+                "callback %s on %s timed out after %g s (attempt %d): cancelled",
+                name,
+                claim.request_id,
+                self.callback_timeout,
+                claim.attempt,
+            )
+            return
+        self._abandoned += 1
+        loop = asyncio.get_running_loop()
+
+        def returned(_: Future[Any]) -> None:  # in the abandoned thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+                loop.call_soon_threadsafe(self._thread_returned, name)
+
+        thread.add_done_callback(returned)
+        level = logging.ERROR if self._abandoned > self.concurrency else logging.WARNING
+        log.log(
+            level,
+            "callback %s on %s timed out after %g s (attempt %d): its thread cannot be "
+            "stopped and is abandoned (%d abandoned%s)",
+            name,
+            claim.request_id,
+            self.callback_timeout,
+            claim.attempt,
+            self._abandoned,
+            "; each beyond FALHOOK_CONCURRENCY takes a dispatch slot"
+            if self._abandoned > self.concurrency
+            else "",
+        )
+        self.observer.abandoned(self._abandoned)
+
+    def _thread_returned(self, name: str) -> None:
+        self._abandoned -= 1
+        log.info("an abandoned callback thread (%s) returned at last", name)
+        self.observer.abandoned(self._abandoned)
+        self._slot_free.set()
 
     def _slot_freed(self) -> None:
         self._running -= 1
@@ -297,3 +355,9 @@ class DispatchObserver:
 
     def finished(self, claim: Claim, outcome: str, error: str | None) -> None:
         """An attempt ended: outcome is done, retry, dead, fenced or unrecorded."""
+
+    def timed_out(self, callback: str) -> None:
+        """A callback did not return within its timeout."""
+
+    def abandoned(self, threads: int) -> None:
+        """The number of abandoned callback threads still running changed."""

@@ -6,7 +6,8 @@ The tree::
     ├── SettingsError             a setting (env var or flag) has an unusable value
     ├── StoreUnavailableError     the store could not be reached or could not commit (503)
     ├── NotStartedError           a delivery arrived before the dispatcher was started (503)
-    └── CallbackImportError       a ``module:function`` callback could not be imported
+    ├── CallbackImportError       a ``module:function`` callback could not be imported
+    └── CallbackTimeoutError      a callback did not return within its timeout (a failure)
 
 Foreign exceptions (SQLAlchemy, driver, OS errors) are wrapped at the store's edge with
 ``raise StoreUnavailableError(...) from exc`` so callers never branch on driver types.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 __all__ = [
     "CallbackImportError",
+    "CallbackTimeoutError",
     "NotStartedError",
     "ReceiverError",
     "SettingsError",
@@ -55,3 +57,9 @@ class CallbackImportError(ReceiverError):
     """A ``module:function`` callback could not be imported."""
 
     reason = "callback_import_error"
+
+
+class CallbackTimeoutError(ReceiverError):
+    """A callback did not return within FALHOOK_CALLBACK_TIMEOUT_SECONDS."""
+
+    reason = "callback_timeout"

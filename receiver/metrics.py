@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -91,9 +91,32 @@ class Metrics:
         self.callback_attempts = Counter(
             "falhook_callback_attempts", "Dispatch attempts started", registry=self.registry
         )
+        self.callback_timeouts = Counter(
+            "falhook_callback_timeouts",
+            "Callbacks that did not return within FALHOOK_CALLBACK_TIMEOUT_SECONDS",
+            ["callback"],
+            registry=self.registry,
+        )
+        self.callback_threads_abandoned = Gauge(
+            "falhook_callback_threads_abandoned",
+            "Sync callbacks past their timeout whose threads are still running",
+            registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "falhook_event_loop_lag_seconds",
+            "How late the event loop ran a probe scheduled on it",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.loop_blocked = Counter(
+            "falhook_event_loop_blocked",
+            "Times the event loop did not respond for over a second, by the callback running",
+            ["callback"],
+            registry=self.registry,
+        )
         self.ack_latency = Histogram(
             "falhook_ack_latency_seconds",
-            "From the request's body being read to its answer being ready",
+            "From the request's arrival (its first byte read) to its answer being ready",
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )

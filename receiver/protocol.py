@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["MAX_HEAD_BYTES", "http_protocol"]
+__all__ = ["ARRIVED", "MAX_HEAD_BYTES", "http_protocol"]
 
 log = logging.getLogger("falhook.receiver")
+ARRIVED = "falhook.arrived"  # scope key: time.perf_counter() at the request's first byte
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; fal's are well under 2 KB
 
 
@@ -69,6 +71,9 @@ class _LimitedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._arm()
         super().on_message_begin()
+        # When the request's first bytes were read: the route times its acknowledgement
+        # from here, so time spent queued behind a busy loop counts.
+        self.scope[ARRIVED] = time.perf_counter()  # type: ignore[literal-required]
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))

@@ -6,12 +6,12 @@ import asyncio
 import functools
 import inspect
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, Literal, TypeVar
 
-from falhook.receiver.errors import CallbackImportError
+from falhook.receiver.errors import CallbackImportError, CallbackTimeoutError
 from falhook.receiver.models import Delivery
 
 __all__ = ["Callback", "CallbackRegistry", "import_callback"]
@@ -19,6 +19,9 @@ __all__ = ["Callback", "CallbackRegistry", "import_callback"]
 Callback = Callable[[Delivery], Any]  # sync, or async returning an awaitable
 Kind = Literal["ok", "error", "any"]
 F = TypeVar("F", bound=Callback)
+# Told of a callback that timed out: its name, and for a sync one the future of the
+# thread still running it (a thread cannot be cancelled), else None.
+OnTimeout = Callable[[str, "Future[Any] | None"], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,9 @@ class CallbackRegistry:
 
     def __init__(self) -> None:
         self._entries: list[_Entry] = []
+        # The async callback each task is awaiting, for the loop watchdog to name the one
+        # that blocks the loop (read from its thread: a plain dict lookup).
+        self.on_loop: dict[asyncio.Task[Any], str] = {}
 
     def add(self, fn: Callback, *, kind: Kind = "any", name: str | None = None) -> None:
         """Register `fn` for OK deliveries, ERROR deliveries, or any."""
@@ -120,30 +126,66 @@ class CallbackRegistry:
         return [e for e in self._entries if e.wants(delivery)]
 
     async def run(
-        self, delivery: Delivery, done: Iterable[str], executor: Executor | None
+        self,
+        delivery: Delivery,
+        done: Iterable[str],
+        executor: Executor | None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 — per callback, not for the call
+        on_timeout: OnTimeout | None = None,
     ) -> tuple[list[str], BaseException | None]:
         """Run every matching callback not already in `done`, in registration order.
 
         Returns the names that have now succeeded (including `done`) and the first
         exception, if any. A failure does not stop the callbacks after it: each succeeds
-        at most once across attempts, because its success is recorded.
+        at most once across attempts, because its success is recorded. A callback still
+        running after `timeout` seconds is cancelled (async) or left to its thread (sync)
+        and counts as failed with `CallbackTimeoutError`; `on_timeout` is told.
         """
         completed = list(done)
         first_error: BaseException | None = None
-        loop = asyncio.get_running_loop()
         for entry in self.matching(delivery):
             if entry.name in completed:
                 continue
+            deadline = asyncio.timeout(timeout)
+            thread: list[Future[Any]] = []
             try:
-                if entry.is_async:
-                    await entry.fn(delivery)
-                else:
-                    result = await loop.run_in_executor(executor, entry.fn, delivery)
-                    if inspect.isawaitable(result):  # a sync-looking callable returned a coroutine
-                        await result
+                async with deadline:
+                    await self._call(entry, delivery, executor, thread)
             except Exception as exc:  # a callback's failure is data, not our crash
+                if isinstance(exc, TimeoutError) and deadline.expired():
+                    exc = CallbackTimeoutError(f"{entry.name} timed out after {timeout:g} s")
+                    if on_timeout is not None:
+                        running = thread[0] if thread and not thread[0].done() else None
+                        on_timeout(entry.name, running)
                 if first_error is None:
                     first_error = exc
                 continue
             completed.append(entry.name)
         return completed, first_error
+
+    async def _call(
+        self,
+        entry: _Entry,
+        delivery: Delivery,
+        executor: Executor | None,
+        thread: list[Future[Any]],
+    ) -> None:
+        if entry.is_async:
+            task = asyncio.current_task()
+            assert task is not None
+            self.on_loop[task] = entry.name
+            try:
+                await entry.fn(delivery)
+            finally:
+                self.on_loop.pop(task, None)
+            return
+        loop = asyncio.get_running_loop()
+        if executor is None:
+            result = await loop.run_in_executor(None, entry.fn, delivery)
+        else:
+            future = executor.submit(entry.fn, delivery)
+            thread.append(future)  # a timeout cannot stop the thread: the caller is told
+            result = await asyncio.wrap_future(future)
+        if inspect.isawaitable(result):  # a sync-looking callable returned a coroutine
+            await result

@@ -34,6 +34,7 @@ __all__ = ["WebhookEndpoint", "healthz", "metrics", "not_found", "readyz"]
 
 log = logging.getLogger("falhook.receiver")
 _JSON = (b"content-type", b"application/json")
+_ARRIVED = "falhook.arrived"  # set by falhook.receiver.protocol (not imported: uvicorn)
 _PARSE_IN_THREAD_BYTES = 256 * 1024  # parsing megabytes of JSON would stall the loop
 
 
@@ -80,7 +81,8 @@ class WebhookEndpoint:
             self.buffered -= held[0]  # given back once answered, whatever happened
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, held: list[int]) -> None:
-        started = time.perf_counter()
+        # From the request's first byte when `falhook serve` runs us (see protocol.py).
+        started = scope.get(_ARRIVED) or time.perf_counter()
         request_id = None
         body_read = False
         try:

@@ -120,6 +120,12 @@ class Settings:
     callback_backoff_max_seconds: float = _setting(
         3600.0, _positive_float, "CALLBACK_BACKOFF_MAX_SECONDS", "retry delay cap"
     )
+    callback_timeout_seconds: float = _setting(
+        300.0,
+        _positive_float,
+        "CALLBACK_TIMEOUT_SECONDS",
+        "an attempt's callback is abandoned after this long (a failed attempt)",
+    )
     lease_seconds: float = _setting(
         60.0, _positive_float, "LEASE_SECONDS", "claim lease, renewed while a callback runs"
     )

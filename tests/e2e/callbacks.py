@@ -9,6 +9,7 @@ payload (``{"test": <mode>, ...}``); a payload without ``test`` is simply record
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -69,3 +70,20 @@ def record(delivery: Delivery) -> None:
         append_record(_event(delivery, "start"))
         time.sleep(float(payload["seconds"]))  # the workload itself: a slow callback
     append_record(_event(delivery, "done"))
+
+
+async def record_async(delivery: Delivery) -> None:
+    """`record` as an ``async def``, with two modes of its own: ``hang`` (await forever:
+    cancellable) and ``block_loop`` (a blocking ``time.sleep`` of ``seconds`` on the loop,
+    the classic mistake)."""
+    payload = delivery.payload if isinstance(delivery.payload, dict) else {}
+    mode = payload.get("test")
+    if mode == "hang":
+        append_record(_event(delivery, "start"))
+        await asyncio.Event().wait()
+    if mode == "block_loop":
+        append_record(_event(delivery, "start"))
+        time.sleep(float(payload["seconds"]))  # noqa: ASYNC251 — blocks the loop on purpose
+        append_record(_event(delivery, "done"))
+        return
+    record(delivery)

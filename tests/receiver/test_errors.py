@@ -6,6 +6,7 @@ import pytest
 
 from falhook.receiver.errors import (
     CallbackImportError,
+    CallbackTimeoutError,
     NotStartedError,
     ReceiverError,
     SettingsError,
@@ -20,6 +21,7 @@ from falhook.receiver.errors import (
         (StoreUnavailableError, "store_unavailable"),
         (NotStartedError, "receiver_not_started"),
         (CallbackImportError, "callback_import_error"),
+        (CallbackTimeoutError, "callback_timeout"),
     ],
 )
 def test_every_error_has_a_reason_and_a_default_message(
