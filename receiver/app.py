@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from falhook.receiver.dispatcher import Dispatcher, DispatchObserver
 from falhook.receiver.errors import NotStartedError, StoreUnavailableError
 from falhook.receiver.forward import Forwarder
+from falhook.receiver.intake import Accepted, Intake
 from falhook.receiver.keysource import KeySource
 from falhook.receiver.logs import delivery_log
 from falhook.receiver.metrics import Metrics
@@ -31,6 +32,7 @@ from falhook.receiver.settings import Settings
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.listener import Listener
 from falhook.receiver.watchdog import LoopWatchdog
+from falhook.verify import WebhookHeaders
 
 __all__ = ["WebhookReceiver", "create_app"]
 
@@ -119,6 +121,7 @@ class WebhookReceiver:
         self._dispatcher: Dispatcher | None = None
         self._listener: Listener | None = None
         self._watchdog: LoopWatchdog | None = None
+        self._intake: Intake | None = None
         self._starts = 0
         self.app = self._build_app()
 
@@ -127,6 +130,33 @@ class WebhookReceiver:
     @property
     def started(self) -> bool:
         return self._starts > 0
+
+    def check_headers(self, headers: Iterable[tuple[bytes, bytes]]) -> WebhookHeaders:
+        """Everything a delivery's headers alone decide, before its body is read.
+
+        `headers` are the request's (name, value) byte pairs, names lowercase (ASGI's).
+        :raises WebhookVerificationError: inauthentic (401).
+        :raises NotStartedError: before `start()` (503).
+        """
+        if self._intake is None:
+            raise NotStartedError()
+        return self._intake.keys.check_headers(headers)
+
+    async def accept(self, body: bytes, checked: WebhookHeaders) -> Accepted:
+        """Verify, parse and durably store one delivery whose headers `check_headers`
+        passed; it is then dispatched from the store. Raises what `Intake.accept` raises,
+        or `NotStartedError` before `start()`."""
+        intake = self._intake
+        if intake is None:
+            raise NotStartedError()
+        return await intake.accept(body, checked)
+
+    async def ready(self) -> None:
+        """Raise unless deliveries can be accepted now: started, store and keys reachable."""
+        if self._intake is None:
+            raise NotStartedError()
+        await self.store.ping()
+        await self.keys.ready()
 
     @property
     def store(self) -> Store:
@@ -164,7 +194,7 @@ class WebhookReceiver:
         self._keys = KeySource(
             settings.jwks_url, user_id=settings.user_id, tolerance=settings.tolerance_seconds
         )
-        store = Store(settings.database_url, on_committed_insert=self._wake, on_claimed=self._adopt)
+        store = Store(settings.database_url, on_due=self._wake)
         store.start()
         self._store = store
         try:
@@ -196,6 +226,9 @@ class WebhookReceiver:
                 "no callbacks registered: deliveries are stored and stay pending until a "
                 "receiver with callbacks runs"
             )
+        self._intake = Intake(
+            self._keys, store, self._dispatcher, lease_seconds=settings.lease_seconds
+        )
 
     async def stop(self) -> None:
         """Stop claiming, let running callbacks finish (up to the timeout), close the store."""
@@ -207,6 +240,7 @@ class WebhookReceiver:
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None
+        self._intake = None
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
@@ -243,13 +277,17 @@ class WebhookReceiver:
         if self._dispatcher is not None:
             self._dispatcher.wake()
 
-    def _adopt(self, claims: list[Claim]) -> None:
-        if self._dispatcher is not None:
-            self._dispatcher.adopt(claims)
-        # Otherwise the claims' leases expire and a running dispatcher retakes them.
-
     def _build_app(self) -> ReceiverApp:
-        endpoint = WebhookEndpoint(self)
+        settings = self.settings
+        endpoint = WebhookEndpoint(
+            self.check_headers,
+            self.accept,
+            self.metrics,
+            max_body=settings.max_body_bytes,
+            max_buffered=settings.max_buffered_bytes,
+            body_timeout=settings.body_timeout_seconds,
+            log_payloads=settings.log_payloads,
+        )
         routes = [
             # Both spellings are served: fal treats any redirect (3xx) as a permanent failure.
             Route(WEBHOOK_PATH, endpoint),

@@ -122,11 +122,10 @@ class Dispatcher:
             self._reserved.discard(claim_id)
             self._slot_free.set()
 
-    def adopt(self, claims: list[Claim]) -> None:
-        """Run callbacks for deliveries that were committed already claimed by us."""
-        for claim in claims:
-            self._reserved.discard(claim.claim_id)
-            self._spawn(claim)
+    def adopt(self, claim: Claim) -> None:
+        """Run callbacks for a delivery that was committed already claimed by us."""
+        self._reserved.discard(claim.claim_id)
+        self._spawn(claim)
 
     async def stop(self) -> None:
         """Stop claiming; let running callbacks finish for up to the shutdown timeout.

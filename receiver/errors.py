@@ -6,29 +6,55 @@ The tree::
     ├── SettingsError             a setting (env var or flag) has an unusable value
     ├── StoreUnavailableError     the store could not be reached or could not commit (503)
     ├── NotStartedError           a delivery arrived before the dispatcher was started (503)
+    ├── MalformedDeliveryError    verified, but not a delivery we can store (400)
     ├── CallbackImportError       a ``module:function`` callback could not be imported
-    └── CallbackTimeoutError      a callback did not return within its timeout (a failure)
+    ├── CallbackTimeoutError      a callback did not return within its timeout (a failure)
+    └── ForwardError              the app behind ``--forward-to`` did not take a delivery
 
-Foreign exceptions (SQLAlchemy, driver, OS errors) are wrapped at the store's edge with
+Every error carries ``.reason``, a `Reason` (a string enum) for machines: the HTTP
+answers' ``error`` field, metrics labels and the CLI's JSON output use it. Foreign
+exceptions (SQLAlchemy, driver, OS errors) are wrapped at the store's edge with
 ``raise StoreUnavailableError(...) from exc`` so callers never branch on driver types.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 __all__ = [
     "CallbackImportError",
     "CallbackTimeoutError",
+    "ForwardError",
+    "MalformedDeliveryError",
     "NotStartedError",
+    "Reason",
     "ReceiverError",
     "SettingsError",
     "StoreUnavailableError",
 ]
 
 
+class Reason(StrEnum):
+    """Machine-readable reason of a `ReceiverError`."""
+
+    RECEIVER_ERROR = "receiver_error"
+    INVALID_SETTING = "invalid_setting"
+    STORE_UNAVAILABLE = "store_unavailable"
+    RECEIVER_NOT_STARTED = "receiver_not_started"
+    CALLBACK_IMPORT_ERROR = "callback_import_error"
+    CALLBACK_TIMEOUT = "callback_timeout"
+    FORWARD_FAILED = "forward_failed"
+    # A verified delivery that cannot be stored as one (answered 400).
+    INVALID_JSON = "invalid_json"
+    MISSING_REQUEST_ID = "missing_request_id"
+    REQUEST_ID_MISMATCH = "request_id_mismatch"
+    INVALID_STATUS = "invalid_status"
+
+
 class ReceiverError(Exception):
     """Root of the errors raised by `receiver`."""
 
-    reason = "receiver_error"
+    reason: Reason = Reason.RECEIVER_ERROR
 
     def __init__(self, message: str | None = None) -> None:
         # The class docstring is the default message, so subclasses need only a docstring.
@@ -38,28 +64,42 @@ class ReceiverError(Exception):
 class SettingsError(ReceiverError):
     """A setting has an unusable value."""
 
-    reason = "invalid_setting"
+    reason = Reason.INVALID_SETTING
 
 
 class StoreUnavailableError(ReceiverError):
     """The store could not be reached or could not commit."""
 
-    reason = "store_unavailable"
+    reason = Reason.STORE_UNAVAILABLE
 
 
 class NotStartedError(ReceiverError):
     """The receiver was not started: its lifespan (dispatcher and store) never ran."""
 
-    reason = "receiver_not_started"
+    reason = Reason.RECEIVER_NOT_STARTED
+
+
+class MalformedDeliveryError(ReceiverError):
+    """An authentic delivery that is not one we can store (not JSON, no request_id, ...)."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class CallbackImportError(ReceiverError):
     """A ``module:function`` callback could not be imported."""
 
-    reason = "callback_import_error"
+    reason = Reason.CALLBACK_IMPORT_ERROR
 
 
 class CallbackTimeoutError(ReceiverError):
     """A callback did not return within FALHOOK_CALLBACK_TIMEOUT_SECONDS."""
 
-    reason = "callback_timeout"
+    reason = Reason.CALLBACK_TIMEOUT
+
+
+class ForwardError(ReceiverError):
+    """The user's app did not accept a forwarded delivery (the dispatcher retries it)."""
+
+    reason = Reason.FORWARD_FAILED

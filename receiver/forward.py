@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import httpx
 
+from falhook.receiver.errors import ForwardError
 from falhook.receiver.models import Delivery
 
 __all__ = ["ForwardError", "Forwarder"]
-
-
-class ForwardError(Exception):
-    """The user's app did not accept a forwarded delivery (the dispatcher retries it)."""
 
 
 class Forwarder:

@@ -13,8 +13,8 @@ from falhook.verify import (
     WebhookHeaders,
     check_headers,
     load_keys,
+    verify_body,
 )
-from falhook.verify.signature import check, prepare_body
 
 __all__ = ["KeySource"]
 
@@ -65,10 +65,9 @@ class KeySource:
     async def verify(self, body: bytes, checked: WebhookHeaders) -> VerifiedWebhook:
         """Verify a body against headers `check_headers` passed; raises
         WebhookVerificationError or KeysUnavailableError."""
-        prepared = prepare_body(checked, body)
         if self.client is not None:
-            return await self.client.check(prepared)
-        return check(prepared, self._static_keys())
+            return await self.client.verify_body(body, checked)
+        return verify_body(body, checked, self._static_keys())
 
     async def ready(self) -> None:
         """Raise KeysUnavailableError unless keys can be had now (cached keys count)."""

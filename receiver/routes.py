@@ -15,27 +15,41 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from falhook.receiver.errors import StoreUnavailableError
+from falhook.receiver.errors import (
+    MalformedDeliveryError,
+    NotStartedError,
+    ReceiverError,
+    StoreUnavailableError,
+)
+from falhook.receiver.intake import Accepted
 from falhook.receiver.logs import delivery_log
-from falhook.receiver.metrics import CONTENT_TYPE
-from falhook.receiver.store import NewDelivery
+from falhook.receiver.metrics import CONTENT_TYPE, Metrics
 from falhook.verify import KeysUnavailableError, WebhookHeaders, WebhookVerificationError
 
-if TYPE_CHECKING:
-    from falhook.receiver.app import WebhookReceiver
-
-__all__ = ["WebhookEndpoint", "healthz", "metrics", "not_found", "readyz"]
+__all__ = ["Receiving", "WebhookEndpoint", "healthz", "metrics", "not_found", "readyz"]
 
 log = logging.getLogger("falhook.receiver")
 _JSON = (b"content-type", b"application/json")
 _ARRIVED = "falhook.arrived"  # set by falhook.receiver.protocol (not imported: uvicorn)
-_PARSE_IN_THREAD_BYTES = 256 * 1024  # parsing megabytes of JSON would stall the loop
+
+HeaderPairs = Iterable[tuple[bytes, bytes]]
+CheckHeaders = Callable[[HeaderPairs], WebhookHeaders]
+Accept = Callable[[bytes, WebhookHeaders], Awaitable[Accepted]]
+
+
+class Receiving(Protocol):
+    """What the routes need of the receiver (``app.state.falhook``)."""
+
+    metrics: Metrics
+
+    async def ready(self) -> None: ...
 
 
 class _Reject(Exception):  # noqa: N818 — internal control flow, never escapes this module
@@ -59,16 +73,27 @@ def _error_body(error: str, detail: str) -> bytes:
 
 
 class WebhookEndpoint:
-    """``POST /webhooks/fal`` (and with a trailing slash): the one path a delivery takes."""
+    """``POST /webhooks/fal`` (and with a trailing slash): HTTP around the receiver's
+    `check_headers` (before the body is read) and `accept` (after)."""
 
-    def __init__(self, receiver: WebhookReceiver) -> None:
-        self.receiver = receiver
-        settings = receiver.settings
-        self.max_body = settings.max_body_bytes
-        self.max_buffered = settings.max_buffered_bytes
-        self.body_timeout = settings.body_timeout_seconds
-        self.log_payloads = settings.log_payloads
-        self.lease_seconds = settings.lease_seconds
+    def __init__(
+        self,
+        check_headers: CheckHeaders,
+        accept: Accept,
+        metrics: Metrics,
+        *,
+        max_body: int,
+        max_buffered: int,
+        body_timeout: float,
+        log_payloads: bool,
+    ) -> None:
+        self.check_headers = check_headers
+        self.accept = accept
+        self.metrics = metrics
+        self.max_body = max_body
+        self.max_buffered = max_buffered
+        self.body_timeout = body_timeout
+        self.log_payloads = log_payloads
         # Body bytes held by requests in flight, across all of them (one event loop: a
         # plain int is enough).
         self.buffered = 0
@@ -110,10 +135,10 @@ class WebhookEndpoint:
             # A bug of ours must not become a 500 that fal may treat as final, nor a lost
             # delivery: answer 503 so fal retries, and log it loudly.
             log.exception("unexpected error handling a delivery")
-            self.receiver.metrics.rejected("internal_error")
+            self.metrics.rejected("internal_error")
             await _send_json(send, 503, _error_body("internal_error", "please retry"))
             return
-        metrics = self.receiver.metrics
+        metrics = self.metrics
         (metrics.duplicate if duplicate else metrics.accepted).inc()
         metrics.ack_latency.observe(time.perf_counter() - started)
         if delivery_log.isEnabledFor(logging.INFO):
@@ -129,17 +154,12 @@ class WebhookEndpoint:
         )
 
     def _check_headers(self, scope: Scope) -> WebhookHeaders:
-        receiver = self.receiver
-        if not receiver.started:
-            log.error(
-                "a delivery arrived but the receiver was never started: run its lifespan "
-                "(lifespan=hooks.lifespan, or `async with hooks:` in the host's lifespan)"
-            )
-            raise _Reject(503, "receiver_not_started", "the receiver's lifespan has not run")
         try:
-            return receiver.keys.check_headers(scope["headers"])
+            return self.check_headers(scope["headers"])
         except WebhookVerificationError as exc:
             raise _Reject(401, exc.reason.value, str(exc)) from None
+        except NotStartedError as exc:
+            raise _not_started(exc) from None
 
     def _declared_length(self, scope: Scope) -> int:
         """Content-Length, or -1 when none was sent (chunked); 413 when over the cap."""
@@ -196,64 +216,24 @@ class WebhookEndpoint:
     def _too_large(self) -> _Reject:
         return _Reject(413, "body_too_large", f"body exceeds {self.max_body} bytes")
 
-    async def _accept(self, body: bytes, checked: WebhookHeaders) -> tuple[str, bool]:
-        receiver = self.receiver
+    async def _accept(self, body: bytes, checked: WebhookHeaders) -> Accepted:
+        """`accept`, with each way it can fail mapped to its HTTP answer."""
         try:
-            verified = await receiver.keys.verify(body, checked)
+            return await self.accept(body, checked)
         except WebhookVerificationError as exc:
             raise _Reject(401, exc.reason.value, str(exc)) from None
         except KeysUnavailableError as exc:
-            raise _Reject(503, "keys_unavailable", str(exc)) from None
-        data = await self._parse(body)
-        request_id = data.get("request_id")
-        if not isinstance(request_id, str) or not request_id:
-            raise _Reject(400, "missing_request_id", "body has no request_id string")
-        if request_id != verified.request_id:
-            raise _Reject(
-                400, "request_id_mismatch", "body request_id differs from the signed header"
-            )
-        status = data.get("status")
-        if status not in ("OK", "ERROR"):
-            raise _Reject(400, "invalid_status", 'status must be "OK" or "ERROR"')
-        new = NewDelivery(
-            request_id=request_id,
-            gateway_request_id=_text(data.get("gateway_request_id")),
-            status=status,
-            error=_text(data.get("error")),
-            payload_error=_text(data.get("payload_error")),
-            user_id=verified.user_id,
-            body=body,
-            received_at=time.time(),
-        )
-        dispatcher = receiver.dispatcher
-        claim_id = dispatcher.reserve() if dispatcher is not None else None
-        try:
-            is_new = await receiver.store.insert(
-                new, claim_id=claim_id, lease_seconds=self.lease_seconds, parsed=data
-            )
+            raise _Reject(503, exc.reason.value, str(exc)) from None
+        except MalformedDeliveryError as exc:
+            raise _Reject(400, exc.reason.value, str(exc)) from None
+        except NotStartedError as exc:
+            raise _not_started(exc) from None
         except StoreUnavailableError as exc:
-            log.warning("cannot store %s: %s", request_id, exc)
-            raise _Reject(503, "store_unavailable", "the store cannot commit right now") from None
-        finally:
-            if claim_id is not None:
-                dispatcher.release(claim_id)  # type: ignore[union-attr]  # no-op once adopted
-        return request_id, not is_new
-
-    @staticmethod
-    async def _parse(body: bytes) -> dict[str, Any]:
-        try:
-            if len(body) > _PARSE_IN_THREAD_BYTES:
-                data = await asyncio.to_thread(_loads, body)
-            else:
-                data = _loads(body)
-        except (ValueError, RecursionError):
-            raise _Reject(400, "invalid_json", "body is not valid UTF-8 JSON") from None
-        if not isinstance(data, dict):
-            raise _Reject(400, "invalid_json", "body is not a JSON object")
-        return data
+            log.warning("cannot store %s: %s", checked.request_id, exc)
+            raise _Reject(503, exc.reason.value, "the store cannot commit right now") from None
 
     def _rejected(self, rejection: _Reject, request_id: str | None, scope: Scope) -> None:
-        self.receiver.metrics.rejected(rejection.error)
+        self.metrics.rejected(rejection.error)
         delivery_log.info(
             "delivery rejected: %s",
             rejection.error,
@@ -266,18 +246,12 @@ class WebhookEndpoint:
         )
 
 
-def _loads(body: bytes) -> Any:
-    # Decoded first: json.loads(bytes) would also sniff for UTF-16/32, which fal never
-    # sends, at ~1 us a delivery. Both steps run where the caller put the parse (a
-    # thread for big bodies): decoding megabytes is no cheaper than parsing them.
-    return json.loads(body.decode())
-
-
-def _text(value: Any) -> str | None:
-    """A column's text for a field fal documents as a string (kept verbatim in the body)."""
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value)
+def _not_started(exc: NotStartedError) -> _Reject:
+    log.error(
+        "a delivery arrived but the receiver was never started: run its lifespan "
+        "(lifespan=hooks.lifespan, or `async with hooks:` in the host's lifespan)"
+    )
+    return _Reject(503, exc.reason.value, "the receiver's lifespan has not run")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -295,23 +269,17 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Ready when started, the store answers and keys can be had."""
-    receiver: WebhookReceiver = request.app.state.falhook
-    if not receiver.started:
-        return JSONResponse({"error": "receiver_not_started"}, status_code=503)
+    receiver: Receiving = request.app.state.falhook
     try:
-        await receiver.store.ping()
-    except StoreUnavailableError as exc:
-        return JSONResponse({"error": "store_unavailable", "detail": str(exc)}, status_code=503)
-    try:
-        await receiver.keys.ready()
-    except KeysUnavailableError as exc:
-        return JSONResponse({"error": "keys_unavailable", "detail": str(exc)}, status_code=503)
+        await receiver.ready()
+    except (ReceiverError, KeysUnavailableError) as exc:
+        return JSONResponse({"error": exc.reason.value, "detail": str(exc)}, status_code=503)
     return JSONResponse({"status": "ready"})
 
 
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
-    receiver: WebhookReceiver = request.app.state.falhook
+    receiver: Receiving = request.app.state.falhook
     body = await asyncio.to_thread(receiver.metrics.render)
     return Response(body, media_type=CONTENT_TYPE)
 

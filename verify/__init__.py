@@ -22,6 +22,7 @@ from falhook.verify.signature import (
     VerifiedWebhook,
     WebhookHeaders,
     check_headers,
+    verify_body,
     verify_signature,
     verify_signature_async,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "get_jwks_client",
     "load_keys",
     "parse_jwks",
+    "verify_body",
     "verify_signature",
     "verify_signature_async",
 ]

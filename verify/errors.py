@@ -19,7 +19,8 @@ __all__ = ["KeysUnavailableError", "Reason", "VerifyError", "WebhookVerification
 
 
 class Reason(StrEnum):
-    """Machine-readable reason a delivery is not authentic."""
+    """Machine-readable reason for a `VerifyError`: why a delivery is not authentic, or
+    that it could not be checked (`KEYS_UNAVAILABLE`)."""
 
     MISSING_HEADER = "missing_header"
     MALFORMED_HEADER = "malformed_header"
@@ -27,10 +28,13 @@ class Reason(StrEnum):
     TIMESTAMP_TOO_NEW = "timestamp_too_new"
     USER_MISMATCH = "user_mismatch"
     INVALID_SIGNATURE = "invalid_signature"
+    KEYS_UNAVAILABLE = "keys_unavailable"
 
 
 class VerifyError(Exception):
-    """Root of the errors raised by `verify`."""
+    """Root of the errors raised by `verify`; `.reason` says which, for machines."""
+
+    reason: Reason
 
     def __init__(self, message: str | None = None) -> None:
         # The class docstring is the default message, so subclasses need only a docstring.
@@ -52,4 +56,4 @@ class WebhookVerificationError(VerifyError):
 class KeysUnavailableError(VerifyError):
     """No verification keys could be obtained (JWKS unreachable or invalid on a cold cache)."""
 
-    reason = "keys_unavailable"
+    reason = Reason.KEYS_UNAVAILABLE

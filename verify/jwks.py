@@ -26,7 +26,14 @@ import httpx
 from falhook.verify._headers import HeadersLike
 from falhook.verify.errors import KeysUnavailableError, Reason, WebhookVerificationError
 from falhook.verify.keys import PublicKey, parse_jwks
-from falhook.verify.signature import DEFAULT_TOLERANCE, Prepared, VerifiedWebhook, prepare
+from falhook.verify.message import (
+    DEFAULT_TOLERANCE,
+    Prepared,
+    VerifiedWebhook,
+    WebhookHeaders,
+    prepare,
+    prepare_body,
+)
 
 __all__ = [
     "MAX_TTL",
@@ -250,6 +257,10 @@ class JWKSClient:
         """`verify_signature` against this client's keys."""
         return self.check(prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now))
 
+    def verify_body(self, body: bytes, checked: WebhookHeaders) -> VerifiedWebhook:
+        """Verify ``body`` against headers `check_headers` passed, with this client's keys."""
+        return self.check(prepare_body(checked, body))
+
     def close(self) -> None:
         """Close the HTTP client if this object created it."""
         if self._owns_http and self._http is not None:
@@ -369,6 +380,10 @@ class AsyncJWKSClient:
         """`verify_signature_async` against this client's keys."""
         prepared = prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now)
         return await self.check(prepared)
+
+    async def verify_body(self, body: bytes, checked: WebhookHeaders) -> VerifiedWebhook:
+        """Verify ``body`` against headers `check_headers` passed, with this client's keys."""
+        return await self.check(prepare_body(checked, body))
 
     async def aclose(self) -> None:
         """Close the HTTP client if this object created it."""

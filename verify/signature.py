@@ -1,23 +1,27 @@
 """Verify a fal webhook delivery: `verify_signature` and `verify_signature_async`.
 
-fal signs ``UTF8(request_id + "\\n" + user_id + "\\n" + timestamp + "\\n" +
-sha256(raw_body).hexdigest())`` with Ed25519 and sends the 64-byte signature as 128 hex
-characters; the header carries no key id, so every key is tried. Checks run cheapest
-first: headers present → formats → timestamp tolerance → user pin → crypto.
+The scheme and the order of the checks are in message.py; keys come from a JWKS
+(jwks.py, cached per URL in the process) or are given (`keys=`). A server that checks
+the headers before reading the body (`check_headers`) finishes with `verify_body`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import time
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TypeAlias
-
-from falhook.verify._headers import HeadersLike, extract, parse_signature, parse_timestamp
-from falhook.verify.errors import Reason, WebhookVerificationError
+from falhook.verify._headers import HeadersLike
+from falhook.verify.jwks import get_async_jwks_client, get_jwks_client
 from falhook.verify.keys import KeysLike, PublicKey, load_keys
+from falhook.verify.message import (
+    DEFAULT_JWKS_URL,
+    DEFAULT_TOLERANCE,
+    VerifiedWebhook,
+    WebhookHeaders,
+    check,
+    check_headers,
+    check_tolerance,
+    default_jwks_url,
+    prepare,
+    prepare_body,
+)
 
 __all__ = [
     "DEFAULT_JWKS_URL",
@@ -25,133 +29,10 @@ __all__ = [
     "WebhookHeaders",
     "check_headers",
     "default_jwks_url",
+    "verify_body",
     "verify_signature",
     "verify_signature_async",
 ]
-
-DEFAULT_JWKS_URL = "https://rest.fal.ai/.well-known/jwks.json"
-DEFAULT_TOLERANCE = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class VerifiedWebhook:
-    """What an authentic delivery proved: its signed request id, user id and timestamp."""
-
-    request_id: str
-    user_id: str
-    timestamp: int
-
-
-# (message, signature, result): a delivery that passed every check but the crypto. A plain
-# tuple rather than a NamedTuple: it is built on every call and never leaves the package.
-Prepared: TypeAlias = tuple[bytes, bytes, VerifiedWebhook]
-
-
-def _env_user_id() -> str | None:
-    """``FALHOOK_USER_ID``, read on every call (tests and operators may change it)."""
-    # os.environ.get costs ~0.6 µs (it re-encodes the key each time), over 10% of this
-    # module's whole budget per call; on POSIX, os.environ keeps its data in `_data`, a
-    # bytes dict it updates on every assignment, and a lookup there costs ~25 ns.
-    data = getattr(os.environ, "_data", None)
-    if os.name == "posix" and isinstance(data, dict):
-        raw = data.get(b"FALHOOK_USER_ID")
-        return None if raw is None else os.fsdecode(raw)
-    return os.environ.get("FALHOOK_USER_ID")
-
-
-def default_jwks_url() -> str:
-    """``FALHOOK_JWKS_URL`` if set and non-empty, else fal's JWKS URL (read at call time)."""
-    return os.environ.get("FALHOOK_JWKS_URL") or DEFAULT_JWKS_URL
-
-
-@dataclass(frozen=True, slots=True)
-class WebhookHeaders:
-    """fal's four headers, checked as far as headers alone allow (see `check_headers`)."""
-
-    request_id: str
-    user_id: str
-    timestamp: int
-    timestamp_text: str  # verbatim: the signed message holds the header as sent
-    signature: bytes
-
-
-def check_headers(
-    headers: HeadersLike,
-    *,
-    user_id: str | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
-    now: float | None = None,
-) -> WebhookHeaders:
-    """Run every check that needs no body and no key: presence, formats, timestamp
-    tolerance and the user pin. A server can call it before reading the body and refuse
-    an inauthentic request without buffering a byte of it.
-
-    Arguments are those of `verify_signature`.
-
-    :raises WebhookVerificationError: the headers alone prove the delivery inauthentic.
-    """
-    if tolerance != DEFAULT_TOLERANCE:
-        _check_tolerance(tolerance)
-    request_id, header_user, ts_text, sig_text = extract(headers)
-    timestamp = parse_timestamp(ts_text)
-    signature = parse_signature(sig_text)
-    # Whole seconds, like fal's reference `abs(int(time.time()) - ts) > 300`.
-    current = int(time.time() if now is None else now)
-    if current - timestamp > tolerance:
-        raise WebhookVerificationError(
-            Reason.TIMESTAMP_TOO_OLD,
-            f"timestamp {timestamp} is {current - timestamp} s old (tolerance {tolerance:g} s)",
-        )
-    if timestamp - current > tolerance:
-        raise WebhookVerificationError(
-            Reason.TIMESTAMP_TOO_NEW,
-            f"timestamp {timestamp} is {timestamp - current} s ahead (tolerance {tolerance:g} s)",
-        )
-    pinned = _env_user_id() if user_id is None else user_id
-    if pinned and header_user != pinned:
-        raise WebhookVerificationError(
-            Reason.USER_MISMATCH, "delivery is for another fal user", header=None
-        )
-    return WebhookHeaders(request_id, header_user, timestamp, ts_text, signature)
-
-
-def prepare_body(checked: WebhookHeaders, body: bytes) -> Prepared:
-    """Build the signed message for headers `check_headers` passed (internal)."""
-    try:
-        message = (
-            f"{checked.request_id}\n{checked.user_id}\n{checked.timestamp_text}\n"
-            f"{hashlib.sha256(body).hexdigest()}"
-        ).encode()
-    except UnicodeEncodeError:  # lone surrogates in a str header value
-        raise WebhookVerificationError(
-            Reason.MALFORMED_HEADER, "header value is not encodable as UTF-8"
-        ) from None
-    result = VerifiedWebhook(checked.request_id, checked.user_id, checked.timestamp)
-    return message, checked.signature, result
-
-
-def prepare(
-    body: bytes,
-    headers: HeadersLike,
-    *,
-    user_id: str | None,
-    tolerance: float,
-    now: float | None,
-) -> Prepared:
-    """Run the non-crypto checks and build the signed message (internal)."""
-    if body.__class__ is not bytes and not isinstance(body, bytes | bytearray | memoryview):
-        raise TypeError(f"body must be the raw request bytes, not {type(body).__name__}")
-    return prepare_body(check_headers(headers, user_id=user_id, tolerance=tolerance, now=now), body)
-
-
-def check(prepared: Prepared, keys: Iterable[PublicKey]) -> VerifiedWebhook:
-    """Return the result when any key verifies, else raise ``invalid_signature`` (internal)."""
-    message, signature, result = prepared
-    for key in keys:
-        if key.verify(message, signature):
-            return result
-    raise WebhookVerificationError(Reason.INVALID_SIGNATURE, "no key verifies the signature")
-
 
 # Parsed static key sources by identity, so a warm `keys=` call never re-parses. The entry
 # holds the source itself, which keeps its id from being reused while it is cached.
@@ -172,11 +53,6 @@ def static_keys(source: KeysLike) -> tuple[PublicKey, ...]:
         _STATIC_CACHE.clear()
     _STATIC_CACHE[id(source)] = (source, keys)
     return keys
-
-
-def _check_tolerance(tolerance: float) -> None:
-    if not tolerance >= 0:  # also rejects NaN
-        raise ValueError("tolerance must be a non-negative number of seconds")
 
 
 def verify_signature(
@@ -206,12 +82,10 @@ def verify_signature(
     :raises KeysUnavailableError: no keys could be obtained.
     """
     if tolerance != DEFAULT_TOLERANCE:
-        _check_tolerance(tolerance)
+        check_tolerance(tolerance)
     prepared = prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now)
     if keys is not None:
         return check(prepared, static_keys(keys))
-    from falhook.verify.jwks import get_jwks_client  # deferred: jwks imports this module
-
     return get_jwks_client(jwks_url or default_jwks_url()).check(prepared)
 
 
@@ -227,13 +101,21 @@ async def verify_signature_async(
 ) -> VerifiedWebhook:
     """`verify_signature` for event loops: keys are fetched with httpx's async client.
 
-    With a warm key cache nothing is awaited; the ~60 µs signature check runs inline.
+    With a warm key cache nothing is awaited; the signature check runs inline.
     """
     if tolerance != DEFAULT_TOLERANCE:
-        _check_tolerance(tolerance)
+        check_tolerance(tolerance)
     prepared = prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now)
     if keys is not None:
         return check(prepared, static_keys(keys))
-    from falhook.verify.jwks import get_async_jwks_client
-
     return await get_async_jwks_client(jwks_url or default_jwks_url()).check(prepared)
+
+
+def verify_body(body: bytes, checked: WebhookHeaders, keys: KeysLike) -> VerifiedWebhook:
+    """Finish what `check_headers` began: verify ``body`` against those headers with
+    static ``keys`` (a JWKS client's ``verify_body`` does the same with its keys).
+
+    :raises WebhookVerificationError: no key verifies the signature.
+    :raises KeysUnavailableError: ``keys`` cannot be loaded.
+    """
+    return check(prepare_body(checked, body), static_keys(keys))

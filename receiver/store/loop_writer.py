@@ -123,18 +123,17 @@ class LoopWriter(WriterBase):
             self._fall_back(batch, exc)
             return
         assert self._executor is not None
-        self._executor.submit(self._commit_in_thread, conn, batch, results, tx.due_now, tx.claimed)
+        self._executor.submit(self._commit_in_thread, conn, batch, results, tx.due_now)
 
     def _committed(
         self,
         batch: list[Job],
         results: list[Any],
         due: bool,
-        claimed: list[Any],
         next_conn: Any,
     ) -> None:
         self._open = next_conn
-        self._hand_over(due, claimed)
+        self._committed_due(due)
         self._next_batch()  # the next fsync starts before these requests are answered
         resolve(batch, [(True, r) for r in results])
 
@@ -154,9 +153,7 @@ class LoopWriter(WriterBase):
             return
         self._post(self._execute, batch, conn)
 
-    def _commit_in_thread(
-        self, conn: Any, batch: list[Job], results: list[Any], due: bool, claimed: list[Any]
-    ) -> None:
+    def _commit_in_thread(self, conn: Any, batch: list[Job], results: list[Any], due: bool) -> None:
         try:
             conn.commit()
         except Exception as exc:
@@ -174,7 +171,7 @@ class LoopWriter(WriterBase):
             except Exception:
                 # The commit stands; the next batch will take the lock again on its own.
                 log.debug("could not begin the next transaction", exc_info=True)
-        self._post(self._committed, batch, results, due, claimed, next_conn)
+        self._post(self._committed, batch, results, due, next_conn)
 
     def _begin(self) -> Any:
         conn = self._connection.get()
@@ -226,8 +223,8 @@ class LoopWriter(WriterBase):
         except asyncio.CancelledError:
             resolve(batch, [failure(StoreUnavailableError("the store stopped"))] * len(batch))
             raise
-        outcomes, due, claimed = one_by_one.result()
-        self._hand_over(due, claimed)
+        outcomes, due = one_by_one.result()
+        self._committed_due(due)
         resolve(batch, outcomes)
         self._next_batch()
 
@@ -242,7 +239,7 @@ class LoopWriter(WriterBase):
         except BaseException:
             self._abandon(conn)
             raise
-        return [(True, results[0])], tx.due_now, tx.claimed
+        return [(True, results[0])], tx.due_now
 
     def _commit_alone(self, conn: Any) -> None:
         conn.commit()

@@ -1,7 +1,7 @@
 """Operations: functions run on the writer's cursor, inside its batch transaction.
 
-Each returns its request's result; one that makes work due sets ``tx.due_now``, one that
-takes a claim appends it to ``tx.claimed`` (handed to the dispatcher once committed).
+Each returns its request's result (delivered only once the transaction committed); one
+that makes work due sets ``tx.due_now`` so the dispatchers are woken after the commit.
 """
 
 from __future__ import annotations
@@ -16,13 +16,19 @@ from falhook.receiver.store.records import Claim, ClaimBatch, NewDelivery
 from falhook.receiver.store.statements import Compiled
 from falhook.receiver.store.writer import Op, Tx
 
-__all__ = ["decode_callbacks", "encode_callbacks", "op_claim", "op_fenced", "op_insert", "op_ping"]
+__all__ = [
+    "decode_callbacks",
+    "encode_callbacks",
+    "op_claim",
+    "op_fenced",
+    "op_insert",
+    "op_insert_claimed",
+    "op_ping",
+]
 
 
-def op_insert(
-    new: NewDelivery, claim_id: str | None, lease_seconds: float, parsed: dict[str, Any] | None
-) -> Op:
-    params = {
+def _row(new: NewDelivery) -> dict[str, Any]:
+    return {
         "request_id": new.request_id,
         "gateway_request_id": new.gateway_request_id,
         "status": new.status,
@@ -32,36 +38,53 @@ def op_insert(
         "body": new.body,
         "received_at": new.received_at,
     }
-    if claim_id is not None:
-        params["claim_id"] = claim_id
-        params["lease_until"] = new.received_at + lease_seconds
+
+
+def _duplicate(tx: Tx, request_id: str) -> None:
+    # A duplicate of a dead delivery re-arms it: a duplicate must never hide a failure.
+    tx.sql.revive_dead.execute(tx.cur, {"request_id": request_id, "now": time.time()})
+    if tx.cur.rowcount == 1:
+        tx.due_now = True
+
+
+def op_insert(new: NewDelivery) -> Op:
+    """Store a new delivery, pending; True if new, False for a duplicate."""
+    params = _row(new)
 
     def op(tx: Tx) -> bool:
-        cur, sql = tx.cur, tx.sql
-        if claim_id is None:
-            if sql.add(cur, sql.insert, params):
-                tx.due_now = True
-                return True
-        else:
-            if sql.add(cur, sql.insert_claimed, params):
-                tx.claimed.append(
-                    Claim(
-                        request_id=new.request_id,
-                        claim_id=claim_id,
-                        attempt=1,
-                        status=new.status,
-                        body=new.body,
-                        user_id=new.user_id,
-                        received_at=new.received_at,
-                        completed_callbacks=(),
-                        parsed=parsed,
-                    )
-                )
-                return True
-        sql.revive_dead.execute(cur, {"request_id": new.request_id, "now": time.time()})
-        if cur.rowcount == 1:
+        if tx.sql.add(tx.cur, tx.sql.insert, params):
             tx.due_now = True
+            return True
+        _duplicate(tx, new.request_id)
         return False
+
+    return op
+
+
+def op_insert_claimed(
+    new: NewDelivery, claim_id: str, lease_seconds: float, parsed: dict[str, Any] | None
+) -> Op:
+    """Store a new delivery already claimed by `claim_id` (running, attempt 1); its
+    `Claim`, or None for a duplicate."""
+    params = _row(new)
+    params["claim_id"] = claim_id
+    params["lease_until"] = new.received_at + lease_seconds
+
+    def op(tx: Tx) -> Claim | None:
+        if tx.sql.add(tx.cur, tx.sql.insert_claimed, params):
+            return Claim(
+                request_id=new.request_id,
+                claim_id=claim_id,
+                attempt=1,
+                status=new.status,
+                body=new.body,
+                user_id=new.user_id,
+                received_at=new.received_at,
+                completed_callbacks=(),
+                parsed=parsed,
+            )
+        _duplicate(tx, new.request_id)
+        return None
 
     return op
 

@@ -32,6 +32,7 @@ from falhook.receiver.store.operations import (
     op_claim,
     op_fenced,
     op_insert,
+    op_insert_claimed,
     op_ping,
 )
 from falhook.receiver.store.records import Claim, ClaimBatch, NewDelivery
@@ -58,16 +59,14 @@ class Store:
         url: str,
         *,
         max_batch: int = 512,
-        on_committed_insert: Callable[[], None] | None = None,
-        on_claimed: Callable[[list[Claim]], None] | None = None,
+        on_due: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
         self.engine = make_engine(url)
         self.dialect = self.engine.dialect.name
         self._sql = Statements(self.engine.dialect)
         self._max_batch = max_batch
-        self._on_committed_insert = on_committed_insert
-        self._on_claimed = on_claimed
+        self._on_due = on_due
         self._writer: Writer | None = None
         self._migrated = False
         self._migrate_lock = threading.Lock()
@@ -92,17 +91,10 @@ class Store:
         self._writer = strategy(
             Connection(self.engine, self._ensure_schema),
             self._sql,
-            on_commit=self._committed,
+            on_due=self._on_due,
             max_batch=self._max_batch,
         )
         self._writer.start()
-
-    def _committed(self, due: bool, claimed: list[Any]) -> None:
-        # Claims first: the dispatcher must own them before it looks for other due work.
-        if claimed and self._on_claimed is not None:
-            self._on_claimed(claimed)
-        if due and self._on_committed_insert is not None:
-            self._on_committed_insert()
 
     def _ensure_schema(self) -> None:
         if not self._migrated:
@@ -122,20 +114,29 @@ class Store:
             raise StoreUnavailableError("the store is not started")
         return self._writer.submit(op)
 
-    async def insert(
-        self,
-        new: NewDelivery,
-        *,
-        claim_id: str | None = None,
-        lease_seconds: float = 60.0,
-        parsed: dict[str, Any] | None = None,
-    ) -> bool:
+    async def insert(self, new: NewDelivery) -> bool:
         """Store a delivery durably. True if new, False if its request_id was already stored.
 
-        With `claim_id`, a new delivery is stored already claimed (running, attempt 1,
-        leased for `lease_seconds`) and handed to `on_claimed` right after the commit.
+        A new delivery is pending: `on_due` runs after the commit (and other replicas are
+        told), so a dispatcher claims it.
         """
-        result: bool = await self._submit(op_insert(new, claim_id, lease_seconds, parsed))
+        result: bool = await self._submit(op_insert(new))
+        return result
+
+    async def insert_claimed(
+        self,
+        new: NewDelivery,
+        claim_id: str,
+        *,
+        lease_seconds: float = 60.0,
+        parsed: dict[str, Any] | None = None,
+    ) -> Claim | None:
+        """Store a delivery durably, already claimed by `claim_id` (running, attempt 1,
+        leased for `lease_seconds`): its claim, for the caller to dispatch at once, or
+        None if its request_id was already stored."""
+        result: Claim | None = await self._submit(
+            op_insert_claimed(new, claim_id, lease_seconds, parsed)
+        )
         return result
 
     async def claim(self, limit: int, lease_seconds: float) -> ClaimBatch:

@@ -72,18 +72,16 @@ class ThreadWriter(WriterBase):
                     stopping = True
                     break
                 batch.append(job)
-            outcomes, due, claimed = with_retries(self._transaction, [op for op, _ in batch])
+            outcomes, due = with_retries(self._transaction, [op for op, _ in batch])
             loop = self._loop
             assert loop is not None
             # RuntimeError: the loop is closed, so nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._done, batch, outcomes, due, claimed)
+                loop.call_soon_threadsafe(self._done, batch, outcomes, due)
         self._connection.close()
 
-    def _done(
-        self, batch: Sequence[Job], outcomes: Sequence[Outcome], due: bool, claimed: list[Any]
-    ) -> None:
-        self._hand_over(due, claimed)
+    def _done(self, batch: Sequence[Job], outcomes: Sequence[Outcome], due: bool) -> None:
+        self._committed_due(due)
         resolve(batch, outcomes)
 
     def _transaction(self, ops: Sequence[Op]) -> Result:
@@ -98,4 +96,4 @@ class ThreadWriter(WriterBase):
         except Exception:
             self._connection.discard()
             raise
-        return [(True, r) for r in results], tx.due_now, tx.claimed
+        return [(True, r) for r in results], tx.due_now

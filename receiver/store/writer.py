@@ -36,10 +36,10 @@ class Statements(Protocol):
 
 
 class Tx:
-    """One transaction as its operations see it: the cursor, the statements, and what the
-    operations report besides their results. Each transaction gets a fresh one."""
+    """One transaction as its operations see it: the cursor, the statements, and whether
+    an operation made work due. Each transaction gets a fresh one."""
 
-    __slots__ = ("claimed", "cur", "due_now", "sql")
+    __slots__ = ("cur", "due_now", "sql")
 
     def __init__(self, cur: Any, sql: Any) -> None:
         self.cur = cur
@@ -48,15 +48,14 @@ class Tx:
         # a transaction NOTIFYs the other replicas and wakes the local dispatcher. A NOTIFY
         # on every transaction (claims included) would make idle replicas wake each other.
         self.due_now = False
-        self.claimed: list[Any] = []  # claims taken, handed over only once committed
 
 
 # An operation: runs inside a batch's transaction and returns its request's result.
 Op = Callable[[Tx], Any]
 Job = tuple[Op, "asyncio.Future[Any]"]
 Outcome = tuple[bool, Any]  # (True, result) or (False, StoreUnavailableError)
-Result = tuple[list[Outcome], bool, list[Any]]  # outcomes, work became due, claims taken
-OnCommit = Callable[[bool, list[Any]], None]  # (work became due, claims taken)
+Result = tuple[list[Outcome], bool]  # outcomes, whether work became due
+OnDue = Callable[[], None]  # after a commit that made work due
 
 
 def run_ops(cur: Any, sql: Any, ops: Sequence[Op]) -> tuple[list[Any], Tx]:
@@ -144,21 +143,21 @@ class WriterBase:
         connection: Connection,
         sql: Statements,
         *,
-        on_commit: OnCommit | None,
+        on_due: OnDue | None,
         max_batch: int,
     ) -> None:
         self._connection = connection
         self._sql = sql
-        self._on_commit = on_commit
+        self._on_due = on_due
         self._max_batch = max_batch
 
-    def _hand_over(self, due: bool, claimed: list[Any]) -> None:
-        # Claims before waking the requests: the dispatcher owns them first. A failing hook
-        # must not leave the batch's requests waiting forever (they are answered anyway;
-        # claims it dropped are retaken when their lease expires).
-        if (due or claimed) and self._on_commit is not None:
+    def _committed_due(self, due: bool) -> None:
+        # Called before the batch's requests are answered. A failing hook must not leave
+        # them waiting forever: they are answered anyway, and the dispatcher's poll finds
+        # the work the hook failed to announce.
+        if due and self._on_due is not None:
             try:
-                self._on_commit(due, claimed)
+                self._on_due()
             except Exception:
                 log.exception("the commit hook failed")
 
@@ -175,7 +174,7 @@ def with_retries(transaction: Callable[[Sequence[Op]], Result], ops: Sequence[Op
     try:
         return transaction(ops)
     except StoreUnavailableError as exc:
-        return [failure(exc)] * len(ops), False, []
+        return [failure(exc)] * len(ops), False
     except Exception:
         pass
     one_by_one = OneByOne(len(ops))
@@ -195,13 +194,11 @@ class OneByOne:
         self.count = count
         self.outcomes: list[Outcome] = []
         self.due = False
-        self.claimed: list[Any] = []
 
     def add(self, result: Result) -> None:
-        outcomes, due, claimed = result
+        outcomes, due = result
         self.outcomes.extend(outcomes)
         self.due = self.due or due
-        self.claimed.extend(claimed)
 
     def fail(self, exc: Exception) -> bool:
         """Record a failed operation; True when no connection can be had, so the
@@ -213,4 +210,4 @@ class OneByOne:
         return False
 
     def result(self) -> Result:
-        return self.outcomes, self.due, self.claimed
+        return self.outcomes, self.due

@@ -42,7 +42,7 @@ async def _running(
     db_url: str, registry: CallbackRegistry, **kwargs: Any
 ) -> AsyncIterator[tuple[Store, Dispatcher]]:
     woken: list[Dispatcher] = []
-    store = Store(db_url, on_committed_insert=lambda: woken[0].wake() if woken else None)
+    store = Store(db_url, on_due=lambda: woken[0].wake() if woken else None)
     store.start()
     options: dict[str, Any] = {
         "policy": RetryPolicy(max_attempts=5, base_delay=0.05),
@@ -386,13 +386,14 @@ def test_a_delivery_inserted_claimed_is_dispatched_once_without_a_claim_round(
 
     async def body() -> None:
         async with _running(db_url, registry) as (store, dispatcher):
-            store._on_claimed = dispatcher.adopt  # wired as the receiver wires it
             claim_id = dispatcher.reserve()
             assert claim_id is not None
             try:
-                assert await store.insert(_new("a"), claim_id=claim_id, lease_seconds=5)
+                claim = await store.insert_claimed(_new("a"), claim_id, lease_seconds=5)
             finally:
                 dispatcher.release(claim_id)
+            assert claim is not None
+            dispatcher.adopt(claim)  # as the receiver's intake does
             await _until(lambda: _state(store, "a") is State.DONE)
             assert seen == [("a", 1)]
             assert dispatcher.free_slots == dispatcher.concurrency

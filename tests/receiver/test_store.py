@@ -466,7 +466,7 @@ def test_group_commit_500_concurrent_inserts_all_durable(store_url: str) -> None
 def test_inserts_wake_the_local_dispatcher(store_url: str) -> None:
     async def body() -> None:
         woken = asyncio.Event()
-        async with opened(store_url, on_committed_insert=woken.set) as store:
+        async with opened(store_url, on_due=woken.set) as store:
             await store.insert(delivery("a"))
             await asyncio.wait_for(woken.wait(), 5)
             woken.clear()
@@ -478,20 +478,15 @@ def test_inserts_wake_the_local_dispatcher(store_url: str) -> None:
     run(body)
 
 
-def test_insert_claimed_is_running_and_handed_over_after_commit(store_url: str) -> None:
+def test_insert_claimed_is_running_and_returns_its_claim(store_url: str) -> None:
     async def body() -> None:
-        handed: list[list[Claim]] = []
         woken: list[bool] = []
         parsed = {"request_id": "a", "status": "OK"}
-        async with opened(
-            store_url, on_claimed=handed.append, on_committed_insert=lambda: woken.append(True)
-        ) as store:
-            assert await store.insert(
-                delivery("a"), claim_id="c-1", lease_seconds=30, parsed=parsed
+        async with opened(store_url, on_due=lambda: woken.append(True)) as store:
+            claim = await store.insert_claimed(
+                delivery("a"), "c-1", lease_seconds=30, parsed=parsed
             )
-            # Handed over by the time the insert's caller resumes, i.e. after the commit.
-            assert [[c.request_id for c in batch] for batch in handed] == [["a"]]
-            (claim,) = handed[0]
+            assert claim is not None
             assert (claim.claim_id, claim.attempt, claim.status) == ("c-1", 1, "OK")
             assert claim.parsed is parsed
             assert claim.body == delivery("a").body
@@ -509,11 +504,9 @@ def test_insert_claimed_is_running_and_handed_over_after_commit(store_url: str) 
 
 def test_insert_claimed_duplicate_takes_no_claim(store_url: str) -> None:
     async def body() -> None:
-        handed: list[list[Claim]] = []
-        async with opened(store_url, on_claimed=handed.append) as store:
+        async with opened(store_url) as store:
             assert await store.insert(delivery("a"))
-            assert await store.insert(delivery("a"), claim_id="c-2") is False
-            assert handed == []
+            assert await store.insert_claimed(delivery("a"), "c-2") is None
             row = store.get("a")
             assert row is not None
             assert (row.state, row.claim_id, row.attempts) == (State.PENDING, None, 0)
@@ -526,7 +519,7 @@ def test_insert_claimed_then_crash_is_retaken_when_the_lease_expires(store_url: 
     async def body() -> None:
         async with opened(store_url) as store:
             # Stored claimed, and the claimant never ran it (the process died).
-            await store.insert(delivery("a"), claim_id="dead-process-1", lease_seconds=0.2)
+            await store.insert_claimed(delivery("a"), "dead-process-1", lease_seconds=0.2)
             deadline = time.monotonic() + 10
             claims: list[Claim] = []
             while not claims:

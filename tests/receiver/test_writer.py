@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -49,7 +48,7 @@ def test_a_failing_operation_fails_alone_and_the_rest_commit(tmp_path: Path) -> 
             # Queued before the writer runs, so they share one batch (one transaction).
             futures = [
                 store._submit(broken),
-                store._submit(op_insert(delivery("a"), None, 60.0, None)),
+                store._submit(op_insert(delivery("a"))),
             ]
             results = await asyncio.gather(*futures, return_exceptions=True)
             assert isinstance(results[0], StoreUnavailableError)
@@ -77,23 +76,20 @@ def test_an_unreachable_store_fails_every_queued_operation(tmp_path: Path) -> No
     asyncio.run(body())
 
 
-def test_claims_are_handed_over_before_the_inserts_resolve(tmp_path: Path) -> None:
+def test_the_due_hook_runs_before_the_inserts_resolve(tmp_path: Path) -> None:
     events: list[str] = []
 
     async def body() -> None:
-        store = Store(
-            f"sqlite:///{tmp_path / 'w.db'}",
-            on_claimed=lambda claims: events.extend(f"claimed {c.request_id}" for c in claims),
-        )
+        store = Store(f"sqlite:///{tmp_path / 'w.db'}", on_due=lambda: events.append("due"))
         store.start()
         try:
-            await store.insert(delivery("a"), claim_id="c-a", lease_seconds=30)
+            await store.insert(delivery("a"))
             events.append("insert returned")
         finally:
             await store.stop()
 
     asyncio.run(body())
-    assert events == ["claimed a", "insert returned"]
+    assert events == ["due", "insert returned"]
 
 
 def test_submitting_before_start_is_refused(tmp_path: Path) -> None:
@@ -141,14 +137,14 @@ def test_the_wal_starts_over_under_steady_writes(
 def test_a_failing_commit_hook_does_not_leave_requests_waiting(store_url: str) -> None:
     """Both writers (the loop writer on SQLite, the thread writer on PostgreSQL)."""
 
-    def broken_hook(claims: list[Any]) -> None:
+    def broken_hook() -> None:
         raise RuntimeError("a bug in the hook")
 
     async def body() -> None:
-        store = Store(store_url, on_claimed=broken_hook)
+        store = Store(store_url, on_due=broken_hook)
         store.start()
         try:
-            inserted = store.insert(delivery("a"), claim_id="c-a", lease_seconds=30)
+            inserted = store.insert(delivery("a"))
             assert await asyncio.wait_for(inserted, timeout=10) is True
             assert await store.insert(delivery("b")) is True  # the writer carries on
         finally:
@@ -167,7 +163,7 @@ def test_work_submitted_while_stopping_is_refused_not_left_waiting(tmp_path: Pat
         await asyncio.sleep(0)  # stop() has begun: it refuses new work from here on
         assert writer is not None
         with pytest.raises(StoreUnavailableError):
-            await writer.submit(op_insert(delivery("b"), None, 60.0, None))
+            await writer.submit(op_insert(delivery("b")))
         await stopping
 
     asyncio.run(body())

@@ -19,6 +19,7 @@ def test_every_reason_has_its_documented_value() -> None:
         "timestamp_too_new",
         "user_mismatch",
         "invalid_signature",
+        "keys_unavailable",
     }
 
 
@@ -40,3 +41,8 @@ def test_verification_error_carries_reason_header_and_default_message() -> None:
 def test_keys_unavailable_default_message_is_its_docstring() -> None:
     """The class docstring is the default message."""
     assert "No verification keys" in str(KeysUnavailableError())
+
+
+def test_every_error_carries_an_enum_reason() -> None:
+    assert KeysUnavailableError().reason is Reason.KEYS_UNAVAILABLE
+    assert WebhookVerificationError(Reason.USER_MISMATCH).reason is Reason.USER_MISMATCH
