@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.models import Delivery
 from falhook.receiver.registry import CallbackRegistry
-from falhook.receiver.retry import Retry, RetryPolicy
+from falhook.receiver.retry import Backoff, Retry, RetryPolicy
 from falhook.receiver.store import Claim, Store
 
 __all__ = ["Dispatcher"]
@@ -66,8 +66,8 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()  # each delivery's attempt, until settled
         # Deliveries whose callbacks are running: the slots. A slot is free again as soon as
         # the callbacks return, not once the outcome is committed: recording it is ours to
-        # do, and holding the slot for that (a commit or two) capped no-op dispatch at ~16
-        # slots per ~2.5 ms — below what the receiver ingests, so a backlog grew under load.
+        # do, and holding the slot for that (a commit or two) capped dispatch below what the
+        # receiver ingests, so a backlog grew under load (bench/README, "Design figures").
         self._running = 0
         self._loop_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
@@ -153,7 +153,7 @@ class Dispatcher:
     # -- the loop ----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(0.05, self.poll_seconds)
         while not self._stopping:
             free = self.free_slots
             timeout = self.poll_seconds
@@ -163,9 +163,9 @@ class Dispatcher:
                     batch = await self.store.claim(free, self.lease_seconds)
                 except StoreUnavailableError as exc:
                     log.warning("dispatcher cannot claim (will retry): %s", exc)
-                    timeout, backoff = backoff, min(backoff * 2, self.poll_seconds)
+                    timeout = backoff.failed()
                 else:
-                    backoff = 0.05
+                    backoff.succeeded()
                     for claim in batch.claims:
                         self._spawn(claim)
                     if len(batch.claims) == free:
@@ -282,19 +282,19 @@ class Dispatcher:
         the lease runs out first, the delivery is retaken and its callbacks run again —
         at least once, never zero times.
         """
-        pause = 0.05
+        backoff = Backoff(0.05, 1.0)
         while True:
             try:
                 kept, outcome = await self._record(claim, attempt)
                 break
             except StoreUnavailableError as exc:
                 ends = attempt.lease_ends
+                pause = backoff.failed()
                 if ends is None or time.monotonic() + pause >= ends:
                     log.warning("could not record outcome of %s: %s", claim.request_id, exc)
                     self.observer.finished(claim, "unrecorded", attempt.error)
                     return
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
         if not kept:
             log.warning(
                 "lost the claim on %s (lease expired and retaken); outcome %s not recorded",

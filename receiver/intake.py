@@ -111,7 +111,7 @@ async def _parse(body: bytes) -> dict[str, Any]:
 
 def _loads(body: bytes) -> Any:
     # Decoded first: json.loads(bytes) would also sniff for UTF-16/32, which fal never
-    # sends, at ~1 us a delivery. Both steps run where the caller put the parse (a
+    # sends, on every delivery. Both steps run where the caller put the parse (a
     # thread for big bodies): decoding megabytes is no cheaper than parsing them.
     return json.loads(body.decode())
 

@@ -2,13 +2,15 @@
 
 `DeliveryRow` and `BodyRow` (SQLModel) define the tables. The hot path does not use ORM
 sessions on them: the store compiles Core statements against their ``__table__`` once and
-executes them directly (see store.py). `Delivery` is the immutable view handed to callbacks.
+executes them directly (see store/statements.py). `Delivery` is the immutable view handed
+to callbacks.
 
 Why two tables: a delivery's raw body (~2 KB) never changes, while its state changes at
 least once (running -> done). Kept in one row, every outcome rewrote the database page that
-holds the body — a whole extra page written to the WAL per delivery, measured at ~20% of
-ingestion throughput. Apart, the small state rows share pages, so recording a batch of
-outcomes writes a page or two, and each body is written exactly once.
+holds the body — a whole extra page written to the WAL per delivery, a large share of
+ingestion throughput (bench/README, "Design figures"). Apart, the small state rows share
+pages, so recording a batch of outcomes writes a page or two, and each body is written
+exactly once.
 """
 
 from __future__ import annotations

@@ -5,7 +5,33 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-__all__ = ["Retry", "RetryPolicy"]
+__all__ = ["Backoff", "Retry", "RetryPolicy", "doubling"]
+
+
+def doubling(attempt: int, first: float, cap: float) -> float:
+    """``first`` after attempt 1, then twice as long after each further one, capped at ``cap``."""
+    exponent = min(max(attempt - 1, 0), 62)  # 2**62 already exceeds any sane cap
+    return float(min(cap, first * 2.0**exponent))
+
+
+class Backoff:
+    """A reconnect/retry delay that doubles on each failure and starts over on success."""
+
+    __slots__ = ("_failures", "cap", "first")
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.first = first
+        self.cap = cap
+        self._failures = 0
+
+    def failed(self) -> float:
+        """Record a failure; the seconds to wait before the next try."""
+        self._failures += 1
+        return doubling(self._failures, self.first, self.cap)
+
+    def succeeded(self) -> None:
+        """Start over from `first`."""
+        self._failures = 0
 
 
 class Retry(Exception):  # noqa: N818 — a control-flow signal, named for what the callback asks
@@ -41,7 +67,6 @@ class RetryPolicy:
 
     def delay(self, attempt: int, *, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt `attempt` (1-based)."""
-        exponent = min(max(attempt - 1, 0), 62)  # 2**62 already exceeds any sane max_delay
-        ceiling = min(self.max_delay, self.base_delay * 2.0**exponent)
+        ceiling = doubling(attempt, self.base_delay, self.max_delay)
         factor = 1.0 - self.jitter * (rng or random).random()
         return ceiling * factor

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from falhook.receiver.errors import SettingsError
+from falhook.verify.message import DEFAULT_JWKS_URL
 
 __all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_JWKS_URL", "ENV_PREFIX", "Settings"]
 
 ENV_PREFIX = "FALHOOK_"
 DEFAULT_DATABASE_URL = "sqlite:///./falhook.db"
-DEFAULT_JWKS_URL = "https://rest.fal.ai/.well-known/jwks.json"
 _MiB = 1024 * 1024
 
 

@@ -24,13 +24,15 @@ from types import TracebackType
 import httpx
 
 from falhook.verify._headers import HeadersLike
-from falhook.verify.errors import KeysUnavailableError, Reason, WebhookVerificationError
+from falhook.verify.errors import KeysUnavailableError
 from falhook.verify.keys import PublicKey, parse_jwks
 from falhook.verify.message import (
     DEFAULT_TOLERANCE,
     Prepared,
     VerifiedWebhook,
     WebhookHeaders,
+    first_match,
+    no_key_verifies,
     prepare,
     prepare_body,
 )
@@ -149,12 +151,10 @@ class KeyCache:
 
 
 def _retry_after_miss(prepared: Prepared, old: Keys, new: Keys | None) -> VerifiedWebhook:
-    message, signature, result = prepared
-    if new is not None:
-        for key in new:
-            if key not in old and key.verify(message, signature):
-                return result
-    raise WebhookVerificationError(Reason.INVALID_SIGNATURE, "no key verifies the signature")
+    result = None if new is None else first_match(prepared, (k for k in new if k not in old))
+    if result is None:
+        raise no_key_verifies()
+    return result
 
 
 class JWKSClient:
@@ -239,11 +239,8 @@ class JWKSClient:
     def check(self, prepared: Prepared) -> VerifiedWebhook:
         """Crypto step of `verify` for an already prepared delivery (internal)."""
         keys = self.cache.fresh() or self.get_keys()
-        message, signature, result = prepared
-        for key in keys:
-            if key.verify(message, signature):
-                return result
-        return _retry_after_miss(prepared, keys, self.refresh())
+        result = first_match(prepared, keys)
+        return result or _retry_after_miss(prepared, keys, self.refresh())
 
     def verify(
         self,
@@ -362,11 +359,8 @@ class AsyncJWKSClient:
     async def check(self, prepared: Prepared) -> VerifiedWebhook:
         """Crypto step of `verify` for an already prepared delivery (internal)."""
         keys = self.cache.fresh() or await self.get_keys()
-        message, signature, result = prepared
-        for key in keys:
-            if key.verify(message, signature):
-                return result
-        return _retry_after_miss(prepared, keys, await self.refresh())
+        result = first_match(prepared, keys)
+        return result or _retry_after_miss(prepared, keys, await self.refresh())
 
     async def verify(
         self,

@@ -29,7 +29,12 @@ _KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
 
 
-def _b64url_decode(text: object) -> bytes:
+def b64url_encode(raw: bytes) -> str:
+    """Unpadded base64url, as JWKs spell their values."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: object) -> bytes:
     """Decode base64url with or without ``=`` padding (fal's padding is undocumented)."""
     if not isinstance(text, str) or not text.isascii():
         raise ValueError("x must be an ASCII base64url string")
@@ -52,7 +57,7 @@ class PublicKey:
     signature header carries no key id, so every key is tried).
     """
 
-    __slots__ = ("_raw", "_verify_key", "kid")
+    __slots__ = ("_raw", "kid")
 
     def __init__(self, raw: bytes, *, kid: str | None = None) -> None:
         if not isinstance(raw, bytes | bytearray | memoryview):
@@ -60,8 +65,8 @@ class PublicKey:
         raw = bytes(raw)
         if len(raw) != _KEY_BYTES:
             raise ValueError(f"an Ed25519 public key is {_KEY_BYTES} bytes, got {len(raw)}")
+        VerifyKey(raw)  # PyNaCl's own validation of the key bytes; the object is not kept
         self._raw = raw
-        self._verify_key = VerifyKey(raw)
         self.kid = kid
 
     @classmethod
@@ -72,7 +77,7 @@ class PublicKey:
     @classmethod
     def from_base64url(cls, text: str, *, kid: str | None = None) -> PublicKey:
         """Build from base64url text, padded or not; raises ValueError if it is not a key."""
-        return cls(_b64url_decode(text), kid=kid)
+        return cls(b64url_decode(text), kid=kid)
 
     @classmethod
     def from_jwk(cls, jwk: Mapping[str, Any]) -> PublicKey:
@@ -88,12 +93,13 @@ class PublicKey:
         if jwk.get("crv", "Ed25519") != "Ed25519":
             raise ValueError(f"unsupported crv {jwk.get('crv')!r}")
         kid = jwk.get("kid")
-        return cls(_b64url_decode(jwk.get("x")), kid=kid if isinstance(kid, str) else None)
+        return cls(b64url_decode(jwk.get("x")), kid=kid if isinstance(kid, str) else None)
 
     def verify(self, message: bytes, signature: bytes) -> bool:
         """True when ``signature`` (64 bytes) signs ``message``; never raises for bad input."""
-        # The libsodium binding directly, not VerifyKey.verify: same check, minus ~2 µs of
-        # Python-level argument handling on the hot path. The length check is ours.
+        # The libsodium binding directly, not VerifyKey.verify: the same check without the
+        # Python-level argument handling, on the hot path (bench/README). The length check
+        # is ours.
         if len(signature) != _SIGNATURE_BYTES:
             return False
         try:
@@ -107,7 +113,7 @@ class PublicKey:
 
     def to_base64url(self) -> str:
         """The key as unpadded base64url, as in a JWK's ``x``."""
-        return base64.urlsafe_b64encode(self._raw).rstrip(b"=").decode("ascii")
+        return b64url_encode(self._raw)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PublicKey):

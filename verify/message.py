@@ -30,6 +30,8 @@ __all__ = [
     "check_headers",
     "check_tolerance",
     "default_jwks_url",
+    "first_match",
+    "no_key_verifies",
     "prepare",
     "prepare_body",
 ]
@@ -142,13 +144,26 @@ def prepare(
     return prepare_body(check_headers(headers, user_id=user_id, tolerance=tolerance, now=now), body)
 
 
-def check(prepared: Prepared, keys: Iterable[PublicKey]) -> VerifiedWebhook:
-    """Return the result when any key verifies, else raise ``invalid_signature`` (internal)."""
+def first_match(prepared: Prepared, keys: Iterable[PublicKey]) -> VerifiedWebhook | None:
+    """The result if any of ``keys`` verifies the signature, else None (internal)."""
     message, signature, result = prepared
     for key in keys:
         if key.verify(message, signature):
             return result
-    raise WebhookVerificationError(Reason.INVALID_SIGNATURE, "no key verifies the signature")
+    return None
+
+
+def no_key_verifies() -> WebhookVerificationError:
+    """The error for a signature no key verifies."""
+    return WebhookVerificationError(Reason.INVALID_SIGNATURE, "no key verifies the signature")
+
+
+def check(prepared: Prepared, keys: Iterable[PublicKey]) -> VerifiedWebhook:
+    """Return the result when any key verifies, else raise ``invalid_signature`` (internal)."""
+    result = first_match(prepared, keys)
+    if result is None:
+        raise no_key_verifies()
+    return result
 
 
 def check_tolerance(tolerance: float) -> None:

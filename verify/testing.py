@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.server
 import json
@@ -25,15 +24,11 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from falhook.verify._headers import REQUEST_ID, SIGNATURE, TIMESTAMP, USER_ID
-from falhook.verify.keys import PublicKey
+from falhook.verify.keys import PublicKey, b64url_decode, b64url_encode
 
 __all__ = ["JWKSServer", "KeyPair", "fal_body", "generate_keypair", "jwks_document", "sign"]
 
 _SEED_BYTES = 32
-
-
-def _b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 @dataclass(frozen=True)
@@ -58,7 +53,7 @@ class KeyPair:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the seed (base64url) and the JWKS to a JSON file, readable only by you."""
         seed = bytes(self.signing_key)  # PyNaCl's SigningKey bytes are the 32-byte seed
-        document = {"seed": _b64url(seed), "kid": self.kid, "jwks": jwks_document(self)}
+        document = {"seed": b64url_encode(seed), "kid": self.kid, "jwks": jwks_document(self)}
         target = Path(path)
         target.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         target.chmod(0o600)
@@ -69,7 +64,7 @@ class KeyPair:
         try:
             document = json.loads(Path(path).read_text(encoding="utf-8"))
             seed_text = document["seed"]
-            seed = base64.urlsafe_b64decode(seed_text + "=" * (-len(seed_text) % 4))
+            seed = b64url_decode(seed_text)
             kid = document.get("kid")
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: not a falhook key file ({exc})") from exc

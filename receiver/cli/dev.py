@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from falhook.receiver.cli.common import CommandError, positive_int
+from falhook.receiver.retry import doubling
 from falhook.verify.testing import KeyPair, fal_body, generate_keypair, jwks_document, sign
 
 __all__ = [
@@ -228,7 +229,7 @@ def send_once(
 
 def backoff_delay(attempt: int, base: float, cap: float = BACKOFF_CAP_SECONDS) -> float:
     """Seconds to wait after failed attempt `attempt` (1-based): base, 2·base, 4·base… capped."""
-    return float(min(cap, base * 2.0 ** min(attempt - 1, 62)))
+    return doubling(attempt, base, cap)
 
 
 def _build_body(args: argparse.Namespace, request_id: str) -> bytes:

@@ -97,13 +97,12 @@ def run(args: argparse.Namespace) -> int:
     # Store threads (PostgreSQL's writer for every statement, SQLite's for each commit)
     # release the GIL and then wait behind the busy event loop to get it back — up to
     # CPython's default 5 ms switch interval each time, and every acknowledgement in the
-    # batch waits with them. 0.5 ms keeps group commits flowing (measured with bench/
-    # when all SQLite statements ran in the thread: ~3.1k -> ~4.9k req/s). We own this
-    # process; a mounted receiver leaves the host's settings alone.
+    # batch waits with them. 0.5 ms keeps group commits flowing (bench/README, "Design
+    # figures"). We own this process; a mounted receiver leaves the host's settings alone.
     sys.setswitchinterval(0.0005)
     # Everything imported so far lives as long as the process: move it out of the cyclic
     # GC's sight. Without this, each full collection walked it all and stalled the event
-    # loop ~25 ms, several times a minute under load (measured: gc.callbacks + bench/).
+    # loop several times a minute under load (bench/README, "Design figures").
     gc.freeze()
     from falhook.receiver.protocol import http_protocol
 

@@ -21,7 +21,7 @@ class Checkpointer:
 
     With SQLite's default, the commit that grows the WAL past 1000 pages runs the
     checkpoint itself: every few hundred deliveries, one batch of acknowledgements would
-    wait for a burst of writes and fsyncs (measured with bench/: p99 ~25 ms). PASSIVE
+    wait for a burst of writes and fsyncs (the p99 showed it). PASSIVE
     checkpoints here never block the writer, and durability is unchanged: a commit is
     durable once its WAL frames are synced, checkpointed or not. Once a second (rather
     than every 0.2 s) measured as well or better: fewer fsyncs of the database file
@@ -30,13 +30,12 @@ class Checkpointer:
     A concurrent checkpoint alone never lets the WAL start over under steady load: SQLite
     rewinds the WAL only when a write transaction begins with every frame already copied,
     and by the time this thread is done the writer has appended more. The WAL then grew
-    for as long as the load lasted (hundreds of MB in a minute), and every commit paid for
-    extending the file (page zeroing, ~12% of the process's CPU in perf). So after each
+    for as long as the load lasted, and every commit paid for extending the file (page
+    zeroing, visible in perf). So after each
     checkpoint the writer copies the few frames appended since, between two transactions
     (`catch_up`), and its next transaction rewinds the WAL. That makes one batch wait, so
-    this thread first passes again until a pass finds only a few new frames: measured under
-    bench/ load, the writer's catch-up went from 14-31 ms (~1,000 frames left after one
-    pass) to typically 0.5-3 ms.
+    this thread first passes again until a pass finds only a few new frames, which makes
+    the writer's catch-up an order of magnitude shorter (bench/README, "Design figures").
     """
 
     INTERVAL = 1.0

@@ -23,6 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from falhook.receiver.retry import Backoff
 from falhook.receiver.store.engine import PG_CONNECT_ARGS
 from falhook.receiver.store.statements import NOTIFY_CHANNEL
 
@@ -86,23 +87,24 @@ class Listener:
     # -- the thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, self.max_backoff)
         while not self._stop.is_set():
+            delay = backoff.first
             try:
                 self._listen()
-                backoff = 0.1
+                backoff.succeeded()
             except Exception as exc:
                 if self._stop.is_set():
                     break
+                delay = backoff.failed()
                 log.warning(
-                    "LISTEN %s failed (reconnecting in %.1fs): %s", self.channel, backoff, exc
+                    "LISTEN %s failed (reconnecting in %.1fs): %s", self.channel, delay, exc
                 )
             finally:
                 self.connected.clear()
                 self._close()
-            if self._stop.wait(backoff):
+            if self._stop.wait(delay):
                 break
-            backoff = min(backoff * 2, self.max_backoff)
 
     def _listen(self) -> None:
         import psycopg  # the postgres extra; only PostgreSQL stores start a listener

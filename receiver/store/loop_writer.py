@@ -49,7 +49,7 @@ class LoopWriter(WriterBase):
     hands its result to the loop with one ``call_soon_threadsafe``, and that callback starts
     the next batch's commit before it wakes the requests of the last one. Measured with
     bench/: awaiting ``run_in_executor`` costs a second loop iteration per commit, and under
-    load an iteration is many requests' verification — the next fsync started ~1 ms late.
+    load an iteration is many requests' verification, so the next fsync started late.
     """
 
     def __init__(self, connection: Connection, sql: Statements, **options: Any) -> None:
@@ -62,6 +62,8 @@ class LoopWriter(WriterBase):
         self._executor: ThreadPoolExecutor | None = None
         self._open: Any = None  # a connection whose transaction is begun, or None
         self._configured: Any = None  # the connection whose checkpoints we switched off
+        # Only held: the event loop keeps weak references to tasks, so a fallback task
+        # nobody references could be collected mid-run.
         self._fallback: asyncio.Task[None] | None = None
         self._stopping = False
         self._checkpointer = Checkpointer(connection.engine)

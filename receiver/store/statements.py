@@ -32,7 +32,7 @@ class Compiled:
     """One compiled statement with positional placeholders, and how to fill them.
 
     Positional, because binding a tuple is cheaper than a dict: sqlite3 looks up each
-    named parameter by a new string per execution (~1.2 us per statement, measured).
+    named parameter by a new string per execution.
     """
 
     __slots__ = ("_args", "constants", "sql")
