@@ -208,6 +208,7 @@ class Dispatcher:
                 received_at=claim.received_at,
                 user_id=claim.user_id,
                 parsed=claim.parsed,
+                source=claim.source,
             )
         except Exception as exc:
             # Bodies were validated before they were stored; this is a corrupt row.

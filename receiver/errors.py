@@ -9,7 +9,9 @@ The tree::
     ├── MalformedDeliveryError    verified, but not a delivery we can store (400)
     ├── CallbackImportError       a ``module:function`` callback could not be imported
     ├── CallbackTimeoutError      a callback did not return within its timeout (a failure)
-    └── ForwardError              the app behind ``--forward-to`` did not take a delivery
+    ├── ForwardError              the app behind ``--forward-to`` did not take a delivery
+    ├── RecoveryDisabledError     submit/expect without a fal key (FALHOOK_FAL_KEY)
+    └── QueueError                fal's queue refused or could not be reached (``failure``)
 
 Every error carries ``.reason``, a `Reason` (a string enum) for machines: the HTTP
 answers' ``error`` field, metrics labels and the CLI's JSON output use it. Foreign
@@ -27,8 +29,11 @@ __all__ = [
     "ForwardError",
     "MalformedDeliveryError",
     "NotStartedError",
+    "QueueError",
+    "QueueFailure",
     "Reason",
     "ReceiverError",
+    "RecoveryDisabledError",
     "SettingsError",
     "StoreUnavailableError",
 ]
@@ -49,6 +54,9 @@ class Reason(StrEnum):
     MISSING_REQUEST_ID = "missing_request_id"
     REQUEST_ID_MISMATCH = "request_id_mismatch"
     INVALID_STATUS = "invalid_status"
+    # Recovery from fal's queue (receiver/recovery/).
+    RECOVERY_DISABLED = "recovery_disabled"
+    QUEUE_ERROR = "queue_error"
 
 
 class ReceiverError(Exception):
@@ -103,3 +111,54 @@ class ForwardError(ReceiverError):
     """The user's app did not accept a forwarded delivery (the dispatcher retries it)."""
 
     reason = Reason.FORWARD_FAILED
+
+
+class RecoveryDisabledError(ReceiverError):
+    """No fal key is configured: set FALHOOK_FAL_KEY (or FAL_KEY) to submit, expect and recover."""
+
+    reason = Reason.RECOVERY_DISABLED
+
+
+class QueueFailure(StrEnum):
+    """Why a call to fal's queue failed; also the reason a failed expectation shows."""
+
+    UNAUTHORIZED = "unauthorized"  # 401: the key is wrong
+    FORBIDDEN = "forbidden"  # 403: the key may not do this
+    NOT_FOUND = "not_found"  # 404 on status: fal does not know this request (or endpoint)
+    RESULT_GONE = "result_gone"  # the result is no longer stored (fal's retention passed)
+    RATE_LIMITED = "rate_limited"  # 429: back off (Retry-After)
+    SERVER_ERROR = "server_error"  # 5xx: fal's side, try again later
+    UNREACHABLE = "unreachable"  # connection refused, timeout, DNS
+    BAD_ANSWER = "bad_answer"  # an answer we cannot read (not JSON, no request_id…)
+    REJECTED = "rejected"  # another 4xx (e.g. 422 on submit: invalid input)
+
+    @property
+    def transient(self) -> bool:
+        """Worth trying again later (the rest end an expectation as failed)."""
+        return self in (
+            QueueFailure.RATE_LIMITED,
+            QueueFailure.SERVER_ERROR,
+            QueueFailure.UNREACHABLE,
+            QueueFailure.BAD_ANSWER,
+        )
+
+
+class QueueError(ReceiverError):
+    """fal's queue refused a call or could not be reached; `failure` says how."""
+
+    reason = Reason.QUEUE_ERROR
+
+    def __init__(
+        self,
+        failure: QueueFailure,
+        message: str,
+        *,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+        body: object = None,
+    ) -> None:
+        super().__init__(message)
+        self.failure = failure
+        self.status_code = status_code
+        self.retry_after = retry_after
+        self.body = body

@@ -24,7 +24,18 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-__all__ = ["BodyRow", "Delivery", "DeliveryRow", "State", "StoredDelivery"]
+__all__ = [
+    "SOURCE_QUEUE",
+    "SOURCE_WEBHOOK",
+    "BodyRow",
+    "Delivery",
+    "DeliveryRow",
+    "State",
+    "StoredDelivery",
+]
+
+SOURCE_WEBHOOK = "webhook"  # fal posted the delivery to /webhooks/fal
+SOURCE_QUEUE = "queue"  # falhook fetched the result from fal's queue (no webhook came)
 
 
 class State(StrEnum):
@@ -81,6 +92,11 @@ class DeliveryRow(SQLModel, table=True):
     completed_callbacks: str | None = Field(default=None)  # JSON list of callbacks done
     updated_at: float
     finished_at: float | None = Field(default=None)  # when it became done or dead
+    # How it came: "webhook" (fal posted it) or "queue" (falhook fetched it from fal's
+    # queue, see receiver/recovery/). The default keeps the webhook insert unchanged.
+    source: str = Field(
+        default=SOURCE_WEBHOOK, max_length=16, sa_column_kwargs={"server_default": SOURCE_WEBHOOK}
+    )
 
 
 class BodyRow(SQLModel, table=True):
@@ -116,6 +132,7 @@ class StoredDelivery:
     completed_callbacks: tuple[str, ...]
     updated_at: float
     finished_at: float | None
+    source: str = SOURCE_WEBHOOK
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +149,8 @@ class Delivery:
     attempt: int
     raw_body: bytes = field(repr=False)
     user_id: str | None = None
+    source: str = SOURCE_WEBHOOK
+    """``"webhook"`` (fal posted it) or ``"queue"`` (recovered from fal's queue)."""
 
     @property
     def ok(self) -> bool:
@@ -152,6 +171,7 @@ class Delivery:
         received_at: float,
         user_id: str | None = None,
         parsed: dict[str, Any] | None = None,
+        source: str = SOURCE_WEBHOOK,
     ) -> Delivery:
         data = parsed if parsed is not None else json.loads(body)
         return cls(
@@ -165,4 +185,5 @@ class Delivery:
             attempt=attempt,
             raw_body=body,
             user_id=user_id,
+            source=source,
         )

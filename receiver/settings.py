@@ -11,10 +11,19 @@ from typing import Any
 from falhook.receiver.errors import SettingsError
 from falhook.verify.message import DEFAULT_JWKS_URL
 
-__all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_JWKS_URL", "ENV_PREFIX", "Settings"]
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "DEFAULT_JWKS_URL",
+    "DEFAULT_QUEUE_URL",
+    "ENV_PREFIX",
+    "Settings",
+]
 
 ENV_PREFIX = "FALHOOK_"
 DEFAULT_DATABASE_URL = "sqlite:///./falhook.db"
+DEFAULT_QUEUE_URL = "https://queue.fal.run"
+# fal's own SDKs read the key from FAL_KEY; FALHOOK_FAL_KEY wins when both are set.
+FAL_KEY_FALLBACK_ENV = "FAL_KEY"
 _MiB = 1024 * 1024
 
 
@@ -69,8 +78,31 @@ def _log_level(value: str) -> str:
     return level
 
 
-def _setting(default: Any, parse: Callable[[str], Any], env: str, help: str) -> Any:
-    return field(default=default, metadata={"parse": parse, "env": env, "help": help})
+def _http_url(value: str) -> str | None:
+    url = value.strip().rstrip("/")
+    if not url:
+        return None
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("must be an http(s) URL")
+    return url
+
+
+def _required_http_url(value: str) -> str:
+    url = _http_url(value)
+    if url is None:
+        raise ValueError("must not be empty")
+    return url
+
+
+def _setting(
+    default: Any, parse: Callable[[str], Any], env: str, help: str, *, secret: bool = False
+) -> Any:
+    # A secret (the fal key) stays out of repr(), so it never reaches a log line.
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={"parse": parse, "env": env, "help": help, "secret": secret},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +175,55 @@ class Settings:
     log_payloads: bool = _setting(
         False, _bool, "LOG_PAYLOADS", "include payloads in delivery log lines"
     )
+    # -- recovery from fal's queue (receiver/recovery/): off unless a fal key is set ------
+    fal_key: str | None = _setting(
+        None,
+        _optional_str,
+        "FAL_KEY",
+        "fal API key for submit, expect and recovery from fal's queue (falls back to FAL_KEY)",
+        secret=True,
+    )
+    queue_url: str = _setting(
+        DEFAULT_QUEUE_URL,
+        _required_http_url,
+        "QUEUE_URL",
+        "fal's queue (http:// accepted for tests)",
+    )
+    public_url: str | None = _setting(
+        None, _http_url, "PUBLIC_URL", "base URL fal calls: the webhook is this + /webhooks/fal"
+    )
+    # fal keeps a result for about 6 minutes after completion when it is 10 KB or more
+    # (about 1 hour otherwise), and stops retrying the webhook when it expires. With these
+    # defaults a lost result is fetched at most ~60 s after fal completes it (one poll
+    # interval, then the grace), far inside those 6 minutes, while a healthy webhook (sent
+    # as the request completes) always wins and nothing is polled for it at all.
+    recover_after_seconds: float = _setting(
+        60.0,
+        _non_negative_float,
+        "RECOVER_AFTER_SECONDS",
+        "no delivery this long after submit/expect: start polling fal's status (60 s: most "
+        "requests' webhooks have come by then, so most are never polled)",
+    )
+    recover_poll_seconds: float = _setting(
+        30.0,
+        _positive_float,
+        "RECOVER_POLL_SECONDS",
+        "status poll interval cap; polls back off from 1 s to this (30 s: a completion is "
+        "seen within 30 s, and a thousand running requests cost ~33 status calls a second)",
+    )
+    recover_grace_seconds: float = _setting(
+        30.0,
+        _non_negative_float,
+        "RECOVER_GRACE_SECONDS",
+        "after fal says COMPLETED, wait this for the webhook before fetching the result "
+        "(30 s: covers fal's first 15 s delivery attempt twice over)",
+    )
+    expect_ttl_seconds: float = _setting(
+        86400.0,
+        _positive_float,
+        "EXPECT_TTL_SECONDS",
+        "give up on an expectation this long after it was recorded (state expired)",
+    )
 
     def __post_init__(self) -> None:
         if not self.database_url.startswith(("sqlite", "postgresql")):
@@ -167,6 +248,9 @@ class Settings:
         for f in dataclasses.fields(cls):
             name = ENV_PREFIX + f.metadata["env"]
             raw = env.get(name)
+            if raw is None and f.name == "fal_key":
+                raw = env.get(FAL_KEY_FALLBACK_ENV)
+                name = FAL_KEY_FALLBACK_ENV
             if raw is None:
                 continue
             values[f.name] = _parse(f, raw, name)
@@ -187,6 +271,11 @@ class Settings:
             for f in dataclasses.fields(cls)
         ]
 
+    @property
+    def recovery_enabled(self) -> bool:
+        """A fal key is configured: submit, expect and recovery from fal's queue work."""
+        return self.fal_key is not None
+
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` applied (settings stay immutable)."""
         return dataclasses.replace(self, **changes)
@@ -196,4 +285,5 @@ def _parse(f: dataclasses.Field[Any], raw: str, name: str) -> Any:
     try:
         return f.metadata["parse"](raw)
     except ValueError as exc:
-        raise SettingsError(f"{name}={raw!r}: {exc}") from exc
+        shown = "…" if f.metadata.get("secret") else repr(raw)
+        raise SettingsError(f"{name}={shown}: {exc}") from exc

@@ -144,6 +144,7 @@ def _deliveries(conn: sa.Connection, stmt: sa.Select[Any]) -> list[StoredDeliver
             completed_callbacks=decode_callbacks(r.completed_callbacks),
             updated_at=r.updated_at,
             finished_at=r.finished_at,
+            source=r.source,
         )
         for r in conn.execute(stmt)
     ]

@@ -184,10 +184,53 @@ def _v3_bodies_apart(conn: sa.Connection) -> None:
         index.create(conn)
 
 
+def _v4_expectations(conn: sa.Connection) -> None:
+    # Recovery from fal's queue (receiver/recovery/): where each delivery came from, and the
+    # requests falhook expects a result for. The source column's server default keeps the
+    # webhook insert, and every row written before this migration, "webhook".
+    conn.exec_driver_sql(
+        "ALTER TABLE falhook_deliveries ADD COLUMN source VARCHAR(16) DEFAULT 'webhook' NOT NULL"
+    )
+    metadata = sa.MetaData()
+    table = sa.Table(
+        "falhook_expectations",
+        metadata,
+        sa.Column("request_id", sa.String(255), primary_key=True),
+        sa.Column("endpoint_id", sa.String, nullable=False),
+        sa.Column("status_url", sa.String, nullable=True),
+        sa.Column("response_url", sa.String, nullable=True),
+        sa.Column("origin", sa.String(16), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("reason", sa.String, nullable=True),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("expires_at", sa.Float, nullable=False),
+        sa.Column("due_at", sa.Float, nullable=False),
+        sa.Column("polls", sa.Integer, nullable=False),
+        sa.Column("queue_status", sa.String(16), nullable=True),
+        sa.Column("completed_at", sa.Float, nullable=True),
+        sa.Column("queue_error", sa.String, nullable=True),
+        sa.Column("claim_id", sa.String, nullable=True),
+        sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("finished_at", sa.Float, nullable=True),
+    )
+    # The poller claims active rows by due_at: a partial index holds only those, with the
+    # predicate spelled exactly as expectations.ACTIVE_PREDICATE spells it.
+    predicate = sa.text("state = 'waiting' OR state = 'polling'")
+    sa.Index(
+        "ix_falhook_expectations_active_due",
+        table.c.due_at,
+        postgresql_where=predicate,
+        sqlite_where=predicate,
+    )
+    sa.Index("ix_falhook_expectations_created_at", table.c.created_at)
+    metadata.create_all(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "deliveries table", _v1_deliveries),
     Migration(2, "partial index on due_at for active rows; index on received_at", _v2_indexes),
     Migration(3, "bodies apart from dispatch state, joined by a sequential id", _v3_bodies_apart),
+    Migration(4, "delivery source; expectations for recovery from fal's queue", _v4_expectations),
 )
 
 

@@ -37,6 +37,7 @@ def _row(new: NewDelivery) -> dict[str, Any]:
         "user_id": new.user_id,
         "body": new.body,
         "received_at": new.received_at,
+        "source": new.source,
     }
 
 
@@ -82,6 +83,7 @@ def op_insert_claimed(
                 received_at=new.received_at,
                 completed_callbacks=(),
                 parsed=parsed,
+                source=new.source,
             )
         _duplicate(tx, new.request_id)
         return None
@@ -126,6 +128,7 @@ def op_claim(claim_id: str, limit: int, lease_seconds: float) -> Op:
                 user_id=r[4],
                 received_at=r[5],
                 completed_callbacks=decode_callbacks(r[6]),
+                source=r[7],
             )
             for r in cur.fetchall()
         ]

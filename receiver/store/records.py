@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from falhook.receiver.models import SOURCE_WEBHOOK
+
 __all__ = ["Claim", "ClaimBatch", "NewDelivery"]
 
 
@@ -20,6 +22,7 @@ class NewDelivery:
     user_id: str | None
     body: bytes
     received_at: float
+    source: str = SOURCE_WEBHOOK  # or "queue": recovered from fal's queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,7 @@ class Claim:
     completed_callbacks: tuple[str, ...]
     # The body already parsed, when the claim was taken as the delivery was inserted.
     parsed: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    source: str = SOURCE_WEBHOOK
 
 
 @dataclass(frozen=True, slots=True)

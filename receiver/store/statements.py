@@ -100,6 +100,7 @@ class Statements:
                 "payload_error",
                 "user_id",
                 "received_at",
+                "source",
             )
         }
         row["updated_at"] = bp("received_at")
@@ -184,6 +185,7 @@ class Statements:
                 c.user_id,
                 c.received_at,
                 c.completed_callbacks,
+                c.source,
             )
         )
         self.next_due = text(sa.select(sa.func.min(c.due_at)).where(active))

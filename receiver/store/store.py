@@ -197,6 +197,11 @@ class Store:
             },
         )
 
+    async def run(self, op: Op) -> Any:
+        """Run one operation in the writer's next transaction (for store modules such as
+        expectations.py, whose statements live beside their tables)."""
+        return await self._submit(op)
+
     async def ping(self) -> None:
         """Round-trip through the writer: raises StoreUnavailableError if it cannot."""
 
