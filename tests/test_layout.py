@@ -1,0 +1,73 @@
+"""The layout the architecture promises: no import cycles, verify never needs receiver."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = {"falhook.verify": REPO / "verify", "falhook.receiver": REPO / "receiver"}
+
+
+def _modules() -> dict[str, Path]:
+    modules: dict[str, Path] = {}
+    for package, root in PACKAGES.items():
+        for path in root.rglob("*.py"):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join([package, *parts])] = path
+    return modules
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The falhook modules `path` imports at module level or in functions.
+
+    ``from pkg import submodule`` depends on the submodule, not on the package's
+    ``__init__`` (which Python runs first, but which is not what the code uses).
+    """
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+            if submodules:
+                found |= submodules
+            elif node.module in modules:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in modules}
+    return found
+
+
+def test_no_import_cycles_between_modules() -> None:
+    modules = _modules()
+    graph = {name: _imports(path, modules) - {name} for name, path in modules.items()}
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in sorted(graph[name]):
+            if state.get(dep) == 1:
+                cycles.append([*path[path.index(dep) :], dep])
+            elif dep not in state:
+                visit(dep, [*path, dep])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []
+
+
+def test_verify_does_not_import_receiver() -> None:
+    modules = _modules()
+    for name, path in modules.items():
+        if name.startswith("falhook.verify"):
+            assert not any(dep.startswith("falhook.receiver") for dep in _imports(path, modules))
+
+
+def test_every_module_is_found() -> None:
+    modules = _modules()
+    assert {"falhook.verify.signature", "falhook.receiver.store.store"} <= modules.keys()
+    assert "falhook.receiver.cli.main" in modules
