@@ -7,6 +7,7 @@ import random
 import pytest
 
 from falhook.receiver import Retry, RetryPolicy
+from falhook.receiver.retry import Backoff, doubling
 
 
 @pytest.mark.parametrize("attempt", range(1, 15))
@@ -43,3 +44,16 @@ def test_retry_carries_its_delay() -> None:
     assert Retry(after=1.5).after == 1.5
     assert Retry().after is None
     assert isinstance(Retry(), Exception)
+
+
+def test_doubling_starts_at_first_and_is_capped() -> None:
+    assert [doubling(n, 0.5, 3.0) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert doubling(10_000, 1.0, 60.0) == 60.0  # no overflow for absurd attempt numbers
+    assert doubling(0, 1.0, 60.0) == 1.0
+
+
+def test_backoff_doubles_on_failure_and_starts_over_on_success() -> None:
+    backoff = Backoff(0.1, 0.4)
+    assert [backoff.failed() for _ in range(4)] == [0.1, 0.2, 0.4, 0.4]
+    backoff.succeeded()
+    assert backoff.failed() == 0.1
