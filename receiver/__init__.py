@@ -1,21 +1,47 @@
 """falhook's receiver: verify → store → 200 → callbacks, durably.
 
-The public API; import these from ``receiver`` directly.
+The public API; import these from ``falhook.receiver`` directly. They are loaded on first
+use (PEP 562), so that importing a light part of the package — the command line, whose
+``--help`` must answer at once — does not pull in Starlette, SQLAlchemy and the rest.
 """
 
-from falhook.receiver.app import WebhookReceiver, create_app
-from falhook.receiver.errors import (
-    CallbackImportError,
-    NotStartedError,
-    ReceiverError,
-    SettingsError,
-    StoreUnavailableError,
-)
-from falhook.receiver.models import Delivery, State, StoredDelivery
-from falhook.receiver.registry import CallbackRegistry
-from falhook.receiver.retry import Retry, RetryPolicy
-from falhook.receiver.settings import Settings
-from falhook.receiver.store import Store
+from importlib import import_module as _import_module
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+if _TYPE_CHECKING:
+    from falhook.receiver.app import WebhookReceiver, create_app
+    from falhook.receiver.errors import (
+        CallbackImportError,
+        NotStartedError,
+        ReceiverError,
+        SettingsError,
+        StoreUnavailableError,
+    )
+    from falhook.receiver.models import Delivery, StoredDelivery
+    from falhook.receiver.registry import CallbackRegistry
+    from falhook.receiver.retry import Retry, RetryPolicy
+    from falhook.receiver.settings import Settings
+    from falhook.receiver.state import State
+    from falhook.receiver.store import Store
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "CallbackImportError": "errors",
+    "CallbackRegistry": "registry",
+    "Delivery": "models",
+    "NotStartedError": "errors",
+    "ReceiverError": "errors",
+    "Retry": "retry",
+    "RetryPolicy": "retry",
+    "Settings": "settings",
+    "SettingsError": "errors",
+    "State": "state",
+    "Store": "store",
+    "StoreUnavailableError": "errors",
+    "StoredDelivery": "models",
+    "WebhookReceiver": "app",
+    "create_app": "app",
+}
 
 __all__ = [
     "CallbackImportError",
@@ -34,3 +60,16 @@ __all__ = [
     "WebhookReceiver",
     "create_app",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # found directly next time
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -32,7 +32,7 @@ from falhook.receiver.settings import Settings
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.listener import Listener
 from falhook.receiver.watchdog import LoopWatchdog
-from falhook.verify import WebhookHeaders
+from falhook.verify import KeysUnavailableError, WebhookHeaders
 
 __all__ = ["WebhookReceiver", "create_app"]
 
@@ -97,8 +97,10 @@ class WebhookReceiver:
         settings: Settings | None = None,
         *,
         callbacks: Iterable[Callback] = (),
+        listen: str | None = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings.from_env()
+        self.listen = listen  # where `falhook serve` listens, for the startup log line
         self.registry = CallbackRegistry()
         self.registry.add_specs(self.settings.callbacks)
         for fn in callbacks:
@@ -122,6 +124,7 @@ class WebhookReceiver:
         self._listener: Listener | None = None
         self._watchdog: LoopWatchdog | None = None
         self._intake: Intake | None = None
+        self._warm_keys_task: asyncio.Task[None] | None = None
         self._starts = 0
         self.app = self._build_app()
 
@@ -194,6 +197,9 @@ class WebhookReceiver:
         self._keys = KeySource(
             settings.jwks_url, user_id=settings.user_id, tolerance=settings.tolerance_seconds
         )
+        # Load the keys now, beside the rest of start-up: the first delivery then finds them
+        # cached, and a JWKS that cannot be had is a warning at start, not a surprise later.
+        self._warm_keys_task = asyncio.create_task(self._warm_keys(), name="falhook-keys")
         store = Store(settings.database_url, on_due=self._wake)
         store.start()
         self._store = store
@@ -230,6 +236,16 @@ class WebhookReceiver:
             self._keys, store, self._dispatcher, lease_seconds=settings.lease_seconds
         )
 
+    async def _warm_keys(self) -> None:
+        try:
+            await self.keys.ready()
+        except KeysUnavailableError as exc:
+            log.warning(
+                "keys unavailable at start (deliveries are answered 503 until they load; "
+                "fetched again as deliveries arrive): %s",
+                exc,
+            )
+
     async def stop(self) -> None:
         """Stop claiming, let running callbacks finish (up to the timeout), close the store."""
         if self._starts == 0:
@@ -241,6 +257,11 @@ class WebhookReceiver:
             self._watchdog.stop()
             self._watchdog = None
         self._intake = None
+        if self._warm_keys_task is not None:
+            self._warm_keys_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warm_keys_task
+            self._warm_keys_task = None
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None

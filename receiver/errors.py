@@ -5,6 +5,7 @@ The tree::
     ReceiverError                 root of everything receiver raises on purpose
     ├── SettingsError             a setting (env var or flag) has an unusable value
     ├── StoreUnavailableError     the store could not be reached or could not commit (503)
+    ├── StoreSchemaError          the store has no falhook schema, or not this version's
     ├── NotStartedError           a delivery arrived before the dispatcher was started (503)
     ├── MalformedDeliveryError    verified, but not a delivery we can store (400)
     ├── CallbackImportError       a ``module:function`` callback could not be imported
@@ -35,6 +36,7 @@ __all__ = [
     "ReceiverError",
     "RecoveryDisabledError",
     "SettingsError",
+    "StoreSchemaError",
     "StoreUnavailableError",
 ]
 
@@ -45,6 +47,7 @@ class Reason(StrEnum):
     RECEIVER_ERROR = "receiver_error"
     INVALID_SETTING = "invalid_setting"
     STORE_UNAVAILABLE = "store_unavailable"
+    STORE_SCHEMA = "store_schema"
     RECEIVER_NOT_STARTED = "receiver_not_started"
     CALLBACK_IMPORT_ERROR = "callback_import_error"
     CALLBACK_TIMEOUT = "callback_timeout"
@@ -79,6 +82,15 @@ class StoreUnavailableError(ReceiverError):
     """The store could not be reached or could not commit."""
 
     reason = Reason.STORE_UNAVAILABLE
+
+
+class StoreSchemaError(ReceiverError):
+    """The store has no falhook schema, or not the version this falhook needs.
+
+    Raised by the store commands, which never create or upgrade a schema (`serve` does).
+    """
+
+    reason = Reason.STORE_SCHEMA
 
 
 class NotStartedError(ReceiverError):

@@ -7,14 +7,13 @@ from pathlib import Path
 
 from falhook.verify import (
     AsyncJWKSClient,
-    KeysUnavailableError,
     PublicKey,
     VerifiedWebhook,
     WebhookHeaders,
     check_headers,
-    load_keys,
     verify_body,
 )
+from falhook.verify.keys import jwks_file, load_jwks_file
 
 __all__ = ["KeySource"]
 
@@ -40,20 +39,21 @@ class KeySource:
         self.jwks = jwks
         self.user_id = user_id
         self.tolerance = tolerance
-        self._path: Path | None = None
+        self._path: Path | None = jwks_file(jwks)  # the same rule as verify_signature's
         self._static: tuple[PublicKey, ...] | None = None
         self.client: AsyncJWKSClient | None = None
-        if jwks.startswith(("http://", "https://")):
+        if self._path is None:
             self.client = client or AsyncJWKSClient(jwks)
-        else:
-            self._path = Path(jwks.removeprefix("file://"))
+
+    @property
+    def is_file(self) -> bool:
+        """True for a local JWKS file (a problem with it cannot fix itself)."""
+        return self._path is not None
 
     def _static_keys(self) -> tuple[PublicKey, ...]:
         if self._static is None:
             assert self._path is not None
-            if not self._path.is_file():
-                raise KeysUnavailableError(f"JWKS file not found: {self._path}")
-            self._static = load_keys(self._path)
+            self._static = load_jwks_file(self._path)
         return self._static
 
     def check_headers(self, headers: HeaderPairs) -> WebhookHeaders:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
+
+from falhook.receiver.state import State
 
 __all__ = [
     "SOURCE_QUEUE",
@@ -36,15 +37,6 @@ __all__ = [
 
 SOURCE_WEBHOOK = "webhook"  # fal posted the delivery to /webhooks/fal
 SOURCE_QUEUE = "queue"  # falhook fetched the result from fal's queue (no webhook came)
-
-
-class State(StrEnum):
-    """Life of a stored delivery. The values are what the database holds."""
-
-    PENDING = "pending"  # waiting for (re)dispatch at due_at
-    RUNNING = "running"  # claimed; due_at is the lease expiry, after which it may be retaken
-    DONE = "done"  # every callback succeeded
-    DEAD = "dead"  # out of attempts; last_error says why; replayable
 
 
 def _key() -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import traceback
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -60,6 +61,16 @@ def import_callback(spec: str) -> Callback:
         target: Any = import_module(module_name)
     except ImportError as exc:
         raise CallbackImportError(f"cannot import module {module_name!r}: {exc}") from exc
+    except SyntaxError as exc:
+        where = f" ({exc.filename}, line {exc.lineno})" if exc.filename else ""
+        raise CallbackImportError(
+            f"callback module {module_name!r} has a syntax error: {exc.msg}{where}"
+        ) from exc
+    except Exception as exc:  # the module's own code raised while it was imported
+        raise CallbackImportError(
+            f"callback module {module_name!r} raised on import: "
+            f"{type(exc).__name__}: {exc}{_where(exc)}"
+        ) from exc
     for part in attr.split("."):
         try:
             target = getattr(target, part)
@@ -69,6 +80,14 @@ def import_callback(spec: str) -> Callback:
         raise CallbackImportError(f"callback {spec!r} is not callable")
     fn: Callback = target
     return fn
+
+
+def _where(exc: BaseException) -> str:
+    """`` (file, line N)`` of the frame that raised, skipping importlib's own frames."""
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")
+    ]
+    return f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
 
 
 class CallbackRegistry:

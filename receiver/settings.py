@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,7 @@ __all__ = [
     "DEFAULT_QUEUE_URL",
     "ENV_PREFIX",
     "Settings",
+    "check_database_url",
 ]
 
 ENV_PREFIX = "FALHOOK_"
@@ -27,24 +30,40 @@ FAL_KEY_FALLBACK_ENV = "FAL_KEY"
 _MiB = 1024 * 1024
 
 
+# Each parser raises ValueError with what the setting wants, never int()'s or float()'s own
+# message ("invalid literal for int() with base 10"), which tells an operator nothing.
+
+
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value.strip())
+    except ValueError:
+        number = 0
     if number < 1:
-        raise ValueError("must be a positive integer")
+        raise ValueError("wants a whole number, at least 1")
     return number
 
 
+def _float(value: str, wanted: str) -> float:
+    try:
+        return float(value.strip())
+    except ValueError:
+        raise ValueError(wanted) from None
+
+
 def _positive_float(value: str) -> float:
-    number = float(value)
+    wanted = "wants a number of seconds above 0 (fractions allowed)"
+    number = _float(value, wanted)
     if not number > 0 or number == float("inf"):
-        raise ValueError("must be a positive number of seconds")
+        raise ValueError(wanted)
     return number
 
 
 def _non_negative_float(value: str) -> float:
-    number = float(value)
+    wanted = "wants a number of seconds, 0 or more (fractions allowed)"
+    number = _float(value, wanted)
     if not number >= 0 or number == float("inf"):
-        raise ValueError("must be a non-negative number of seconds")
+        raise ValueError(wanted)
     return number
 
 
@@ -62,19 +81,19 @@ def _bool(value: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError("must be true or false")
+    raise ValueError("wants true or false")
 
 
 def _str(value: str) -> str:
     if not value.strip():
-        raise ValueError("must not be empty")
+        raise ValueError("wants a value, not an empty string")
     return value.strip()
 
 
 def _log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ValueError("must be one of debug, info, warning, error, critical")
+        raise ValueError("wants one of debug, info, warning, error, critical")
     return level
 
 
@@ -83,14 +102,63 @@ def _http_url(value: str) -> str | None:
     if not url:
         return None
     if not url.startswith(("http://", "https://")):
-        raise ValueError("must be an http(s) URL")
+        raise ValueError("wants an http:// or https:// URL")
     return url
+
+
+def _forward_url(value: str) -> str | None:
+    # Kept exactly as given: a trailing slash may matter to the app behind it.
+    url = _optional_str(value)
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ValueError("wants an http:// or https:// URL")
+    return url
+
+
+def _database_url(value: str) -> str:
+    url = _str(value)
+    check_database_url(url)
+    return url
+
+
+_SQLITE_URL = re.compile(r"sqlite(\+\w+)?://")
+_POSTGRES_URL = re.compile(r"postgresql(\+(?P<driver>\w+))?://")
+
+
+def check_database_url(url: str) -> None:
+    """Raise ValueError saying what is wanted unless `url` names a store falhook can open.
+
+    Checked here, without SQLAlchemy (slow to import), so that a mistyped URL or a missing
+    driver is one clear line before anything starts, not a driver traceback later.
+    """
+    sqlite = _SQLITE_URL.match(url)
+    if sqlite is not None:
+        rest = url[sqlite.end() :]  # "" is an in-memory database
+        if rest and not rest.startswith("/"):
+            raise ValueError(
+                "wants sqlite:/// and then the path (three slashes before a relative path, "
+                f"four before an absolute one): sqlite:///{rest}"
+            )
+        return
+    postgres = _POSTGRES_URL.match(url)
+    if postgres is None:
+        raise ValueError("wants sqlite:///path.db or postgresql+psycopg://user@host/db")
+    driver = postgres.group("driver") or "psycopg2"  # SQLAlchemy's default for postgresql://
+    module = {"psycopg": "psycopg", "psycopg2": "psycopg2"}.get(driver)
+    if module is None:
+        raise ValueError(f"wants the psycopg driver (postgresql+psycopg://…), not {driver!r}")
+    if importlib.util.find_spec(module) is None:
+        if module == "psycopg2":
+            raise ValueError(
+                "postgresql:// means the psycopg2 driver, which is not installed: write "
+                "postgresql+psycopg://… and pip install 'falhook[postgres]'"
+            )
+        raise ValueError("PostgreSQL needs its driver: pip install 'falhook[postgres]'")
 
 
 def _required_http_url(value: str) -> str:
     url = _http_url(value)
     if url is None:
-        raise ValueError("must not be empty")
+        raise ValueError("wants a URL, not an empty string")
     return url
 
 
@@ -110,7 +178,10 @@ class Settings:
     """Everything the receiver can be told. Build with `Settings.from_env()`; never mutate."""
 
     database_url: str = _setting(
-        DEFAULT_DATABASE_URL, _str, "DATABASE_URL", "store: sqlite:///… or postgresql+psycopg://…"
+        DEFAULT_DATABASE_URL,
+        _database_url,
+        "DATABASE_URL",
+        "store: sqlite:///… or postgresql+psycopg://…",
     )
     jwks_url: str = _setting(
         DEFAULT_JWKS_URL, _str, "JWKS_URL", "JWKS URL, or a local JWKS file path"
@@ -162,7 +233,7 @@ class Settings:
         60.0, _positive_float, "LEASE_SECONDS", "claim lease, renewed while a callback runs"
     )
     forward_to: str | None = _setting(
-        None, _optional_str, "FORWARD_TO", "POST each delivery to this URL (sidecar mode)"
+        None, _forward_url, "FORWARD_TO", "POST each delivery to this URL (sidecar mode)"
     )
     concurrency: int = _setting(64, _positive_int, "CONCURRENCY", "callbacks run at once")
     poll_seconds: float = _setting(
@@ -226,19 +297,21 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        if not self.database_url.startswith(("sqlite", "postgresql")):
-            raise SettingsError(
-                f"FALHOOK_DATABASE_URL must be sqlite:///… or postgresql+psycopg://…, "
-                f"not {self.database_url!r}"
-            )
+        # from_env and parse_value have checked these already, naming the variable or flag;
+        # this catches a Settings built directly in code.
+        for name, parse in (("database_url", _database_url), ("forward_to", _forward_url)):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    parse(value)
+                except ValueError as exc:
+                    raise SettingsError(f"{name}={value!r}: {exc}") from exc
         if self.max_buffered_bytes < self.max_body_bytes:
             # A body the budget can never hold would get 503 forever (fal retries for hours).
             raise SettingsError(
                 f"FALHOOK_MAX_BUFFERED_BYTES ({self.max_buffered_bytes}) must be at least "
                 f"FALHOOK_MAX_BODY_BYTES ({self.max_body_bytes})"
             )
-        if self.forward_to is not None and not self.forward_to.startswith(("http://", "https://")):
-            raise SettingsError(f"FALHOOK_FORWARD_TO must be an http(s) URL: {self.forward_to!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -286,4 +359,6 @@ def _parse(f: dataclasses.Field[Any], raw: str, name: str) -> Any:
         return f.metadata["parse"](raw)
     except ValueError as exc:
         shown = "…" if f.metadata.get("secret") else repr(raw)
-        raise SettingsError(f"{name}={shown}: {exc}") from exc
+        # "--concurrency 'lots': wants a whole number…" for a flag, NAME='…': for a variable.
+        shown = f"{name} {shown}" if name.startswith("--") else f"{name}={shown}"
+        raise SettingsError(f"{shown}: {exc}") from exc

@@ -197,3 +197,28 @@ def load_keys(source: KeysLike) -> tuple[PublicKey, ...]:
             raise KeysUnavailableError("no keys given")
         return tuple(keys)
     raise KeysUnavailableError(f"unsupported keys source: {type(source).__name__}")
+
+
+def jwks_file(source: str) -> Path | None:
+    """The local JWKS file a key source names, or None when it is an http(s) URL.
+
+    One rule for `verify_signature` and the receiver: ``http://`` and ``https://`` are
+    fetched; anything else (a path, or a ``file://`` URL) is a file on this machine.
+    """
+    if source.startswith(("http://", "https://")):
+        return None
+    return Path(source.removeprefix("file://"))
+
+
+def load_jwks_file(path: Path) -> tuple[PublicKey, ...]:
+    """The keys of a local JWKS file; KeysUnavailableError naming the file if unusable."""
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise KeysUnavailableError(f"JWKS file not found: {path}") from None
+    except OSError as exc:
+        raise KeysUnavailableError(f"cannot read JWKS file {path}: {exc.strerror or exc}") from exc
+    try:
+        return parse_jwks(text)
+    except KeysUnavailableError as exc:
+        raise KeysUnavailableError(f"JWKS file {path}: {exc}") from exc

@@ -14,11 +14,13 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from falhook.verify._headers import HeadersLike, extract, parse_signature, parse_timestamp
 from falhook.verify.errors import Reason, WebhookVerificationError
-from falhook.verify.keys import PublicKey
+
+if TYPE_CHECKING:  # keys.py loads PyNaCl, which checking headers never needs
+    from falhook.verify.keys import PublicKey
 
 __all__ = [
     "DEFAULT_JWKS_URL",

@@ -7,9 +7,11 @@ the headers before reading the body (`check_headers`) finishes with `verify_body
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from falhook.verify._headers import HeadersLike
 from falhook.verify.jwks import get_async_jwks_client, get_jwks_client
-from falhook.verify.keys import KeysLike, PublicKey, load_keys
+from falhook.verify.keys import KeysLike, PublicKey, jwks_file, load_jwks_file, load_keys
 from falhook.verify.message import (
     DEFAULT_JWKS_URL,
     DEFAULT_TOLERANCE,
@@ -55,6 +57,31 @@ def static_keys(source: KeysLike) -> tuple[PublicKey, ...]:
     return keys
 
 
+# Keys of local JWKS files by path, with the file's mtime: read again only when it changes
+# (a `falhook keygen --force` is picked up without a restart).
+_FILE_CACHE: dict[Path, tuple[int, tuple[PublicKey, ...]]] = {}
+
+
+def file_keys(path: Path) -> tuple[PublicKey, ...]:
+    """The keys of a local JWKS file, cached until the file changes (internal)."""
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        mtime = -1  # load_jwks_file says what is wrong
+    entry = _FILE_CACHE.get(path)
+    if entry is not None and entry[0] == mtime:
+        return entry[1]
+    keys = load_jwks_file(path)
+    _FILE_CACHE[path] = (mtime, keys)
+    return keys
+
+
+def _keys_from_source(source: str) -> tuple[PublicKey, ...] | None:
+    """Static keys when `source` is a local file (the receiver's rule), else None."""
+    path = jwks_file(source)
+    return None if path is None else file_keys(path)
+
+
 def verify_signature(
     body: bytes,
     headers: HeadersLike,
@@ -72,7 +99,9 @@ def verify_signature(
     :param headers: a mapping (any casing) or (name, value) pairs of str or bytes, such as
         an ASGI ``scope["headers"]``.
     :param jwks_url: where to fetch keys (cached per URL in the process); defaults to
-        ``FALHOOK_JWKS_URL``, then fal's URL. Ignored when ``keys`` is given.
+        ``FALHOOK_JWKS_URL``, then fal's URL. Anything but an http(s) URL is a local JWKS
+        file (a path or ``file://``), read with no network, as ``falhook serve`` does.
+        Ignored when ``keys`` is given.
     :param keys: static keys (`KeysLike`); no network is used.
     :param user_id: require this fal user id; defaults to ``FALHOOK_USER_ID`` (unset or
         empty: any user).
@@ -86,7 +115,11 @@ def verify_signature(
     prepared = prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now)
     if keys is not None:
         return check(prepared, static_keys(keys))
-    return get_jwks_client(jwks_url or default_jwks_url()).check(prepared)
+    source = jwks_url or default_jwks_url()
+    local = _keys_from_source(source)
+    if local is not None:
+        return check(prepared, local)
+    return get_jwks_client(source).check(prepared)
 
 
 async def verify_signature_async(
@@ -108,7 +141,11 @@ async def verify_signature_async(
     prepared = prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now)
     if keys is not None:
         return check(prepared, static_keys(keys))
-    return await get_async_jwks_client(jwks_url or default_jwks_url()).check(prepared)
+    source = jwks_url or default_jwks_url()
+    local = _keys_from_source(source)
+    if local is not None:
+        return check(prepared, local)  # a small file, cached: nothing to await
+    return await get_async_jwks_client(source).check(prepared)
 
 
 def verify_body(body: bytes, checked: WebhookHeaders, keys: KeysLike) -> VerifiedWebhook:

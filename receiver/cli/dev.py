@@ -17,11 +17,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from falhook.receiver.cli.common import CommandError, positive_int
 from falhook.receiver.retry import doubling
-from falhook.verify.testing import KeyPair, fal_body, generate_keypair, jwks_document, sign
+
+if TYPE_CHECKING:
+    from falhook.verify.testing import KeyPair
 
 __all__ = [
     "DEFAULT_USER_ID",
@@ -143,6 +145,8 @@ def add_parser(subparsers: Any) -> None:
 def run_keygen(args: argparse.Namespace) -> int:
     """``falhook keygen [--out DIR] [--force]``."""
     out = Path(args.out)
+    from falhook.verify.testing import generate_keypair, jwks_document  # PyNaCl: import late
+
     key_path, jwks_path = out / KEY_FILE, out / JWKS_FILE
     if key_path.exists() and not args.force:
         raise CommandError(
@@ -214,6 +218,8 @@ def send_once(
     """Sign `body` now (fresh timestamp, as each fal attempt is) and POST it once."""
     import httpx
 
+    from falhook.verify.testing import sign
+
     headers = sign(body, request_id, user_id, timestamp, keypair=keypair)
     headers["content-type"] = "application/json"
     try:
@@ -233,6 +239,8 @@ def backoff_delay(attempt: int, base: float, cap: float = BACKOFF_CAP_SECONDS) -
 
 
 def _build_body(args: argparse.Namespace, request_id: str) -> bytes:
+    from falhook.verify.testing import fal_body
+
     payload: Any
     if args.payload is not None:
         try:
@@ -254,6 +262,8 @@ def _build_body(args: argparse.Namespace, request_id: str) -> bytes:
 def run_send(args: argparse.Namespace) -> int:
     """``falhook send URL …``: exit 0 on a 2xx, 1 otherwise."""
     import httpx
+
+    from falhook.verify.testing import KeyPair
 
     if not args.url.startswith(("http://", "https://")):
         raise CommandError(f"URL must start with http:// or https://, not {args.url!r}")

@@ -2,8 +2,9 @@
 
 Each subcommand lives in its own module of this package that exposes
 ``add_parser(subparsers)``; the parser it adds sets ``func(args) -> int`` as a default.
-Exit codes: 0 success, 1 a negative verdict (e.g. ``falhook verify`` on a forged
-delivery), 2 bad arguments or unusable input — never a traceback for user error.
+These modules import only what building their parsers needs: everything heavy (the app,
+the store, uvicorn, httpx, PyNaCl) is imported by the command that runs, so ``--help``
+and the light commands start fast. Exit codes: see `common.EXIT_CODES_HELP`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from falhook import __version__
 from falhook.receiver.cli import dev, ops, serve, verify
-from falhook.receiver.cli.common import CommandError, Parser
+from falhook.receiver.cli.common import EXIT_CODES_HELP, CommandError, Parser
 
 __all__ = ["build_parser", "main"]
 
@@ -22,7 +24,13 @@ _COMMANDS = (serve, ops, dev, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="falhook", description="Receive fal.ai webhooks durably.")
+    parser = Parser(
+        prog="falhook",
+        description="Receive fal.ai webhooks durably.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"falhook {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     subparsers.required = True
     for module in _COMMANDS:
@@ -30,15 +38,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Parser:
+    """The (sub)parser that parsed the command given, e.g. ``deliveries list``'s."""
+    current = parser
+    for name in (getattr(args, "command", None), getattr(args, "action", None)):
+        subparsers = next(
+            (a for a in current._actions if isinstance(a, argparse._SubParsersAction)), None
+        )
+        if subparsers is None or name not in subparsers.choices:
+            break
+        current = subparsers.choices[name]
+    assert isinstance(current, Parser)
+    return current
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``falhook`` command line and return its exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # parse_known_args, so that an unknown flag is reported by the subcommand that was
+    # meant (with its nearest flag), not by the top-level parser that knows none of them.
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _command_parser(parser, args).unrecognized(extras)
     try:
         code: int = args.func(args)
     except CommandError as exc:
         print(f"falhook {args.command}: {exc}", file=sys.stderr)  # noqa: T201 — CLI output
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return code

@@ -15,15 +15,17 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from falhook.receiver.cli.common import CommandError, positive_int
+from falhook.receiver.cli.common import EXIT_STORE, CommandError, positive_int
 from falhook.receiver.cli.serve import add_settings_flags
 from falhook.receiver.durations import format_duration, format_time, parse_duration, parse_since
-from falhook.receiver.errors import SettingsError, StoreUnavailableError
-from falhook.receiver.models import State, StoredDelivery
+from falhook.receiver.errors import SettingsError, StoreSchemaError, StoreUnavailableError
 from falhook.receiver.settings import ENV_PREFIX, Settings
+from falhook.receiver.state import State
+
+if TYPE_CHECKING:
+    from falhook.receiver.models import StoredDelivery
 
 __all__ = [
     "DEFAULT_RETENTION",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 EXIT_NOT_FOUND = 1
-EXIT_STORE_UNAVAILABLE = 3
+EXIT_STORE_UNAVAILABLE = EXIT_STORE
 # fal retries a failed delivery for up to about 2 hours (or until its stored result
 # expires, about 1 hour). While it may still redeliver, the row must exist: it is what
 # makes the redelivery a duplicate instead of a second dispatch. 7 days is far past
@@ -42,6 +44,7 @@ EXIT_STORE_UNAVAILABLE = 3
 DEFAULT_RETENTION = "7d"
 MIN_RETENTION_SECONDS = 3 * 3600.0
 _LAST_ERROR_WIDTH = 60
+_URL_ENV = ENV_PREFIX + "DATABASE_URL"
 _REPLAY_HINT = (
     "a running `falhook serve` dispatches replayed deliveries at its next poll "
     f"({ENV_PREFIX}POLL_SECONDS, default 5 s), or at once on PostgreSQL"
@@ -181,32 +184,18 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _database_url(args: argparse.Namespace) -> str:
-    """The flag, else FALHOOK_DATABASE_URL, else the default — validated like `serve`."""
+    """The flag, else FALHOOK_DATABASE_URL, else the default — validated like `serve`,
+    and named in an error as the user gave it (the flag, or the variable)."""
     raw = getattr(args, "database_url", None)
-    if raw is None:
-        raw = os.environ.get(ENV_PREFIX + "DATABASE_URL")
     try:
-        if raw is None:
-            return Settings().database_url
-        url: str = Settings.parse_value("database_url", raw)
-        return Settings(database_url=url).database_url
+        if raw is not None:
+            url: str = Settings.parse_value("database_url", raw)
+            return url
+        return Settings.from_env(
+            {k: v for k, v in os.environ.items() if k == _URL_ENV}
+        ).database_url
     except SettingsError as exc:
         raise CommandError(str(exc)) from exc
-
-
-def _sqlite_path(url: str) -> Path | None:
-    import sqlalchemy as sa
-
-    try:
-        parsed = sa.make_url(url)
-    except sa.exc.ArgumentError:
-        return None
-    database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
-        return None
-    if database.startswith("file:"):
-        return None
-    return Path(database)
 
 
 @contextmanager
@@ -214,33 +203,40 @@ def _store(args: argparse.Namespace) -> Iterator[Any]:
     """The store named by the arguments; StoreUnavailableError if it cannot be opened.
 
     A SQLite file that does not exist is an error, not an empty store: creating one
-    would hide a wrong --database-url behind "no deliveries".
+    would hide a wrong --database-url behind "no deliveries". Nor is a schema created or
+    upgraded here: only `falhook serve` migrates, so a store command run against the wrong
+    database, or beside an older receiver, changes nothing and says so.
     """
-    from falhook.receiver.store import Store  # imported late: keeps `falhook --help` fast
+    # imported late: keeps `falhook --help` fast
+    from falhook.receiver.store.engine import sqlite_file
+    from falhook.receiver.store.store import Store
 
     url = _database_url(args)
-    path = _sqlite_path(url)
+    path = sqlite_file(url)
     if path is not None and not path.exists():
         raise StoreUnavailableError(
             f"no database at {path} (set --database-url or {ENV_PREFIX}DATABASE_URL)"
         )
     store = Store(url)
     try:
+        store.check_schema()
         yield store
     finally:
         store.engine.dispose()
 
 
 def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Report an unreachable store as one line and exit code 3."""
+    """Report an unreachable store, or one without a current schema, as one line, exit 3."""
 
     def wrapper(args: argparse.Namespace) -> int:
+        name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
         try:
             return run(args)
         except StoreUnavailableError as exc:
-            name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
             print(f"falhook {name}: store unavailable: {exc}", file=sys.stderr)  # noqa: T201
-            return EXIT_STORE_UNAVAILABLE
+        except StoreSchemaError as exc:
+            print(f"falhook {name}: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_STORE_UNAVAILABLE
 
     wrapper.__name__ = run.__name__
     wrapper.__doc__ = run.__doc__

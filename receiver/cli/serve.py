@@ -1,14 +1,23 @@
-"""`falhook serve`: run the receiver on uvicorn (standalone, or as a sidecar)."""
+"""`falhook serve`: run the receiver on uvicorn (standalone, or as a sidecar).
+
+Before anything starts, what cannot fix itself is refused with one line: a bad setting or
+callback (exit 2), a SQLite file whose directory does not exist (3), a local JWKS file that
+is missing or unusable (2), a port that is in use (4). A database or JWKS URL that is down
+is not refused: it may come back, and the receiver recovers by itself.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import gc
 import os
+import socket
 import sys
 from typing import Any
 
+from falhook.receiver.cli.common import EXIT_CANNOT_LISTEN, EXIT_STORE, CommandError
 from falhook.receiver.errors import ReceiverError, SettingsError
 from falhook.receiver.settings import ENV_PREFIX, Settings
 
@@ -47,15 +56,38 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings.from_env(**overrides)
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: wants a TCP port number, 0 to 65535")
+    return port
+
+
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="run the receiver",
-        description="Receive fal webhooks on POST /webhooks/fal and dispatch them to callbacks.",
+        description=(
+            "Receive fal webhooks on POST /webhooks/fal and dispatch them to callbacks. "
+            "Every setting is also an environment variable (shown with each flag); a flag "
+            "wins. Stop it with Ctrl-C or SIGTERM: running callbacks are given "
+            "--shutdown-timeout-seconds to finish."
+        ),
     )
-    parser.add_argument("--host", default=os.environ.get(ENV_PREFIX + "HOST", "127.0.0.1"))
     parser.add_argument(
-        "--port", type=int, default=int(os.environ.get(ENV_PREFIX + "PORT", "8000"))
+        "--host",
+        metavar="HOST",
+        help=f"address to listen on; 0.0.0.0 for every interface "
+        f"(env {ENV_PREFIX}HOST; default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--port",
+        type=_port,
+        metavar="PORT",
+        help=f"TCP port to listen on (env {ENV_PREFIX}PORT; default 8000)",
     )
     parser.add_argument(
         "--callback",
@@ -74,20 +106,94 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from falhook.receiver.cli.common import CommandError
+def _listen_address(args: argparse.Namespace) -> tuple[str, int]:
+    """--host/--port, else FALHOOK_HOST/FALHOOK_PORT, else 127.0.0.1:8000."""
+    host = args.host or os.environ.get(ENV_PREFIX + "HOST", "").strip() or "127.0.0.1"
+    if args.port is not None:
+        return host, int(args.port)
+    raw = os.environ.get(ENV_PREFIX + "PORT", "").strip()
+    if not raw:
+        return host, 8000
+    try:
+        return host, _port(raw)
+    except argparse.ArgumentTypeError:
+        raise CommandError(
+            f"{ENV_PREFIX}PORT={raw!r}: wants a TCP port number, 0 to 65535"
+        ) from None
 
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now, so that a port in use is one line and its own exit
+    code — not uvicorn's log line after the store and the dispatcher have started."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why += " (another falhook serve? choose another --port)"
+        raise CommandError(
+            f"cannot listen on {host}:{port}: {why}", exit_code=EXIT_CANNOT_LISTEN
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _check_store(settings: Settings, args: argparse.Namespace) -> None:
+    """Refuse a SQLite file that can never be created (its directory does not exist).
+
+    A database server that is down is different: it may come back, so serve starts anyway,
+    answers 503 and recovers by itself.
+    """
+    from falhook.receiver.store.engine import sqlite_file
+
+    path = sqlite_file(settings.database_url)
+    if path is not None and not path.parent.is_dir():
+        source = "--database-url" if args.database_url else f"{ENV_PREFIX}DATABASE_URL"
+        raise CommandError(
+            f"cannot create the SQLite database {path}: its directory {path.parent} does not "
+            f"exist (create it, or point {source} elsewhere)",
+            exit_code=EXIT_STORE,
+        )
+
+
+def _check_keys(settings: Settings, args: argparse.Namespace) -> None:
+    """A local JWKS file must load now: unlike a URL, it cannot start working later."""
+    from falhook.verify import KeysUnavailableError
+    from falhook.verify.keys import jwks_file, load_jwks_file
+
+    path = jwks_file(settings.jwks_url)
+    if path is None:
+        return  # a URL: fetched once started; a failure is a warning, the cache retries
+    try:
+        load_jwks_file(path)
+    except KeysUnavailableError as exc:
+        source = "--jwks-url" if args.jwks_url else f"{ENV_PREFIX}JWKS_URL"
+        raise CommandError(f"{source}: {exc}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
     # Like uvicorn: `--callback app:handle` finds app.py in the current directory.
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         settings = settings_from_args(args)
+    except SettingsError as exc:
+        raise CommandError(str(exc)) from exc
+    host, port = _listen_address(args)
+    _check_store(settings, args)
+    _check_keys(settings, args)
+    try:
         # imported late: keeps `falhook --help` fast
         from falhook.receiver.app import WebhookReceiver
 
-        receiver = WebhookReceiver(settings)
-    except (SettingsError, ReceiverError) as exc:
+        receiver = WebhookReceiver(settings, listen=_url(host, port))
+    except ReceiverError as exc:
         raise CommandError(str(exc)) from exc
+    sock = _listen(host, port)
 
     import uvicorn
 
@@ -106,10 +212,8 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
     from falhook.receiver.protocol import http_protocol
 
-    uvicorn.run(
+    config = uvicorn.Config(
         receiver.app,
-        host=args.host,
-        port=args.port,
         loop="uvloop",
         http=http_protocol(settings.header_timeout_seconds),
         # uvicorn counts the connection asking too: +1 so N connections are served.
@@ -119,4 +223,13 @@ def run(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower() if settings.log_level != "INFO" else "warning",
         timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds) + 5,
     )
-    return 0
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0 if server.started else 1
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -12,12 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from falhook.receiver.cli.common import CommandError
-from falhook.verify import (
-    KeysUnavailableError,
-    WebhookVerificationError,
-    load_keys,
-    verify_signature,
-)
 
 __all__ = ["add_parser", "parse_headers_text", "run"]
 
@@ -94,6 +88,14 @@ def _emit(args: argparse.Namespace, document: dict[str, Any], line: str, *, err:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``falhook verify``; returns the exit code."""
+    # Imported here, not at the top: `falhook --help` must not load PyNaCl and httpx.
+    from falhook.verify import (
+        KeysUnavailableError,
+        WebhookVerificationError,
+        load_keys,
+        verify_signature,
+    )
+
     document: dict[str, Any]
     headers_raw = _read(args.headers, "headers")
     body = _read(args.body, "body")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from falhook.receiver.errors import StoreUnavailableError
 
-__all__ = ["PG_CONNECT_ARGS", "make_engine"]
+__all__ = ["PG_CONNECT_ARGS", "make_engine", "sqlite_file"]
 
 
 # libpq options for every PostgreSQL connection (the pool's and the listener's): a bounded
@@ -21,6 +22,20 @@ PG_CONNECT_ARGS: dict[str, Any] = {
     "keepalives_interval": 3,
     "keepalives_count": 3,
 }
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names; None for PostgreSQL, in-memory or ``file:`` URIs."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):
+        return None
+    return Path(database)
 
 
 def make_engine(url: str) -> sa.Engine:

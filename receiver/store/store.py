@@ -21,12 +21,13 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from falhook.receiver.errors import StoreUnavailableError
-from falhook.receiver.models import State, StoredDelivery
+from falhook.receiver.errors import StoreSchemaError, StoreUnavailableError
+from falhook.receiver.models import StoredDelivery
+from falhook.receiver.state import State
 from falhook.receiver.store import admin
 from falhook.receiver.store.engine import make_engine
 from falhook.receiver.store.loop_writer import LoopWriter
-from falhook.receiver.store.migrations import upgrade
+from falhook.receiver.store.migrations import MIGRATIONS, current_version, upgrade
 from falhook.receiver.store.operations import (
     encode_callbacks,
     op_claim,
@@ -68,7 +69,7 @@ class Store:
         self._max_batch = max_batch
         self._on_due = on_due
         self._writer: Writer | None = None
-        self._migrated = False
+        self._schema_ready = False  # migrated, or checked to be current
         self._migrate_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -80,8 +81,38 @@ class Store:
                 version = upgrade(self.engine)
             except sa.exc.SQLAlchemyError as exc:
                 raise StoreUnavailableError(f"cannot migrate the store: {brief(exc)}") from exc
-            self._migrated = True
+            self._schema_ready = True
             return version
+
+    def check_schema(self) -> int:
+        """Check, changing nothing, that the schema is the one this falhook writes.
+
+        For the store commands, which must not create or upgrade a schema (only `serve`
+        migrates): raises StoreSchemaError when there is none, or an older or newer one.
+        """
+        latest = MIGRATIONS[-1].version
+        try:
+            with self.engine.connect() as conn:
+                version = current_version(conn)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
+        if version == 0:
+            raise StoreSchemaError(
+                "no falhook tables in this database (`falhook serve` creates them when it "
+                "starts): is --database-url / FALHOOK_DATABASE_URL the right one?"
+            )
+        if version < latest:
+            raise StoreSchemaError(
+                f"the store's schema is version {version}, this falhook needs {latest}: start "
+                "this version's `falhook serve` once (it upgrades the schema), then retry"
+            )
+        if version > latest:
+            raise StoreSchemaError(
+                f"the store's schema is version {version}, newer than this falhook knows "
+                f"({latest}): upgrade falhook"
+            )
+        self._schema_ready = True
+        return version
 
     def start(self) -> None:
         """Start the writer; the async methods may then be awaited on the calling loop."""
@@ -97,7 +128,7 @@ class Store:
         self._writer.start()
 
     def _ensure_schema(self) -> None:
-        if not self._migrated:
+        if not self._schema_ready:
             self.migrate()
 
     async def stop(self) -> None:
@@ -210,7 +241,7 @@ class Store:
     # -- sync API (CLI, tests, health): each call opens its own connection ----------------
 
     def _connect(self) -> sa.Connection:
-        if not self._migrated:
+        if not self._schema_ready:
             self.migrate()
         try:
             return self.engine.connect()

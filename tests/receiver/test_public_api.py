@@ -11,12 +11,20 @@ def test_all_is_sorted_and_unique() -> None:
 
 
 def test_all_equals_the_public_names() -> None:
+    # The names load lazily (PEP 562): dir() lists them all, and each one resolves.
     public = {
         name
-        for name, value in vars(receiver).items()
-        if not name.startswith("_") and not isinstance(value, type(receiver))
+        for name in dir(receiver)
+        if not name.startswith("_") and not isinstance(getattr(receiver, name), type(receiver))
     }
     assert set(receiver.__all__) == public
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    import pytest
+
+    with pytest.raises(AttributeError, match="no_such_name"):
+        receiver.no_such_name  # noqa: B018
 
 
 def test_exports_live_in_the_receiver_package() -> None:

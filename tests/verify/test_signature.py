@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,14 @@ from falhook.verify import (
     verify_signature,
     verify_signature_async,
 )
-from falhook.verify.testing import JWKSServer, KeyPair, fal_body, generate_keypair, sign
+from falhook.verify.testing import (
+    JWKSServer,
+    KeyPair,
+    fal_body,
+    generate_keypair,
+    jwks_document,
+    sign,
+)
 
 NOW = 1_752_019_770
 RID = "5057fca7-6e34-4a4b-a8b5-1a2b3c4d5e6f"
@@ -275,6 +284,41 @@ def test_end_to_end_jwks_url_from_env(
         body, headers = _signed(other_keypair)
         with pytest.raises(WebhookVerificationError):
             verify_signature(body, headers, jwks_url=server.url, now=NOW)
+
+
+@pytest.mark.parametrize("spelling", ["path", "file_url"])
+def test_a_jwks_file_in_the_env_works_as_in_serve(
+    keypair: KeyPair,
+    other_keypair: KeyPair,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    spelling: str,
+) -> None:
+    """FALHOOK_JWKS_URL may name a local file (keygen's jwks.json), as `falhook serve` takes it."""
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps(jwks_document(keypair)))
+    monkeypatch.setenv("FALHOOK_JWKS_URL", str(path) if spelling == "path" else f"file://{path}")
+    body, headers = _signed(keypair)
+    assert verify_signature(body, headers, now=NOW).request_id == RID
+    assert asyncio.run(verify_signature_async(body, headers, now=NOW)).request_id == RID
+    # A rewritten file (keygen --force) is read again: the old key no longer verifies.
+    path.write_text(json.dumps(jwks_document(other_keypair)))
+    os.utime(path, ns=(1, 1))  # a different mtime even on a coarse clock
+    with pytest.raises(WebhookVerificationError):
+        verify_signature(body, headers, now=NOW)
+
+
+@pytest.mark.parametrize(("content", "needle"), [(None, "not found"), ("[", "not valid JSON")])
+def test_an_unusable_jwks_file_is_keys_unavailable_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str | None, needle: str
+) -> None:
+    path = tmp_path / "jwks.json"
+    if content is not None:
+        path.write_text(content)
+    body, headers = _signed(generate_keypair(b"\x05" * 32))
+    with pytest.raises(KeysUnavailableError, match=needle) as info:
+        verify_signature(body, headers, jwks_url=str(path), now=NOW)
+    assert str(path) in str(info.value)
 
 
 def test_default_jwks_url(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,309 @@
+"""Every CLI mistake, as a user meets it: a real `falhook` process, one line on stderr (never
+a traceback), and the documented exit code."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+import falhook
+from falhook.receiver.store.engine import make_engine
+from falhook.receiver.store.migrations import MIGRATIONS, upgrade
+from falhook.verify.testing import generate_keypair, jwks_document
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXIT_USAGE, EXIT_STORE, EXIT_CANNOT_LISTEN = 2, 3, 4
+
+
+def falhook_cli(
+    *argv: str,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    prelude: str = "",
+) -> subprocess.CompletedProcess[str]:
+    """Run ``falhook ARGV`` in a fresh interpreter (``prelude`` runs first, in it)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FALHOOK_")}
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), base.get("PYTHONPATH")]))
+    code = f"{prelude}\nimport sys\nfrom falhook.receiver.cli import main\nsys.exit(main())"
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        cwd=cwd,
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def one_line(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    """Assert the exit code and a single stderr line holding every needle; return it."""
+    err = result.stderr
+    assert result.returncode == code, (result.returncode, err)
+    assert "Traceback" not in err, err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+@pytest.fixture
+def jwks_file(tmp_path: Path) -> Path:
+    path = tmp_path / "jwks.json"
+    path.write_text(__import__("json").dumps(jwks_document(generate_keypair(b"\x01" * 32))))
+    return path
+
+
+# -- the parser --------------------------------------------------------------------------
+
+
+def test_version(tmp_path: Path) -> None:
+    result = falhook_cli("--version", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"falhook {falhook.__version__}"
+
+
+def test_help_documents_the_exit_codes(tmp_path: Path) -> None:
+    out = falhook_cli("--help", cwd=tmp_path).stdout
+    assert "exit codes:" in out
+    for code in ("0", "1", "2", "3", "4"):
+        assert f"\n  {code} " in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["serve", "--concurency", "4"], "did you mean --concurrency?"),
+        (["deliveries", "list", "--sate", "dead"], "did you mean --state?"),
+        (["serv"], "did you mean serve?"),
+        (["deliveries", "lsit"], "did you mean list?"),
+    ],
+)
+def test_a_mistyped_flag_or_command_suggests_the_right_one(
+    tmp_path: Path, argv: list[str], suggestion: str
+) -> None:
+    one_line(falhook_cli(*argv, cwd=tmp_path), EXIT_USAGE, suggestion)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needles"),
+    [
+        (["--concurrency", "lots"], {}, ["--concurrency 'lots'", "wants a whole number"]),
+        ([], {"FALHOOK_CONCURRENCY": "lots"}, ["FALHOOK_CONCURRENCY='lots'", "whole number"]),
+        (["--lease-seconds", "-1"], {}, ["--lease-seconds '-1'", "above 0"]),
+        (["--forward-to", "ftp://x/y"], {}, ["--forward-to 'ftp://x/y'", "http://"]),
+        (["--port", "http"], {}, ["--port", "'http'", "TCP port"]),
+        ([], {"FALHOOK_PORT": "eighty"}, ["FALHOOK_PORT='eighty'", "TCP port"]),
+        (["--log-level", "loud"], {}, ["--log-level 'loud'", "debug, info"]),
+    ],
+)
+def test_a_bad_value_is_named_as_given_and_says_what_it_wants(
+    tmp_path: Path, argv: list[str], env: dict[str, str], needles: list[str]
+) -> None:
+    err = one_line(falhook_cli("serve", *argv, cwd=tmp_path, env=env), EXIT_USAGE, *needles)
+    assert "int()" not in err and "float" not in err
+    assert not (tmp_path / "falhook.db").exists()
+
+
+# -- callbacks ---------------------------------------------------------------------------
+
+
+def test_a_callback_module_with_a_syntax_error(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("def handle(delivery)\n    pass\n")
+    one_line(
+        falhook_cli("serve", "--callback", "broken:handle", cwd=tmp_path),
+        EXIT_USAGE,
+        "'broken'",
+        "syntax error",
+        "line 1",
+    )
+
+
+def test_a_callback_module_that_raises_on_import(tmp_path: Path) -> None:
+    (tmp_path / "raising.py").write_text("import os\nraise RuntimeError('no config')\n")
+    one_line(
+        falhook_cli("serve", "--callback", "raising:handle", cwd=tmp_path),
+        EXIT_USAGE,
+        "'raising'",
+        "RuntimeError: no config",
+        "line 2",
+    )
+
+
+# -- the store URL -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["serve"], ["deliveries", "list"], ["prune"]])
+def test_sqlite_url_one_slash_short(tmp_path: Path, command: list[str]) -> None:
+    result = falhook_cli(*command, cwd=tmp_path, env={"FALHOOK_DATABASE_URL": "sqlite://x.db"})
+    one_line(result, EXIT_USAGE, "FALHOOK_DATABASE_URL='sqlite://x.db'", "sqlite:///x.db")
+
+
+@pytest.mark.parametrize("command", [["serve"], ["deliveries", "show", "r1"]])
+def test_postgresql_without_its_driver_says_what_to_install(
+    tmp_path: Path, command: list[str]
+) -> None:
+    result = falhook_cli(
+        *command,
+        "--database-url",
+        "postgresql+psycopg://u@127.0.0.1/db",
+        cwd=tmp_path,
+        # As if the postgres extra were not installed: psycopg cannot be imported.
+        prelude="import sys; sys.modules['psycopg'] = None",
+    )
+    one_line(result, EXIT_USAGE, "pip install 'falhook[postgres]'")
+
+
+def test_serve_refuses_a_sqlite_file_whose_directory_does_not_exist(
+    tmp_path: Path, jwks_file: Path
+) -> None:
+    path = tmp_path / "no" / "such" / "dir" / "falhook.db"
+    result = falhook_cli(
+        "serve",
+        "--database-url",
+        f"sqlite:///{path}",
+        cwd=tmp_path,
+        env={"FALHOOK_JWKS_URL": str(jwks_file)},
+    )
+    one_line(result, EXIT_STORE, str(path), "does not exist")
+
+
+# -- keys --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"), [(None, "not found"), ("{not json", "not valid JSON")]
+)
+def test_serve_fails_fast_on_an_unusable_jwks_file(
+    tmp_path: Path, content: str | None, needle: str
+) -> None:
+    path = tmp_path / "keys.json"
+    if content is not None:
+        path.write_text(content)
+    result = falhook_cli("serve", cwd=tmp_path, env={"FALHOOK_JWKS_URL": str(path)})
+    one_line(result, EXIT_USAGE, "FALHOOK_JWKS_URL", str(path), needle)
+    assert not (tmp_path / "falhook.db").exists()
+
+
+# -- listening ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_port_in_use_is_one_line_and_its_own_exit_code(
+    tmp_path: Path, jwks_file: Path, busy_port: int
+) -> None:
+    result = falhook_cli(
+        "serve",
+        "--port",
+        str(busy_port),
+        cwd=tmp_path,
+        env={"FALHOOK_JWKS_URL": str(jwks_file)},
+    )
+    one_line(result, EXIT_CANNOT_LISTEN, f"127.0.0.1:{busy_port}", "in use")
+
+
+# -- store commands never create or migrate a schema -------------------------------------
+
+
+def _tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["deliveries", "list"],
+        ["deliveries", "show", "r1"],
+        ["deliveries", "replay", "r1"],
+        ["prune"],
+    ],
+)
+def test_store_commands_do_not_create_a_schema(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()  # a database, but not falhook's
+    result = falhook_cli(*command, "--database-url", f"sqlite:///{path}", cwd=tmp_path)
+    one_line(result, EXIT_STORE, "no falhook tables", "falhook serve")
+    assert _tables(path) == set()
+
+
+def test_store_commands_do_not_upgrade_an_older_schema(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    engine = make_engine(f"sqlite:///{path}")
+    old = MIGRATIONS[:-1]
+    upgrade(engine, old)
+    engine.dispose()
+    result = falhook_cli("deliveries", "list", "--database-url", f"sqlite:///{path}", cwd=tmp_path)
+    one_line(result, EXIT_STORE, f"version {old[-1].version}", f"needs {MIGRATIONS[-1].version}")
+    with sqlite3.connect(path) as conn:
+        (version,) = conn.execute("SELECT max(version) FROM falhook_schema_version").fetchone()
+    assert version == old[-1].version
+
+
+# -- what --help and the light commands import -------------------------------------------
+
+HEAVY = ("uvicorn", "starlette", "sqlalchemy", "sqlmodel", "nacl", "prometheus_client", "httpx")
+
+
+def _imported_by(argv: list[str], tmp_path: Path) -> set[str]:
+    probe = (
+        "import sys\n"
+        "from falhook.receiver.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print('IMPORTED:', *(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FALHOOK_")}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("IMPORTED:"), result.stdout + result.stderr
+    return set(last.split()[1:])
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--version"], ["serve", "--help"], ["deliveries", "list", "--help"]]
+)
+def test_help_imports_nothing_heavy(tmp_path: Path, argv: list[str]) -> None:
+    assert _imported_by(argv, tmp_path) == set()
+
+
+def test_send_imports_only_what_it_uses(tmp_path: Path) -> None:
+    # No server listens there: send fails (exit 1), having loaded what sending needs.
+    (tmp_path / "k").mkdir()
+    falhook_cli("keygen", "--out", str(tmp_path / "k"), cwd=tmp_path)
+    imported = _imported_by(
+        [
+            "send",
+            "http://127.0.0.1:9/webhooks/fal",
+            "--key",
+            str(tmp_path / "k" / "falhook-key.json"),
+        ],
+        tmp_path,
+    )
+    assert imported == {"httpx", "nacl"}
+
+
+def test_store_commands_import_no_server_parts(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    engine.dispose()
+    imported = _imported_by(["deliveries", "list", "--database-url", f"sqlite:///{path}"], tmp_path)
+    assert imported <= {"sqlalchemy", "sqlmodel"}
