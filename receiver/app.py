@@ -38,6 +38,8 @@ __all__ = ["WebhookReceiver", "create_app"]
 
 log = logging.getLogger("falhook.receiver")
 WEBHOOK_PATH = "/webhooks/fal"
+_READY_TIMEOUT = 1.5  # seconds for the store to answer /readyz
+_RECENT_FAILURE = 5.0  # seconds /readyz stays 503 after a delivery could not be stored
 
 
 class _Observer(DispatchObserver):
@@ -156,9 +158,19 @@ class WebhookReceiver:
 
     async def ready(self) -> None:
         """Raise unless deliveries can be accepted now: started, store and keys reachable."""
-        if self._intake is None:
+        intake = self._intake
+        if intake is None:
             raise NotStartedError()
-        await self.store.ping()
+        try:
+            # A probe must get its answer quickly, even when the store waits on a lock.
+            async with asyncio.timeout(_READY_TIMEOUT):
+                await self.store.ping()  # a write: a full disk fails it
+        except TimeoutError:
+            raise StoreUnavailableError(f"no answer within {_READY_TIMEOUT:g} s") from None
+        # The probe's one-row write may still fit where a delivery no longer does (a full
+        # disk with room left in the WAL): a delivery that could not be stored counts.
+        if time.monotonic() - intake.store_failed_at < _RECENT_FAILURE:
+            raise StoreUnavailableError("a delivery could not be stored in the last few seconds")
         await self.keys.ready()
 
     @property
@@ -233,7 +245,11 @@ class WebhookReceiver:
                 "receiver with callbacks runs"
             )
         self._intake = Intake(
-            self._keys, store, self._dispatcher, lease_seconds=settings.lease_seconds
+            self._keys,
+            store,
+            self._dispatcher,
+            lease_seconds=settings.lease_seconds,
+            store_timeout=settings.store_timeout_seconds,
         )
 
     async def _warm_keys(self) -> None:

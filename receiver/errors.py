@@ -55,6 +55,7 @@ class Reason(StrEnum):
     # A verified delivery that cannot be stored as one (answered 400).
     INVALID_JSON = "invalid_json"
     MISSING_REQUEST_ID = "missing_request_id"
+    REQUEST_ID_TOO_LONG = "request_id_too_long"
     REQUEST_ID_MISMATCH = "request_id_mismatch"
     INVALID_STATUS = "invalid_status"
     # Recovery from fal's queue (receiver/recovery/).

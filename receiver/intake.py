@@ -12,12 +12,14 @@ import time
 from typing import Any, NamedTuple
 
 from falhook.receiver.dispatcher import Dispatcher
-from falhook.receiver.errors import MalformedDeliveryError, Reason
+from falhook.receiver.errors import MalformedDeliveryError, Reason, StoreUnavailableError
 from falhook.receiver.keysource import KeySource
 from falhook.receiver.store import NewDelivery, Store
 from falhook.verify import WebhookHeaders
 
-__all__ = ["Accepted", "Intake"]
+__all__ = ["MAX_REQUEST_ID_CHARS", "Accepted", "Intake"]
+
+MAX_REQUEST_ID_CHARS = 255  # fal's are UUIDs; anything longer is not fal's
 
 _PARSE_IN_THREAD_BYTES = 256 * 1024  # parsing megabytes of JSON would stall the loop
 
@@ -39,11 +41,15 @@ class Intake:
         dispatcher: Dispatcher | None,
         *,
         lease_seconds: float,
+        store_timeout: float = 10.0,
     ) -> None:
         self.keys = keys
         self.store = store
         self.dispatcher = dispatcher
         self.lease_seconds = lease_seconds
+        self.store_timeout = store_timeout
+        # When a delivery last could not be stored (time.monotonic), for readiness.
+        self.store_failed_at = float("-inf")
 
     async def accept(self, body: bytes, checked: WebhookHeaders) -> Accepted:
         """Verify ``body`` against headers `check_headers` passed, parse it and durably
@@ -59,6 +65,10 @@ class Intake:
         request_id = data.get("request_id")
         if not isinstance(request_id, str) or not request_id:
             raise MalformedDeliveryError(Reason.MISSING_REQUEST_ID, "body has no request_id string")
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise MalformedDeliveryError(
+                Reason.REQUEST_ID_TOO_LONG, f"request_id is over {MAX_REQUEST_ID_CHARS} characters"
+            )
         if request_id != verified.request_id:
             raise MalformedDeliveryError(
                 Reason.REQUEST_ID_MISMATCH, "body request_id differs from the signed header"
@@ -78,18 +88,30 @@ class Intake:
         )
         dispatcher = self.dispatcher
         claim_id = dispatcher.reserve() if dispatcher is not None else None
-        if claim_id is None:
-            # No free slot (or no callbacks): stored pending, claimed by whoever is free.
-            return Accepted(request_id, not await self.store.insert(new))
-        assert dispatcher is not None
         try:
-            # Stored already claimed by a slot we hold: dispatched as soon as committed,
-            # without a claim round trip or a second parse of the body.
-            claim = await self.store.insert_claimed(
-                new, claim_id, lease_seconds=self.lease_seconds, parsed=data
-            )
+            # Bounded: fal gives up after 15 s. If the insert commits after all, fal's
+            # retry is answered as a duplicate (and a claimed row's lease expires).
+            async with asyncio.timeout(self.store_timeout):
+                if claim_id is None:
+                    # No free slot (or no callbacks): stored pending, claimed by whoever is free.
+                    return Accepted(request_id, not await self.store.insert(new))
+                # Stored already claimed by a slot we hold: dispatched as soon as committed,
+                # without a claim round trip or a second parse of the body.
+                claim = await self.store.insert_claimed(
+                    new, claim_id, lease_seconds=self.lease_seconds, parsed=data
+                )
+        except TimeoutError:
+            self.store_failed_at = time.monotonic()
+            raise StoreUnavailableError(
+                f"no commit within {self.store_timeout:g} s (FALHOOK_STORE_TIMEOUT_SECONDS)"
+            ) from None
+        except StoreUnavailableError:
+            self.store_failed_at = time.monotonic()
+            raise
         finally:
-            dispatcher.release(claim_id)  # no-op once adopted
+            if claim_id is not None:
+                dispatcher.release(claim_id)  # type: ignore[union-attr]  # no-op once adopted
+        assert dispatcher is not None
         if claim is None:
             return Accepted(request_id, True)
         dispatcher.adopt(claim)
@@ -118,6 +140,17 @@ def _loads(body: bytes) -> Any:
 
 def _text(value: Any) -> str | None:
     """A column's text for a field fal documents as a string (kept verbatim in the body)."""
-    if value is None or isinstance(value, str):
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return json.dumps(value)
+    if value.isascii():
         return value
-    return json.dumps(value)
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800" in the JSON, which JSON.stringify can emit): no
+        # database takes it as text. The column gets U+FFFD instead (pairs are joined);
+        # the raw body keeps the original.
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value

@@ -223,6 +223,12 @@ class Settings:
     callback_backoff_max_seconds: float = _setting(
         3600.0, _positive_float, "CALLBACK_BACKOFF_MAX_SECONDS", "retry delay cap"
     )
+    store_timeout_seconds: float = _setting(
+        10.0,
+        _positive_float,
+        "STORE_TIMEOUT_SECONDS",
+        "a delivery not committed within this gets 503 (fal retries)",
+    )
     callback_timeout_seconds: float = _setting(
         300.0,
         _positive_float,

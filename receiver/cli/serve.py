@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import faulthandler
 import gc
 import os
 import socket
@@ -200,6 +201,10 @@ def run(args: argparse.Namespace) -> int:
     from falhook.receiver.logs import configure_logging
 
     configure_logging(settings.log_level)
+    # A fatal signal (SIGBUS from SQLite's mapped -shm file on a filesystem that refuses to
+    # grow it, SIGSEGV in a C extension) would otherwise kill the process without a word:
+    # this writes the Python stack of every thread to stderr first.
+    faulthandler.enable()
     # Store threads (PostgreSQL's writer for every statement, SQLite's for each commit)
     # release the GIL and then wait behind the busy event loop to get it back — up to
     # CPython's default 5 ms switch interval each time, and every acknowledgement in the

@@ -9,8 +9,12 @@ import sqlalchemy as sa
 
 from falhook.receiver.errors import StoreUnavailableError
 
-__all__ = ["PG_CONNECT_ARGS", "make_engine", "sqlite_file"]
+__all__ = ["LOCK_TIMEOUT_MS", "PG_CONNECT_ARGS", "make_engine", "sqlite_file"]
 
+
+# How long a statement waits for another connection's lock (SQLite busy_timeout,
+# PostgreSQL lock_timeout): well inside fal's 15 s, so the answer is a 503, not a hang.
+LOCK_TIMEOUT_MS = 5000
 
 # libpq options for every PostgreSQL connection (the pool's and the listener's): a bounded
 # connect, and TCP keepalives so a peer that vanished without a FIN/RST (a dead host, a cut
@@ -21,6 +25,9 @@ PG_CONNECT_ARGS: dict[str, Any] = {
     "keepalives_idle": 10,
     "keepalives_interval": 3,
     "keepalives_count": 3,
+    # A lock held elsewhere (a long admin transaction, LOCK TABLE) fails a statement after
+    # this long instead of holding a delivery past fal's 15 s.
+    "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}",
 }
 
 
@@ -45,7 +52,9 @@ def make_engine(url: str) -> sa.Engine:
     except sa.exc.ArgumentError as exc:
         raise StoreUnavailableError(f"invalid database URL: {exc}") from exc
     if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = sa.create_engine(
+            parsed, connect_args={"timeout": LOCK_TIMEOUT_MS / 1000, "check_same_thread": False}
+        )
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -54,7 +63,7 @@ def make_engine(url: str) -> sa.Engine:
             # every commit, so an acknowledged delivery survives a power loss, not just a crash.
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={LOCK_TIMEOUT_MS}")
             cursor.close()
 
         return engine

@@ -19,6 +19,7 @@ from typing import Any
 
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.store.checkpointer import Checkpointer
+from falhook.receiver.store.fileguard import FileGuard
 from falhook.receiver.store.writer import (
     Connection,
     Job,
@@ -67,6 +68,7 @@ class LoopWriter(WriterBase):
         self._fallback: asyncio.Task[None] | None = None
         self._stopping = False
         self._checkpointer = Checkpointer(connection.engine)
+        self._guard = FileGuard(connection.engine.url.database)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -157,6 +159,7 @@ class LoopWriter(WriterBase):
 
     def _commit_in_thread(self, conn: Any, batch: list[Job], results: list[Any], due: bool) -> None:
         try:
+            self._guard.check()  # never commit (and acknowledge) into a deleted file
             conn.commit()
         except Exception as exc:
             self._abandon(conn)
@@ -182,6 +185,7 @@ class LoopWriter(WriterBase):
                 # Checkpoints move to the Checkpointer's thread, off the commit path.
                 conn.execute("PRAGMA wal_autocheckpoint=0")
                 self._configured = conn
+            self._guard.opened()
             self._checkpointer.catch_up(conn)
             conn.execute("BEGIN IMMEDIATE")
         except Exception:
@@ -244,5 +248,6 @@ class LoopWriter(WriterBase):
         return [(True, results[0])], tx.due_now
 
     def _commit_alone(self, conn: Any) -> None:
+        self._guard.check()
         conn.commit()
         self._checkpointer.committed()

@@ -269,6 +269,9 @@ def upgrade(engine: sa.Engine, migrations: tuple[Migration, ...] = MIGRATIONS) -
 def _upgrade(engine: sa.Engine, migrations: tuple[Migration, ...]) -> int:
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
+            # Another replica may be migrating a large store: wait for it, however long
+            # (the connections' lock_timeout is for deliveries, not for this).
+            conn.exec_driver_sql("SET LOCAL lock_timeout = 0")
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
         elif conn.dialect.name == "sqlite":
             # Take the write lock before reading the version: with the driver's deferred

@@ -1,0 +1,203 @@
+"""A store that stalls or lies, under a real `falhook serve`: every wait is bounded, a
+deleted database is noticed, and bodies the store cannot take are answered for good."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import SpawnServer
+from tests.e2e.server import Sender, wait_for
+
+pytestmark = pytest.mark.slow
+
+FAST = {"FALHOOK_STORE_TIMEOUT_SECONDS": "1"}
+
+
+def _timed(call: object) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = call()  # type: ignore[operator]
+    return response, time.monotonic() - started
+
+
+def test_a_held_write_lock_gets_503_in_time_not_a_hang(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client
+) -> None:
+    server = spawn(env=FAST)
+    assert sender.post(client, server.webhook_url, "before-lock").status_code == 200
+    holder = sqlite3.connect(server.db_path, timeout=5, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        response, took = _timed(lambda: sender.post(client, server.webhook_url, "locked"))
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "store_unavailable"
+        assert took < 4, took
+        ready, took = _timed(lambda: client.get(server.url + "/readyz"))
+        assert ready.status_code == 503, ready.text
+        assert took < 4, took
+    finally:
+        holder.rollback()
+        holder.close()
+
+    # The lock is gone: the same delivery (fal retries it) is accepted.
+    def accepted() -> httpx.Response | None:
+        response = sender.post(client, server.webhook_url, "locked")
+        return response if response.status_code == 200 else None
+
+    response = wait_for(accepted, timeout=15, what="a 200 once the lock is released")
+    assert response.json()["request_id"] == "locked"
+
+
+def test_a_deleted_database_file_is_noticed(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client
+) -> None:
+    server = spawn()
+    assert sender.post(client, server.webhook_url, "kept").status_code == 200
+    for suffix in ("", "-wal", "-shm"):
+        path = f"{server.db_path}{suffix}"
+        if os.path.exists(path):
+            os.unlink(path)
+
+    def refused() -> bool:
+        return (
+            sender.post(client, server.webhook_url, f"gone-{time.monotonic_ns()}").status_code
+            == 503
+        )
+
+    wait_for(refused, timeout=5, what="503 after the database file was deleted")
+    assert client.get(server.url + "/readyz").status_code == 503
+    assert "deleted or replaced" in server.log()
+
+
+def _raw_body(request_id: str, **text_fields: str) -> bytes:
+    fields = "".join(f', "{name}": "{value}"' for name, value in text_fields.items())
+    return (
+        f'{{"request_id": "{request_id}", "status": "ERROR", "payload": null{fields}}}'
+    ).encode()
+
+
+def test_lone_surrogates_in_text_fields_are_stored(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client
+) -> None:
+    server = spawn()
+    body = _raw_body(
+        "surrogate", error="bad \\ud800", gateway_request_id="\\udc00", payload_error="x\\ud800y"
+    )
+    json.loads(body)  # valid JSON: a lone surrogate escape is allowed by the grammar
+    _, headers = sender.signed("surrogate", body=body)
+    response = client.post(server.webhook_url, content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    row = server.row("surrogate")
+    assert row is not None
+    assert row["error"] == "bad \ufffd"
+
+
+def test_an_over_long_request_id_is_400(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client
+) -> None:
+    server = spawn()
+    request_id = "r" * 1000
+    response = sender.post(client, server.webhook_url, request_id)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "request_id_too_long"
+    assert server.row(request_id) is None
+    assert sender.post(client, server.webhook_url, "r" * 255).status_code == 200
+
+
+@pytest.fixture
+def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A 3 MiB tmpfs (needs root; skipped where mounting is not allowed)."""
+    mountpoint = tmp_path_factory.mktemp("disk")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_readyz_says_not_ready_when_a_write_cannot_commit(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client, small_disk: Path
+) -> None:
+    server = spawn(env={"FALHOOK_DATABASE_URL": f"sqlite:///{small_disk / 'falhook.db'}"})
+    assert sender.post(client, server.webhook_url, "before-full").status_code == 200
+    assert client.get(server.url + "/readyz").status_code == 200
+    filler = small_disk / "filler"
+    # Fill the disk to the last block.
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    # Deliveries that need new pages in the WAL now fail...
+    statuses = [
+        sender.post(
+            client, server.webhook_url, f"full-{i}", payload={"pad": "x" * 50_000}
+        ).status_code
+        for i in range(40)
+    ]
+    assert 503 in statuses, statuses
+    # ... and /readyz agrees.
+    assert client.get(server.url + "/readyz").status_code == 503
+    filler.unlink()
+    wait_for(
+        lambda: client.get(server.url + "/readyz").status_code == 200,
+        timeout=10,
+        what="ready again once there is room",
+    )
+
+
+PG_URL = os.environ.get("TEST_DATABASE_URL") or None
+
+
+@pytest.mark.skipif(PG_URL is None, reason="TEST_DATABASE_URL is not set")
+def test_postgresql_lock_waits_are_bounded(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client
+) -> None:
+    import psycopg
+
+    assert PG_URL is not None
+    server = spawn(env={**FAST, "FALHOOK_DATABASE_URL": PG_URL, "FALHOOK_POLL_SECONDS": "0.5"})
+    tag = f"pglock-{time.monotonic_ns()}"
+    assert sender.post(client, server.webhook_url, f"{tag}-before").status_code == 200
+    conninfo = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(conninfo) as holder:
+        holder.execute("LOCK TABLE falhook_deliveries IN ACCESS EXCLUSIVE MODE")
+        response, took = _timed(lambda: sender.post(client, server.webhook_url, f"{tag}-locked"))
+        assert response.status_code == 503, response.text
+        assert took < 4, took
+        ready, took = _timed(lambda: client.get(server.url + "/readyz"))
+        assert ready.status_code == 503, ready.text
+        assert took < 4, took
+        # The store's own statements give up too (lock_timeout), rather than waiting for
+        # as long as the lock is held: none of its sessions waits on a lock for long.
+        with psycopg.connect(conninfo, autocommit=True) as observer:
+            deadline = time.monotonic() + 9
+            while time.monotonic() < deadline:
+                row = observer.execute(
+                    "SELECT COALESCE(MAX(EXTRACT(EPOCH FROM now() - query_start)), 0) "
+                    "FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database() AND pid <> %s",
+                    (holder.info.backend_pid,),
+                ).fetchone()
+                assert row is not None
+                assert float(row[0]) < 7, f"a store statement waited {row[0]} s for a lock"
+                time.sleep(0.2)
+        holder.rollback()
+    wait_for(
+        lambda: sender.post(client, server.webhook_url, f"{tag}-locked").status_code == 200,
+        timeout=15,
+        what="a 200 once the lock is released",
+    )
