@@ -25,9 +25,6 @@ PG_CONNECT_ARGS: dict[str, Any] = {
     "keepalives_idle": 10,
     "keepalives_interval": 3,
     "keepalives_count": 3,
-    # A lock held elsewhere (a long admin transaction, LOCK TABLE) fails a statement after
-    # this long instead of holding a delivery past fal's 15 s.
-    "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}",
 }
 
 
@@ -73,5 +70,14 @@ def make_engine(url: str) -> sa.Engine:
         pool_size=4,
         max_overflow=4,
         pool_timeout=5,
-        connect_args=PG_CONNECT_ARGS,
+        connect_args={**PG_CONNECT_ARGS, "options": _pg_options(parsed)},
     )
+
+
+def _pg_options(url: sa.URL) -> str:
+    """The URL's own ``options`` (a search_path…) plus a lock_timeout: a lock held
+    elsewhere (a long admin transaction, LOCK TABLE) fails a statement after
+    LOCK_TIMEOUT_MS instead of holding a delivery past fal's 15 s."""
+    own = url.query.get("options", "")
+    own = own if isinstance(own, str) else " ".join(own)
+    return f"{own} -c lock_timeout={LOCK_TIMEOUT_MS}".strip()
