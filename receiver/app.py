@@ -17,7 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from falhook.receiver.dispatcher import Dispatcher, DispatchObserver
+from falhook import __version__
+from falhook.receiver.dispatcher import Dispatcher, DispatchObserver, Drained
 from falhook.receiver.errors import NotStartedError, StoreUnavailableError
 from falhook.receiver.forward import Forwarder
 from falhook.receiver.intake import Accepted, Intake
@@ -30,6 +31,7 @@ from falhook.receiver.retry import RetryPolicy
 from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
 from falhook.receiver.settings import Settings
 from falhook.receiver.store import Claim, Store
+from falhook.receiver.store.engine import masked_url
 from falhook.receiver.store.listener import Listener
 from falhook.receiver.watchdog import LoopWatchdog
 from falhook.verify import KeysUnavailableError, WebhookHeaders
@@ -55,6 +57,9 @@ class _Observer(DispatchObserver):
 
     def timed_out(self, callback: str) -> None:
         self.metrics.callback_timeouts.labels(callback).inc()
+
+    def called(self, callback: str, seconds: float, outcome: str) -> None:
+        self.metrics.called(callback, seconds, outcome)
 
     def abandoned(self, threads: int) -> None:
         self.metrics.callback_threads_abandoned.set(threads)
@@ -127,6 +132,7 @@ class WebhookReceiver:
         self._watchdog: LoopWatchdog | None = None
         self._intake: Intake | None = None
         self._warm_keys_task: asyncio.Task[None] | None = None
+        self._started_at = time.monotonic()
         self._starts = 0
         self.app = self._build_app()
 
@@ -251,6 +257,42 @@ class WebhookReceiver:
             lease_seconds=settings.lease_seconds,
             store_timeout=settings.store_timeout_seconds,
         )
+        self._started_at = time.monotonic()
+        self._log_started()
+
+    def _log_started(self) -> None:
+        """One line with everything an operator checks first: what runs, where, with what."""
+        settings = self.settings
+        keys = self.keys
+        fields: dict[str, Any] = {
+            "version": __version__,
+            "listen": self.listen or "mounted in the host application",
+            "store": masked_url(settings.database_url),
+            "jwks": f"file {settings.jwks_url}" if keys.is_file else settings.jwks_url,
+            "user_id": settings.user_id,
+            "callbacks": [n for n in self.registry.names if not n.startswith("forward-to:")],
+            "forward_to": settings.forward_to,
+            "concurrency": settings.concurrency,
+        }
+        targets = list(fields["callbacks"])
+        if settings.forward_to:
+            targets.append(f"forwarding to {settings.forward_to}")
+        log.info(
+            "falhook %s started: %s, store %s, keys %s, user id %s, %s, concurrency %d",
+            __version__,
+            fields["listen"],
+            fields["store"],
+            fields["jwks"],
+            settings.user_id or "not pinned",
+            ", ".join(targets) if targets else "no callbacks",
+            settings.concurrency,
+            extra=fields,
+        )
+        if not settings.user_id:
+            log.warning(
+                "FALHOOK_USER_ID is not set: deliveries fal signed for any fal user are "
+                "accepted; set it to your fal user id"
+            )
 
     async def _warm_keys(self) -> None:
         try:
@@ -281,8 +323,9 @@ class WebhookReceiver:
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
+        drained = Drained(0, 0)
         if self._dispatcher is not None:
-            await self._dispatcher.stop()
+            drained = await self._dispatcher.stop()
             self._dispatcher = None
         if self._store is not None:
             await self._store.stop()
@@ -291,6 +334,14 @@ class WebhookReceiver:
             await self._forwarder.aclose()
         if self._keys is not None:
             await self._keys.aclose()
+        log.info(
+            "falhook stopped after %.0f s: %d deliveries in flight finished, %d cancelled "
+            "(retaken when their leases expire); the store's queued writes were committed",
+            time.monotonic() - self._started_at,
+            drained.finished,
+            drained.cancelled,
+            extra={"finished": drained.finished, "cancelled": drained.cancelled},
+        )
 
     async def __aenter__(self) -> WebhookReceiver:
         await self.start()

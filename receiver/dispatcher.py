@@ -24,7 +24,7 @@ from falhook.receiver.registry import CallbackRegistry
 from falhook.receiver.retry import Backoff, Retry, RetryPolicy
 from falhook.receiver.store import Claim, Store
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "Drained"]
 
 log = logging.getLogger("falhook.dispatcher")
 _MAX_ERROR_CHARS = 4000
@@ -127,18 +127,21 @@ class Dispatcher:
         self._reserved.discard(claim.claim_id)
         self._spawn(claim)
 
-    async def stop(self) -> None:
+    async def stop(self) -> Drained:
         """Stop claiming; let running callbacks finish for up to the shutdown timeout.
 
         Callbacks still running after that are cancelled; their deliveries stay claimed
         until the lease expires and are then retaken (by this or another process).
+        Returns how many deliveries in flight finished and how many were cancelled.
         """
         self._stopping = True
         self._wake.set()
         if self._loop_task is not None:
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        in_flight, cancelled = len(self._tasks), 0
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.shutdown_timeout)
+            cancelled = len(pending)
             for task in pending:
                 task.cancel()
             if pending:
@@ -149,6 +152,7 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renew_task
         self._executor.shutdown(wait=False, cancel_futures=True)
+        return Drained(in_flight - cancelled, cancelled)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -222,6 +226,7 @@ class Dispatcher:
                 self._executor,
                 timeout=self.callback_timeout,
                 on_timeout=lambda name, thread: self._timed_out(claim, name, thread),
+                on_called=self.observer.called,
             )
         finally:
             held = self._held.pop(claim.request_id, None)
@@ -337,6 +342,13 @@ class Dispatcher:
                     log.warning("could not renew the lease on %s: %s", claim.request_id, exc)
 
 
+class Drained(NamedTuple):
+    """What stopping did with the deliveries whose callbacks were in flight."""
+
+    finished: int  # settled within the shutdown timeout
+    cancelled: int  # still running at the timeout: retaken when their leases expire
+
+
 class _Attempt(NamedTuple):
     """What running a delivery's callbacks came to, for recording."""
 
@@ -358,6 +370,9 @@ class DispatchObserver:
 
     def timed_out(self, callback: str) -> None:
         """A callback did not return within its timeout."""
+
+    def called(self, callback: str, seconds: float, outcome: str) -> None:
+        """One callback returned (ok), raised (error) or timed out, after `seconds`."""
 
     def abandoned(self, threads: int) -> None:
         """The number of abandoned callback threads still running changed."""

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from falhook import __version__
 from falhook.receiver.errors import ReceiverError
 from falhook.receiver.models import State
 
@@ -21,6 +22,30 @@ log = logging.getLogger("falhook.metrics")
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 )  # fmt: skip
+
+
+# Callbacks call databases, APIs and other services: seconds to minutes, not microseconds.
+_CALLBACK_BUCKETS = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+)  # fmt: skip
+
+
+class _WithoutCreated:
+    """A registry's samples minus the ``*_created`` series.
+
+    prometheus_client adds a ``_created`` timestamp beside every counter and histogram,
+    which doubles what is scraped and says nothing an operator acts on. Its own switch,
+    ``disable_created_metrics()``, is process-wide (it would change a host application's
+    metrics too); this filters only ours, at render time.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 class _StoreCollector(Collector):
@@ -88,6 +113,26 @@ class Metrics:
             registry=self.registry,
         )
         self._outcome_children: dict[str, Any] = {}
+        self.callback_calls = Counter(
+            "falhook_callback_calls",
+            "Calls of each callback by outcome (ok, error, timeout)",
+            ["callback", "outcome"],
+            registry=self.registry,
+        )
+        self.callback_duration = Histogram(
+            "falhook_callback_duration_seconds",
+            "How long each callback ran, by callback",
+            ["callback"],
+            buckets=_CALLBACK_BUCKETS,
+            registry=self.registry,
+        )
+        self._call_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        Gauge(
+            "falhook_build_info",
+            "The falhook version running (always 1)",
+            ["version"],
+            registry=self.registry,
+        ).labels(__version__).set(1)
         self.callback_attempts = Counter(
             "falhook_callback_attempts", "Dispatch attempts started", registry=self.registry
         )
@@ -134,6 +179,17 @@ class Metrics:
             child = self._outcome_children[outcome] = self.callback_outcomes.labels(outcome)
         child.inc()
 
+    def called(self, callback: str, seconds: float, outcome: str) -> None:
+        """Count one callback call and its duration (label children cached)."""
+        children = self._call_children.get((callback, outcome))
+        if children is None:
+            children = self._call_children[(callback, outcome)] = (
+                self.callback_calls.labels(callback, outcome),
+                self.callback_duration.labels(callback),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
     def rejected(self, reason: str) -> None:
         self.received.labels("rejected", reason).inc()
 
@@ -147,4 +203,4 @@ class Metrics:
         self.registry.register(_StoreCollector(counts, oldest_pending_age, jwks))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
@@ -23,6 +24,7 @@ F = TypeVar("F", bound=Callback)
 # Told of a callback that timed out: its name, and for a sync one the future of the
 # thread still running it (a thread cannot be cancelled), else None.
 OnTimeout = Callable[[str, "Future[Any] | None"], None]
+OnCalled = Callable[[str, float, str], None]  # (callback name, seconds, ok|error|timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,7 @@ class CallbackRegistry:
         *,
         timeout: float | None = None,  # noqa: ASYNC109 — per callback, not for the call
         on_timeout: OnTimeout | None = None,
+        on_called: OnCalled | None = None,
     ) -> tuple[list[str], BaseException | None]:
         """Run every matching callback not already in `done`, in registration order.
 
@@ -160,6 +163,7 @@ class CallbackRegistry:
         at most once across attempts, because its success is recorded. A callback still
         running after `timeout` seconds is cancelled (async) or left to its thread (sync)
         and counts as failed with `CallbackTimeoutError`; `on_timeout` is told.
+        `on_called(name, seconds, outcome)` hears of each call: ok, error or timeout.
         """
         completed = list(done)
         first_error: BaseException | None = None
@@ -168,18 +172,25 @@ class CallbackRegistry:
                 continue
             deadline = asyncio.timeout(timeout)
             thread: list[Future[Any]] = []
+            began = time.perf_counter()
             try:
                 async with deadline:
                     await self._call(entry, delivery, executor, thread)
             except Exception as exc:  # a callback's failure is data, not our crash
+                outcome = "error"
                 if isinstance(exc, TimeoutError) and deadline.expired():
+                    outcome = "timeout"
                     exc = CallbackTimeoutError(f"{entry.name} timed out after {timeout:g} s")
                     if on_timeout is not None:
                         running = thread[0] if thread and not thread[0].done() else None
                         on_timeout(entry.name, running)
+                if on_called is not None:
+                    on_called(entry.name, time.perf_counter() - began, outcome)
                 if first_error is None:
                     first_error = exc
                 continue
+            if on_called is not None:
+                on_called(entry.name, time.perf_counter() - began, "ok")
             completed.append(entry.name)
         return completed, first_error
 

@@ -241,6 +241,8 @@ class WebhookEndpoint:
                 "outcome": "rejected",
                 "status": rejection.status,
                 "reason": rejection.error,
+                "detail": rejection.detail,  # e.g. which header was missing
+                "client": _client(scope),
                 "request_id": request_id or _header(scope, b"x-fal-webhook-request-id"),
             },
         )
@@ -252,6 +254,13 @@ def _not_started(exc: NotStartedError) -> _Reject:
         "(lifespan=hooks.lifespan, or `async with hooks:` in the host's lifespan)"
     )
     return _Reject(503, exc.reason.value, "the receiver's lifespan has not run")
+
+
+def _client(scope: Scope) -> str | None:
+    """The client's address. Under `falhook serve`, uvicorn has already replaced a trusted
+    proxy's address (--forwarded-allow-ips) with the one in its X-Forwarded-For."""
+    client = scope.get("client")
+    return str(client[0]) if client else None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -211,6 +211,13 @@ class Settings:
     max_connections: int = _setting(
         512, _positive_int, "MAX_CONNECTIONS", "serve: open connections (beyond: 503)"
     )
+    forwarded_allow_ips: str = _setting(
+        "127.0.0.1",
+        _str,
+        "FORWARDED_ALLOW_IPS",
+        "serve: proxies (comma-separated addresses or networks, * for any) whose "
+        "X-Forwarded-For gives the client address in logs, as uvicorn's flag of that name",
+    )
     callbacks: tuple[str, ...] = _setting(
         (), _callbacks, "CALLBACK", "module:function callbacks, comma-separated"
     )

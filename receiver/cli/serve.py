@@ -223,6 +223,9 @@ def run(args: argparse.Namespace) -> int:
         http=http_protocol(settings.header_timeout_seconds),
         # uvicorn counts the connection asking too: +1 so N connections are served.
         limit_concurrency=settings.max_connections + 1,
+        # The client address in log lines: X-Forwarded-For is believed only from these.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         lifespan="on",
         access_log=False,
         log_level=settings.log_level.lower() if settings.log_level != "INFO" else "warning",

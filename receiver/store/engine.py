@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from falhook.receiver.errors import StoreUnavailableError
 
-__all__ = ["LOCK_TIMEOUT_MS", "PG_CONNECT_ARGS", "make_engine", "sqlite_file"]
+__all__ = ["LOCK_TIMEOUT_MS", "PG_CONNECT_ARGS", "make_engine", "masked_url", "sqlite_file"]
 
 
 # How long a statement waits for another connection's lock (SQLite busy_timeout,
@@ -26,6 +26,14 @@ PG_CONNECT_ARGS: dict[str, Any] = {
     "keepalives_interval": 3,
     "keepalives_count": 3,
 }
+
+
+def masked_url(url: str) -> str:
+    """The URL with its password replaced by ***, for logs."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "(unparsable URL)"
 
 
 def sqlite_file(url: str) -> Path | None:

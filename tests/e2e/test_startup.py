@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import signal
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+import falhook
 from tests.e2e.conftest import SpawnServer
-from tests.e2e.server import Sender, ServerProcess, free_port, wait_for
+from tests.e2e.server import USER_ID, Sender, ServerProcess, free_port, wait_for
 
 pytestmark = pytest.mark.slow
+GRACEFUL_EXIT = (0, -signal.SIGTERM)  # uvicorn re-raises the SIGTERM it handled
 
 
 def log_lines(server: ServerProcess) -> list[dict[str, Any]]:
@@ -45,3 +49,79 @@ def test_a_jwks_url_that_is_down_is_a_warning_not_a_refusal(
     assert warning["level"] == "warning" and down in warning["msg"]
     response = sender.post(client, server.webhook_url, "req-keys-down")
     assert response.status_code == 503 and response.json()["error"] == "keys_unavailable"
+
+
+def test_the_startup_line_says_what_runs_where(spawn: SpawnServer) -> None:
+    server = spawn(args=["--callback", "tests.e2e.callbacks:record", "--concurrency", "7"])
+    line = wait_log(server, "started")
+    assert line["version"] == falhook.__version__
+    assert line["listen"] == server.url
+    assert line["store"] == f"sqlite:///{server.db_path}"
+    assert line["jwks"].startswith("http://127.0.0.1:")
+    assert line["user_id"] == USER_ID
+    assert line["callbacks"] == ["tests.e2e.callbacks:record"]
+    assert line["forward_to"] is None and line["concurrency"] == 7
+    assert not any("FALHOOK_USER_ID is not set" in x["msg"] for x in log_lines(server))
+
+
+def test_no_pinned_user_id_is_a_warning(spawn: SpawnServer, tmp_path: Path) -> None:
+    server = spawn(env={"FALHOOK_USER_ID": ""}, args=["--forward-to", "http://127.0.0.1:9/in"])
+    started = wait_log(server, "started")
+    assert started["user_id"] is None and started["forward_to"] == "http://127.0.0.1:9/in"
+    assert "forwarding to http://127.0.0.1:9/in" in started["msg"]
+    assert wait_log(server, "FALHOOK_USER_ID is not set")["level"] == "warning"
+
+
+@pytest.mark.parametrize(
+    ("callback", "payload", "finished", "cancelled"),
+    [
+        # A slow callback in flight at SIGTERM finishes within the shutdown timeout...
+        ("tests.e2e.callbacks:record", {"test": "slow", "seconds": 1.0}, 1, 0),
+        # ...one that never returns is cancelled at the timeout (its lease brings it back).
+        ("tests.e2e.callbacks:record_async", {"test": "hang"}, 0, 1),
+    ],
+)
+def test_the_shutdown_line_says_what_was_drained(
+    spawn: SpawnServer,
+    sender: Sender,
+    client: httpx.Client,
+    callback: str,
+    payload: dict[str, Any],
+    finished: int,
+    cancelled: int,
+) -> None:
+    server = spawn(args=["--callback", callback, "--shutdown-timeout-seconds", "1"])
+    assert sender.post(client, server.webhook_url, "req-drain", payload=payload).status_code == 200
+    server.wait_records(lambda records: any(r["phase"] == "start" for r in records))
+    assert server.terminate() in GRACEFUL_EXIT
+    line = wait_log(server, "falhook stopped")
+    assert (line["finished"], line["cancelled"]) == (finished, cancelled)
+
+
+def test_a_rejection_line_names_the_client_and_the_missing_header(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client
+) -> None:
+    server = spawn()
+    body, headers = sender.signed("req-unsigned")
+    del headers["X-Fal-Webhook-Signature"]
+    # From loopback, which uvicorn trusts by default (--forwarded-allow-ips 127.0.0.1):
+    # the client is the address the proxy says it forwarded for.
+    headers["x-forwarded-for"] = "203.0.113.9"
+    assert client.post(server.webhook_url, content=body, headers=headers).status_code == 401
+    line = wait_log(server, "delivery rejected")
+    assert line["reason"] == "missing_header"
+    assert "x-fal-webhook-signature" in line["detail"].lower()
+    assert line["client"] == "203.0.113.9"
+    assert line["request_id"] == "req-unsigned"
+
+
+def test_forwarded_for_is_ignored_from_an_untrusted_proxy(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client
+) -> None:
+    server = spawn(args=["--forwarded-allow-ips", "192.0.2.1"])
+    body, headers = sender.signed("req-untrusted")
+    headers["X-Fal-Webhook-Signature"] = "ab" * 64
+    headers["x-forwarded-for"] = "203.0.113.9"
+    assert client.post(server.webhook_url, content=body, headers=headers).status_code == 401
+    line = wait_log(server, "delivery rejected")
+    assert line["reason"] == "invalid_signature" and line["client"] == "127.0.0.1"

@@ -141,3 +141,11 @@ def test_store_and_keys_before_start_raise_not_started(settings: Settings) -> No
     body = hooks.metrics.render().decode()
     assert "falhook_deliveries_received_total" in body
     assert "falhook_oldest_pending_age_seconds" not in body
+
+
+def test_the_startup_line_masks_the_store_password() -> None:
+    from falhook.receiver.store.engine import masked_url
+
+    masked = masked_url("postgresql+psycopg://falhook:s3cret@db.internal:5432/falhook")
+    assert "s3cret" not in masked and masked.startswith("postgresql+psycopg://falhook:***@")
+    assert masked_url("sqlite:///./falhook.db") == "sqlite:///./falhook.db"

@@ -68,3 +68,24 @@ def test_store_outage_leaves_out_store_numbers_only() -> None:
     samples = _samples(metrics)
     assert samples[("falhook_jwks_fetches_total", ())] == 1
     assert not any(name == "falhook_deliveries" for name, _ in samples)
+
+
+def test_build_info_callback_calls_and_durations_and_no_created_series() -> None:
+    import falhook
+
+    metrics = Metrics()
+    metrics.called("app:save", 0.3, "ok")
+    metrics.called("app:save", 0.1, "ok")
+    metrics.called("app:save", 2.0, "error")
+    metrics.called("app:notify", 0.01, "timeout")
+    samples = _samples(metrics)
+    assert samples[("falhook_build_info", (("version", falhook.__version__),))] == 1
+    calls = "falhook_callback_calls_total"
+    assert samples[(calls, (("callback", "app:save"), ("outcome", "ok")))] == 2
+    assert samples[(calls, (("callback", "app:save"), ("outcome", "error")))] == 1
+    assert samples[(calls, (("callback", "app:notify"), ("outcome", "timeout")))] == 1
+    duration = "falhook_callback_duration_seconds"
+    assert samples[(duration + "_count", (("callback", "app:save"),))] == 3
+    assert abs(samples[(duration + "_sum", (("callback", "app:save"),))] - 2.4) < 1e-9
+    text = metrics.render().decode()
+    assert "_created" not in text

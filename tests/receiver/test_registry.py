@@ -200,3 +200,39 @@ def test_callback_names_are_stable() -> None:
     assert registry.names == [
         f"{__name__}:test_callback_names_are_stable.<locals>.named",
     ]
+
+
+def test_on_called_hears_each_call_its_time_and_outcome() -> None:
+    registry = CallbackRegistry()
+
+    def ok(delivery: Delivery) -> None:
+        time.sleep(0.02)
+
+    async def fails(delivery: Delivery) -> None:
+        raise RuntimeError("no")
+
+    async def slow(delivery: Delivery) -> None:
+        await asyncio.Event().wait()
+
+    for fn in (ok, fails, slow):
+        registry.on_delivery(fn)
+    heard: list[tuple[str, float, str]] = []
+
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as executor:
+            await registry.run(
+                _delivery(),
+                (),
+                executor,
+                timeout=0.2,
+                on_called=lambda *call: heard.append(call),
+            )
+
+    asyncio.run(main())
+    names = registry.names
+    assert [(name, outcome) for name, _, outcome in heard] == [
+        (names[0], "ok"),
+        (names[1], "error"),
+        (names[2], "timeout"),
+    ]
+    assert heard[0][1] >= 0.02 and heard[2][1] >= 0.2
