@@ -26,11 +26,13 @@ from falhook.receiver.keysource import KeySource
 from falhook.receiver.logs import delivery_log
 from falhook.receiver.metrics import Metrics
 from falhook.receiver.models import Delivery
+from falhook.receiver.pause import PauseWatcher
 from falhook.receiver.registry import Callback, CallbackRegistry
 from falhook.receiver.retry import RetryPolicy
 from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
 from falhook.receiver.settings import Settings
 from falhook.receiver.store import Claim, Store
+from falhook.receiver.store.control import DispatchControl
 from falhook.receiver.store.engine import masked_url
 from falhook.receiver.store.listener import Listener
 from falhook.receiver.watchdog import LoopWatchdog
@@ -133,6 +135,7 @@ class WebhookReceiver:
         self._intake: Intake | None = None
         self._warm_keys_task: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
+        self._pause: PauseWatcher | None = None
         self._starts = 0
         self.app = self._build_app()
 
@@ -241,6 +244,12 @@ class WebhookReceiver:
                 callback_timeout=settings.callback_timeout_seconds,
                 observer=_Observer(self.metrics),
             )
+            # Held until the store's pause switch has been read: a replica starting while
+            # dispatch is paused must not claim a batch first.
+            self._dispatcher.pause()
+        self._pause = PauseWatcher(store, self._apply_pause)
+        await self._pause.start()
+        if self._dispatcher is not None:
             self._dispatcher.start()
             if store.dialect == "postgresql":  # wake-ups from the other replicas' inserts
                 self._listener = Listener(settings.database_url, self._wake)
@@ -324,6 +333,9 @@ class WebhookReceiver:
             await self._listener.stop()
             self._listener = None
         drained = Drained(0, 0)
+        if self._pause is not None:
+            await self._pause.stop()
+            self._pause = None
         if self._dispatcher is not None:
             drained = await self._dispatcher.stop()
             self._dispatcher = None
@@ -360,6 +372,43 @@ class WebhookReceiver:
         """A Starlette/FastAPI lifespan: ``FastAPI(lifespan=hooks.lifespan)``."""
         async with self:
             yield
+
+    # -- dispatch control ----------------------------------------------------------------
+
+    async def pause(self, reason: str | None = None, *, by: str = "api") -> DispatchControl:
+        """Pause dispatch on every replica of this store: deliveries are still received,
+        stored and acknowledged, running callbacks finish, no new callback starts."""
+        control = await asyncio.to_thread(
+            self.store.set_dispatch_paused, True, reason=reason, by=by
+        )
+        if self._pause is not None:
+            self._pause.seen(control)
+        return control
+
+    async def resume(self, *, by: str = "api") -> DispatchControl:
+        """Resume dispatch on every replica; the backlog drains at the normal concurrency."""
+        control = await asyncio.to_thread(self.store.set_dispatch_paused, False, by=by)
+        if self._pause is not None:
+            self._pause.seen(control)
+        return control
+
+    async def dispatch_control(self) -> DispatchControl:
+        """The store-wide switch, read now."""
+        return await asyncio.to_thread(self.store.dispatch_control)
+
+    @property
+    def dispatch_paused(self) -> bool | None:
+        """The switch as this replica last saw it (None before it was first read)."""
+        current = self._pause.current if self._pause is not None else None
+        return None if current is None else current.paused
+
+    def _apply_pause(self, control: DispatchControl) -> None:
+        self.metrics.dispatch_paused.set(1 if control.paused else 0)
+        if self._dispatcher is not None:
+            if control.paused:
+                self._dispatcher.pause()
+            else:
+                self._dispatcher.resume()
 
     def _wake(self) -> None:
         if self._dispatcher is not None:

@@ -63,6 +63,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._stopping = False
+        self._paused = False  # the store-wide switch, as last seen (receiver/pause.py)
         self._tasks: set[asyncio.Task[None]] = set()  # each delivery's attempt, until settled
         # Deliveries whose callbacks are running: the slots. A slot is free again as soon as
         # the callbacks return, not once the outcome is committed: recording it is ours to
@@ -94,6 +95,21 @@ class Dispatcher:
         self._wake.set()
 
     @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Start no new callbacks (running ones finish, their leases are still renewed)."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Claim again at once, at the normal concurrency."""
+        if self._paused:
+            self._paused = False
+            self._wake.set()
+            self._slot_free.set()  # the loop may be waiting on a free slot alone
+
+    @property
     def free_slots(self) -> int:
         over = self._abandoned - self.concurrency
         return self.concurrency - self._running - len(self._reserved) - max(0, over)
@@ -110,7 +126,7 @@ class Dispatcher:
         committed (`adopt`), saving a claim round trip and a second parse of its body.
         Release the id (`release`) whether or not the insert took it.
         """
-        if self._stopping or self.free_slots <= 0:
+        if self._stopping or self._paused or self.free_slots <= 0:
             return None
         claim_id = f"{self._claim_prefix}{next(self._claim_numbers)}"
         self._reserved.add(claim_id)
@@ -159,7 +175,7 @@ class Dispatcher:
     async def _run(self) -> None:
         backoff = Backoff(0.05, self.poll_seconds)
         while not self._stopping:
-            free = self.free_slots
+            free = 0 if self._paused else self.free_slots
             timeout = self.poll_seconds
             if free > 0:
                 self._wake.clear()

@@ -172,6 +172,12 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.dispatch_paused = Gauge(
+            "falhook_dispatch_paused",
+            "1 while dispatch is paused store-wide (no new callbacks start), else 0",
+            registry=self.registry,
+        )
+
     def outcome(self, outcome: str) -> None:
         """Count one dispatch attempt's outcome (label children cached: `labels()` is slow)."""
         child = self._outcome_children.get(outcome)

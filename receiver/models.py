@@ -65,6 +65,12 @@ class DeliveryRow(SQLModel, table=True):
             sqlite_where=sa.text("state = 'pending' OR state = 'running'"),
         ),
         sa.Index("ix_falhook_deliveries_received_at", "received_at"),
+        sa.Index(
+            "ix_falhook_deliveries_dead_received",
+            "received_at",
+            postgresql_where=sa.text("state = 'dead'"),
+            sqlite_where=sa.text("state = 'dead'"),
+        ),
         sa.Index("ux_falhook_deliveries_request_id", "request_id", unique=True),
     )
 

@@ -49,6 +49,9 @@ class Receiving(Protocol):
 
     metrics: Metrics
 
+    @property
+    def dispatch_paused(self) -> bool | None: ...
+
     async def ready(self) -> None: ...
 
 
@@ -283,7 +286,10 @@ async def readyz(request: Request) -> Response:
         await receiver.ready()
     except (ReceiverError, KeysUnavailableError) as exc:
         return JSONResponse({"error": exc.reason.value, "detail": str(exc)}, status_code=503)
-    return JSONResponse({"status": "ready"})
+    # Paused dispatch is still ready: deliveries are received, stored and acknowledged.
+    paused = receiver.dispatch_paused
+    dispatch = "unknown" if paused is None else "paused" if paused else "running"
+    return JSONResponse({"status": "ready", "dispatch": dispatch})
 
 
 async def metrics(request: Request) -> Response:

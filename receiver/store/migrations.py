@@ -226,11 +226,48 @@ def _v4_expectations(conn: sa.Connection) -> None:
     metadata.create_all(conn)
 
 
+def _v5_dispatch_control(conn: sa.Connection) -> None:
+    # The store-wide pause switch (store/control.py): one row, seeded "not paused", so
+    # reading it never has to guess.
+    metadata = sa.MetaData()
+    control = sa.Table(
+        "falhook_dispatch_control",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("paused", sa.Boolean, nullable=False),
+        sa.Column("reason", sa.String, nullable=True),
+        sa.Column("changed_at", sa.Float, nullable=True),
+        sa.Column("changed_by", sa.String, nullable=True),
+    )
+    control.create(conn)
+    conn.execute(control.insert().values(id=1, paused=False))
+    # The console's "dead deliveries, newest first" (what an operator opens after a dead
+    # delivery alert) would otherwise walk the received_at index past every done row: a
+    # full scan of a million-row store when nothing or little is dead. Dead rows are few,
+    # and no delivery is dead on the hot path (inserts and done rows are not in it).
+    table = sa.Table(
+        "falhook_deliveries",
+        metadata,
+        sa.Column("state", sa.String(16)),
+        sa.Column("received_at", sa.Float),
+    )
+    dead = sa.text("state = 'dead'")
+    sa.Index(
+        "ix_falhook_deliveries_dead_received",
+        table.c.received_at,
+        postgresql_where=dead,
+        sqlite_where=dead,
+    ).create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "deliveries table", _v1_deliveries),
     Migration(2, "partial index on due_at for active rows; index on received_at", _v2_indexes),
     Migration(3, "bodies apart from dispatch state, joined by a sequential id", _v3_bodies_apart),
     Migration(4, "delivery source; expectations for recovery from fal's queue", _v4_expectations),
+    Migration(
+        5, "dispatch pause switch; partial index on received_at of dead rows", _v5_dispatch_control
+    ),
 )
 
 

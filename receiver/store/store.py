@@ -25,6 +25,7 @@ from falhook.receiver.errors import StoreSchemaError, StoreUnavailableError
 from falhook.receiver.models import StoredDelivery
 from falhook.receiver.state import State
 from falhook.receiver.store import admin
+from falhook.receiver.store.control import DispatchControl, read_control, write_control
 from falhook.receiver.store.engine import make_engine
 from falhook.receiver.store.loop_writer import LoopWriter
 from falhook.receiver.store.migrations import MIGRATIONS, current_version, upgrade
@@ -265,6 +266,16 @@ class Store:
     def counts(self) -> dict[State, int]:
         """Number of deliveries in each state (every state present, zero if none)."""
         return self._read(admin.counts)
+
+    def dispatch_control(self) -> DispatchControl:
+        """The store-wide dispatch switch as it is now (paused or not, and why)."""
+        return self._read(read_control)
+
+    def set_dispatch_paused(
+        self, paused: bool, *, reason: str | None = None, by: str | None = None
+    ) -> DispatchControl:
+        """Pause or resume dispatch for every replica on this store; return the new state."""
+        return self._write(write_control, paused=paused, reason=reason, by=by)
 
     def oldest_pending_age(self, now: float | None = None) -> float:
         """Seconds since the oldest not-yet-finished delivery was received (0 if none)."""

@@ -158,7 +158,7 @@ def test_unknown_paths_are_json_404(client: TestClient) -> None:
 
 def test_health_ready_metrics(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready"}
+    assert client.get("/readyz").json() == {"status": "ready", "dispatch": "running"}
     response = client.get("/metrics")
     assert response.status_code == 200
     assert "falhook_deliveries_received" in response.text
