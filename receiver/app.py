@@ -13,8 +13,8 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, Router
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.types import Receive, Scope, Send
 
 from falhook import __version__
@@ -32,7 +32,7 @@ from falhook.receiver.retry import RetryPolicy
 from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
 from falhook.receiver.settings import Settings
 from falhook.receiver.store import Claim, Store
-from falhook.receiver.store.control import DispatchControl
+from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
 from falhook.receiver.store.engine import masked_url
 from falhook.receiver.store.listener import Listener
 from falhook.receiver.watchdog import LoopWatchdog
@@ -249,11 +249,14 @@ class WebhookReceiver:
             self._dispatcher.pause()
         self._pause = PauseWatcher(store, self._apply_pause)
         await self._pause.start()
+        if store.dialect == "postgresql":
+            # Wake-ups from the other replicas' inserts, and changes of the pause switch.
+            self._listener = Listener(
+                settings.database_url, self._wake, also={CONTROL_CHANNEL: self._pause.poke}
+            )
+            self._listener.start()
         if self._dispatcher is not None:
             self._dispatcher.start()
-            if store.dialect == "postgresql":  # wake-ups from the other replicas' inserts
-                self._listener = Listener(settings.database_url, self._wake)
-                self._listener.start()
         else:
             log.warning(
                 "no callbacks registered: deliveries are stored and stay pending until a "
@@ -425,7 +428,7 @@ class WebhookReceiver:
             body_timeout=settings.body_timeout_seconds,
             log_payloads=settings.log_payloads,
         )
-        routes = [
+        routes: list[BaseRoute] = [
             # Both spellings are served: fal treats any redirect (3xx) as a permanent failure.
             Route(WEBHOOK_PATH, endpoint),
             Route(WEBHOOK_PATH + "/", endpoint),
@@ -433,6 +436,14 @@ class WebhookReceiver:
             Route("/readyz", readyz, methods=["GET", "HEAD"]),
             Route("/metrics", metrics, methods=["GET"]),
         ]
+        if self.settings.console_token:
+            from falhook.receiver.console import build_console  # jinja2 only when used
+
+            console = build_console(self, self.settings.console_token)
+            routes += [
+                Route("/console", _to_console, methods=["GET", "HEAD"]),
+                Mount("/console", app=console, name="console"),
+            ]
         app = Starlette(
             routes=routes,
             lifespan=self.lifespan,
@@ -482,6 +493,10 @@ def _route_path(scope: Scope) -> str:
     ):
         return path[len(root_path) :]
     return path
+
+
+async def _to_console(request: Request) -> Response:
+    return RedirectResponse(request.url.path + "/", status_code=308)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

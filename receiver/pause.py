@@ -1,10 +1,10 @@
 """Follows the store-wide dispatch switch and applies it to this replica.
 
 Every replica re-reads the one-row switch (store/control.py) each `poll_seconds`; on
-PostgreSQL a LISTEN on ``falhook_control`` makes it re-read at once when any replica (or
-the CLI) changes it. A change seen is applied to the local dispatcher, the
-``falhook_dispatch_paused`` gauge, and one log line. A store that cannot be read leaves
-the last known state in force.
+PostgreSQL the receiver's listener (store/listener.py, also on ``falhook_control``) calls
+`poke` so it re-reads at once when any replica (or the CLI) changes it. A change seen is
+applied to the local dispatcher, the ``falhook_dispatch_paused`` gauge, and one log line.
+A store that cannot be read leaves the last known state in force.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from collections.abc import Callable
 
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.store import Store
-from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
-from falhook.receiver.store.listener import Listener
+from falhook.receiver.store.control import DispatchControl
 
 __all__ = ["PauseWatcher"]
 
@@ -41,15 +40,11 @@ class PauseWatcher:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._listener: Listener | None = None
 
     async def start(self) -> None:
         """Read the switch once (so a paused store starts paused), then follow it."""
         await self.refresh()
         self._task = asyncio.create_task(self._run(), name="falhook-pause-watcher")
-        if self.store.dialect == "postgresql":
-            self._listener = Listener(self.store.url, self.poke, channel=CONTROL_CHANNEL)
-            self._listener.start()
 
     def poke(self) -> None:
         """The switch may have changed: read it now."""
@@ -100,9 +95,6 @@ class PauseWatcher:
                 await self.refresh()
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            await self._listener.stop()
-            self._listener = None
         task, self._task = self._task, None
         if task is not None:
             self._stopping = True

@@ -255,6 +255,13 @@ class Settings:
     shutdown_timeout_seconds: float = _setting(
         30.0, _non_negative_float, "SHUTDOWN_TIMEOUT_SECONDS", "wait for running callbacks"
     )
+    console_token: str | None = _setting(
+        None,
+        _optional_str,
+        "CONSOLE_TOKEN",
+        "serve the operator's console under /console/, signed in with this token",
+        secret=True,
+    )
     log_level: str = _setting("INFO", _log_level, "LOG_LEVEL", "log level")
     log_payloads: bool = _setting(
         False, _bool, "LOG_PAYLOADS", "include payloads in delivery log lines"

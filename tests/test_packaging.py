@@ -190,3 +190,27 @@ def test_a_users_verify_and_receiver_coexist_under_falhook_serve(
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_the_console_templates_and_stylesheet_are_in_the_wheel(
+    wheel_env: Path, tmp_path: Path
+) -> None:
+    script = (
+        "import json, tempfile, re\n"
+        "from starlette.testclient import TestClient\n"
+        "from falhook.receiver import Settings, WebhookReceiver\n"
+        "d = tempfile.mkdtemp()\n"
+        "s = Settings(database_url=f'sqlite:///{d}/x.db', jwks_url=f'{d}/none.json',"
+        " console_token='t')\n"
+        "with TestClient(WebhookReceiver(s).app) as c:\n"
+        "    page = c.get('/console/signin')\n"
+        "    css = c.get('/console/static/console.css')\n"
+        "    print(page.status_code, 'Sign in' in page.text, css.status_code, len(css.text)>99)\n"
+        "import falhook.receiver.console as m\n"
+        "print(m.__file__)\n"
+    )
+    result = _run(wheel_env, script, tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "200 True 200 True", result.stdout
+    assert "site-packages" in lines[1]

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -51,6 +51,7 @@ class Listener:
         wake: Callable[[], None],
         *,
         channel: str = NOTIFY_CHANNEL,
+        also: Mapping[str, Callable[[], None]] | None = None,
         poll_interval: float = 0.5,
         idle_check_seconds: float = 30.0,
         max_backoff: float = 5.0,
@@ -58,6 +59,9 @@ class Listener:
         self.conninfo = libpq_conninfo(url)
         self.wake = wake
         self.channel = channel
+        # More channels on the same connection (one session per replica, not one each),
+        # each with its own callback: e.g. the dispatch switch (store/control.py).
+        self.also = dict(also or {})
         self.poll_interval = poll_interval
         self.idle_check_seconds = idle_check_seconds
         self.max_backoff = max_backoff
@@ -111,19 +115,29 @@ class Listener:
 
         conn = psycopg.connect(self.conninfo, autocommit=True, **PG_CONNECT_ARGS)
         self._conn = conn
-        conn.execute(f"LISTEN {self.channel}")
+        for channel in (self.channel, *self.also):
+            conn.execute(f"LISTEN {channel}")
         self.connects += 1
         self.connected.set()
         self._wake()  # anything committed while we were not listening
+        for callback in self.also.values():
+            self._call(callback)
         last_activity = time.monotonic()
         while not self._stop.is_set():
             got = 0
-            for _ in conn.notifies(timeout=self.poll_interval):
-                got += 1
+            others: set[str] = set()
+            for notify in conn.notifies(timeout=self.poll_interval):
+                if notify.channel == self.channel:
+                    got += 1
+                else:
+                    others.add(notify.channel)
             if got:
                 self.notifications += got
-                last_activity = time.monotonic()
                 self._wake()  # one wake for a burst: the dispatcher claims in batches
+            for channel in others:
+                self._call(self.also[channel])
+            if got or others:
+                last_activity = time.monotonic()
             elif time.monotonic() - last_activity > self.idle_check_seconds:
                 # Quiet for a while: make sure the session is still alive (a failed round
                 # trip raises, and _run reconnects).
@@ -131,11 +145,14 @@ class Listener:
                 last_activity = time.monotonic()
 
     def _wake(self) -> None:
+        self._call(self.wake)
+
+    def _call(self, callback: Callable[[], None]) -> None:
         loop = self._loop
         if loop is None:
             return
         try:
-            loop.call_soon_threadsafe(self.wake)
+            loop.call_soon_threadsafe(callback)
         except RuntimeError:
             self._stop.set()  # the loop is closed: nobody to wake
 

@@ -140,21 +140,25 @@ def test_a_receiver_follows_a_pause_made_elsewhere_and_starts_paused(
 
 
 @pytest.mark.postgres
-def test_pg_notify_reaches_a_watcher_at_once(pg_schema_url: str) -> None:
+def test_pg_notify_reaches_the_watcher_at_once(pg_schema_url: str) -> None:
     from falhook.receiver.pause import PauseWatcher
+    from falhook.receiver.store.control import CONTROL_CHANNEL
+    from falhook.receiver.store.listener import Listener
 
     async def body() -> None:
         store = Store(pg_schema_url)
         seen = asyncio.Event()
         watcher = PauseWatcher(store, lambda c: seen.set() if c.paused else None, poll_seconds=60)
         await watcher.start()
+        listener = Listener(pg_schema_url, lambda: None, also={CONTROL_CHANNEL: watcher.poke})
+        listener.start()
         try:
-            assert watcher._listener is not None
-            await asyncio.to_thread(watcher._listener.connected.wait, 10)
+            assert await asyncio.to_thread(listener.connected.wait, 10)
             await asyncio.to_thread(store.set_dispatch_paused, True, reason="x")
             # The poll is a minute away: only NOTIFY can bring it this fast.
             await asyncio.wait_for(seen.wait(), 5)
         finally:
+            await listener.stop()
             await watcher.stop()
             store.engine.dispose()
 

@@ -1,0 +1,123 @@
+"""Turning stored data into what the pages show: times, the pretty body, media links.
+
+Everything here returns plain text; the templates escape it (autoescape is on). The one
+exception is `linked_body`, which builds markup itself, escaping every piece it emits.
+A payload is attacker-influenced text: only http(s) URLs ever become links or images.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from markupsafe import Markup, escape
+
+__all__ = ["Media", "find_media", "linked_body", "one_line", "pretty_body", "utc"]
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".avif", ".bmp")
+_MAX_MEDIA = 50
+_URL = re.compile(r"https?://[^\s\"'<>\\]+")
+
+
+def utc(ts: float | None) -> str:
+    """``2026-12-01 10:00:00`` (UTC), or an em dash for none."""
+    if ts is None:
+        return "—"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
+
+
+def one_line(text: str | None, width: int = 120) -> str:
+    if not text:
+        return ""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def age(seconds: float) -> str:
+    """A short age: 0s, 42s, 5m 3s, 2h 10m, 3d 4h."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def parse_body(body: bytes) -> Any:
+    """The stored body as JSON, or None if it is not JSON."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def pretty_body(body: bytes, parsed: Any) -> str:
+    """Indented JSON (fal's > 2**53 integers stay exact), else the text as received."""
+    if parsed is None:
+        return body.decode("utf-8", errors="replace")
+    return json.dumps(parsed, indent=2, ensure_ascii=False)
+
+
+def _http_url(text: str) -> str | None:
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return None
+    return text
+
+
+def linked_body(text: str) -> Markup:
+    """`text` escaped, with each http(s) URL in it made a link (and nothing else)."""
+    out: list[str] = []
+    last = 0
+    for match in _URL.finditer(text):
+        url = _http_url(match.group(0))
+        if url is None:
+            continue
+        out.append(str(escape(text[last : match.start()])))
+        href = escape(url)
+        out.append(
+            f'<a href="{href}" rel="noopener noreferrer nofollow" target="_blank">{href}</a>'
+        )
+        last = match.end()
+    out.append(str(escape(text[last:])))
+    return Markup("".join(out))
+
+
+@dataclass(frozen=True, slots=True)
+class Media:
+    path: str  # where in the body: payload.images[0].url
+    url: str
+    image: bool  # shown as a thumbnail
+
+
+def find_media(parsed: Any) -> list[Media]:
+    """Every http(s) URL in the body (fal's File objects and plain URL fields)."""
+    found: list[Media] = []
+
+    def walk(value: Any, path: str, siblings: dict[str, Any] | None) -> None:
+        if len(found) >= _MAX_MEDIA:
+            return
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{path}.{key}" if path else str(key), value)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{path}[{i}]", None)
+        elif isinstance(value, str) and (url := _http_url(value)) is not None:
+            content_type = str((siblings or {}).get("content_type") or "")
+            image = content_type.startswith("image/") or (
+                not content_type and urlsplit(url).path.lower().endswith(_IMAGE_SUFFIXES)
+            )
+            found.append(Media(path, url, image))
+
+    walk(parsed, "", None)
+    return found
