@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 import sqlalchemy as sa
@@ -27,10 +27,23 @@ from falhook.receiver.console import queries, render
 from falhook.receiver.console.auth import Auth, Session
 from falhook.receiver.errors import ReceiverError
 from falhook.receiver.models import State
+from falhook.receiver.store import Store
 from falhook.receiver.store.control import DispatchControl
 
-if TYPE_CHECKING:
-    from falhook.receiver.app import WebhookReceiver
+
+class Operated(Protocol):
+    """What the console needs of the receiver (it never imports the app: no cycle)."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def dispatch_paused(self) -> bool | None: ...
+
+    async def pause(self, reason: str | None = None, *, by: str = "api") -> DispatchControl: ...
+
+    async def resume(self, *, by: str = "api") -> DispatchControl: ...
+
 
 __all__ = ["build_console"]
 
@@ -47,7 +60,10 @@ _SECURITY_HEADERS = {
     ),
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" with
+    # the console's own forms, and the origin check would refuse them. Other sites (a
+    # payload's image host) still get no Referer.
+    "referrer-policy": "same-origin",
     "cache-control": "no-store",
 }
 
@@ -64,7 +80,7 @@ class Counters:
 class Console:
     """The pages, bound to one receiver and one token."""
 
-    def __init__(self, receiver: WebhookReceiver, token: str) -> None:
+    def __init__(self, receiver: Operated, token: str) -> None:
         self.receiver = receiver
         self.auth = Auth(token)
         env = Environment(
@@ -451,7 +467,7 @@ class _OwnRouter:
         await self.app({**scope, "router": self.app.router, "app_root_path": root}, receive, send)
 
 
-def build_console(receiver: WebhookReceiver, token: str) -> ASGIApp:
+def build_console(receiver: Operated, token: str) -> ASGIApp:
     """The console as an ASGI app, to mount at ``/console``."""
     console = Console(receiver, token)
     g = console.guarded

@@ -138,7 +138,7 @@ def test_static_css_and_security_headers(client: TestClient) -> None:
     assert "default-src 'none'" in csp and "script-src" not in csp
     assert "frame-ancestors 'none'" in csp
     assert page.headers["x-frame-options"] == "DENY"
-    assert page.headers["referrer-policy"] == "no-referrer"
+    assert page.headers["referrer-policy"] == "same-origin"
     assert page.headers["cache-control"] == "no-store"
     assert "<script" not in page.text and "http" not in page.text.split("<main>")[0].replace(
         "http://testserver/", ""
@@ -246,6 +246,7 @@ def test_a_page_from_another_origin_cannot_replay(
     csrf = page_csrf(signed_in)
     data = {"csrf": csrf, "request_id": "r-dead", "confirm": "yes"}
     for headers in ({"origin": "https://evil.example"}, {"sec-fetch-site": "cross-site"},
+                    {"origin": "null"},
                     {"origin": "http://testserver.evil.example"}):  # fmt: skip
         response = signed_in.post("/console/replay", data=data, headers=headers)
         assert response.status_code == 403 and "another site" in response.text
