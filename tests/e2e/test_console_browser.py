@@ -1,0 +1,226 @@
+"""The console in a real browser: headless Chromium (Debian's package) driven by Playwright,
+against a real `falhook serve` process.
+
+An operator signs in, filters to the dead delivery, opens it, sees why it failed, replays
+it and sees it done, then pauses and resumes dispatch. Screenshots are saved under
+``$TEST_SCREENSHOTS_DIR`` (default: the test's tmp directory) as test artifacts.
+
+Skipped, with the reason, only where no browser can be had: Playwright not installed, or
+no Chromium at /usr/bin/chromium (``apt-get install chromium``). Playwright never
+downloads a browser here; it drives the system's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import SpawnServer
+from tests.e2e.server import Sender, wait_for
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("TEST_CHROMIUM", "/usr/bin/chromium")
+TOKEN = "browser-test-token-7f3a"
+
+
+def _browser_missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Playwright is not installed (pip install playwright; it is in the dev extras)"
+    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)"
+    return None
+
+
+def _png(width: int = 160, height: int = 120) -> bytes:
+    """A small gradient PNG (a stand-in for a generated image), made with zlib alone."""
+    rows = b"".join(
+        b"\x00" + b"".join(bytes((x * 255 // width, y * 255 // height, 160)) for x in range(width))
+        for y in range(height)
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture
+def media_server() -> Iterator[str]:
+    """A loopback stand-in for fal's media host, serving one image."""
+    image = _png()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "image/png")
+            self.send_header("content-length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    path = Path(os.environ.get("TEST_SCREENSHOTS_DIR") or tmp_path / "screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_operator_replays_a_dead_delivery_and_pauses_dispatch(
+    spawn: SpawnServer,
+    sender: Sender,
+    media_server: str,
+    screenshots: Path,
+    tmp_path: Path,
+) -> None:
+    missing = _browser_missing()
+    if missing:
+        pytest.skip(missing)
+    from playwright.sync_api import expect, sync_playwright
+
+    server = spawn(
+        env={
+            "FALHOOK_CONSOLE_TOKEN": TOKEN,
+            "FALHOOK_CALLBACK_MAX_ATTEMPTS": "1",
+            "FALHOOK_POLL_SECONDS": "0.5",
+        }
+    )
+    downstream_up = tmp_path / "downstream-up"  # the callback fails until this exists
+    with httpx.Client(timeout=30) as client:
+        for i in range(4):
+            image = {"url": f"{media_server}/files/out-{i}.png", "content_type": "image/png"}
+            fields: dict[str, Any] = {"payload": {"images": [image], "seed": i}}
+            if i == 1:  # fal's own failure: delivered with status ERROR, handled all the same
+                fields = {"status": "ERROR", "error": "Internal server error", "payload": None}
+            response = sender.post(client, server.webhook_url, f"req-{i}-a91f", **fields)
+            assert response.status_code == 200
+        dead_id = "req-dead-7c1e"
+        image = {"url": f"{media_server}/files/cat.png", "content_type": "image/png"}
+        payload = {
+            "test": "fail_unless_file",
+            "path": str(downstream_up),
+            "images": [image],
+            "prompt": "a cat <script>alert(1)</script>",
+        }
+        assert sender.post(client, server.webhook_url, dead_id, payload=payload).status_code == 200
+    wait_for(
+        lambda: (server.row(dead_id) or {}).get("state") == "dead",
+        timeout=15,
+        what="the failing delivery to be dead",
+    )
+    wait_for(lambda: len(server.done_ids()) == 4, timeout=15, what="the others to be done")
+
+    base = server.url + "/console/"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 480})
+            page.set_default_timeout(10_000)
+            dialogs: list[str] = []
+
+            def on_dialog(dialog: Any) -> None:  # an alert() from a payload would land here
+                dialogs.append(dialog.message)
+                dialog.dismiss()
+
+            page.on("dialog", on_dialog)
+
+            # Sign in.
+            page.goto(base)
+            expect(page).to_have_url(base + "signin")
+            page.fill("#token", "wrong")
+            page.click("#signin")
+            expect(page.locator(".error")).to_have_text("Wrong token.")
+            page.fill("#token", TOKEN)
+            page.click("#signin")
+            expect(page).to_have_url(base)
+            expect(page.locator("#dispatch-state")).to_contain_text("running")
+            expect(page.locator("table.deliveries td.rid a")).to_have_count(5)
+            page.screenshot(path=str(screenshots / "console.png"))
+
+            # The dead delivery alert: filter to dead, open it, see why.
+            page.select_option("#f-state", "dead")
+            page.click("#apply")
+            rows = page.locator("table.deliveries td.rid a")
+            expect(rows).to_have_count(1)
+            expect(rows.first).to_have_text(dead_id)
+            page.screenshot(path=str(screenshots / "console-dead.png"), full_page=True)
+            rows.first.click()
+            expect(page.locator("#state")).to_have_text("dead")
+            expect(page.locator("#last-error")).to_contain_text("does not exist")
+            expect(page.locator("#body")).to_contain_text("<script>alert(1)</script>")
+            thumbnail = page.locator(".media img").first
+            expect(thumbnail).to_be_visible()
+            assert thumbnail.evaluate("img => img.complete && img.naturalWidth") == 160
+            page.screenshot(path=str(screenshots / "console-delivery.png"), full_page=True)
+
+            # The downstream is fixed: replay, confirm, see it done.
+            downstream_up.touch()
+            page.click("#replay")
+            expect(page.locator("h1")).to_have_text("Replay this delivery?")
+            page.click("#confirm")
+            expect(page.locator("#outcome")).to_contain_text(f"Replayed {dead_id} (was dead).")
+            page.click("text=Open the delivery")
+
+            def done() -> bool:
+                page.reload()
+                return page.locator("#state").inner_text() == "done"
+
+            wait_for(done, timeout=15, interval=0.3, what="the replayed delivery to be done")
+
+            # Pause, with a reason; every page says so; resume.
+            page.goto(base)
+            page.fill("input[name=reason]", "warehouse DB failover")
+            page.click("#pause")
+            expect(page.locator("h1")).to_have_text("Pause dispatch?")
+            page.click("#confirm")
+            expect(page.locator("#outcome")).to_contain_text("Dispatch is paused")
+            expect(page.locator("#dispatch-state")).to_contain_text("paused")
+            expect(page.locator("#dispatch-state")).to_contain_text("warehouse DB failover")
+            assert httpx.get(server.url + "/readyz").json()["status"] == "ready"
+            wait_for(
+                lambda: "falhook_dispatch_paused 1.0" in httpx.get(server.url + "/metrics").text,
+                timeout=5,
+                what="the paused gauge",
+            )
+            page.goto(base)
+            page.screenshot(path=str(screenshots / "console-paused.png"), full_page=True)
+            page.click("#resume")
+            expect(page.locator("h1")).to_have_text("Resume dispatch?")
+            page.click("#confirm")
+            expect(page.locator("#outcome")).to_contain_text("Dispatch resumed")
+            expect(page.locator("#dispatch-state")).to_contain_text("running")
+            assert dialogs == []  # nothing in a payload ran as script
+        finally:
+            browser.close()
+    assert dead_id in server.done_ids()
