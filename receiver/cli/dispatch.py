@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from falhook.receiver.cli.ops import _guarded, _store
 from falhook.receiver.cli.serve import add_settings_flags
 from falhook.receiver.durations import format_time
-from falhook.receiver.store.control import DispatchControl
+
+if TYPE_CHECKING:  # the store (SQLAlchemy) is imported only when a command runs
+    from falhook.receiver.store.control import DispatchControl
 
 __all__ = ["add_parser", "describe"]
 

@@ -55,14 +55,14 @@ def test_pause_from_the_cli_is_honoured_by_both_replicas(
         "the first deliveries' callbacks to be running",
     )
 
-    started = time.monotonic()
     assert _dispatch(database, "pause", "--reason", "downstream down").startswith(
         "dispatch paused since"
     )
+    set_at = time.monotonic()  # the switch is committed once the command has returned
     wait_for(
         lambda: all(_paused_gauge(r) == 1.0 for r in replicas), 5, "both replicas to be paused"
     )
-    assert time.monotonic() - started < 3  # NOTIFY: well within "a second or two"
+    assert time.monotonic() - set_at < 2  # NOTIFY: within "a second or two"
 
     held = [f"held-{i}" for i in range(10)]
     assert sender.blast(replicas, held) == [200] * 10  # still verified, stored, acknowledged
