@@ -216,7 +216,11 @@ class WebhookReceiver:
         )
         self._watchdog.start()
         self._keys = KeySource(
-            settings.jwks_url, user_id=settings.user_id, tolerance=settings.tolerance_seconds
+            settings.jwks_url,
+            user_id=settings.user_id,
+            tolerance=settings.tolerance_seconds,
+            timeout=settings.jwks_timeout_seconds,
+            min_refresh_interval=settings.jwks_refresh_seconds,
         )
         # Load the keys now, beside the rest of start-up: the first delivery then finds them
         # cached, and a JWKS that cannot be had is a warning at start, not a surprise later.

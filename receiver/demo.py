@@ -224,6 +224,9 @@ async def _main(out: TextIO, seconds: float) -> int:
         settings = Settings(
             database_url=f"sqlite:///{Path(tmp) / 'falhook.db'}",
             jwks_url=jwks.url,
+            # The demo's forged delivery should show its 401 at once: by default a key
+            # that verifies nothing within 10 s of the last fetch gets 503 (it may be new).
+            jwks_refresh_seconds=0.0,
             user_id=USER_ID,
             callback_backoff_seconds=0.2,
             callback_backoff_max_seconds=1.0,

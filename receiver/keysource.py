@@ -13,6 +13,7 @@ from falhook.verify import (
     check_headers,
     verify_body,
 )
+from falhook.verify.jwks import DEFAULT_FETCH_TIMEOUT
 from falhook.verify.keys import jwks_file, load_jwks_file
 
 __all__ = ["KeySource"]
@@ -34,6 +35,8 @@ class KeySource:
         *,
         user_id: str | None,
         tolerance: float,
+        timeout: float = DEFAULT_FETCH_TIMEOUT,
+        min_refresh_interval: float = 10.0,
         client: AsyncJWKSClient | None = None,
     ) -> None:
         self.jwks = jwks
@@ -43,7 +46,9 @@ class KeySource:
         self._static: tuple[PublicKey, ...] | None = None
         self.client: AsyncJWKSClient | None = None
         if self._path is None:
-            self.client = client or AsyncJWKSClient(jwks)
+            self.client = client or AsyncJWKSClient(
+                jwks, timeout=timeout, min_refresh_interval=min_refresh_interval
+            )
 
     @property
     def is_file(self) -> bool:

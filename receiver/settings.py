@@ -186,6 +186,15 @@ class Settings:
     jwks_url: str = _setting(
         DEFAULT_JWKS_URL, _str, "JWKS_URL", "JWKS URL, or a local JWKS file path"
     )
+    jwks_timeout_seconds: float = _setting(
+        5.0, _positive_float, "JWKS_TIMEOUT_SECONDS", "deadline for a whole JWKS fetch"
+    )
+    jwks_refresh_seconds: float = _setting(
+        10.0,
+        _non_negative_float,
+        "JWKS_REFRESH_SECONDS",
+        "at most one JWKS fetch per this interval (unknown key meanwhile: 503)",
+    )
     user_id: str | None = _setting(
         None, _optional_str, "USER_ID", "accept only deliveries signed for this fal user id"
     )

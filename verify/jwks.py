@@ -7,7 +7,11 @@ in-flight fetch (a `threading.Lock` vs a shared task).
 
 When no cached key verifies a signature, the clients refresh once — at most once per
 ``min_refresh_interval`` — and retry: a rotated key is picked up within seconds, while a
-flood of forged signatures costs only one fetch per interval.
+flood of forged signatures costs only one fetch per interval. While a refresh is
+rate-limited (or fails), a signature no cached key verifies raises `KeysUnavailableError`
+(answer 503: it may be a key published since), not ``invalid_signature``; the cold cache
+is rate-limited too. A fetch has a total deadline (``timeout``) and a size cap
+(`MAX_JWKS_BYTES`); the async client parses the keys in a thread.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from falhook.verify.message import (
 )
 
 __all__ = [
+    "DEFAULT_FETCH_TIMEOUT",
+    "MAX_JWKS_BYTES",
     "MAX_TTL",
     "AsyncJWKSClient",
     "JWKSClient",
@@ -50,6 +56,12 @@ logger = logging.getLogger("falhook.verify.jwks")
 
 MAX_TTL = 24 * 3600.0
 """fal: "Do not cache longer than 24 hours since they can change"."""
+
+MAX_JWKS_BYTES = 1024 * 1024
+"""A JWKS answer over this is refused unread (fal's is well under 2 KB)."""
+
+DEFAULT_FETCH_TIMEOUT = 5.0
+"""Seconds for a whole fetch (connect to last byte), well inside fal's 15 s per delivery."""
 
 # The errors a fetch can end in; anything else is a bug and propagates.
 _FETCH_ERRORS = (httpx.HTTPError, httpx.InvalidURL, KeysUnavailableError, OSError)
@@ -99,14 +111,13 @@ class KeyCache:
         return last is None or now - last >= self.min_refresh_interval
 
     def refresh_allowed(self, now: float) -> bool:
-        """A forced refresh: rate-limited, except on a cold cache (nothing else to serve)."""
-        return self.keys is None or self.fetch_allowed(now)
+        """A forced refresh: rate-limited, on a cold cache too (a failing JWKS must not
+        be fetched once per forged request)."""
+        return self.fetch_allowed(now)
 
     def needs_fetch(self, now: float) -> bool:
-        """Cold cache: always. Expired: unless an attempt was made very recently."""
-        if self.keys is None:
-            return True
-        if now < self.expires_at:
+        """Cold or expired, unless an attempt was made very recently."""
+        if self.keys is not None and now < self.expires_at:
             return False
         return self.fetch_allowed(now)
 
@@ -151,10 +162,47 @@ class KeyCache:
 
 
 def _retry_after_miss(prepared: Prepared, old: Keys, new: Keys | None) -> VerifiedWebhook:
-    result = None if new is None else first_match(prepared, (k for k in new if k not in old))
+    if new is None:
+        # No fresh key set to decide with (the refresh is rate-limited or failed): the
+        # signer may hold a key published since, so "not authentic" cannot be said yet.
+        raise KeysUnavailableError(
+            "no cached key verifies the signature and the keys cannot be refreshed now; "
+            "retry shortly"
+        )
+    result = first_match(prepared, (k for k in new if k not in old))
     if result is None:
         raise no_key_verifies()
     return result
+
+
+def _too_large(size: int | str) -> KeysUnavailableError:
+    return KeysUnavailableError(f"JWKS answer of {size} bytes is over {MAX_JWKS_BYTES} bytes")
+
+
+def _declared_size(response: httpx.Response) -> None:
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_JWKS_BYTES:
+        raise _too_large(declared)
+
+
+class _Capped:
+    """A JWKS body read in chunks, refused once over `MAX_JWKS_BYTES`, within a deadline."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > MAX_JWKS_BYTES:
+            raise _too_large(f"over {self.size}")
+        if time.monotonic() > self.deadline:
+            raise TimeoutError
+        self.chunks.append(chunk)
+
+    def content(self) -> bytes:
+        return b"".join(self.chunks)
 
 
 class JWKSClient:
@@ -167,7 +215,7 @@ class JWKSClient:
         http_client: httpx.Client | None = None,
         ttl: float = 3600,
         min_refresh_interval: float = 10,
-        timeout: float = 10,
+        timeout: float = DEFAULT_FETCH_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         cache: KeyCache | None = None,
     ) -> None:
@@ -196,10 +244,19 @@ class JWKSClient:
         cache.begin(cache.clock())
         if self._http is None:
             self._http = httpx.Client(follow_redirects=True)
+        # httpx's timeout is per read: the deadline is checked between chunks, so a
+        # source that drips bytes is given up on at most one read past it.
+        body = _Capped(time.monotonic() + self.timeout)
         try:
-            response = self._http.get(self.url, timeout=self.timeout)
-            response.raise_for_status()
-            keys = parse_jwks(response.content)
+            with self._http.stream("GET", self.url, timeout=self.timeout) as response:
+                response.raise_for_status()
+                _declared_size(response)
+                for chunk in response.iter_bytes():
+                    body.add(chunk)
+            keys = parse_jwks(body.content())
+        except TimeoutError:
+            cache.fail(f"no complete answer within {self.timeout:g} s", self.url)
+            return
         except _FETCH_ERRORS as exc:
             cache.fail(str(exc) or type(exc).__name__, self.url)
             return
@@ -225,13 +282,15 @@ class JWKSClient:
         """Fetch now unless one ran less than ``min_refresh_interval`` ago.
 
         Returns the new keys, or None when rate-limited or when the fetch failed and cached
-        keys remain. :raises KeysUnavailableError: it failed on a cold cache.
+        keys remain. :raises KeysUnavailableError: the cache is cold and the fetch failed
+        or is rate-limited.
         """
         cache = self.cache
         seen = cache.generation
         with self._lock:
             if cache.generation == seen:
                 if not cache.refresh_allowed(cache.clock()):
+                    cache.require(self.url)  # a cold cache has nothing to fall back on
                     return None
                 self._fetch()
             return cache.refreshed(self.url)
@@ -290,7 +349,7 @@ class AsyncJWKSClient:
         http_client: httpx.AsyncClient | None = None,
         ttl: float = 3600,
         min_refresh_interval: float = 10,
-        timeout: float = 10,
+        timeout: float = DEFAULT_FETCH_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         cache: KeyCache | None = None,
     ) -> None:
@@ -319,10 +378,19 @@ class AsyncJWKSClient:
             cache.begin(cache.clock())
             if self._http is None:
                 self._http = httpx.AsyncClient(follow_redirects=True)
+            body = _Capped(math.inf)  # the deadline is the asyncio.timeout around it all
             try:
-                response = await self._http.get(self.url, timeout=self.timeout)
-                response.raise_for_status()
-                keys = parse_jwks(response.content)
+                async with asyncio.timeout(self.timeout):
+                    async with self._http.stream("GET", self.url, timeout=self.timeout) as r:
+                        r.raise_for_status()
+                        _declared_size(r)
+                        async for chunk in r.aiter_bytes():
+                            body.add(chunk)
+                # Off the loop: a big key set would stall every acknowledgement meanwhile.
+                keys = await asyncio.to_thread(parse_jwks, body.content())
+            except TimeoutError:
+                cache.fail(f"no complete answer within {self.timeout:g} s", self.url)
+                return
             except _FETCH_ERRORS as exc:
                 cache.fail(str(exc) or type(exc).__name__, self.url)
                 return
@@ -352,6 +420,7 @@ class AsyncJWKSClient:
         """Async twin of `JWKSClient.refresh`."""
         cache = self.cache
         if self._inflight is None and not cache.refresh_allowed(cache.clock()):
+            cache.require(self.url)  # a cold cache has nothing to fall back on
             return None
         await self._shared_fetch()
         return cache.refreshed(self.url)

@@ -24,7 +24,9 @@ def server(
     proc = ServerProcess(
         tmp_path_factory.mktemp("http"),
         jwks=jwks_server.url,
-        env={"FALHOOK_MAX_BODY_BYTES": str(MAX_BODY)},
+        # Every miss refreshes the keys, so a forged signature is a 401 at once (by default
+        # it is 503 until a refresh is allowed: it might be a key published since).
+        env={"FALHOOK_MAX_BODY_BYTES": str(MAX_BODY), "FALHOOK_JWKS_REFRESH_SECONDS": "0"},
     )
     try:
         yield proc.start()
@@ -215,7 +217,8 @@ def test_503_while_jwks_is_down_at_startup_then_200(
 ) -> None:
     with JWKSServer(fal_key) as jwks:
         jwks.fail(503)
-        server = spawn(jwks=jwks.url)
+        # The retry below comes at once: no refresh interval to wait out on a cold cache.
+        server = spawn(jwks=jwks.url, env={"FALHOOK_JWKS_REFRESH_SECONDS": "0"})
         assert client.get(server.url + "/healthz").status_code == 200
         _error(client.get(server.url + "/readyz"), 503, "keys_unavailable")
         _error(sender.post(client, server.webhook_url, "http-503"), 503, "keys_unavailable")
