@@ -5,9 +5,9 @@ interval between fetches, stale keys served when a refresh fails. `JWKSClient` a
 `AsyncJWKSClient` differ only in how they call httpx and how concurrent callers share one
 in-flight fetch (a `threading.Lock` vs a shared task).
 
-When no cached key verifies a signature, the clients refresh once — at most once per
-``min_refresh_interval`` — and retry: a rotated key is picked up within seconds, while a
-flood of forged signatures costs only one fetch per interval. While a refresh is
+When no cached key verifies a signature, the clients refresh — at once after a regular
+fetch, then at most once per ``min_refresh_interval`` — and retry: a rotated key is picked
+up at once, while a flood of forged signatures costs one fetch per interval. While a refresh is
 rate-limited (or fails), a signature no cached key verifies raises `KeysUnavailableError`
 (answer 503: it may be a key published since), not ``invalid_signature``; the cold cache
 is rate-limited too. A fetch has a total deadline (``timeout``) and a size cap
@@ -92,6 +92,7 @@ class KeyCache:
         self.keys: Keys | None = None
         self.expires_at = -math.inf
         self.last_attempt: float | None = None
+        self.last_refresh = False  # the last fetch was forced by an unverified signature
         self.last_ok = False
         self.last_error: str | None = None
         self.generation = 0  # bumped when an attempt ends; lets waiters see "someone fetched"
@@ -111,9 +112,11 @@ class KeyCache:
         return last is None or now - last >= self.min_refresh_interval
 
     def refresh_allowed(self, now: float) -> bool:
-        """A forced refresh: rate-limited, on a cold cache too (a failing JWKS must not
-        be fetched once per forged request)."""
-        return self.fetch_allowed(now)
+        """A forced refresh (no cached key verifies): allowed once right after a regular
+        fetch — a key rotated since is picked up at once — then at most once per
+        interval, so a forged flood costs one fetch per interval. A cold cache has nothing
+        to refresh: `needs_fetch` rate-limits it."""
+        return self.fetch_allowed(now) or (self.keys is not None and not self.last_refresh)
 
     def needs_fetch(self, now: float) -> bool:
         """Cold or expired, unless an attempt was made very recently."""
@@ -121,9 +124,10 @@ class KeyCache:
             return False
         return self.fetch_allowed(now)
 
-    def begin(self, now: float) -> None:
-        """Record that a fetch starts now."""
+    def begin(self, now: float, *, refresh: bool = False) -> None:
+        """Record that a fetch starts now (`refresh`: forced by a signature no key verifies)."""
         self.last_attempt = now
+        self.last_refresh = refresh
         self.fetches += 1
 
     def succeed(self, keys: Keys, now: float) -> None:
@@ -238,10 +242,10 @@ class JWKSClient:
         """Failed fetch attempts so far."""
         return self.cache.fetch_failures
 
-    def _fetch(self) -> None:
+    def _fetch(self, *, refresh: bool = False) -> None:
         # Called with the lock held.
         cache = self.cache
-        cache.begin(cache.clock())
+        cache.begin(cache.clock(), refresh=refresh)
         if self._http is None:
             self._http = httpx.Client(follow_redirects=True)
         # httpx's timeout is per read: the deadline is checked between chunks, so a
@@ -292,7 +296,7 @@ class JWKSClient:
                 if not cache.refresh_allowed(cache.clock()):
                     cache.require(self.url)  # a cold cache has nothing to fall back on
                     return None
-                self._fetch()
+                self._fetch(refresh=True)
             return cache.refreshed(self.url)
 
     def check(self, prepared: Prepared) -> VerifiedWebhook:
@@ -372,10 +376,10 @@ class AsyncJWKSClient:
         """Failed fetch attempts so far."""
         return self.cache.fetch_failures
 
-    async def _fetch(self) -> None:
+    async def _fetch(self, refresh: bool) -> None:
         cache = self.cache
         try:
-            cache.begin(cache.clock())
+            cache.begin(cache.clock(), refresh=refresh)
             if self._http is None:
                 self._http = httpx.AsyncClient(follow_redirects=True)
             body = _Capped(math.inf)  # the deadline is the asyncio.timeout around it all
@@ -398,10 +402,10 @@ class AsyncJWKSClient:
         finally:
             self._inflight = None
 
-    async def _shared_fetch(self) -> None:
+    async def _shared_fetch(self, *, refresh: bool = False) -> None:
         task = self._inflight
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch())
+            task = asyncio.get_running_loop().create_task(self._fetch(refresh))
             self._inflight = task
         # shield: a cancelled caller must not cancel the fetch others are waiting on.
         await asyncio.shield(task)
@@ -422,7 +426,7 @@ class AsyncJWKSClient:
         if self._inflight is None and not cache.refresh_allowed(cache.clock()):
             cache.require(self.url)  # a cold cache has nothing to fall back on
             return None
-        await self._shared_fetch()
+        await self._shared_fetch(refresh=True)
         return cache.refreshed(self.url)
 
     async def check(self, prepared: Prepared) -> VerifiedWebhook:

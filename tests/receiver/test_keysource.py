@@ -78,8 +78,10 @@ def test_url_goes_through_the_cached_client(keypair: KeyPair) -> None:
                 assert keys.fetches == 1  # cached across deliveries
                 forged = fal_body("r-x")
                 forged_headers = _pairs(sign(forged, "r-x", "u-1", keypair=other))
-                # Within the refresh interval a key that verifies nothing may be a new one:
-                # "could not check" (503), not "forged" (401).
+                # No key verifies: one refresh at once, and still none does (401)...
+                with pytest.raises(WebhookVerificationError):
+                    await keys.verify(forged, keys.check_headers(forged_headers))
+                # ... then, within the refresh interval, it cannot be checked (503).
                 with pytest.raises(KeysUnavailableError):
                     await keys.verify(forged, keys.check_headers(forged_headers))
             finally:

@@ -149,14 +149,17 @@ def test_forged_flood_costs_a_bounded_number_of_fetches(
 
 
 def test_refresh_is_rate_limited(keypair: KeyPair, clock: FakeClock) -> None:
-    """refresh() returns None when the last fetch was less than the interval ago."""
+    """refresh() runs once right after a regular fetch (a rotated key is picked up at
+    once), then returns None until the interval has passed."""
     fake = FakeJWKS(keypair)
     with fake.client(clock, min_refresh_interval=10) as client:
         client.get_keys()
+        assert client.refresh() == (keypair.public_key,)
         assert client.refresh() is None
         clock.advance(10)
         assert client.refresh() == (keypair.public_key,)
-        assert fake.requests == 2
+        assert client.refresh() is None
+        assert fake.requests == 3
 
 
 def test_stale_keys_served_when_refresh_fails(
@@ -272,7 +275,8 @@ def test_async_client_policy(keypair: KeyPair, other_keypair: KeyPair, clock: Fa
     async def main() -> None:
         async with fake.async_client(clock, ttl=60, min_refresh_interval=10) as client:
             assert await client.get_keys() == (keypair.public_key,)
-            assert await client.refresh() is None
+            assert await client.refresh() == (keypair.public_key,)  # once, at once
+            assert await client.refresh() is None  # then rate-limited
             fake.rotate(keypair, other_keypair)
             clock.advance(10)
             body, headers = _delivery(other_keypair)
