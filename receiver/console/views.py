@@ -26,9 +26,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from falhook.receiver.console import queries, render
 from falhook.receiver.console.auth import Auth, Session
 from falhook.receiver.errors import ReceiverError
-from falhook.receiver.models import State
+from falhook.receiver.models import State, StoredDelivery
 from falhook.receiver.store import Store
 from falhook.receiver.store.control import DispatchControl
+from falhook.receiver.store.expectations import Expectation, Expectations
 
 
 class Operated(Protocol):
@@ -83,6 +84,7 @@ class Console:
     def __init__(self, receiver: Operated, token: str) -> None:
         self.receiver = receiver
         self.auth = Auth(token)
+        self._expected: Expectations | None = None
         env = Environment(
             loader=PackageLoader("falhook.receiver.console", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
@@ -239,7 +241,13 @@ class Console:
 
     async def delivery(self, request: Request, session: Session) -> Response:
         request_id = request.path_params["request_id"]
-        delivery = await asyncio.to_thread(self.receiver.store.get, request_id)
+        store = self.receiver.store
+
+        def read() -> tuple[StoredDelivery | None, Expectation | None]:
+            found = store.get(request_id)
+            return found, (self._expectations(store).get(request_id) if found else None)
+
+        delivery, expectation = await asyncio.to_thread(read)
         if delivery is None:
             counters = await self._counters()
             return self.page(
@@ -259,8 +267,15 @@ class Console:
             "body": render.linked_body(render.pretty_body(delivery.body, parsed)),
             "media": render.find_media(parsed),
             "attempts": None,  # no per-attempt history is stored: count and last error
+            "expectation": expectation,
         }
         return await self._signed_in_page(request, session, "delivery.html", context, 200)
+
+    def _expectations(self, store: Store) -> Expectations:
+        # One per store: it migrates (a no-op on a current store) on its first use only.
+        if self._expected is None or self._expected.store is not store:
+            self._expected = Expectations(store)
+        return self._expected
 
     # -- actions ---------------------------------------------------------------------------
 

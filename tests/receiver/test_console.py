@@ -536,3 +536,20 @@ def test_queries_on_both_dialects(store_url: str) -> None:
             assert queries.dead_matching(conn, Filters(since=now - 3.5), 10) == (["q1", "q3"], 2)
     finally:
         store.engine.dispose()
+
+
+def test_delivery_page_shows_its_expectation(signed_in: TestClient, hooks: WebhookReceiver) -> None:
+    from falhook.receiver.store.expectations import Expectations, NewExpectation
+
+    seed(hooks, "r-expected", state=State.DONE)
+    seed(hooks, "r-plain", state=State.DONE)
+    Expectations(hooks.store).add(
+        NewExpectation("r-expected", "fal-ai/flux/dev"), recover_after=60, ttl=3600
+    )
+    page = signed_in.get("/console/deliveries/r-expected")
+    assert page.status_code == 200
+    assert "Expectation" in page.text and "fal-ai/flux/dev" in page.text
+    assert 'id="expectation-state">waiting' in page.text
+    assert "webhook" in page.text
+    plain = signed_in.get("/console/deliveries/r-plain")
+    assert "<h2>Expectation</h2>" not in plain.text
