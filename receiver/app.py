@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from falhook import __version__
 from falhook.receiver.dispatcher import Dispatcher, DispatchObserver, Drained
+from falhook.receiver.durations import format_time
 from falhook.receiver.errors import NotStartedError, StoreUnavailableError
 from falhook.receiver.forward import Forwarder
 from falhook.receiver.intake import Accepted, Intake
@@ -66,21 +67,29 @@ class _Observer(DispatchObserver):
     def abandoned(self, threads: int) -> None:
         self.metrics.callback_threads_abandoned.set(threads)
 
-    def finished(self, claim: Claim, outcome: str, error: str | None) -> None:
+    def finished(
+        self,
+        claim: Claim,
+        outcome: str,
+        error: str | None,
+        *,
+        next_attempt_at: float | None = None,
+    ) -> None:
         self.metrics.outcome(outcome)
         level = logging.INFO if outcome == "done" else logging.WARNING
         if delivery_log.isEnabledFor(level):
-            delivery_log.log(
-                level,
-                "callbacks %s",
-                outcome,
-                extra={
-                    "request_id": claim.request_id,
-                    "outcome": outcome,
-                    "attempt": claim.attempt,
-                    "error": error,
-                },
-            )
+            fields: dict[str, Any] = {
+                "request_id": claim.request_id,
+                "outcome": outcome,
+                "attempt": claim.attempt,
+                "error": error,
+            }
+            message = "callbacks %s"
+            if next_attempt_at is not None:
+                fields["next_attempt_at"] = format_time(next_attempt_at)
+                fields["retry_in_seconds"] = round(max(0.0, next_attempt_at - time.time()), 3)
+                message += f" (next attempt at {fields['next_attempt_at']})"
+            delivery_log.log(level, message, outcome, extra=fields)
 
 
 class WebhookReceiver:

@@ -23,16 +23,26 @@ from falhook.receiver.models import Delivery
 from falhook.receiver.registry import CallbackRegistry
 from falhook.receiver.retry import Backoff, Retry, RetryPolicy
 from falhook.receiver.store import Claim, Store
+from falhook.receiver.store.attempts import AttemptRecord
 
 __all__ = ["Dispatcher", "Drained"]
 
 log = logging.getLogger("falhook.dispatcher")
 _MAX_ERROR_CHARS = 4000
+_MAX_TRACE_CHARS = 8000
 
 
 def _describe(exc: BaseException) -> str:
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     return text[:_MAX_ERROR_CHARS]
+
+
+def _trace(exc: BaseException) -> str:
+    """The traceback, truncated from the top: its end names the error and where it was."""
+    text = "".join(traceback.format_exception(exc)).strip()
+    if len(text) <= _MAX_TRACE_CHARS:
+        return text
+    return "… (truncated)\n" + text[-_MAX_TRACE_CHARS:]
 
 
 class Dispatcher:
@@ -221,6 +231,7 @@ class Dispatcher:
 
     async def _attempt(self, claim: Claim) -> _Attempt:
         """Run the delivery's callbacks."""
+        started_at, began = time.time(), time.perf_counter()
         try:
             delivery = Delivery.from_body(
                 claim.body,
@@ -232,7 +243,9 @@ class Dispatcher:
             )
         except Exception as exc:
             # Bodies were validated before they were stored; this is a corrupt row.
-            return _Attempt(False, f"stored body unreadable: {exc!r}", (), None, None)
+            unreadable = f"stored body unreadable: {exc!r}"
+            record = AttemptRecord(claim.attempt, started_at, 0.0, unreadable)
+            return _Attempt(False, unreadable, (), None, None, record)
         self._held[claim.request_id] = (claim, time.monotonic())
         try:
             self.observer.started(delivery)
@@ -249,7 +262,13 @@ class Dispatcher:
         retry_after = error.after if isinstance(error, Retry) else None
         description = None if error is None else _describe(error)
         lease_ends = (held[1] if held else time.monotonic()) + self.lease_seconds
-        return _Attempt(error is None, description, completed, retry_after, lease_ends)
+        record = AttemptRecord(
+            claim.attempt,
+            started_at,
+            time.perf_counter() - began,
+            None if error is None else _trace(error),
+        )
+        return _Attempt(error is None, description, completed, retry_after, lease_ends, record)
 
     def _timed_out(self, claim: Claim, name: str, thread: Future[Any] | None) -> None:
         self.observer.timed_out(name)
@@ -307,7 +326,7 @@ class Dispatcher:
         backoff = Backoff(0.05, 1.0)
         while True:
             try:
-                kept, outcome = await self._record(claim, attempt)
+                kept, outcome, next_at = await self._record(claim, attempt)
                 break
             except StoreUnavailableError as exc:
                 ends = attempt.lease_ends
@@ -323,18 +342,23 @@ class Dispatcher:
                 claim.request_id,
                 outcome,
             )
-            outcome = "fenced"
-        self.observer.finished(claim, outcome, attempt.error)
+            outcome, next_at = "fenced", None
+        self.observer.finished(claim, outcome, attempt.error, next_attempt_at=next_at)
 
-    async def _record(self, claim: Claim, attempt: _Attempt) -> tuple[bool, str]:
-        ok, error, completed, retry_after, _ = attempt
+    async def _record(self, claim: Claim, attempt: _Attempt) -> tuple[bool, str, float | None]:
+        """Write the outcome, and the attempt with it; (claim kept, outcome, retry due at)."""
+        ok, error, completed, retry_after, _, record = attempt
         if ok:
-            return await self.store.finish(claim, completed), "done"
+            return await self.store.finish(claim, completed, attempt=record), "done", None
         if self.policy.gives_up_after(claim.attempt):
-            return await self.store.bury(claim, error or "failed", completed), "dead"
+            kept = await self.store.bury(claim, error or "failed", completed, attempt=record)
+            return kept, "dead", None
         delay = retry_after if retry_after is not None else self.policy.delay(claim.attempt)
-        kept = await self.store.reschedule(claim, time.time() + delay, error or "failed", completed)
-        return kept, "retry"
+        due_at = time.time() + delay
+        kept = await self.store.reschedule(
+            claim, due_at, error or "failed", completed, attempt=record
+        )
+        return kept, "retry", due_at
 
     async def _renew_leases(self) -> None:
         """One task renews every claim held for a third of a lease (not a task per claim:
@@ -373,6 +397,7 @@ class _Attempt(NamedTuple):
     completed: list[str] | tuple[str, ...]  # callbacks that have now succeeded
     retry_after: float | None  # asked for by a callback's Retry(after=)
     lease_ends: float | None  # retry recording until then (monotonic clock)
+    record: AttemptRecord  # kept in the attempts table with the outcome
 
 
 class DispatchObserver:
@@ -381,8 +406,16 @@ class DispatchObserver:
     def started(self, delivery: Delivery) -> None:
         """A delivery's callbacks are about to run."""
 
-    def finished(self, claim: Claim, outcome: str, error: str | None) -> None:
-        """An attempt ended: outcome is done, retry, dead, fenced or unrecorded."""
+    def finished(
+        self,
+        claim: Claim,
+        outcome: str,
+        error: str | None,
+        *,
+        next_attempt_at: float | None = None,
+    ) -> None:
+        """An attempt ended: outcome is done, retry (due again at `next_attempt_at`),
+        dead, fenced or unrecorded."""
 
     def timed_out(self, callback: str) -> None:
         """A callback did not return within its timeout."""

@@ -26,6 +26,7 @@ from falhook.receiver.state import State
 
 if TYPE_CHECKING:
     from falhook.receiver.models import StoredDelivery
+    from falhook.receiver.store.attempts import StoredAttempt
 
 __all__ = [
     "DEFAULT_RETENTION",
@@ -335,22 +336,67 @@ def run_show(args: argparse.Namespace) -> int:
     """``falhook deliveries show REQUEST_ID``."""
     with _store(args) as store:
         delivery = store.get(args.request_id)
+        attempts = store.attempts(args.request_id) if delivery is not None else []
     if delivery is None:
         print(f"falhook deliveries show: no delivery {args.request_id!r}", file=sys.stderr)  # noqa: T201
         return EXIT_NOT_FOUND
-    document = summary(delivery) | {"body": _body(delivery)}
+    history = [_attempt(a) for a in attempts]
+    document = summary(delivery) | {"attempt_history": history, "body": _body(delivery)}
     if args.json:
         _out(json.dumps(document, indent=2))
         return 0
-    fields = [(k, v) for k, v in document.items() if k != "body" and v not in (None, [])]
+    skip = ("body", "attempt_history")
+    fields = [(k, v) for k, v in document.items() if k not in skip and v not in (None, [])]
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         text = ", ".join(value) if isinstance(value, list) else str(value)
         _out(f"{key.ljust(width)}  {text}")
+    _out_attempts(history)
     body = document["body"]
     _out("body:")
     _out(json.dumps(body, indent=2) if not isinstance(body, str) else body)
     return 0
+
+
+def _attempt(attempt: StoredAttempt) -> dict[str, Any]:
+    return {
+        "attempt": attempt.attempt,
+        "started_at": format_time(attempt.started_at),
+        "duration_seconds": round(attempt.duration_seconds, 6),
+        "outcome": attempt.outcome,
+        "next_attempt_at": format_time(attempt.next_attempt_at),
+        "error": attempt.error,
+    }
+
+
+def _last_line(text: str | None) -> str | None:
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def _out_attempts(history: list[dict[str, Any]]) -> None:
+    """The attempts as a table (each error's last line), then the latest traceback."""
+    if not history:
+        _out("attempts: none recorded yet")
+        return
+    rows = [["ATTEMPT", "STARTED (UTC)", "DURATION", "OUTCOME", "NEXT ATTEMPT", "ERROR"]]
+    rows += [
+        [
+            str(a["attempt"]),
+            a["started_at"] or "-",
+            f"{a['duration_seconds']:.3f} s",
+            a["outcome"],
+            a["next_attempt_at"] or "-",
+            _one_line(_last_line(a["error"]), _LAST_ERROR_WIDTH),
+        ]
+        for a in history
+    ]
+    _out("attempts:")
+    _out(render_table(rows))
+    failed = [a for a in history if a["error"]]
+    if failed:
+        _out(f"traceback of attempt {failed[-1]['attempt']}:")
+        _out(failed[-1]["error"])
 
 
 @_guarded

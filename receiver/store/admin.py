@@ -13,6 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from falhook.receiver.models import State, StoredDelivery
+from falhook.receiver.store import attempts
 from falhook.receiver.store.operations import decode_callbacks
 from falhook.receiver.store.statements import BODIES, TABLE
 
@@ -121,7 +122,9 @@ def prune(
     )
     ids = [row[0] for row in conn.execute(stmt)]
     for start in range(0, len(ids), _PRUNE_CHUNK):
-        conn.execute(sa.delete(BODIES).where(BODIES.c.id.in_(ids[start : start + _PRUNE_CHUNK])))
+        chunk = ids[start : start + _PRUNE_CHUNK]
+        conn.execute(sa.delete(BODIES).where(BODIES.c.id.in_(chunk)))
+        attempts.delete_for(conn, chunk)
     return len(ids)
 
 

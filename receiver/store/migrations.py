@@ -260,6 +260,26 @@ def _v5_dispatch_control(conn: sa.Connection) -> None:
     ).create(conn)
 
 
+def _v6_attempts(conn: sa.Connection) -> None:
+    # Every dispatch attempt, not only the last error (store/attempts.py), keyed by the
+    # delivery's sequential id; listed per delivery, oldest first.
+    metadata = sa.MetaData()
+    sa.Table(
+        "falhook_attempts",
+        metadata,
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+        sa.Column("delivery_id", sa.BigInteger, nullable=False),
+        sa.Column("attempt", sa.Integer, nullable=False),
+        sa.Column("started_at", sa.Float, nullable=False),
+        sa.Column("duration_seconds", sa.Float, nullable=False),
+        sa.Column("outcome", sa.String(16), nullable=False),
+        sa.Column("error", sa.String, nullable=True),
+        sa.Column("next_attempt_at", sa.Float, nullable=True),
+        sa.Index("ix_falhook_attempts_delivery_id", "delivery_id", "id"),
+    )
+    metadata.create_all(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "deliveries table", _v1_deliveries),
     Migration(2, "partial index on due_at for active rows; index on received_at", _v2_indexes),
@@ -268,6 +288,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         5, "dispatch pause switch; partial index on received_at of dead rows", _v5_dispatch_control
     ),
+    Migration(6, "attempts: every dispatch attempt of a delivery", _v6_attempts),
 )
 
 

@@ -25,6 +25,12 @@ from falhook.receiver.errors import StoreSchemaError, StoreUnavailableError
 from falhook.receiver.models import StoredDelivery
 from falhook.receiver.state import State
 from falhook.receiver.store import admin
+from falhook.receiver.store.attempts import (
+    AttemptRecord,
+    StoredAttempt,
+    list_attempts,
+    op_settle,
+)
 from falhook.receiver.store.control import DispatchControl, read_control, write_control
 from falhook.receiver.store.engine import make_engine
 from falhook.receiver.store.loop_writer import LoopWriter
@@ -191,22 +197,46 @@ class Store:
             },
         )
 
-    async def finish(self, claim: Claim, completed: Iterable[str] = ()) -> bool:
-        """Mark done. False if the claim was lost, in which case nothing changed."""
-        return await self._fenced(
+    async def _settle(
+        self, statement: str, params: dict[str, Any], attempt: AttemptRecord | None
+    ) -> bool:
+        if attempt is None:
+            return await self._fenced(statement, params)
+        # The attempt is written by the same operation as its outcome: one transaction.
+        result: bool = await self._submit(
+            op_settle(statement, params, attempt, dialect=self.dialect)
+        )
+        return result
+
+    async def finish(
+        self,
+        claim: Claim,
+        completed: Iterable[str] = (),
+        *,
+        attempt: AttemptRecord | None = None,
+    ) -> bool:
+        """Mark done (and keep `attempt`). False if the claim was lost: nothing changed."""
+        return await self._settle(
             "finish",
             {
                 "request_id": claim.request_id,
                 "claim": claim.claim_id,
                 "completed_callbacks": encode_callbacks(completed),
             },
+            attempt,
         )
 
     async def reschedule(
-        self, claim: Claim, due_at: float, error: str, completed: Iterable[str] = ()
+        self,
+        claim: Claim,
+        due_at: float,
+        error: str,
+        completed: Iterable[str] = (),
+        *,
+        attempt: AttemptRecord | None = None,
     ) -> bool:
         """Put back to pending for another attempt at `due_at`, keeping the error."""
-        return await self._fenced(
+        return await self._settle(
             "reschedule",
             {
                 "request_id": claim.request_id,
@@ -215,11 +245,19 @@ class Store:
                 "last_error": error,
                 "completed_callbacks": encode_callbacks(completed),
             },
+            attempt,
         )
 
-    async def bury(self, claim: Claim, error: str, completed: Iterable[str] = ()) -> bool:
+    async def bury(
+        self,
+        claim: Claim,
+        error: str,
+        completed: Iterable[str] = (),
+        *,
+        attempt: AttemptRecord | None = None,
+    ) -> bool:
         """Mark dead (out of attempts), keeping the last error; `replay` revives it."""
-        return await self._fenced(
+        return await self._settle(
             "bury",
             {
                 "request_id": claim.request_id,
@@ -227,6 +265,7 @@ class Store:
                 "last_error": error,
                 "completed_callbacks": encode_callbacks(completed),
             },
+            attempt,
         )
 
     async def run(self, op: Op) -> Any:
@@ -252,6 +291,10 @@ class Store:
     def get(self, request_id: str) -> StoredDelivery | None:
         """One stored delivery, or None."""
         return self._read(admin.get, request_id)
+
+    def attempts(self, request_id: str) -> builtins.list[StoredAttempt]:
+        """A delivery's dispatch attempts, oldest first (empty if none, or no delivery)."""
+        return self._read(list_attempts, request_id)
 
     def list(
         self,

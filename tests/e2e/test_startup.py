@@ -1,4 +1,5 @@
-"""What a real `falhook serve` says when it starts and stops, and what it starts despite."""
+"""What a real `falhook serve` logs — when it starts and stops, rejects, retries — and what
+it starts despite."""
 
 from __future__ import annotations
 
@@ -125,3 +126,19 @@ def test_forwarded_for_is_ignored_from_an_untrusted_proxy(
     assert client.post(server.webhook_url, content=body, headers=headers).status_code == 401
     line = wait_log(server, "delivery rejected")
     assert line["reason"] == "invalid_signature" and line["client"] == "127.0.0.1"
+
+
+def test_a_retry_line_says_when_the_next_attempt_is_due(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client
+) -> None:
+    server = spawn(
+        env={"FALHOOK_CALLBACK_BACKOFF_SECONDS": "30", "FALHOOK_CALLBACK_MAX_ATTEMPTS": "3"}
+    )
+    sent = sender.post(client, server.webhook_url, "req-retry", payload={"test": "fail_always"})
+    assert sent.status_code == 200
+    line = wait_log(server, "callbacks retry")
+    assert line["level"] == "warning" and line["attempt"] == 1
+    assert "RuntimeError: callback failed on attempt 1" in line["error"]
+    assert line["next_attempt_at"] in line["msg"]
+    # Backoff 30 s, jittered: due in the future, within the policy's bounds.
+    assert 0 < line["retry_in_seconds"] <= 60

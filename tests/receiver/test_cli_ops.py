@@ -18,6 +18,7 @@ from falhook.receiver.models import BodyRow, Delivery, DeliveryRow, State
 from falhook.receiver.settings import Settings
 from falhook.receiver.store import Store
 from falhook.verify.testing import KeyPair, fal_body, sign
+from tests.receiver.store_fixtures import delivery
 
 DAY = 86400.0
 BIG_SEED = 17454220438242315174  # > 2**53: must survive `show --json` exactly
@@ -378,3 +379,57 @@ def test_dead_delivery_replayed_after_the_fix(
         assert code == 0 and out.startswith("replayed req-walk (was dead)")
         wait_state("req-walk", State.DONE)  # the running receiver picked it up at its poll
     assert handled == ["req-walk"]
+
+
+# -- deliveries show: the attempt history ----------------------------------------------
+
+
+def test_show_lists_every_attempt_and_the_latest_traceback(run: Run, db: str) -> None:
+    import asyncio
+
+    from falhook.receiver.store.attempts import AttemptRecord
+
+    trace = 'Traceback (most recent call last):\n  File "myapp.py", line 4, in handle\n'
+    trace += "RuntimeError: downstream is down"
+
+    async def dispatch_twice() -> None:
+        store = Store(db)
+        store.start()
+        try:
+            await store.insert(delivery("r-hist"))
+            (claim,) = (await store.claim(10, 30)).claims
+            now = time.time()
+            await store.reschedule(
+                claim,
+                now,
+                "RuntimeError: downstream is down",
+                attempt=AttemptRecord(1, now, 1.5, trace),
+            )
+            (claim,) = (await store.claim(10, 30)).claims
+            await store.bury(
+                claim, "RuntimeError: again", attempt=AttemptRecord(2, now, 0.5, trace)
+            )
+        finally:
+            await store.stop()
+
+    asyncio.run(dispatch_twice())
+    code, out, _ = run("deliveries", "show", "r-hist")
+    assert code == 0
+    table = out[out.index("attempts:") : out.index("traceback of attempt 2:")]
+    assert "ATTEMPT" in table and "DURATION" in table and "NEXT ATTEMPT" in table
+    lines = table.splitlines()[2:]
+    assert lines[0].split()[0] == "1" and "1.500 s" in lines[0] and "retry" in lines[0]
+    assert lines[1].split()[0] == "2" and "dead" in lines[1]
+    assert "RuntimeError: downstream is down" in lines[0]
+    assert 'File "myapp.py", line 4, in handle' in out
+    code, out, _ = run("deliveries", "show", "r-hist", "--json")
+    history = json.loads(out)["attempt_history"]
+    assert [(a["attempt"], a["outcome"]) for a in history] == [(1, "retry"), (2, "dead")]
+    assert history[0]["next_attempt_at"] is not None and history[1]["error"] == trace
+    assert history[0]["duration_seconds"] == 1.5
+
+
+def test_show_says_when_no_attempt_was_made(run: Run, db: str) -> None:
+    seed(db, "r-new", State.PENDING, attempts=0)
+    code, out, _ = run("deliveries", "show", "r-new")
+    assert code == 0 and "attempts: none recorded yet" in out

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from falhook.receiver.models import BodyRow, DeliveryRow, State
 from falhook.receiver.store import Store, make_engine
+from falhook.receiver.store.attempts import ATTEMPTS
 from falhook.receiver.store.migrations import MIGRATIONS, VERSION_TABLE, current_version, upgrade
 from tests.receiver import store_fixtures
 from tests.receiver.store_fixtures import delivery, fresh_pg_schema
@@ -233,7 +234,7 @@ def _other_database(store_url: str, tmp_path: Path) -> Iterator[str]:
             yield url
 
 
-@pytest.mark.parametrize("table", [TABLE, BODIES], ids=lambda t: t.name)
+@pytest.mark.parametrize("table", [TABLE, BODIES, ATTEMPTS], ids=lambda t: t.name)
 def test_migrated_schema_matches_the_sqlmodel_table(
     store_url: str, tmp_path: Path, table: sa.Table
 ) -> None:
