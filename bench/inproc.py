@@ -3,8 +3,13 @@
 wrk runs on a shared 2-core VM swing by ±10% from one minute to the next, which hides any
 change of a few percent. This drives ``WebhookReceiver``'s ASGI app directly (32 concurrent
 senders, uvloop, a SQLite file, a no-op async callback) and reports the loop thread's CPU
-time per delivery, from the first stored delivery to the last one done. Deliveries are
-signed before the clock starts.
+time per delivery, from the first stored delivery to the last one done, and the whole
+process's. Deliveries are signed before the clock starts.
+
+``--logs`` turns on what ``falhook serve`` does with its defaults: ``configure_logging`` at
+INFO, the JSON lines going to a file (as with ``falhook serve 2>file``). ``--sync`` makes the
+no-op callback a plain ``def`` (run off the loop) instead of an ``async def``. Like ``falhook
+serve``, the harness sets a 0.5 ms GIL switch interval (``--switch-interval``).
 
 For a figure that does not move with the machine at all, count instructions instead: run
 it under ``valgrind --tool=callgrind`` with two sizes and divide the difference of the
@@ -16,6 +21,9 @@ totals by the difference of the sizes (start-up and warm-up cancel out)::
         .venv/bin/python -m bench.inproc --deliveries 6000
     grep -h ^totals /tmp/cg.2000.* /tmp/cg.6000.*   # (b - a) / 4000 = instructions/delivery
 
+Add ``--separate-threads=yes`` to count the loop (the main thread, file ``*-01``) apart
+from the threads that write logs, commit and run ``def`` callbacks.
+
 ``--tree PATH`` measures another checkout's ``receiver`` (e.g. a ``git worktree``) with
 this checkout's harness.
 """
@@ -24,10 +32,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import tempfile
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +52,44 @@ class Result:
     deliveries: int
     loop_cpu_us: float  # the loop thread's CPU time per delivery
     per_second: float  # deliveries stored and dispatched per wall-clock second
+    process_cpu_us: float = 0.0  # all threads' CPU time per delivery (logs, commits, callbacks)
 
 
 async def _noop(delivery: Any) -> None:
     return None
+
+
+def _sync_noop(delivery: Any) -> None:
+    return None
+
+
+def start_logs(path: Path) -> Callable[[], None]:
+    """``falhook serve``'s logging at INFO, into ``path``; returns what stops it.
+
+    ``configure_logging`` writes to ``sys.stderr``, so it is pointed at the file while the
+    handler is built (an older checkout's version takes no stream argument).
+    """
+    from falhook.receiver import logs
+
+    file = path.open("w")
+    saved, sys.stderr = sys.stderr, file
+    try:
+        handle = logs.configure_logging("INFO")
+    finally:
+        sys.stderr = saved
+
+    def stop() -> None:
+        stopper = getattr(handle, "stop", None)
+        if callable(stopper):
+            stopper()  # drains what is still queued
+        logger = logging.getLogger("falhook")
+        for handler in logger.handlers:
+            handler.flush()
+        logger.handlers[:] = []
+        logger.propagate = True
+        file.close()
+
+    return stop
 
 
 def _scope(delivery: Delivery) -> dict[str, Any]:
@@ -69,9 +112,13 @@ async def measure(
     workdir: Path,
     *,
     callback: bool = True,
+    sync: bool = False,
     warmup: int = WARMUP,
 ) -> Result:
-    """Send ``deliveries`` (the first ``warmup`` unmeasured) and wait until all are done."""
+    """Send ``deliveries`` (the first ``warmup`` unmeasured) and wait until all are done.
+
+    ``sync``: the no-op callback is a plain ``def``.
+    """
     from falhook.receiver.app import WebhookReceiver  # imported late: --tree picks the checkout
     from falhook.receiver.models import State
     from falhook.receiver.settings import Settings
@@ -82,7 +129,8 @@ async def measure(
             "FALHOOK_JWKS_URL": str(jwks),
         }
     )
-    receiver = WebhookReceiver(settings, callbacks=[_noop] if callback else [])
+    noop = _sync_noop if sync else _noop
+    receiver = WebhookReceiver(settings, callbacks=[noop] if callback else [])
     await receiver.start()
     try:
 
@@ -124,14 +172,16 @@ async def measure(
 
         warm, measured = deliveries[:warmup], deliveries[warmup:]
         await run(warm)
-        cpu, wall = time.thread_time(), time.perf_counter()
+        cpu, wall, total = time.thread_time(), time.perf_counter(), time.process_time()
         await run(measured)
         if callback:
             await all_done(len(deliveries))
         cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+        total = time.process_time() - total
     finally:
         await receiver.stop()
-    return Result(len(measured), cpu / len(measured) * 1e6, len(measured) / wall)
+    n = len(measured)
+    return Result(n, cpu / n * 1e6, n / wall, total / n * 1e6)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,23 +189,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deliveries", type=int, default=20_000, help="measured (after a warm-up)")
     p.add_argument("--warmup", type=int, default=WARMUP, help="unmeasured, sent first")
     p.add_argument("--no-callback", action="store_true", help="store only: no dispatch")
+    p.add_argument("--sync", action="store_true", help="a plain def no-op callback")
+    p.add_argument("--logs", action="store_true", help="INFO logs to a file, as falhook serve")
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        default=0.0005,
+        help="sys.setswitchinterval, as falhook serve sets it (default 0.0005)",
+    )
     p.add_argument("--tree", type=Path, help="measure this checkout's receiver package")
     args = p.parse_args(argv)
     if args.tree is not None:
         sys.path.insert(0, str(args.tree.resolve()))
     import uvloop
 
+    sys.setswitchinterval(args.switch_interval)
     key = new_signing_key()
     deliveries = list(iter_deliveries(key, args.warmup + args.deliveries))
     with tempfile.TemporaryDirectory(prefix="falhook-inproc-") as tmp:
         jwks = write_jwks(key, Path(tmp) / "jwks.json")
+        log_path = Path(tmp) / "falhook.log"
+        stop_logs = start_logs(log_path) if args.logs else None
         work = measure(
-            deliveries, jwks, Path(tmp), callback=not args.no_callback, warmup=args.warmup
+            deliveries,
+            jwks,
+            Path(tmp),
+            callback=not args.no_callback,
+            sync=args.sync,
+            warmup=args.warmup,
         )
-        result = uvloop.run(work)
+        try:
+            result = uvloop.run(work)
+        finally:
+            if stop_logs is not None:
+                stop_logs()
+        lines = log_path.read_bytes().count(b"\n") if args.logs else 0
     print(
         f"{result.deliveries:,} deliveries: loop CPU {result.loop_cpu_us:.1f} us/delivery, "
-        f"{result.per_second:,.0f}/s"
+        f"process CPU {result.process_cpu_us:.1f} us/delivery, {result.per_second:,.0f}/s"
+        + (f", {lines:,} log lines" if args.logs else "")
     )
     return 0
 

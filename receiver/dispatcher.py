@@ -15,15 +15,15 @@ import logging
 import time
 import traceback
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.models import Delivery
-from falhook.receiver.registry import CallbackRegistry
+from falhook.receiver.registry import CallbackRegistry, RunningCall
 from falhook.receiver.retry import Backoff, Retry, RetryPolicy
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.attempts import AttemptRecord
+from falhook.receiver.sync_runner import SyncRunner
 
 __all__ = ["Dispatcher", "Drained"]
 
@@ -92,7 +92,8 @@ class Dispatcher:
         # to dispatch (threads are started only when needed); each one beyond that takes a
         # slot until its callback returns, so their number stays bounded.
         self._abandoned = 0
-        self._executor = ThreadPoolExecutor(2 * concurrency, thread_name_prefix="falhook-callback")
+        # Plain `def` callbacks: one thread hand-off per batch of deliveries, not per call.
+        self._sync_runner = SyncRunner(2 * concurrency)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -177,7 +178,7 @@ class Dispatcher:
             self._renew_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renew_task
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._sync_runner.stop()
         return Drained(in_flight - cancelled, cancelled)
 
     # -- the loop ----------------------------------------------------------------------
@@ -252,7 +253,7 @@ class Dispatcher:
             completed, error = await self.registry.run(
                 delivery,
                 claim.completed_callbacks,
-                self._executor,
+                self._sync_runner,
                 timeout=self.callback_timeout,
                 on_timeout=lambda name, thread: self._timed_out(claim, name, thread),
                 on_called=self.observer.called,
@@ -270,7 +271,7 @@ class Dispatcher:
         )
         return _Attempt(error is None, description, completed, retry_after, lease_ends, record)
 
-    def _timed_out(self, claim: Claim, name: str, thread: Future[Any] | None) -> None:
+    def _timed_out(self, claim: Claim, name: str, thread: RunningCall | None) -> None:
         self.observer.timed_out(name)
         if thread is None:
             log.warning(
@@ -284,7 +285,7 @@ class Dispatcher:
         self._abandoned += 1
         loop = asyncio.get_running_loop()
 
-        def returned(_: Future[Any]) -> None:  # in the abandoned thread
+        def returned(_: Any) -> None:  # in the abandoned thread
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
                 loop.call_soon_threadsafe(self._thread_returned, name)
 

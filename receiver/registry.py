@@ -15,15 +15,18 @@ from typing import Any, Literal, TypeVar
 
 from falhook.receiver.errors import CallbackImportError, CallbackTimeoutError
 from falhook.receiver.models import Delivery
+from falhook.receiver.sync_runner import SyncCall, SyncRunner
 
 __all__ = ["Callback", "CallbackRegistry", "import_callback"]
 
 Callback = Callable[[Delivery], Any]  # sync, or async returning an awaitable
 Kind = Literal["ok", "error", "any"]
 F = TypeVar("F", bound=Callback)
-# Told of a callback that timed out: its name, and for a sync one the future of the
-# thread still running it (a thread cannot be cancelled), else None.
-OnTimeout = Callable[[str, "Future[Any] | None"], None]
+# A sync callback's call, as long as its thread runs: `done()`, `add_done_callback()`.
+RunningCall = Future[Any] | SyncCall
+# Told of a callback that timed out: its name, and for a sync one the call still running
+# in its thread (a thread cannot be cancelled), else None.
+OnTimeout = Callable[[str, "RunningCall | None"], None]
 OnCalled = Callable[[str, float, str], None]  # (callback name, seconds, ok|error|timeout)
 
 
@@ -150,7 +153,7 @@ class CallbackRegistry:
         self,
         delivery: Delivery,
         done: Iterable[str],
-        executor: Executor | None,
+        executor: SyncRunner | Executor | None,
         *,
         timeout: float | None = None,  # noqa: ASYNC109 — per callback, not for the call
         on_timeout: OnTimeout | None = None,
@@ -162,8 +165,10 @@ class CallbackRegistry:
         exception, if any. A failure does not stop the callbacks after it: each succeeds
         at most once across attempts, because its success is recorded. A callback still
         running after `timeout` seconds is cancelled (async) or left to its thread (sync)
-        and counts as failed with `CallbackTimeoutError`; `on_timeout` is told.
-        `on_called(name, seconds, outcome)` hears of each call: ok, error or timeout.
+        and counts as failed with `CallbackTimeoutError`; `on_timeout` is told. Sync
+        callbacks run in `executor`: a `SyncRunner` (the dispatcher's: one thread hand-off
+        per batch) or any `Executor`. `on_called(name, seconds, outcome)` hears of each
+        call: ok, error or timeout.
         """
         completed = list(done)
         first_error: BaseException | None = None
@@ -171,7 +176,7 @@ class CallbackRegistry:
             if entry.name in completed:
                 continue
             deadline = asyncio.timeout(timeout)
-            thread: list[Future[Any]] = []
+            thread: list[RunningCall] = []
             began = time.perf_counter()
             try:
                 async with deadline:
@@ -198,8 +203,8 @@ class CallbackRegistry:
         self,
         entry: _Entry,
         delivery: Delivery,
-        executor: Executor | None,
-        thread: list[Future[Any]],
+        executor: SyncRunner | Executor | None,
+        thread: list[RunningCall],
     ) -> None:
         if entry.is_async:
             task = asyncio.current_task()
@@ -211,7 +216,13 @@ class CallbackRegistry:
                 self.on_loop.pop(task, None)
             return
         loop = asyncio.get_running_loop()
-        if executor is None:
+        if isinstance(executor, SyncRunner):
+            calls: list[SyncCall] = []
+            try:
+                result = await executor.run(entry.fn, delivery, calls)
+            finally:
+                thread.extend(calls)  # a timeout cannot stop the thread: the caller is told
+        elif executor is None:
             result = await loop.run_in_executor(None, entry.fn, delivery)
         else:
             future = executor.submit(entry.fn, delivery)

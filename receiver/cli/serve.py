@@ -16,11 +16,17 @@ import gc
 import os
 import socket
 import sys
-from typing import Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
 
 from falhook.receiver.cli.common import EXIT_CANNOT_LISTEN, EXIT_STORE, CommandError
 from falhook.receiver.errors import ReceiverError, SettingsError
 from falhook.receiver.settings import ENV_PREFIX, Settings
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from falhook.receiver.logs import LogPipeline
 
 __all__ = ["add_parser", "add_settings_flags", "settings_from_args"]
 
@@ -200,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
 
     from falhook.receiver.logs import configure_logging
 
-    configure_logging(settings.log_level)
+    logs = configure_logging(settings.log_level)
     # A fatal signal (SIGBUS from SQLite's mapped -shm file on a filesystem that refuses to
     # grow it, SIGSEGV in a C extension) would otherwise kill the process without a word:
     # this writes the Python stack of every thread to stderr first.
@@ -218,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
     from falhook.receiver.protocol import http_protocol
 
     config = uvicorn.Config(
-        receiver.app,
+        _DrainLogsAtShutdown(receiver.app, logs),
+        interface="asgi3",
         loop="uvloop",
         http=http_protocol(settings.header_timeout_seconds),
         # uvicorn counts the connection asking too: +1 so N connections are served.
@@ -236,8 +243,35 @@ def run(args: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        logs.stop()  # e.g. the server failed to start
     return 0 if server.started else 1
 
 
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class _DrainLogsAtShutdown:
+    """Writes the queued log lines once the receiver has shut down.
+
+    After a graceful shutdown uvicorn raises the SIGTERM/SIGINT it caught again, which ends
+    the process before ``Server.run`` returns: draining there would be too late. Requests
+    go straight to the receiver's app (no extra coroutine frame on the hot path).
+    """
+
+    def __init__(self, app: ASGIApp, logs: LogPipeline) -> None:
+        self.app = app
+        self.logs = logs
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] == "lifespan":
+            return self.app(scope, receive, self._send_after_drain(send))
+        return self.app(scope, receive, send)
+
+    def _send_after_drain(self, send: Send) -> Send:
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                self.logs.stop()  # a short join, once, after the last callback has ended
+            await send(message)
+
+        return lifespan_send

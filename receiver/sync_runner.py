@@ -1,0 +1,216 @@
+"""Plain ``def`` callbacks, run in threads, with one hand-off per batch instead of per call.
+
+`loop.run_in_executor` costs, for every call, a wake-up of a pool thread (which then
+contends with the event loop for the GIL) and a thread-safe wake-up of the loop with the
+result. Under load the dispatcher starts many deliveries in the same loop iteration, so
+`SyncRunner` queues them and wakes one thread per iteration, which runs the queued calls
+one after another; results go back in one `call_soon_threadsafe` for all that finished
+while the loop was busy.
+
+Running calls one after another must not let a slow one hold up the rest: a call that
+has waited ``stall_seconds`` in the queue wakes as many threads as there are calls waiting
+(started when first needed, never more than ``workers``). The loop itself never waits for a
+callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["SyncCall", "SyncRunner"]
+
+_STOP = object()
+_QUEUED, _RUNNING, _FINISHED = 0, 1, 2
+
+
+class SyncCall:
+    """One call's handle, with the two methods of a `concurrent.futures.Future` that a
+    caller watching a thread needs: `done` (returned, or never started) and
+    `add_done_callback` (called in the worker thread, or at once if already done)."""
+
+    __slots__ = ("arg", "callbacks", "fn", "future", "queued_at", "state")
+
+    def __init__(
+        self, future: asyncio.Future[Any], fn: Callable[[Any], Any], arg: Any, queued_at: float
+    ) -> None:
+        self.future = future
+        self.fn = fn
+        self.arg = arg
+        self.queued_at = queued_at
+        self.state = _QUEUED
+        self.callbacks: list[Callable[[SyncCall], None]] | None = None
+
+    def done(self) -> bool:
+        return self.state == _FINISHED
+
+    def add_done_callback(self, fn: Callable[[SyncCall], None]) -> None:
+        with _CALLBACKS_LOCK:
+            if self.state != _FINISHED:
+                if self.callbacks is None:
+                    self.callbacks = []
+                self.callbacks.append(fn)
+                return
+        fn(self)
+
+    def _finish(self) -> None:
+        with _CALLBACKS_LOCK:
+            self.state = _FINISHED
+            callbacks, self.callbacks = self.callbacks, None
+        for fn in callbacks or ():
+            fn(self)
+
+
+# Watching a call is rare (a timed-out callback); one lock for all of them is enough.
+_CALLBACKS_LOCK = threading.Lock()
+
+
+class SyncRunner:
+    """Runs sync functions in up to ``workers`` threads; `run` awaits one call's result."""
+
+    def __init__(
+        self, workers: int, *, stall_seconds: float = 0.002, name: str = "falhook-callback"
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.workers = workers
+        self.stall_seconds = stall_seconds
+        self._name = name
+        self._pending: collections.deque[SyncCall] = collections.deque()  # thread-safe ends
+        self._wakeups: queue.SimpleQueue[object] = queue.SimpleQueue()  # one token, one thread
+        self._results: list[tuple[SyncCall, bool, Any]] = []
+        self._results_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._kick_scheduled = False
+        self._watch: asyncio.TimerHandle | None = None
+        self._stopped = False
+
+    async def run(
+        self, fn: Callable[[Any], Any], arg: Any, calls: list[SyncCall] | None = None
+    ) -> Any:
+        """``fn(arg)`` in a worker thread; its result, or its exception raised here.
+
+        If given, ``calls`` receives the call's `SyncCall` handle (to watch a thread that
+        outlives a timeout). A call cancelled before a thread took it never runs.
+        """
+        if self._stopped:
+            raise RuntimeError("SyncRunner is stopped")
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        call = SyncCall(future, fn, arg, time.monotonic())
+        if calls is not None:
+            calls.append(call)
+        self._pending.append(call)
+        if not self._kick_scheduled:
+            # Wake a thread once this loop iteration is over, for everything queued in it.
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+        return await future
+
+    def stop(self) -> None:
+        """Stop the threads once their current call returns; calls not started are cancelled."""
+        self._stopped = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        while True:
+            try:
+                call = self._pending.popleft()
+            except IndexError:
+                break
+            call.future.cancel()
+            call._finish()  # never ran
+        for _ in self._threads:
+            self._wakeups.put(_STOP)
+
+    # -- the loop's side -----------------------------------------------------------------
+
+    def _wake(self, count: int) -> None:
+        # Threads are started when first needed; a token is taken by whichever is idle.
+        missing = min(count, self.workers - len(self._threads))
+        for _ in range(missing):
+            thread = threading.Thread(
+                target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        for _ in range(count):
+            self._wakeups.put(None)
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        if self._pending and not self._stopped:
+            self._wake(1)
+            if self._watch is None:
+                self._arm(self.stall_seconds)
+
+    def _arm(self, delay: float) -> None:
+        assert self._loop is not None
+        self._watch = self._loop.call_later(delay, self._check_stalled)
+
+    def _check_stalled(self) -> None:
+        """Calls still queued after ``stall_seconds``: one thread each (a call may be slow)."""
+        self._watch = None
+        if self._stopped:
+            return
+        try:
+            oldest = self._pending[0].queued_at
+        except IndexError:
+            return  # everything queued has started
+        waited = time.monotonic() - oldest
+        if waited >= self.stall_seconds:
+            self._wake(min(len(self._pending), self.workers))
+            self._arm(self.stall_seconds)
+        else:
+            self._arm(self.stall_seconds - waited)
+
+    def _deliver(self) -> None:
+        with self._results_lock:
+            results, self._results = self._results, []
+        for call, ok, value in results:
+            future = call.future
+            if future.done():  # cancelled meanwhile (a timeout, shutdown)
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    # -- a worker thread's side -----------------------------------------------------------
+
+    def _work(self) -> None:
+        pending, wakeups = self._pending, self._wakeups
+        while wakeups.get() is not _STOP:
+            while True:
+                try:
+                    call = pending.popleft()
+                except IndexError:
+                    break
+                if call.future.done():  # cancelled before it started: do not run it
+                    call._finish()
+                    continue
+                call.state = _RUNNING
+                try:
+                    result: tuple[SyncCall, bool, Any] = (call, True, call.fn(call.arg))
+                except BaseException as exc:  # handed to the awaiting coroutine, not lost here
+                    result = (call, False, exc)
+                call._finish()
+                self._post(result)
+
+    def _post(self, result: tuple[SyncCall, bool, Any]) -> None:
+        with self._results_lock:
+            self._results.append(result)
+            first = len(self._results) == 1
+        if first:  # later results join this wake-up until the loop has taken them
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
+                self._loop.call_soon_threadsafe(self._deliver)
