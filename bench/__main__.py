@@ -9,7 +9,15 @@ from pathlib import Path
 
 from bench import report
 from bench.pg import probe
-from bench.runner import ALL_TARGETS, PG_TARGETS, Params, default_targets, run, write_results
+from bench.runner import (
+    ALL_TARGETS,
+    PG_TARGETS,
+    TUNED_TARGETS,
+    Params,
+    default_targets,
+    run,
+    write_results,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -33,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--targets",
         type=parse_targets,
         default=None,
-        help=f"{','.join(ALL_TARGETS)} (default: all; {','.join(PG_TARGETS)} only when "
-        "PostgreSQL at BENCH_PG_URL answers)",
+        help=f"{','.join(ALL_TARGETS)} (default: all but {','.join(TUNED_TARGETS)}; "
+        f"{','.join(PG_TARGETS)} only when PostgreSQL at BENCH_PG_URL answers)",
     )
     p.add_argument(
         "--duration", type=float, help="seconds per target and round (default 6, quick 3)"
@@ -90,11 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ceiling = report.ceiling_line(result["headline"])
     if ceiling:
         print(ceiling)
-    if any(name in result["targets"] for name in PG_TARGETS):
+    print()
+    print("\n".join(report.configuration_lines(result["targets"])))
+    shown = [c for c in result["comparisons"] if c["value"] is not None]
+    if shown:
         print()
-        rows = report.comparison_rows(result["comparisons"])
-        print(report.text_table(report.COMPARISON_HEADER, rows))
-    elif result["postgres"].get("status") == "unavailable":
+        print(report.text_table(report.COMPARISON_HEADER, report.comparison_rows(shown)))
+    if not any(name in result["targets"] for name in PG_TARGETS) and (
+        result["postgres"].get("status") == "unavailable"
+    ):
         print(f"\nPostgreSQL targets not run: unavailable: {result['postgres'].get('reason')}")
     micro = result["verify_micro"]
     dispatch = result["dispatch"]

@@ -1,6 +1,7 @@
 """Callbacks for ``falhook serve --callback`` during the benchmark.
 
-``noop`` is the throughput run's callback. ``record`` appends one line per delivery, the
+``noop`` (``async def``) and ``noop_def`` (a plain ``def``, run off the event loop) are the
+throughput runs' callbacks. ``record`` appends one line per delivery, the
 seconds from ``received_at`` (stored, just before the acknowledgement) to the callback's
 start, to the file named by ``FALHOOK_BENCH_LATENCY_FILE``.
 """
@@ -18,6 +19,10 @@ _latency_file: IO[str] | None = None
 
 
 async def noop(delivery: Any) -> None:
+    return None
+
+
+def noop_def(delivery: Any) -> None:
     return None
 
 

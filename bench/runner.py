@@ -78,6 +78,8 @@ class Target:
     factory: str | None = None  # uvicorn factory for the references
     postgres: bool = False  # falhook on a fresh PostgreSQL database instead of SQLite
     replicas: int = 1  # falhook serve processes sharing that database, one wrk each
+    callback: str = "bench.callbacks:noop"  # falhook: an `async def` no-op
+    log_level: str | None = None  # falhook: None = serve's default (INFO, one line a delivery)
 
 
 REFERENCES = {
@@ -85,17 +87,24 @@ REFERENCES = {
     "verify-only": Target("verify-only", dedupes=False, factory="bench.targets:verify_only_app"),
     "naive": Target("naive", dedupes=True, factory="bench.targets:naive_app"),
 }
+# falhook as users run it: serve's defaults (INFO logs, here into the server's log file).
 FALHOOK = Target("falhook", dedupes=True)
+FALHOOK_DEF = Target("falhook-def", dedupes=True, callback="bench.callbacks:noop_def")
+# A tuned configuration, reported as such and only when named: per-delivery logs off.
+FALHOOK_TUNED = Target("falhook-tuned", dedupes=True, log_level="warning")
 FALHOOK_PG = Target("falhook-pg", dedupes=True, postgres=True)
 FALHOOK_PG2 = Target("falhook-pg2", dedupes=True, postgres=True, replicas=2)
-FALHOOKS = {t.name: t for t in (FALHOOK, FALHOOK_PG, FALHOOK_PG2)}
+FALHOOKS = {t.name: t for t in (FALHOOK, FALHOOK_DEF, FALHOOK_TUNED, FALHOOK_PG, FALHOOK_PG2)}
 PG_TARGETS = (FALHOOK_PG.name, FALHOOK_PG2.name)
+TUNED_TARGETS = (FALHOOK_TUNED.name,)
 ALL_TARGETS = (*REFERENCES, *FALHOOKS)
 
 
 def default_targets(pg_available: bool) -> list[str]:
-    """Every target; the PostgreSQL ones only when PostgreSQL answered the probe."""
-    return [n for n in ALL_TARGETS if pg_available or n not in PG_TARGETS]
+    """Every default-configuration target; PostgreSQL ones only when PostgreSQL answered."""
+    return [
+        n for n in ALL_TARGETS if n not in TUNED_TARGETS and (pg_available or n not in PG_TARGETS)
+    ]
 
 
 def main_deliveries(estimated_rps: float, duration_s: float) -> int:
@@ -116,7 +125,8 @@ class FalhookCli:
     reason: str = ""
     help_text: str = ""
 
-    def command(self, port: int, callback: str) -> list[str]:
+    def command(self, port: int, callback: str, log_level: str | None = None) -> list[str]:
+        """`falhook serve` with its defaults; ``log_level`` given only for a tuned target."""
         cmd = [
             str(VENV_BIN / "falhook"),
             "serve",
@@ -127,10 +137,10 @@ class FalhookCli:
             "--callback",
             callback,
         ]
-        # Pass the references' server flags where `falhook serve` has them.
-        for flag, value in (("--log-level", "warning"), ("--no-access-log", None)):
-            if flag in self.help_text:
-                cmd += [flag] if value is None else [flag, value]
+        if log_level is not None and "--log-level" in self.help_text:
+            cmd += ["--log-level", log_level]
+        if "--no-access-log" in self.help_text:  # the references' flag, where serve has it
+            cmd.append("--no-access-log")
         return cmd
 
 
@@ -235,7 +245,7 @@ def _run_target(
                 env = falhook_env(workdir, jwks, database_url)
                 for suffix in suffixes:
                     port = free_port()
-                    command = falhook.command(port, "bench.callbacks:noop")
+                    command = falhook.command(port, target.callback, target.log_level)
                     name = target.name + (f"-{suffix}" if suffix else "")
                     log_path = workdir / f"server{suffix}.log"
                     servers.append(Server(name, command, port, env, log_path))

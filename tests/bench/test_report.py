@@ -6,7 +6,17 @@ from typing import Any
 import pytest
 
 from bench import report
-from bench.runner import cpu_model, main_deliveries, write_results, wrk_version_line
+from bench.runner import (
+    FALHOOK,
+    FALHOOK_DEF,
+    FALHOOK_TUNED,
+    FalhookCli,
+    cpu_model,
+    default_targets,
+    main_deliveries,
+    write_results,
+    wrk_version_line,
+)
 from bench.servers import parse_status_kb
 
 
@@ -26,27 +36,37 @@ def test_ratio_of_missing_values_is_none() -> None:
     assert report.ratio(1.0, 0.0) is None
 
 
-def _results(falhook: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
+def _results(
+    falhook: dict[str, Any], falhook_def: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    results = {
         "bare": {"status": "ok", "rps": 20000.0, "p99_ms": 3.0},
         "verify-only": {"status": "ok", "rps": 8000.0, "p99_ms": 6.0, "peak_rss_mb": 60.0},
         "naive": {"status": "ok", "rps": 500.0, "p99_ms": 80.0},
         "falhook": falhook,
     }
+    if falhook_def is not None:
+        results["falhook-def"] = falhook_def
+    return results
 
 
-def test_goals_pass_fail_and_stretch() -> None:
+def test_goals_pass_fail_and_stretch_for_both_callback_kinds() -> None:
     falhook = {"status": "ok", "rps": 7500.0, "p99_ms": 15.0, "peak_rss_mb": 90.0}
-    values = report.headline(_results(falhook), {"status": "ok", "p50_ms": 7.0})
+    falhook_def = {"status": "ok", "rps": 6000.0, "p99_ms": 9.0, "peak_rss_mb": 95.0}
+    values = report.headline(_results(falhook, falhook_def), {"status": "ok", "p50_ms": 7.0})
     verdicts = {e["key"]: e["verdict"] for e in report.evaluate(values)}
     assert verdicts == {
         "falhook_vs_verify_rps": "PASS (stretch)",  # 0.94
-        "falhook_vs_naive_rps": "PASS",  # 15x
+        "falhook_def_vs_verify_rps": "PASS",  # 0.75
         "falhook_vs_verify_p99": "FAIL",  # 2.5x
+        "falhook_def_vs_verify_p99": "PASS",  # 1.5x
         "dispatch_p50_ms": "FAIL",
         "falhook_peak_rss_mb": "PASS",
     }
     assert values["falhook_vs_verify_rps"] == pytest.approx(0.9375)
+    # No longer a goal, still reported.
+    assert values["falhook_vs_naive_rps"] == pytest.approx(15.0)
+    assert "falhook_vs_naive_rps" in {c["key"] for c in report.comparisons(values)}
     assert values["verify_vs_naive_rps"] == pytest.approx(16.0)  # 8000 / 500
     assert "16.00x" in (report.ceiling_line(values) or "")
     assert report.ceiling_line({"verify_vs_naive_rps": None}) is None
@@ -94,6 +114,8 @@ def test_report_files_are_written(tmp_path: Path) -> None:
     markdown = (tmp_path / "latest.md").read_text()
     assert "| bare | 20,000 |" in markdown
     assert "verify-only / naive req/s: 16.00x" in markdown
+    assert "- falhook: defaults: log level INFO" in markdown
+    assert "| falhook / naive req/s | — |" in markdown
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -158,3 +180,28 @@ def test_deliveries_go_to_ram_when_there_is_some(tmp_path: Path) -> None:
         (data / "main.tsv").write_bytes(b"x")
     if SHM.is_dir():
         assert not data.exists()  # removed with the target
+
+
+def test_falhook_targets_run_serve_defaults_unless_tuned() -> None:
+    cli = FalhookCli(True, help_text="--log-level VALUE --callback")
+    default = cli.command(8000, FALHOOK.callback, FALHOOK.log_level)
+    assert "--log-level" not in default  # serve's default: INFO, one line a delivery
+    assert default[default.index("--callback") + 1] == "bench.callbacks:noop"
+    sync = cli.command(8000, FALHOOK_DEF.callback, FALHOOK_DEF.log_level)
+    assert sync[sync.index("--callback") + 1] == "bench.callbacks:noop_def"
+    assert "--log-level" not in sync
+    tuned = cli.command(8000, FALHOOK_TUNED.callback, FALHOOK_TUNED.log_level)
+    assert tuned[-2:] == ["--log-level", "warning"]
+    assert "falhook-tuned" not in default_targets(True)
+    assert {"falhook", "falhook-def"} <= set(default_targets(False))
+    assert "TUNED" in report.CONFIGURATIONS["falhook-tuned"]
+
+
+def test_the_def_noop_callback_is_a_plain_function() -> None:
+    import inspect
+
+    from bench import callbacks
+
+    assert not inspect.iscoroutinefunction(callbacks.noop_def)
+    assert inspect.iscoroutinefunction(callbacks.noop)
+    callbacks.noop_def(object())
