@@ -182,3 +182,37 @@ def test_a_cancelled_wait_is_not_resolved_later() -> None:
             runner.stop()
 
     asyncio.run(main())
+
+
+def test_a_call_outliving_its_caller_is_watched_through_its_handle() -> None:
+    """What a callback timeout needs: the running call's thread is seen until it returns."""
+    release = threading.Event()
+    returned = threading.Event()
+
+    def held(_: Any) -> None:
+        release.wait(10)
+
+    async def main() -> None:
+        runner = SyncRunner(1, stall_seconds=60)
+        try:
+            running: list[Any] = []
+            queued: list[Any] = []
+            first = asyncio.ensure_future(runner.run(held, None, running))
+            second = asyncio.ensure_future(runner.run(held, None, queued))
+            await _until(lambda: bool(running) and running[0].state == 1)
+            first.cancel()
+            second.cancel()
+            await asyncio.gather(first, second, return_exceptions=True)
+            assert not running[0].done()  # its thread still runs
+            running[0].add_done_callback(lambda _: returned.set())
+            release.set()
+            await _until(returned.is_set)
+            await _until(queued[0].done)  # the queued one was dropped, never run
+            fired: list[bool] = []
+            queued[0].add_done_callback(lambda _: fired.append(True))  # already done: at once
+            assert fired == [True]
+        finally:
+            release.set()
+            runner.stop()
+
+    asyncio.run(main())
