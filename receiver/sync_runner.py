@@ -139,7 +139,7 @@ class SyncRunner:
         missing = min(count, self.workers - len(self._threads))
         for _ in range(missing):
             thread = threading.Thread(
-                target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
+                target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
             )
             thread.start()
             self._threads.append(thread)
