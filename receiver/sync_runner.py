@@ -7,8 +7,9 @@ result. Under load the dispatcher starts many deliveries in the same loop iterat
 one after another; results go back in one `call_soon_threadsafe` for all that finished
 while the loop was busy.
 
-Running calls one after another must not let a slow one hold up the rest: a call that
-has waited ``stall_seconds`` in the queue wakes as many threads as there are calls waiting
+Running calls one after another must not let a slow one hold up the rest: when a call has
+waited ``stall_seconds`` in the queue, every thread is inside a call and none has started
+one since the last look, as many more threads are woken as there are calls waiting
 (started when first needed, never more than ``workers``). The loop itself never waits for a
 callback.
 """
@@ -27,7 +28,8 @@ from typing import Any
 __all__ = ["SyncCall", "SyncRunner"]
 
 _STOP = object()
-_QUEUED, _RUNNING, _FINISHED = 0, 1, 2
+_QUEUED, _RUNNING, _FINISHED = 0, 1, 2  # a call's states
+_IDLE, _DRAINING, _CALLING = 0, 1, 2  # a thread's states
 
 
 class SyncCall:
@@ -91,6 +93,11 @@ class SyncRunner:
         self._kick_scheduled = False
         self._watch: asyncio.TimerHandle | None = None
         self._stopped = False
+        # What each thread is doing, written only by that thread (no lock needed); they
+        # steer wake-ups, never correctness.
+        self._states: list[int] = []
+        self._started = 0  # calls taken by a thread (a lost update still shows a change)
+        self._started_seen = -1  # ... at the last stall check
 
     async def run(
         self, fn: Callable[[Any], Any], arg: Any, calls: list[SyncCall] | None = None
@@ -135,11 +142,13 @@ class SyncRunner:
     # -- the loop's side -----------------------------------------------------------------
 
     def _wake(self, count: int) -> None:
-        # Threads are started when first needed; a token is taken by whichever is idle.
-        missing = min(count, self.workers - len(self._threads))
+        # A token is taken by whichever thread is idle; more are started when none is.
+        missing = min(count - self._states.count(_IDLE), self.workers - len(self._threads))
         for _ in range(missing):
+            index = len(self._threads)
+            self._states.append(_DRAINING)
             thread = threading.Thread(
-                target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+                target=self._work, args=(index,), name=f"{self._name}-{index}", daemon=True
             )
             thread.start()
             self._threads.append(thread)
@@ -167,11 +176,15 @@ class SyncRunner:
         except IndexError:
             return  # everything queued has started
         waited = time.monotonic() - oldest
-        if waited >= self.stall_seconds:
-            self._wake(min(len(self._pending), self.workers))
-            self._arm(self.stall_seconds)
-        else:
+        if waited < self.stall_seconds:
             self._arm(self.stall_seconds - waited)
+            return
+        progressed = self._started != self._started_seen
+        self._started_seen = self._started
+        stuck = all(state == _CALLING for state in self._states)
+        if stuck and not progressed:  # every thread is inside a call: a slow one, or several
+            self._wake(min(len(self._pending), self.workers))
+        self._arm(self.stall_seconds)
 
     def _deliver(self) -> None:
         with self._results_lock:
@@ -187,22 +200,30 @@ class SyncRunner:
 
     # -- a worker thread's side -----------------------------------------------------------
 
-    def _work(self) -> None:
-        pending, wakeups = self._pending, self._wakeups
-        while wakeups.get() is not _STOP:
+    def _work(self, index: int) -> None:
+        pending, wakeups, states = self._pending, self._wakeups, self._states
+        while True:
+            states[index] = _IDLE
+            token = wakeups.get()
+            states[index] = _DRAINING
+            if token is _STOP:
+                return
             while True:
                 try:
                     call = pending.popleft()
                 except IndexError:
                     break
+                self._started += 1
                 if call.future.done():  # cancelled before it started: do not run it
                     call._finish()
                     continue
                 call.state = _RUNNING
+                states[index] = _CALLING
                 try:
                     result: tuple[SyncCall, bool, Any] = (call, True, call.fn(call.arg))
                 except BaseException as exc:  # handed to the awaiting coroutine, not lost here
                     result = (call, False, exc)
+                states[index] = _DRAINING
                 call._finish()
                 self._post(result)
 
