@@ -28,6 +28,7 @@ from falhook.receiver.logs import delivery_log
 from falhook.receiver.metrics import Metrics
 from falhook.receiver.models import Delivery
 from falhook.receiver.pause import PauseWatcher
+from falhook.receiver.pruner import Pruner
 from falhook.receiver.registry import Callback, CallbackRegistry
 from falhook.receiver.retry import RetryPolicy
 from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
@@ -141,6 +142,7 @@ class WebhookReceiver:
         self._dispatcher: Dispatcher | None = None
         self._listener: Listener | None = None
         self._watchdog: LoopWatchdog | None = None
+        self._pruner: Pruner | None = None
         self._intake: Intake | None = None
         self._warm_keys_task: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
@@ -282,6 +284,9 @@ class WebhookReceiver:
             lease_seconds=settings.lease_seconds,
             store_timeout=settings.store_timeout_seconds,
         )
+        if settings.retention > 0:
+            self._pruner = Pruner(store, settings.retention)
+            self._pruner.start()
         self._started_at = time.monotonic()
         self._log_started()
 
@@ -339,6 +344,9 @@ class WebhookReceiver:
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None
+        if self._pruner is not None:
+            await self._pruner.stop()
+            self._pruner = None
         self._intake = None
         if self._warm_keys_task is not None:
             self._warm_keys_task.cancel()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from falhook.receiver.durations import parse_duration
 from falhook.receiver.errors import SettingsError
 from falhook.verify.message import DEFAULT_JWKS_URL
 
@@ -65,6 +66,12 @@ def _non_negative_float(value: str) -> float:
     if not number >= 0 or number == float("inf"):
         raise ValueError(wanted)
     return number
+
+
+def _retention(value: str) -> float:
+    if value.strip() == "0":
+        return 0.0  # off
+    return parse_duration(value)
 
 
 def _optional_str(value: str) -> str | None:
@@ -270,6 +277,12 @@ class Settings:
         "CONSOLE_TOKEN",
         "serve the operator's console under /console/, signed in with this token",
         secret=True,
+    )
+    retention: float = _setting(
+        7 * 24 * 3600.0,
+        _retention,
+        "RETENTION",
+        "serve prunes done deliveries older than this (7d, 36h…; 0 = off)",
     )
     log_level: str = _setting("INFO", _log_level, "LOG_LEVEL", "log level")
     log_payloads: bool = _setting(

@@ -17,7 +17,16 @@ from falhook.receiver.store import attempts
 from falhook.receiver.store.operations import decode_callbacks
 from falhook.receiver.store.statements import BODIES, TABLE
 
-__all__ = ["counts", "get", "list_deliveries", "oldest_pending_age", "prune", "replay"]
+__all__ = [
+    "PRUNE_LOCK_KEY",
+    "counts",
+    "get",
+    "list_deliveries",
+    "oldest_pending_age",
+    "prune",
+    "prune_batch",
+    "replay",
+]
 
 # A delivery's state row with its body. Outer: a delivery whose body row is missing (a
 # damaged store) still shows, body empty.
@@ -125,6 +134,35 @@ def prune(
         chunk = ids[start : start + _PRUNE_CHUNK]
         conn.execute(sa.delete(BODIES).where(BODIES.c.id.in_(chunk)))
         attempts.delete_for(conn, chunk)
+    return len(ids)
+
+
+# Serialises retention pruning across replicas on PostgreSQL (any constant of our own).
+PRUNE_LOCK_KEY = 0x66616C70  # "falp"
+
+
+def prune_batch(conn: sa.Connection, older_than: float, limit: int) -> int | None:
+    """Delete up to `limit` done deliveries finished more than `older_than` seconds ago,
+    in the caller's transaction; the same rules as `prune` (done only). None when another
+    replica is pruning now (PostgreSQL: one at a time)."""
+    if conn.dialect.name == "postgresql":
+        taken = conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": PRUNE_LOCK_KEY})
+        if not taken.scalar_one():
+            return None
+    cutoff = time.time() - older_than
+    oldest = (
+        sa.select(TABLE.c.id)
+        .where(TABLE.c.state == State.DONE.value, TABLE.c.finished_at < cutoff)
+        .limit(limit)
+    )
+    stmt = (
+        sa.delete(TABLE)
+        .where(TABLE.c.id.in_(oldest.scalar_subquery()), TABLE.c.state == State.DONE.value)
+        .returning(TABLE.c.id)
+    )
+    ids = [row[0] for row in conn.execute(stmt)]
+    if ids:
+        conn.execute(sa.delete(BODIES).where(BODIES.c.id.in_(ids)))
     return len(ids)
 
 

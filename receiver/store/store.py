@@ -347,6 +347,11 @@ class Store:
         """
         return self._write(admin.prune, older_than, states=states)
 
+    def prune_batch(self, older_than: float, limit: int) -> int | None:
+        """One small transaction of retention pruning (done only, as `prune`); None when
+        another replica is pruning (PostgreSQL)."""
+        return self._write(admin.prune_batch, older_than, limit)
+
     def _read(self, query: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         try:
             with self._connect() as conn:

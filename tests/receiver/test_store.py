@@ -671,3 +671,44 @@ def test_compiled_statement_binds_by_position(
     cursor = sqlite3.connect(":memory:").cursor()
     statement.execute(cursor, params)
     assert cursor.fetchone() == expected
+
+
+def test_prune_batch_deletes_done_only_in_batches(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await _settled(store)
+            for i in range(5):  # five more done deliveries
+                await store.insert(delivery(f"done-{i}"))
+            for claim in (await store.claim(10, 30)).claims:
+                assert await store.finish(claim)
+            await asyncio.sleep(0.01)
+            assert store.prune_batch(3600, 2) == 0  # none finished long enough ago
+            assert store.prune_batch(0, 2) == 2
+            assert store.prune_batch(0, 10) == 4  # the other done ones, "a" among them
+            assert store.prune_batch(0, 10) == 0
+            assert {r.request_id for r in store.list()} == {"b", "c", "d"}  # dead stays
+            assert row_counts(store) == (3, 3)
+
+    run(body)
+
+
+@requires_pg
+def test_prune_batch_runs_on_one_replica_at_a_time(pg_schema_url: str) -> None:
+    from falhook.receiver.store.admin import PRUNE_LOCK_KEY
+
+    async def body() -> None:
+        async with opened(pg_schema_url) as store:
+            await store.insert(delivery("x"))
+            (claim,) = (await store.claim(1, 30)).claims
+            assert await store.finish(claim)
+            await asyncio.sleep(0.01)
+            other = sa.create_engine(pg_schema_url)
+            try:
+                with other.connect() as conn, conn.begin():
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": PRUNE_LOCK_KEY})
+                    assert store.prune_batch(0, 10) is None  # another replica is pruning
+                assert store.prune_batch(0, 10) == 1
+            finally:
+                other.dispose()
+
+    run(body)
