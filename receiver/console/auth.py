@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
-__all__ = ["SESSION_COOKIE", "SESSION_SECONDS", "SIGNIN_COOKIE", "Auth", "Session"]
+__all__ = [
+    "SESSION_COOKIE",
+    "SESSION_SECONDS",
+    "SIGNIN_COOKIE",
+    "Auth",
+    "Session",
+    "SigninThrottle",
+]
 
 SESSION_COOKIE = "falhook_console"
 SIGNIN_COOKIE = "falhook_console_signin"
@@ -138,3 +145,38 @@ class Auth:
     @staticmethod
     def csrf_matches(given: str, expected: str) -> bool:
         return hmac.compare_digest(given.encode(), expected.encode())
+
+
+class SigninThrottle:
+    """At most `limit` failed sign-ins per client address per `window` seconds.
+
+    Guessing a long random token is hopeless anyway; this keeps a short one from being
+    guessed quickly and keeps the log of wrong tokens readable. In memory, per process.
+    """
+
+    def __init__(self, limit: int = 5, window: float = 60.0, max_clients: int = 10_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self._failures: dict[str, list[float]] = {}
+
+    def _recent(self, client: str, now: float) -> list[float]:
+        times = [t for t in self._failures.get(client, ()) if now - t < self.window]
+        if times:
+            self._failures[client] = times
+        else:
+            self._failures.pop(client, None)
+        return times
+
+    def blocked(self, client: str, now: float | None = None) -> bool:
+        return len(self._recent(client, time.time() if now is None else now)) >= self.limit
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if len(self._failures) >= self.max_clients and client not in self._failures:
+            # Bounded memory under a spray from many addresses: forget the stale ones.
+            for other in list(self._failures):
+                self._recent(other, now)
+            if len(self._failures) >= self.max_clients:
+                self._failures.pop(next(iter(self._failures)))
+        self._failures.setdefault(client, []).append(now)

@@ -24,7 +24,7 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from falhook.receiver.console import queries, render
-from falhook.receiver.console.auth import Auth, Session
+from falhook.receiver.console.auth import Auth, Session, SigninThrottle
 from falhook.receiver.errors import ReceiverError
 from falhook.receiver.models import State, StoredDelivery
 from falhook.receiver.store import Store
@@ -84,6 +84,7 @@ class Console:
     def __init__(self, receiver: Operated, token: str) -> None:
         self.receiver = receiver
         self.auth = Auth(token)
+        self.throttle = SigninThrottle()
         self._expected: Expectations | None = None
         env = Environment(
             loader=PackageLoader("falhook.receiver.console", "templates"),
@@ -187,8 +188,12 @@ class Console:
         expected = self.auth.csrf_for(nonce, "signin")
         if new or not self.auth.csrf_matches(_field(form, "csrf"), expected):
             return self._signin(request, "The form was stale: try again.", 403)
+        client = _client(request)
+        if self.throttle.blocked(client):
+            return self._signin(request, "Too many wrong tokens: wait a minute.", 429)
         if not self.auth.token_ok(_field(form, "token")):
-            log.warning("console: a sign-in with a wrong token from %s", _client(request))
+            self.throttle.failed(client)
+            log.warning("console: a sign-in with a wrong token from %s", client)
             return self._signin(request, "Wrong token.", 401)
         response = RedirectResponse(request.url_for("list"), status_code=303)
         self.auth.start_session(response, request)

@@ -16,7 +16,7 @@ from starlette.testclient import TestClient
 
 from falhook.receiver import Settings, WebhookReceiver
 from falhook.receiver.console import queries
-from falhook.receiver.console.auth import SESSION_COOKIE, Auth
+from falhook.receiver.console.auth import SESSION_COOKIE, Auth, SigninThrottle
 from falhook.receiver.console.queries import PAGE_SIZE, Cursor, Filters, page_statement, sql_for
 from falhook.receiver.models import State
 from falhook.receiver.store import Store
@@ -181,6 +181,25 @@ def test_wrong_token_is_refused(client: TestClient, caplog: pytest.LogCaptureFix
     assert SESSION_COOKIE not in response.headers.get("set-cookie", "")
     assert client.get("/console/").status_code == 303
     assert "wrong token" in caplog.text
+
+
+def test_repeated_wrong_tokens_are_throttled(client: TestClient) -> None:
+    for _ in range(5):
+        assert sign_in(client, "guess").status_code == 401
+    blocked = sign_in(client, TOKEN)  # even the right one, for a minute
+    assert blocked.status_code == 429 and "Too many wrong tokens" in blocked.text
+    assert client.get("/console/").status_code == 303
+
+
+def test_throttle_forgets_after_the_window_and_stays_bounded() -> None:
+    throttle = SigninThrottle(limit=2, window=60, max_clients=3)
+    throttle.failed("a", now=0)
+    throttle.failed("a", now=1)
+    assert throttle.blocked("a", now=2) and not throttle.blocked("b", now=2)
+    assert not throttle.blocked("a", now=61.5)
+    for i in range(10):
+        throttle.failed(f"spray-{i}", now=100)
+    assert len(throttle._failures) <= 3
 
 
 def test_sign_in_needs_its_csrf_token_and_cookie(client: TestClient) -> None:
