@@ -126,7 +126,9 @@ class WebhookReceiver:
             self.registry.add(fn)
         self._forwarder: Forwarder | None = None
         if self.settings.forward_to:
-            self._forwarder = Forwarder(self.settings.forward_to)
+            self._forwarder = Forwarder(
+                self.settings.forward_to, secret=self.settings.forward_secret
+            )
             self.registry.add(self._forwarder, name=f"forward-to:{self.settings.forward_to}")
         self.on_ok = self.registry.on_ok
         self.on_error = self.registry.on_error
@@ -302,11 +304,13 @@ class WebhookReceiver:
             "user_id": settings.user_id,
             "callbacks": [n for n in self.registry.names if not n.startswith("forward-to:")],
             "forward_to": settings.forward_to,
+            "forward_signed": self._forwarder is not None and self._forwarder.signed,
             "concurrency": settings.concurrency,
         }
         targets = list(fields["callbacks"])
         if settings.forward_to:
-            targets.append(f"forwarding to {settings.forward_to}")
+            signed = "signed" if fields["forward_signed"] else "unsigned"
+            targets.append(f"forwarding to {settings.forward_to} ({signed})")
         log.info(
             "falhook %s started: %s, store %s, keys %s, user id %s, %s, concurrency %d",
             __version__,

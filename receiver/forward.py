@@ -1,8 +1,19 @@
-"""Sidecar mode: a built-in callback that POSTs each delivery to the user's app."""
+"""Sidecar mode: a built-in callback that POSTs each delivery to the user's app.
+
+With a secret (FALHOOK_FORWARD_SECRET), each request is signed with the Standard Webhooks
+scheme (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``), so the app behind
+falhook verifies it with the `standardwebhooks` library in any language and can tell
+falhook from anyone else who can reach it. The signing itself is that library's, not ours:
+what the app checks is what we sign, by construction.
+"""
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 import httpx
+from standardwebhooks import Webhook
 
 from falhook.receiver.errors import ForwardError
 from falhook.receiver.models import Delivery
@@ -11,16 +22,32 @@ __all__ = ["ForwardError", "Forwarder"]
 
 
 class Forwarder:
-    """POST fal's body verbatim (it is JSON) to `url`, with the request id in a header.
+    """POST fal's body verbatim (it is JSON) to `url`, with fal's ids in headers.
 
     The body is forwarded byte for byte — re-serialising would change large integers and
     key order — so the app receives exactly what fal sent, already verified and deduped.
     Anything but a 2xx answer, and any connection error, is a failure to be retried.
+
+    ``webhook-id`` is the delivery's request_id: the same on every retry, so the app can
+    deduplicate by it, as Standard Webhooks intends; ``webhook-timestamp`` is the time of
+    this attempt (the app's 5-minute tolerance applies to each attempt, not to fal's).
     """
 
-    def __init__(self, url: str, *, timeout: float = 30.0, client: httpx.AsyncClient | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        secret: str | None = None,
+        timeout: float = 30.0,
+        client: httpx.AsyncClient | None = None,
+    ):
         self.url = url
+        self._signer = Webhook(secret) if secret else None
         self._client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=False)
+
+    @property
+    def signed(self) -> bool:
+        return self._signer is not None
 
     async def __call__(self, delivery: Delivery) -> None:
         headers = {
@@ -29,13 +56,32 @@ class Forwarder:
             "x-falhook-status": delivery.status,
             "x-falhook-attempt": str(delivery.attempt),
             "x-falhook-received-at": delivery.received_at.isoformat(),
+            # What fal signed, for the app: falhook verified these before storing the body.
+            "x-fal-webhook-request-id": delivery.request_id,
         }
+        if delivery.user_id:
+            headers["x-fal-webhook-user-id"] = delivery.user_id
+        if self._signer is not None:
+            headers.update(self._signature(delivery))
         try:
             response = await self._client.post(self.url, content=delivery.raw_body, headers=headers)
         except httpx.HTTPError as exc:
             raise ForwardError(f"POST {self.url} failed: {exc!r}") from exc
         if not response.is_success:
             raise ForwardError(f"POST {self.url} answered {response.status_code}")
+
+    def _signature(self, delivery: Delivery) -> dict[str, str]:
+        assert self._signer is not None
+        now = int(time.time())  # whole seconds: the header and the signed text must agree
+        # The body is JSON (UTF-8, checked when it was received), so decoding is exact.
+        signature = self._signer.sign(
+            delivery.request_id, datetime.fromtimestamp(now, UTC), delivery.raw_body.decode()
+        )
+        return {
+            "webhook-id": delivery.request_id,
+            "webhook-timestamp": str(now),
+            "webhook-signature": signature,
+        }
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import importlib.util
 import os
@@ -119,6 +120,23 @@ def _forward_url(value: str) -> str | None:
     if url is not None and not url.startswith(("http://", "https://")):
         raise ValueError("wants an http:// or https:// URL")
     return url
+
+
+def _forward_secret(value: str) -> str | None:
+    # Standard Webhooks secrets are base64, usually with a "whsec_" prefix. Checked strictly
+    # here: the library itself skips characters that are not base64, so a mangled secret
+    # would sign with a different key than the app's and every forward would fail.
+    secret = _optional_str(value)
+    if secret is None:
+        return None
+    raw = secret.removeprefix("whsec_")
+    try:
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+    except ValueError:
+        key = b""
+    if len(key) < 16:
+        raise ValueError("wants whsec_ followed by the base64 of at least 16 random bytes")
+    return secret
 
 
 def _database_url(value: str) -> str:
@@ -263,6 +281,13 @@ class Settings:
     )
     forward_to: str | None = _setting(
         None, _forward_url, "FORWARD_TO", "POST each delivery to this URL (sidecar mode)"
+    )
+    forward_secret: str | None = _setting(
+        None,
+        _forward_secret,
+        "FORWARD_SECRET",
+        "sign each forward with this Standard Webhooks secret (whsec_…); prefer the env var",
+        secret=True,
     )
     concurrency: int = _setting(64, _positive_int, "CONCURRENCY", "callbacks run at once")
     poll_seconds: float = _setting(

@@ -3,16 +3,20 @@ verbatim to the user's app, retrying until it answers 2xx."""
 
 from __future__ import annotations
 
+import base64
 import http.server
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from tests.e2e.conftest import SpawnServer
-from tests.e2e.server import Sender, wait_for
+from tests.e2e.server import USER_ID, Sender, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +95,29 @@ def test_forward_to_posts_the_raw_body_and_retries_non_2xx(
         assert fwd_headers["content-type"] == "application/json"
     row = server.row("side-1")
     assert row is not None and row["attempts"] == 3
+
+
+def test_signed_forwards_verify_with_the_standardwebhooks_library(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client, user_app: UserApp
+) -> None:
+    """The app behind falhook checks each forward with `standardwebhooks` itself."""
+    secret = "whsec_" + base64.b64encode(b"k" * 24).decode()
+    server = spawn(
+        args=["--forward-to", user_app.url],
+        env={"FALHOOK_CALLBACK_BACKOFF_SECONDS": "0.05", "FALHOOK_FORWARD_SECRET": secret},
+    )
+    body = b'{"status":"OK", "request_id": "side-s", "payload": {"seed": 17454220438242315174}}'
+    signed, headers = sender.signed("side-s", body=body)
+    assert client.post(server.webhook_url, content=signed, headers=headers).status_code == 200
+    wait_for(lambda: len(user_app.received) >= 3, timeout=20, what="3 forwards")
+    verifier = Webhook(secret)
+    for forwarded, fwd_headers, _ in user_app.received:
+        assert forwarded == body
+        assert verifier.verify(forwarded, fwd_headers) == json.loads(body)
+        assert fwd_headers["webhook-id"] == "side-s"  # the same on every retry
+        assert fwd_headers["x-fal-webhook-request-id"] == "side-s"
+        assert fwd_headers["x-fal-webhook-user-id"] == USER_ID
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + base64.b64encode(b"x" * 24).decode()).verify(
+            user_app.received[0][0], user_app.received[0][1]
+        )
