@@ -163,6 +163,7 @@ def prune_batch(conn: sa.Connection, older_than: float, limit: int) -> int | Non
     ids = [row[0] for row in conn.execute(stmt)]
     if ids:
         conn.execute(sa.delete(BODIES).where(BODIES.c.id.in_(ids)))
+        attempts.delete_for(conn, ids)
     return len(ids)
 
 

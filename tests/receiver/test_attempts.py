@@ -91,6 +91,21 @@ def test_prune_deletes_the_attempts_with_their_delivery(store_url: str) -> None:
     asyncio.run(body())
 
 
+def test_retention_pruning_deletes_the_attempts_too(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await store.insert(delivery("old"))
+            (claim,) = await claim_all(store)
+            await store.finish(claim, attempt=record(1))
+            with store.engine.begin() as conn:
+                conn.execute(sa.text("UPDATE falhook_deliveries SET finished_at = 0"))
+            assert store.prune_batch(3600, 100) == 1
+            with store.engine.connect() as conn:
+                assert conn.execute(sa.select(sa.func.count()).select_from(ATTEMPTS)).scalar() == 0
+
+    asyncio.run(body())
+
+
 def test_the_dispatcher_records_every_attempt_with_a_traceback(store_url: str) -> None:
     from falhook.receiver.dispatcher import Dispatcher
 
