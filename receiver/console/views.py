@@ -28,6 +28,7 @@ from falhook.receiver.console.auth import Auth, Session, SigninThrottle
 from falhook.receiver.errors import ReceiverError
 from falhook.receiver.models import State, StoredDelivery
 from falhook.receiver.store import Store
+from falhook.receiver.store.attempts import StoredAttempt
 from falhook.receiver.store.control import DispatchControl
 from falhook.receiver.store.expectations import Expectation, Expectations
 
@@ -248,11 +249,14 @@ class Console:
         request_id = request.path_params["request_id"]
         store = self.receiver.store
 
-        def read() -> tuple[StoredDelivery | None, Expectation | None]:
+        def read() -> tuple[StoredDelivery | None, Expectation | None, list[StoredAttempt]]:
             found = store.get(request_id)
-            return found, (self._expectations(store).get(request_id) if found else None)
+            if found is None:
+                return None, None, []
+            expected = self._expectations(store).get(request_id)
+            return found, expected, store.attempts(request_id)
 
-        delivery, expectation = await asyncio.to_thread(read)
+        delivery, expectation, attempts = await asyncio.to_thread(read)
         if delivery is None:
             counters = await self._counters()
             return self.page(
@@ -271,7 +275,7 @@ class Console:
             "d": delivery,
             "body": render.linked_body(render.pretty_body(delivery.body, parsed)),
             "media": render.find_media(parsed),
-            "attempts": None,  # no per-attempt history is stored: count and last error
+            "attempts": attempts,
             "expectation": expectation,
         }
         return await self._signed_in_page(request, session, "delivery.html", context, 200)

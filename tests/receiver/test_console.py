@@ -572,3 +572,33 @@ def test_delivery_page_shows_its_expectation(signed_in: TestClient, hooks: Webho
     assert "webhook" in page.text
     plain = signed_in.get("/console/deliveries/r-plain")
     assert "<h2>Expectation</h2>" not in plain.text
+
+
+def test_delivery_page_lists_every_attempt_with_its_error(
+    settings: Settings, signer: Signer
+) -> None:
+    hooks = WebhookReceiver(
+        settings.replace(
+            console_token=TOKEN, callback_max_attempts=2, callback_backoff_seconds=0.01
+        )
+    )
+
+    @hooks.on_delivery
+    def downstream_down(delivery: Any) -> None:
+        raise RuntimeError(f"downstream <down> on attempt {delivery.attempt}")
+
+    with TestClient(hooks.app, follow_redirects=False) as client:
+        body, headers = signer("r-attempts")
+        assert client.post("/webhooks/fal", content=body, headers=headers).status_code == 200
+        deadline = time.monotonic() + 20
+        while hooks.store.get("r-attempts").state is not State.DEAD:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "never dead"
+            time.sleep(0.02)
+        assert sign_in(client).status_code == 303
+        page = client.get("/console/deliveries/r-attempts").text
+    section = page[page.index('class="attempts"') :]
+    rows = re.findall(r"<tr><td class=\"num\">(\d+)</td>.*?<td>(\w+)</td>", section)
+    assert rows == [("1", "retry"), ("2", "dead")]
+    assert "downstream &lt;down&gt; on attempt 1" in section  # escaped, with its traceback
+    assert "downstream &lt;down&gt; on attempt 2" in section
+    assert "Traceback" in section
