@@ -19,7 +19,7 @@ from typing import Any
 
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.store.checkpointer import Checkpointer
-from falhook.receiver.store.fileguard import FileGuard
+from falhook.receiver.store.fileguard import FileGuard, FilesUnwritableError
 from falhook.receiver.store.writer import (
     Connection,
     Job,
@@ -162,7 +162,7 @@ class LoopWriter(WriterBase):
             self._guard.check()  # never commit (and acknowledge) into a deleted file
             conn.commit()
         except Exception as exc:
-            self._abandon(conn)
+            self._abandon(conn, keep=isinstance(exc, FilesUnwritableError))
             self._post(self._fall_back, batch, exc)
             return
         self._checkpointer.committed()
@@ -186,17 +186,21 @@ class LoopWriter(WriterBase):
                 conn.execute("PRAGMA wal_autocheckpoint=0")
                 self._configured = conn
             self._guard.opened()
+            self._guard.check()  # before the -shm mapping is written through
             self._checkpointer.catch_up(conn)
             conn.execute("BEGIN IMMEDIATE")
+        except FilesUnwritableError:
+            raise  # the connection stays open (see FilesUnwritableError)
         except Exception:
             self._connection.discard()
             raise
         return conn
 
-    def _abandon(self, conn: Any) -> None:
+    def _abandon(self, conn: Any, *, keep: bool = False) -> None:
         with contextlib.suppress(Exception):
             conn.rollback()
-        self._connection.discard()
+        if not keep:
+            self._connection.discard()
 
     def _close(self) -> None:
         if self._open is not None:
@@ -242,8 +246,8 @@ class LoopWriter(WriterBase):
             results, tx = run_ops(cur, self._sql, [op])
             cur.close()
             await loop.run_in_executor(self._executor, self._commit_alone, conn)
-        except BaseException:
-            self._abandon(conn)
+        except BaseException as exc:
+            self._abandon(conn, keep=isinstance(exc, FilesUnwritableError))
             raise
         return [(True, results[0])], tx.due_now
 

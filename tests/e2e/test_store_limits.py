@@ -201,3 +201,38 @@ def test_postgresql_lock_waits_are_bounded(
         timeout=15,
         what="a 200 once the lock is released",
     )
+
+
+def _chattr(flag: str, *paths: Path) -> bool:
+    existing = [str(p) for p in paths if p.exists()]
+    result = subprocess.run(["chattr", flag, *existing], capture_output=True, check=False)
+    return result.returncode == 0
+
+
+def test_immutable_database_files_get_503_not_a_crash(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client
+) -> None:
+    server = spawn()
+    assert sender.post(client, server.webhook_url, "before-immutable").status_code == 200
+    files = [server.db_path.with_name(server.db_path.name + s) for s in ("", "-wal", "-shm")]
+    if not _chattr("+i", *files):
+        pytest.skip("chattr +i is not available here (needs root and a filesystem with it)")
+    try:
+        # SQLite maps the -shm file: writing through it when it cannot grow is a SIGBUS.
+        statuses = [
+            sender.post(
+                client, server.webhook_url, f"imm-{i}", payload={"pad": "x" * 50_000}
+            ).status_code
+            for i in range(20)
+        ]
+        assert server.proc is not None and server.proc.poll() is None, server.log()
+        assert set(statuses) == {503}, statuses
+        assert client.get(server.url + "/readyz").status_code == 503
+        assert "not writable" in server.log()
+    finally:
+        _chattr("-i", *files)
+    wait_for(
+        lambda: sender.post(client, server.webhook_url, "after-immutable").status_code == 200,
+        timeout=10,
+        what="a 200 once the files are writable again",
+    )
