@@ -542,3 +542,13 @@ def test_request_log_and_counts(fake: FakeFalQueue, client: httpx.Client) -> Non
 def test_wait_until_times_out() -> None:
     with pytest.raises(AssertionError, match="timed out"):
         wait_until(lambda: False, timeout=0.05, what="nothing")
+
+
+def test_wrong_methods_on_queue_paths_are_405(fake: FakeFalQueue, client: httpx.Client) -> None:
+    rid = fake.create("fal-ai/flux/dev")
+    urls = fake.request_urls(rid)
+    assert client.post(urls["status_url"], json={}).status_code == 405
+    assert client.get(urls["cancel_url"]).status_code == 405
+    assert fake.request_ids() == [rid]  # a POST to a queue path is not a submit
+    with pytest.raises(ValueError, match="unknown route"):
+        fake.fail(500, route="nope")  # type: ignore[arg-type]
