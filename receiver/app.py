@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,7 +20,11 @@ from starlette.types import Receive, Scope, Send
 from falhook import __version__
 from falhook.receiver.dispatcher import Dispatcher, DispatchObserver, Drained
 from falhook.receiver.durations import format_time
-from falhook.receiver.errors import NotStartedError, StoreUnavailableError
+from falhook.receiver.errors import (
+    NotStartedError,
+    RecoveryDisabledError,
+    StoreUnavailableError,
+)
 from falhook.receiver.forward import Forwarder
 from falhook.receiver.intake import Accepted, Intake
 from falhook.receiver.keysource import KeySource
@@ -36,9 +40,13 @@ from falhook.receiver.settings import Settings
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
 from falhook.receiver.store.engine import masked_url
+from falhook.receiver.store.expectations import Expectations, ExpectationState
 from falhook.receiver.store.listener import Listener
 from falhook.receiver.watchdog import LoopWatchdog
 from falhook.verify import KeysUnavailableError, WebhookHeaders
+
+if TYPE_CHECKING:
+    from falhook.receiver.recovery import Recovery
 
 __all__ = ["WebhookReceiver", "create_app"]
 
@@ -150,6 +158,18 @@ class WebhookReceiver:
         self._started_at = time.monotonic()
         self._pause: PauseWatcher | None = None
         self._starts = 0
+        # Recovery from fal's queue (submit, expect, the poller): only with a fal key.
+        self.recovery: Recovery | None = None
+        self._expectations: Expectations | None = None
+        if self.settings.recovery_enabled:
+            from falhook.receiver.recovery import Recovery
+
+            self.metrics.enable_recovery(self._expectation_counts)
+            self.recovery = Recovery(
+                self.settings,
+                observe_call=self.metrics.queue_request,
+                on_recovered=self.metrics.recovered.inc,
+            )
         self.app = self._build_app()
 
     # -- what the routes use -----------------------------------------------------------
@@ -260,6 +280,7 @@ class WebhookReceiver:
                 shutdown_timeout=settings.shutdown_timeout_seconds,
                 callback_timeout=settings.callback_timeout_seconds,
                 observer=_Observer(self.metrics),
+                prepare=self.recovery.prepare if self.recovery is not None else None,
             )
             # Held until the store's pause switch has been read: a replica starting while
             # dispatch is paused must not claim a batch first.
@@ -289,6 +310,14 @@ class WebhookReceiver:
         if settings.retention > 0:
             self._pruner = Pruner(store, settings.retention)
             self._pruner.start()
+        if self.recovery is not None:
+            self._expectations = Expectations(store)
+            self.recovery.start(store)
+            if settings.public_url is None:
+                log.warning(
+                    "FALHOOK_PUBLIC_URL is not set: hooks.submit sends no webhook URL to fal, "
+                    "so its results arrive only by recovery from the queue"
+                )
         self._started_at = time.monotonic()
         self._log_started()
 
@@ -306,6 +335,7 @@ class WebhookReceiver:
             "forward_to": settings.forward_to,
             "forward_signed": self._forwarder is not None and self._forwarder.signed,
             "concurrency": settings.concurrency,
+            "recovery": settings.queue_url if self.recovery is not None else None,
         }
         targets = list(fields["callbacks"])
         if settings.forward_to:
@@ -357,6 +387,9 @@ class WebhookReceiver:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._warm_keys_task
             self._warm_keys_task = None
+        if self.recovery is not None:
+            await self.recovery.stop()
+            self._expectations = None
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
@@ -437,6 +470,90 @@ class WebhookReceiver:
                 self._dispatcher.pause()
             else:
                 self._dispatcher.resume()
+
+    # -- recovery from fal's queue (with a fal key) -------------------------------------
+
+    def _recovery(self) -> Recovery:
+        if self.recovery is None:
+            raise RecoveryDisabledError()
+        return self.recovery
+
+    async def submit(
+        self,
+        endpoint_id: str,
+        arguments: Any,
+        *,
+        priority: str | None = None,
+        start_timeout: float | None = None,
+        hint: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Submit a request to fal's queue with this receiver's webhook URL
+        (FALHOOK_PUBLIC_URL + /webhooks/fal), and expect its result: if no webhook brings
+        it, it is fetched from the queue. Returns fal's answer, ``request_id`` first.
+
+        Raises RecoveryDisabledError without a fal key, QueueError if fal refused it.
+        """
+        return await self._recovery().submit(
+            endpoint_id,
+            arguments,
+            priority=priority,
+            start_timeout=start_timeout,
+            hint=hint,
+            headers=headers,
+        )
+
+    def submit_sync(
+        self,
+        endpoint_id: str,
+        arguments: Any,
+        *,
+        priority: str | None = None,
+        start_timeout: float | None = None,
+        hint: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """`submit` for code without an event loop."""
+        return self._recovery().submit_sync(
+            endpoint_id,
+            arguments,
+            priority=priority,
+            start_timeout=start_timeout,
+            hint=hint,
+            headers=headers,
+        )
+
+    async def expect(
+        self,
+        request_id: str,
+        endpoint_id: str,
+        *,
+        status_url: str | None = None,
+        response_url: str | None = None,
+    ) -> bool:
+        """Expect the result of a request submitted elsewhere: if no delivery comes, it is
+        fetched from fal's queue. True if newly recorded."""
+        return await self._recovery().expect(
+            request_id, endpoint_id, status_url=status_url, response_url=response_url
+        )
+
+    def expect_sync(
+        self,
+        request_id: str,
+        endpoint_id: str,
+        *,
+        status_url: str | None = None,
+        response_url: str | None = None,
+    ) -> bool:
+        """`expect` for code without an event loop."""
+        return self._recovery().expect_sync(
+            request_id, endpoint_id, status_url=status_url, response_url=response_url
+        )
+
+    def _expectation_counts(self) -> dict[ExpectationState, int]:
+        if self._expectations is None:
+            raise NotStartedError()
+        return self._expectations.counts()
 
     def _wake(self) -> None:
         if self._dispatcher is not None:

@@ -15,6 +15,7 @@ import logging
 import time
 import traceback
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from falhook.receiver.errors import StoreUnavailableError
@@ -60,6 +61,7 @@ class Dispatcher:
         shutdown_timeout: float = 30.0,
         callback_timeout: float | None = None,
         observer: DispatchObserver | None = None,
+        prepare: Prepare | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -70,6 +72,7 @@ class Dispatcher:
         self.shutdown_timeout = shutdown_timeout
         self.callback_timeout = callback_timeout
         self.observer = observer or DispatchObserver()
+        self.prepare = prepare
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._stopping = False
@@ -248,6 +251,19 @@ class Dispatcher:
             record = AttemptRecord(claim.attempt, started_at, 0.0, unreadable)
             return _Attempt(False, unreadable, (), None, None, record)
         self._held[claim.request_id] = (claim, time.monotonic())
+        if self.prepare is not None and delivery.payload is None and delivery.payload_error:
+            # fal could not send the payload: recovery fetches it from the queue first, so
+            # the callbacks see the whole result (receiver/recovery/). A queue that cannot
+            # answer now fails this attempt, to be retried like a failed callback.
+            try:
+                delivery = await self.prepare(
+                    claim, delivery, self.policy.gives_up_after(claim.attempt)
+                )
+            except Exception as exc:
+                self._held.pop(claim.request_id, None)
+                why = f"payload not fetched from fal's queue yet: {_describe(exc)}"
+                lease_ends = time.monotonic() + self.lease_seconds
+                return _Attempt(False, why, claim.completed_callbacks, None, lease_ends)
         try:
             self.observer.started(delivery)
             completed, error = await self.registry.run(
@@ -388,6 +404,11 @@ class Drained(NamedTuple):
 
     finished: int  # settled within the shutdown timeout
     cancelled: int  # still running at the timeout: retaken when their leases expire
+
+
+# Runs before a delivery's callbacks when fal sent it without its payload (payload_error):
+# (claim, delivery, last attempt?) -> the delivery the callbacks get.
+Prepare = Callable[[Claim, Delivery, bool], Awaitable[Delivery]]
 
 
 class _Attempt(NamedTuple):

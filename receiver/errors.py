@@ -12,6 +12,7 @@ The tree::
     ├── CallbackTimeoutError      a callback did not return within its timeout (a failure)
     ├── ForwardError              the app behind ``--forward-to`` did not take a delivery
     ├── RecoveryDisabledError     submit/expect without a fal key (FALHOOK_FAL_KEY)
+    ├── InvalidRequestError       submit/expect given an unusable endpoint id or URL
     └── QueueError                fal's queue refused or could not be reached (``failure``)
 
 Every error carries ``.reason``, a `Reason` (a string enum) for machines: the HTTP
@@ -28,6 +29,7 @@ __all__ = [
     "CallbackImportError",
     "CallbackTimeoutError",
     "ForwardError",
+    "InvalidRequestError",
     "MalformedDeliveryError",
     "NotStartedError",
     "QueueError",
@@ -60,6 +62,7 @@ class Reason(StrEnum):
     INVALID_STATUS = "invalid_status"
     # Recovery from fal's queue (receiver/recovery/).
     RECOVERY_DISABLED = "recovery_disabled"
+    INVALID_REQUEST = "invalid_request"
     QUEUE_ERROR = "queue_error"
 
 
@@ -130,6 +133,12 @@ class RecoveryDisabledError(ReceiverError):
     """No fal key is configured: set FALHOOK_FAL_KEY (or FAL_KEY) to submit, expect and recover."""
 
     reason = Reason.RECOVERY_DISABLED
+
+
+class InvalidRequestError(ReceiverError):
+    """An endpoint id, request id or queue URL that falhook cannot use."""
+
+    reason = Reason.INVALID_REQUEST
 
 
 class QueueFailure(StrEnum):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -93,6 +93,29 @@ class _StoreCollector(Collector):
         )
 
 
+class _ExpectationsCollector(Collector):
+    """falhook_expectations{state}, read from the store at scrape time."""
+
+    def __init__(self, counts: Callable[[], Mapping[Any, int]]) -> None:
+        self._counts = counts
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("falhook_expectations", "Expectations by state")
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            counts = self._counts()
+        except ReceiverError as exc:  # store unavailable, or the receiver not started
+            log.warning("metrics: expectation numbers unavailable: %s", exc)
+            return
+        family = GaugeMetricFamily(
+            "falhook_expectations", "Expectations by state", labels=["state"]
+        )
+        for state, count in counts.items():
+            family.add_metric([str(state)], count)
+        yield family
+
+
 class Metrics:
     """The receiver's metrics. Label children used on the hot path are bound once."""
 
@@ -177,6 +200,26 @@ class Metrics:
             "1 while dispatch is paused store-wide (no new callbacks start), else 0",
             registry=self.registry,
         )
+
+    def enable_recovery(self, counts: Callable[[], Mapping[Any, int]]) -> None:
+        """Recovery from fal's queue is on: count its calls and recoveries, and report
+        expectations by state (read from the store at scrape time)."""
+        self.queue_requests = Counter(
+            "falhook_queue_requests",
+            "Calls to fal's queue by outcome (ok, unauthorized, forbidden, not_found, "
+            "rate_limited, server_error, rejected, unreachable)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.recovered = Counter(
+            "falhook_recovered",
+            "Results recovered from fal's queue (no webhook came, or it had payload_error)",
+            registry=self.registry,
+        )
+        self.registry.register(_ExpectationsCollector(counts))
+
+    def queue_request(self, outcome: str) -> None:
+        self.queue_requests.labels(outcome).inc()
 
     def outcome(self, outcome: str) -> None:
         """Count one dispatch attempt's outcome (label children cached: `labels()` is slow)."""

@@ -210,7 +210,6 @@ class Expectations:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.dialect = store.dialect
-        self._migrated = False
 
     # -- operations (run in the writer's transaction, or on a sync connection) --------
 
@@ -466,9 +465,9 @@ class Expectations:
 
     def run_sync(self, op: Op) -> Any:
         """Run one operation in a transaction on a connection of its own."""
-        if not self._migrated:
-            self.store.migrate()
-            self._migrated = True
+        if not self.store.schema_ready:
+            # Only `falhook serve` creates or upgrades the schema; elsewhere it must be there.
+            self.store.check_schema()
         try:
             fairy = self.store.engine.raw_connection()
         except sa.exc.SQLAlchemyError as exc:

@@ -121,6 +121,11 @@ class Store:
         self._schema_ready = True
         return version
 
+    @property
+    def schema_ready(self) -> bool:
+        """The schema is known to be current (this object migrated or checked it)."""
+        return self._schema_ready
+
     def start(self) -> None:
         """Start the writer; the async methods may then be awaited on the calling loop."""
         if self._writer is not None:

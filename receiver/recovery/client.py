@@ -1,0 +1,243 @@
+"""A small client for fal's queue REST API: submit, status, result.
+
+Why httpx and not fal-client (fal's SDK): httpx is already a dependency; fal-client
+builds ``https://`` URLs from ``FAL_QUEUE_RUN_HOST`` (so it cannot be pointed at an
+``http://`` loopback queue in tests, nor at ``FALHOOK_QUEUE_URL``), reads its key from the
+process environment rather than our settings, and turns fal's answers into its own
+exceptions — while recovery must see the raw answer (401, 403, 404, 429 with Retry-After,
+5xx, an error body with ``error_type``) to decide what an expectation becomes. The API is
+three REST calls; the client below is all of it.
+
+Every call is counted in ``falhook_queue_requests_total{outcome}``. The fal key is sent
+only to ``FALHOOK_QUEUE_URL``'s own host.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from falhook.receiver.errors import QueueError, QueueFailure
+from falhook.receiver.recovery.urls import same_origin, submit_url
+
+__all__ = ["QueueAnswer", "QueueClient", "outcome_of", "retry_after_seconds"]
+
+# Connecting should be quick; a result may be megabytes of JSON.
+TIMEOUT = httpx.Timeout(10.0, read=30.0)
+_MAX_DETAIL = 300
+
+
+@dataclass(frozen=True, slots=True)
+class QueueAnswer:
+    """fal's answer to one call: the HTTP status, the JSON body (None if not JSON)."""
+
+    status_code: int
+    body: Any
+    error_type: str | None  # the X-Fal-Error-Type header, or the body's error_type
+    retry_after: float | None  # seconds, from Retry-After
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    def detail(self) -> str:
+        """fal's own words about an error answer, short."""
+        body = self.body
+        if isinstance(body, dict) and "detail" in body:
+            body = body["detail"]
+        text = body if isinstance(body, str) else json.dumps(body)
+        return text[:_MAX_DETAIL]
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: a number, or an HTTP date (RFC 9110); None if unusable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def outcome_of(status_code: int) -> QueueFailure | None:
+    """The failure an HTTP status stands for (None: a 2xx)."""
+    if 200 <= status_code < 300:
+        return None
+    if status_code == 401:
+        return QueueFailure.UNAUTHORIZED
+    if status_code == 403:
+        return QueueFailure.FORBIDDEN
+    if status_code in (404, 410):
+        return QueueFailure.NOT_FOUND
+    if status_code == 429:
+        return QueueFailure.RATE_LIMITED
+    if status_code >= 500:
+        return QueueFailure.SERVER_ERROR
+    return QueueFailure.REJECTED
+
+
+def _answer(response: httpx.Response) -> QueueAnswer:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text[:_MAX_DETAIL] or None
+    error_type = response.headers.get("x-fal-error-type")
+    if error_type is None and isinstance(body, dict) and isinstance(body.get("error_type"), str):
+        error_type = body["error_type"]
+    return QueueAnswer(
+        response.status_code,
+        body,
+        error_type,
+        retry_after_seconds(response.headers.get("retry-after")),
+    )
+
+
+class QueueClient:
+    """fal's queue at `queue_url`, called with ``Authorization: Key <key>``."""
+
+    def __init__(
+        self,
+        queue_url: str,
+        key: str,
+        *,
+        observe: Callable[[str], None] | None = None,
+        timeout: httpx.Timeout = TIMEOUT,
+    ) -> None:
+        self.queue_url = queue_url.rstrip("/")
+        self._headers = {"Authorization": f"Key {key}", "Accept": "application/json"}
+        self._observe = observe or (lambda outcome: None)
+        self._timeout = timeout
+        self._client: httpx.AsyncClient | None = None
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def _async_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            # trust_env=False: no proxy from the environment sees the key by surprise.
+            self._client = httpx.AsyncClient(
+                timeout=self._timeout, follow_redirects=False, trust_env=False
+            )
+        return self._client
+
+    def _count(self, answer: QueueAnswer | None) -> None:
+        if answer is None:
+            self._observe(QueueFailure.UNREACHABLE.value)
+        else:
+            failure = outcome_of(answer.status_code)
+            self._observe("ok" if failure is None else failure.value)
+
+    def _check_target(self, url: str) -> None:
+        if not same_origin(url, self.queue_url):
+            raise QueueError(
+                QueueFailure.REJECTED,
+                f"{url} is not on fal's queue ({self.queue_url}); the fal key is sent only there",
+            )
+
+    async def get(self, url: str) -> QueueAnswer:
+        """GET a status or result URL. Raises QueueError(unreachable) if no answer came."""
+        self._check_target(url)
+        try:
+            response = await self._async_client().get(url, headers=self._headers)
+        except httpx.HTTPError as exc:
+            self._count(None)
+            raise QueueError(
+                QueueFailure.UNREACHABLE, f"fal's queue is unreachable: {_brief(exc)}"
+            ) from exc
+        answer = _answer(response)
+        self._count(answer)
+        return answer
+
+    async def submit(
+        self,
+        endpoint_id: str,
+        arguments: Any,
+        *,
+        webhook_url: str | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """POST a request to the queue; fal's answer (it has ``request_id``, ``status_url``,
+        ``response_url``…). Raises QueueError for anything else."""
+        url, params, sent = self._submission(endpoint_id, webhook_url, headers)
+        try:
+            response = await self._async_client().post(
+                url, params=params, json=arguments, headers=sent
+            )
+        except httpx.HTTPError as exc:
+            self._count(None)
+            raise QueueError(
+                QueueFailure.UNREACHABLE, f"fal's queue is unreachable: {_brief(exc)}"
+            ) from exc
+        return self._submitted(_answer(response))
+
+    def submit_sync(
+        self,
+        endpoint_id: str,
+        arguments: Any,
+        *,
+        webhook_url: str | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """`submit` for code without an event loop (the CLI, a sync web framework)."""
+        url, params, sent = self._submission(endpoint_id, webhook_url, headers)
+        try:
+            with httpx.Client(
+                timeout=self._timeout, follow_redirects=False, trust_env=False
+            ) as client:
+                response = client.post(url, params=params, json=arguments, headers=sent)
+        except httpx.HTTPError as exc:
+            self._count(None)
+            raise QueueError(
+                QueueFailure.UNREACHABLE, f"fal's queue is unreachable: {_brief(exc)}"
+            ) from exc
+        return self._submitted(_answer(response))
+
+    def _submission(
+        self, endpoint_id: str, webhook_url: str | None, headers: Mapping[str, str] | None
+    ) -> tuple[str, dict[str, str], dict[str, str]]:
+        try:
+            url = submit_url(self.queue_url, endpoint_id)
+        except ValueError as exc:
+            raise QueueError(QueueFailure.REJECTED, str(exc)) from None
+        params = {"fal_webhook": webhook_url} if webhook_url else {}
+        return url, params, {**(headers or {}), **self._headers}
+
+    def _submitted(self, answer: QueueAnswer) -> dict[str, Any]:
+        self._count(answer)
+        failure = outcome_of(answer.status_code)
+        if failure is not None:
+            raise QueueError(
+                failure,
+                f"fal's queue answered {answer.status_code}: {answer.detail()}",
+                status_code=answer.status_code,
+                retry_after=answer.retry_after,
+                body=answer.body,
+            )
+        body = answer.body
+        if not isinstance(body, dict) or not isinstance(body.get("request_id"), str):
+            raise QueueError(
+                QueueFailure.BAD_ANSWER,
+                f"fal's queue answered {answer.status_code} without a request_id",
+                status_code=answer.status_code,
+                body=body,
+            )
+        # request_id first: what the caller needs, and what `falhook submit` prints.
+        return {"request_id": body["request_id"], **body}
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

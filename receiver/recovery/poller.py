@@ -1,0 +1,365 @@
+"""The recovery loop: poll fal's queue for expected requests no webhook brought.
+
+Run by the receiver's lifespan when a fal key is configured. Each round it
+
+1. sweeps (every few seconds): expectations whose delivery is stored become ``arrived``
+   (``recovered`` when the delivery came from the queue), and those past their TTL
+   ``expired`` — so the webhook's own path never touches the expectations table;
+2. claims due expectations (leased and fenced; on PostgreSQL ``FOR UPDATE SKIP LOCKED``,
+   so replicas share the work and never poll one request twice at once);
+3. for each: a delivery is stored → settled; fal said COMPLETED at least the grace ago →
+   fetch the result and store it through the same insert (dedupe) and dispatch path as a
+   webhook; otherwise → poll the status, and reschedule with backoff (1 s doubling up to
+   ``FALHOOK_RECOVER_POLL_SECONDS``), or wait the grace once COMPLETED.
+
+Gentle with fal: at most a few calls at once, each expectation backs off, a 429 (with its
+Retry-After) or an unreachable/failing queue pauses every poll of this process, and 401,
+403, 404 and a result no longer stored end the expectation ``failed`` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from falhook.receiver.errors import QueueError, QueueFailure, StoreUnavailableError
+from falhook.receiver.models import SOURCE_QUEUE
+from falhook.receiver.recovery.client import QueueClient
+from falhook.receiver.recovery.transitions import (
+    QueueStatus,
+    delivery_body,
+    poll_delay,
+    read_status,
+)
+from falhook.receiver.recovery.urls import request_urls
+from falhook.receiver.settings import Settings
+from falhook.receiver.store import NewDelivery, Store
+from falhook.receiver.store.expectations import (
+    ExpectationClaim,
+    Expectations,
+    ExpectationState,
+)
+
+__all__ = ["Poller"]
+
+log = logging.getLogger("falhook.recovery")
+
+BATCH = 32  # expectations claimed per round
+CONCURRENCY = 4  # calls to fal's queue at once, per process
+SWEEP_SECONDS = 5.0  # how often expectations are matched with stored deliveries
+# A delivery's received_at is taken before its commit, and replicas' clocks differ: each
+# sweep looks this far behind the previous one's start.
+SWEEP_MARGIN = 30.0
+MAX_IDLE = 5.0  # look for due work at least this often (others may record expectations)
+MIN_LEASE = 30.0  # a claim must outlive a status call and a result fetch (timeouts 10+30 s)
+STOP_SECONDS = 5.0  # on shutdown, let the round under way finish for this long
+TTL_REASON = "ttl: no result within FALHOOK_EXPECT_TTL_SECONDS"
+S = ExpectationState
+
+
+class Poller:
+    """Claims due expectations and recovers their results from fal's queue."""
+
+    def __init__(
+        self,
+        store: Store,
+        expectations: Expectations,
+        client: QueueClient,
+        settings: Settings,
+        *,
+        on_recovered: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.expectations = expectations
+        self.client = client
+        self.settings = settings
+        self.poll_cap = settings.recover_poll_seconds
+        self.grace = settings.recover_grace_seconds
+        self.lease = max(settings.lease_seconds, MIN_LEASE)
+        self.sweep_seconds = min(SWEEP_SECONDS, self.poll_cap)
+        self.max_idle = min(MAX_IDLE, self.poll_cap)
+        self._on_recovered = on_recovered
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._not_before = 0.0  # no call to fal before this (a 429, an outage)
+        self._calls = asyncio.Semaphore(CONCURRENCY)
+        self._held: dict[str, str] = {}  # request_id -> claim_id, while being worked on
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="falhook-recovery")
+
+    def wake(self) -> None:
+        """An expectation was recorded (or is due now): look at once."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Finish the round under way (up to a few seconds), then give back unworked claims."""
+        self._stopping = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=STOP_SECONDS)
+        if not done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._held:
+            with contextlib.suppress(StoreUnavailableError):
+                await self.expectations.run(self.expectations.op_release(list(self._held.values())))
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        since: float | None = None  # the first sweep checks every active expectation
+        next_sweep = 0.0
+        backoff = 0.1
+        while not self._stopping:
+            try:
+                now = time.time()
+                if now >= next_sweep:
+                    await self._sweep(since)
+                    since, next_sweep = now - SWEEP_MARGIN, now + self.sweep_seconds
+                wait = self.max_idle
+                if now < self._not_before:
+                    wait = self._not_before - now
+                else:
+                    claims, next_due = await self.expectations.run(
+                        self.expectations.op_claim(limit=BATCH, lease_seconds=self.lease)
+                    )
+                    if claims:
+                        await self._work(claims)
+                        if len(claims) == BATCH:
+                            continue
+                    if next_due is not None:
+                        wait = min(wait, max(0.0, next_due - time.time()) + 0.001)
+                wait = min(wait, max(0.0, next_sweep - time.time()))
+                backoff = 0.1
+            except StoreUnavailableError as exc:
+                log.warning("recovery cannot reach the store (will retry): %s", exc)
+                wait, backoff = backoff, min(backoff * 2, self.max_idle)
+            except Exception:
+                # A bug of ours must not end recovery for the life of the process.
+                log.exception("recovery round failed (will retry)")
+                wait, backoff = backoff, min(backoff * 2, self.max_idle)
+            await self._sleep(wait)
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wake.clear()
+        if self._stopping:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=max(seconds, 0.0))
+
+    async def _sweep(self, since: float | None) -> None:
+        swept = await self.expectations.run(
+            self.expectations.op_sweep(since=since, ttl_reason=TTL_REASON)
+        )
+        for request_id, state in swept.settled.items():
+            level = logging.WARNING if state is S.EXPIRED else logging.INFO
+            log.log(
+                level,
+                "expectation %s",
+                state.value,
+                extra={
+                    "request_id": request_id,
+                    "state": state.value,
+                    "reason": TTL_REASON if state is S.EXPIRED else None,
+                },
+            )
+
+    async def _work(self, claims: list[ExpectationClaim]) -> None:
+        for claim in claims:
+            self._held[claim.request_id] = claim.claim_id
+        await asyncio.gather(*(self._one(claim) for claim in claims))
+
+    async def _one(self, claim: ExpectationClaim) -> None:
+        try:
+            async with self._calls:
+                await self._handle(claim)
+        except StoreUnavailableError as exc:
+            # Its lease expires and it is retaken (here or by another replica).
+            log.warning("could not record recovery of %s: %s", claim.request_id, exc)
+        finally:
+            self._held.pop(claim.request_id, None)
+
+    # -- one expectation ---------------------------------------------------------------
+
+    async def _handle(self, claim: ExpectationClaim) -> None:
+        exp = claim.expectation
+        if claim.delivered is not None:
+            state = await self.expectations.run(self.expectations.op_settle_delivered(claim))
+            self._settled(claim, state, None)
+            return
+        now = time.time()
+        if now < self._not_before:
+            # Paused (rate limited, or the queue is failing): put it back untouched.
+            await self._update(claim, S(exp.state), due_at=self._not_before)
+            return
+        if exp.completed_at is not None and now >= exp.completed_at + self.grace:
+            await self._fetch(claim, exp.queue_error)
+            return
+        urls = self._urls(claim)
+        try:
+            status = read_status(await self.client.get(urls[0]))
+        except QueueError as exc:
+            await self._call_failed(claim, exc, gone_means=QueueFailure.NOT_FOUND)
+            return
+        if not status.completed:
+            await self._update(
+                claim,
+                S.POLLING,
+                due_at=time.time() + poll_delay(exp.polls + 1, self.poll_cap),
+                polled=True,
+                queue_status=status.status,
+            )
+            return
+        await self._completed(claim, status)
+
+    async def _completed(self, claim: ExpectationClaim, status: QueueStatus) -> None:
+        log.info(
+            "expectation: fal completed the request, no delivery yet",
+            extra={
+                "request_id": claim.request_id,
+                "endpoint_id": claim.expectation.endpoint_id,
+                "state": S.POLLING.value,
+                "queue_error": status.error,
+                "grace_seconds": self.grace,
+            },
+        )
+        if self.grace > 0:
+            now = time.time()
+            await self._update(
+                claim,
+                S.POLLING,
+                due_at=now + self.grace,
+                polled=True,
+                queue_status=status.status,
+                completed_at=now,
+                queue_error=status.error_json(),
+            )
+            return
+        await self._fetch(claim, status.error_json())
+
+    async def _fetch(self, claim: ExpectationClaim, queue_error: str | None) -> None:
+        request_id = claim.request_id
+        try:
+            answer = await self.client.get(self._urls(claim)[1])
+            body = delivery_body(request_id, queue_error, answer)
+        except QueueError as exc:
+            await self._call_failed(claim, exc, gone_means=QueueFailure.RESULT_GONE)
+            return
+        data = json.loads(body)
+        new = NewDelivery(
+            request_id=request_id,
+            gateway_request_id=request_id,
+            status=data["status"],
+            error=data["error"],
+            payload_error=None,
+            user_id=None,
+            body=body,
+            received_at=time.time(),
+            source=SOURCE_QUEUE,
+        )
+        # The webhook's own insert: a delivery already stored makes this a duplicate (the
+        # webhook won the race), and a webhook after this one is the duplicate.
+        is_new = await self.store.insert(new)
+        if is_new:
+            self._on_recovered()
+        reason = f"fetched from fal's queue ({data['status']})" if is_new else None
+        state = await self.expectations.run(
+            self.expectations.op_settle_delivered(claim, reason=reason)
+        )
+        self._settled(claim, state, reason)
+
+    async def _call_failed(
+        self, claim: ExpectationClaim, exc: QueueError, *, gone_means: QueueFailure
+    ) -> None:
+        exp = claim.expectation
+        failure = exc.failure
+        if failure is QueueFailure.NOT_FOUND:
+            failure = gone_means
+        if failure.transient:
+            delay = poll_delay(exp.polls + 1, self.poll_cap)
+            if exc.retry_after is not None:
+                delay = max(delay, exc.retry_after)
+            # Rate limits are per key, and an outage is everyone's: pause every poll.
+            self._not_before = max(self._not_before, time.time() + delay)
+            log.warning(
+                "fal's queue: %s (retrying in %.3g s)",
+                exc,
+                delay,
+                extra={"request_id": claim.request_id, "outcome": failure.value},
+            )
+            await self._update(
+                claim, S.POLLING, due_at=time.time() + delay, polled=True, reason=str(exc)
+            )
+            return
+        reason = f"{failure.value}: {exc}"
+        if await self._update(claim, S.FAILED, reason=reason):
+            self._settled(claim, S.FAILED, reason)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _urls(self, claim: ExpectationClaim) -> tuple[str, str]:
+        exp = claim.expectation
+        if exp.status_url and exp.response_url:
+            return exp.status_url, exp.response_url
+        built = request_urls(self.client.queue_url, exp.endpoint_id, exp.request_id)
+        return exp.status_url or built.status_url, exp.response_url or built.response_url
+
+    async def _update(
+        self,
+        claim: ExpectationClaim,
+        state: ExpectationState,
+        *,
+        due_at: float | None = None,
+        reason: str | None = None,
+        polled: bool = False,
+        queue_status: str | None = None,
+        completed_at: float | None = None,
+        queue_error: str | None = None,
+    ) -> bool:
+        kept: bool = await self.expectations.run(
+            self.expectations.op_update(
+                claim,
+                state=state,
+                due_at=due_at,
+                reason=reason,
+                polled=polled,
+                queue_status=queue_status,
+                completed_at=completed_at,
+                queue_error=queue_error,
+            )
+        )
+        if not kept:
+            log.info(
+                "expectation %s was settled or retaken meanwhile",
+                claim.request_id,
+                extra={"request_id": claim.request_id},
+            )
+        return kept
+
+    def _settled(
+        self, claim: ExpectationClaim, state: ExpectationState | None, reason: str | None
+    ) -> None:
+        if state is None:
+            return
+        level = logging.WARNING if state in (S.FAILED, S.EXPIRED) else logging.INFO
+        log.log(
+            level,
+            "expectation %s",
+            state.value,
+            extra={
+                "request_id": claim.request_id,
+                "endpoint_id": claim.expectation.endpoint_id,
+                "state": state.value,
+                "reason": reason,
+                "polls": claim.expectation.polls,
+            },
+        )

@@ -1,0 +1,326 @@
+"""What a fal key turns on: submit, expect, the recovery loop, and payload_error fetches.
+
+`Recovery` belongs to a `WebhookReceiver` (``hooks.submit``, ``hooks.expect`` and their
+sync twins call it); its loop runs while the receiver is started. It also works unstarted
+(the CLI, a script): expectations are then written on a connection of their own, beside
+any running ``falhook serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from falhook.receiver.errors import (
+    InvalidRequestError,
+    QueueError,
+    RecoveryDisabledError,
+    StoreUnavailableError,
+)
+from falhook.receiver.models import Delivery
+from falhook.receiver.recovery.client import QueueClient, outcome_of
+from falhook.receiver.recovery.poller import Poller
+from falhook.receiver.recovery.urls import parse_endpoint_id, request_urls, same_origin
+from falhook.receiver.settings import Settings
+from falhook.receiver.store import Claim, Store
+from falhook.receiver.store.expectations import Expectations, ExpectationState, NewExpectation
+
+__all__ = ["WEBHOOK_PATH", "Recovery"]
+
+log = logging.getLogger("falhook.recovery")
+WEBHOOK_PATH = "/webhooks/fal"
+_PRIORITIES = ("normal", "low")
+
+
+class Recovery:
+    """Submit to fal's queue, expect results, and recover those no webhook brought."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        observe_call: Callable[[str], None] | None = None,
+        on_recovered: Callable[[], None] = lambda: None,
+    ) -> None:
+        if settings.fal_key is None:
+            raise RecoveryDisabledError()
+        self.settings = settings
+        self.client = QueueClient(settings.queue_url, settings.fal_key, observe=observe_call)
+        self._on_recovered = on_recovered
+        self._expectations: Expectations | None = None
+        self._poller: Poller | None = None
+
+    @property
+    def webhook_url(self) -> str | None:
+        """Where fal should post results: FALHOOK_PUBLIC_URL + /webhooks/fal (None if unset:
+        then results come only through recovery)."""
+        base = self.settings.public_url
+        return None if base is None else base + WEBHOOK_PATH
+
+    # -- lifecycle (the receiver's) ----------------------------------------------------
+
+    def start(self, store: Store) -> None:
+        """Start the recovery loop on the receiver's open store."""
+        self._expectations = Expectations(store)
+        self._poller = Poller(
+            store, self._expectations, self.client, self.settings, on_recovered=self._on_recovered
+        )
+        self._poller.start()
+
+    async def stop(self) -> None:
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            await poller.stop()
+        self._expectations = None
+        await self.client.aclose()
+
+    # -- expect ------------------------------------------------------------------------
+
+    def new_expectation(
+        self,
+        request_id: str,
+        endpoint_id: str,
+        *,
+        status_url: str | None = None,
+        response_url: str | None = None,
+        origin: str = "expect",
+    ) -> NewExpectation:
+        """Validate what ``expect`` was given (raises InvalidRequestError)."""
+        request_id = request_id.strip()
+        if not request_id or len(request_id) > 255 or not request_id.isprintable():
+            raise InvalidRequestError(f"{request_id!r} is not a fal request id")
+        try:
+            endpoint = parse_endpoint_id(endpoint_id).full
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        for url in (status_url, response_url):
+            if url is not None and not same_origin(url, self.settings.queue_url):
+                raise InvalidRequestError(
+                    f"{url} is not on fal's queue ({self.settings.queue_url}); "
+                    "falhook sends the fal key only there"
+                )
+        return NewExpectation(request_id, endpoint, status_url, response_url, origin)
+
+    async def expect(
+        self,
+        request_id: str,
+        endpoint_id: str,
+        *,
+        status_url: str | None = None,
+        response_url: str | None = None,
+    ) -> bool:
+        """Expect a result for a request submitted elsewhere; True if newly recorded."""
+        new = self.new_expectation(
+            request_id, endpoint_id, status_url=status_url, response_url=response_url
+        )
+        return await self._record(new)
+
+    def expect_sync(
+        self,
+        request_id: str,
+        endpoint_id: str,
+        *,
+        status_url: str | None = None,
+        response_url: str | None = None,
+    ) -> bool:
+        """`expect` for code without an event loop (writes on a connection of its own)."""
+        new = self.new_expectation(
+            request_id, endpoint_id, status_url=status_url, response_url=response_url
+        )
+        return self._record_sync(new)
+
+    async def _record(self, new: NewExpectation) -> bool:
+        expectations = self._expectations
+        if expectations is None:  # not started: write beside whatever runs
+            return await asyncio.to_thread(self._record_sync, new)
+        recorded: bool = await expectations.run(
+            expectations.op_add(
+                new,
+                recover_after=self.settings.recover_after_seconds,
+                ttl=self.settings.expect_ttl_seconds,
+            )
+        )
+        if self._poller is not None:
+            self._poller.wake()
+        self._logged(new, recorded)
+        return recorded
+
+    def _record_sync(self, new: NewExpectation) -> bool:
+        store = Store(self.settings.database_url)
+        try:
+            recorded = Expectations(store).add(
+                new,
+                recover_after=self.settings.recover_after_seconds,
+                ttl=self.settings.expect_ttl_seconds,
+            )
+        finally:
+            store.engine.dispose()
+        self._logged(new, recorded)
+        return recorded
+
+    def _logged(self, new: NewExpectation, recorded: bool) -> None:
+        log.info(
+            "expectation recorded" if recorded else "expectation already recorded",
+            extra={
+                "request_id": new.request_id,
+                "endpoint_id": new.endpoint_id,
+                "origin": new.origin,
+                "state": ExpectationState.WAITING.value if recorded else None,
+            },
+        )
+
+    # -- submit ------------------------------------------------------------------------
+
+    def _headers(
+        self,
+        priority: str | None,
+        start_timeout: float | None,
+        hint: str | None,
+        headers: Mapping[str, str] | None,
+    ) -> dict[str, str]:
+        sent = dict(headers or {})
+        if priority is not None:
+            if priority not in _PRIORITIES:
+                raise InvalidRequestError(f"priority must be normal or low, not {priority!r}")
+            sent["X-Fal-Queue-Priority"] = priority
+        if start_timeout is not None:
+            if not start_timeout > 0:
+                raise InvalidRequestError("start_timeout must be a positive number of seconds")
+            sent["X-Fal-Request-Timeout"] = f"{start_timeout:g}"
+        if hint is not None:
+            sent["X-Fal-Runner-Hint"] = hint
+        return sent
+
+    def _submitted(self, endpoint_id: str, answer: dict[str, Any]) -> NewExpectation:
+        def fal_url(name: str) -> str | None:
+            url = answer.get(name)
+            # Only URLs on the queue's own host are kept (the key goes with every poll).
+            if isinstance(url, str) and same_origin(url, self.settings.queue_url):
+                return url
+            return None
+
+        return self.new_expectation(
+            answer["request_id"],
+            endpoint_id,
+            status_url=fal_url("status_url"),
+            response_url=fal_url("response_url"),
+            origin="submit",
+        )
+
+    async def submit(
+        self,
+        endpoint_id: str,
+        arguments: Any,
+        *,
+        priority: str | None = None,
+        start_timeout: float | None = None,
+        hint: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Submit to fal's queue with the webhook URL, expect the result, return fal's
+        answer (``request_id`` first). Raises QueueError if fal did not take it."""
+        self.new_expectation("-", endpoint_id)  # validate before calling fal
+        sent = self._headers(priority, start_timeout, hint, headers)
+        answer = await self.client.submit(
+            endpoint_id, arguments, webhook_url=self.webhook_url, headers=sent
+        )
+        new = self._submitted(endpoint_id, answer)
+        try:
+            await self._record(new)
+        except StoreUnavailableError as exc:
+            raise _unrecorded(new, exc) from exc
+        return answer
+
+    def submit_sync(
+        self,
+        endpoint_id: str,
+        arguments: Any,
+        *,
+        priority: str | None = None,
+        start_timeout: float | None = None,
+        hint: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """`submit` for code without an event loop."""
+        self.new_expectation("-", endpoint_id)
+        sent = self._headers(priority, start_timeout, hint, headers)
+        answer = self.client.submit_sync(
+            endpoint_id, arguments, webhook_url=self.webhook_url, headers=sent
+        )
+        new = self._submitted(endpoint_id, answer)
+        try:
+            self._record_sync(new)
+        except StoreUnavailableError as exc:
+            raise _unrecorded(new, exc) from exc
+        return answer
+
+    # -- payload_error: the payload fal could not send ---------------------------------
+
+    async def prepare(self, claim: Claim, delivery: Delivery, last_attempt: bool) -> Delivery:
+        """Fill in the payload of a ``payload_error`` delivery from fal's queue, when its
+        request is expected (fal's webhook does not name the endpoint). The callback then
+        sees the whole result and the original ``payload_error``. A request falhook does
+        not know, or a result fal no longer has, is delivered as it came; a queue that
+        cannot answer now raises (the attempt is retried), except on the last attempt."""
+        expectations = self._expectations
+        if expectations is None:
+            return delivery
+        expected = await expectations.run(expectations.op_get(delivery.request_id))
+        if expected is None:
+            return delivery
+        response_url = (
+            expected.response_url
+            or request_urls(
+                self.settings.queue_url, expected.endpoint_id, expected.request_id
+            ).response_url
+        )
+        fields = {"request_id": delivery.request_id, "endpoint_id": expected.endpoint_id}
+        try:
+            answer = await self.client.get(response_url)
+            failure = outcome_of(answer.status_code)
+            if failure is not None and failure.transient:
+                raise QueueError(failure, f"result answered {answer.status_code}")
+        except QueueError as exc:
+            if not last_attempt:
+                raise
+            log.warning("payload_error: %s; delivered without its payload", exc, extra=fields)
+            return delivery
+        if failure is not None or answer.body is None:
+            log.warning(
+                "payload_error: fal's queue answered %s for the result; delivered without it",
+                answer.status_code,
+                extra=fields,
+            )
+            return delivery
+        data = delivery.json()
+        data["payload"] = answer.body  # payload_error stays: the callback sees what happened
+        body = json.dumps(data, sort_keys=True).encode()
+        await expectations.run(expectations.op_fill_body(delivery.request_id, claim.claim_id, body))
+        await expectations.run(
+            expectations.op_mark(
+                delivery.request_id,
+                ExpectationState.RECOVERED,
+                "payload fetched from fal's queue (the webhook came with payload_error)",
+            )
+        )
+        self._on_recovered()
+        log.info("payload_error: payload fetched from fal's queue", extra=fields)
+        return Delivery.from_body(
+            body,
+            attempt=delivery.attempt,
+            received_at=delivery.received_at.timestamp(),
+            user_id=delivery.user_id,
+            parsed=data,
+            source=delivery.source,
+        )
+
+
+def _unrecorded(new: NewExpectation, exc: StoreUnavailableError) -> StoreUnavailableError:
+    return StoreUnavailableError(
+        f"fal accepted request {new.request_id}, but its expectation could not be recorded "
+        f"({exc}); once the store is back: falhook expect {new.request_id} "
+        f"--endpoint {new.endpoint_id}"
+    )
