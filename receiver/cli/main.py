@@ -14,13 +14,13 @@ import sys
 from collections.abc import Sequence
 
 from falhook import __version__
-from falhook.receiver.cli import dev, dispatch, ops, serve, verify
+from falhook.receiver.cli import dev, dispatch, ops, recovery, serve, verify
 from falhook.receiver.cli.common import EXIT_CODES_HELP, CommandError, Parser
 
 __all__ = ["build_parser", "main"]
 
 # Subcommand modules, in the order they appear in --help.
-_COMMANDS = (serve, ops, dispatch, dev, verify)
+_COMMANDS = (serve, ops, dispatch, recovery, dev, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -267,6 +267,7 @@ def summary(delivery: StoredDelivery) -> dict[str, Any]:
         "gateway_request_id": delivery.gateway_request_id,
         "user_id": delivery.user_id,
         "completed_callbacks": list(delivery.completed_callbacks),
+        "source": delivery.source,
     }
 
 
