@@ -42,6 +42,7 @@ def _event(delivery: Delivery, phase: str) -> dict[str, Any]:
         "payload_error": delivery.payload_error,
         "received_at": delivery.received_at.isoformat(),
         "attempt": delivery.attempt,
+        "source": delivery.source,
         "pid": os.getpid(),
         "t": time.time(),
     }
