@@ -3,7 +3,10 @@
 A receiver on a free loopback port (uvicorn, in this process), a temporary SQLite store,
 a fresh signing key whose JWKS is served on loopback, and callbacks that print what they
 get. It sends genuine, duplicate, forged, tampered, stale and mis-addressed deliveries and
-shows what happened to each. Nothing touches ./falhook.db or the network.
+shows what happened to each; then it submits a request through falhook to a local
+stand-in for fal's queue (demo_queue.py) whose webhook never comes, and shows the result
+recovered from the queue, with the late webhook a duplicate. Nothing touches
+./falhook.db or the network.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import httpx
 
 from falhook.receiver.app import WEBHOOK_PATH, WebhookReceiver
 from falhook.receiver.cli.ops import render_table
+from falhook.receiver.demo_queue import DemoQueue
 from falhook.receiver.durations import format_time
 from falhook.receiver.models import Delivery, State
 from falhook.receiver.settings import Settings
@@ -31,6 +35,8 @@ from falhook.verify.testing import JWKSServer, KeyPair, fal_body, generate_keypa
 __all__ = ["run"]
 
 USER_ID = "demo-user"
+DEMO_ENDPOINT = "fal-ai/flux/dev"
+DEMO_FAL_KEY = "demo-fal-key"  # only the in-process stand-in for fal's queue checks it
 OK_ID = "demo-ok-1"
 ERROR_ID = "demo-error-1"
 
@@ -65,6 +71,7 @@ class _Demo:
         self.out = out
         self.deadline = time.monotonic() + timeout
         self.ok_seen = asyncio.Event()
+        self.recovered = asyncio.Event()
         self.error_done = asyncio.Event()
         self.calls: dict[str, int] = {}
         self.heard: list[str] = []  # callback lines, printed after the answer they follow
@@ -93,9 +100,12 @@ class _Demo:
         images = len((delivery.payload or {}).get("images", []))
         self.heard.append(
             f"   callback on_ok({delivery.request_id}): status OK, {images} image(s), "
-            f"attempt {delivery.attempt}"
+            f"attempt {delivery.attempt}, source {delivery.source}"
         )
-        self.ok_seen.set()
+        if delivery.source == "queue":
+            self.recovered.set()
+        else:
+            self.ok_seen.set()
 
     async def on_error(self, delivery: Delivery) -> None:
         if delivery.attempt == 1:
@@ -188,6 +198,8 @@ class _Demo:
             )
             say()
 
+            await self.recover(client, url, hooks, keypair)
+
         store = hooks.store
         while True:  # callbacks have returned; wait for their rows to be marked done
             counts = await asyncio.to_thread(store.counts)
@@ -196,13 +208,14 @@ class _Demo:
             if time.monotonic() > self.deadline:
                 raise DemoFailedError("timed out waiting for the deliveries to finish")
             await asyncio.sleep(0.02)
-        rows = [["REQUEST_ID", "STATE", "STATUS", "ATTEMPTS", "RECEIVED (UTC)"]]
+        rows = [["REQUEST_ID", "STATE", "STATUS", "SOURCE", "ATTEMPTS", "RECEIVED (UTC)"]]
         for d in await asyncio.to_thread(store.list):
             rows.append(
                 [
                     d.request_id,
                     d.state.value,
                     d.status,
+                    d.source,
                     str(d.attempts),
                     format_time(d.received_at) or "-",
                 ]
@@ -210,6 +223,35 @@ class _Demo:
         say("What the store holds now (`falhook deliveries list` shows the same):")
         say("   " + render_table(rows).replace("\n", "\n   "))
         say("   Rejected deliveries are never stored: only verified ones reach your callbacks.")
+
+    async def recover(
+        self, client: httpx.AsyncClient, url: str, hooks: WebhookReceiver, keypair: KeyPair
+    ) -> None:
+        """Step 8: a result whose webhook never comes is fetched from fal's queue."""
+        say = self.say
+        say("8. Never miss a result: submitted through falhook, but fal's webhook is lost")
+        answer = await hooks.submit(DEMO_ENDPOINT, {"prompt": "a lighthouse at dusk"})
+        request_id = answer["request_id"]
+        say(f"   hooks.submit({DEMO_ENDPOINT!r}) → request {request_id}")
+        say("   (fal completes it; the webhook never arrives: say your receiver was down)")
+        await self.wait(self.recovered, "the result recovered from the queue")
+        expected = await asyncio.to_thread(_expectation, hooks, request_id)
+        say(
+            f"   no delivery after {hooks.settings.recover_after_seconds:g} s → polled fal's "
+            f"status {expected.polls} time(s), waited the grace, fetched the result"
+        )
+        say(f"   expectation {request_id}: {expected.state.value} ({expected.reason})")
+        say("   fal's webhook turns up late after all:")
+        late = fal_body(request_id, payload={"images": [{}], "prompt": "a lighthouse at dusk"})
+        await self.post(client, url, late, request_id, keypair=keypair)
+        say(f"   callback on_ok ran {self.calls.get(request_id, 0)} time(s) in all for it")
+        say()
+
+
+def _expectation(hooks: WebhookReceiver, request_id: str) -> Any:
+    from falhook.receiver.store.expectations import Expectations
+
+    return Expectations(hooks.store).get(request_id)
 
 
 async def _main(out: TextIO, seconds: float) -> int:
@@ -221,6 +263,10 @@ async def _main(out: TextIO, seconds: float) -> int:
         tempfile.TemporaryDirectory(prefix="falhook-demo-") as tmp,
         JWKSServer(keypair) as jwks,
     ):
+        sock, base = _loopback_socket()
+        queue_sock, queue_url = _loopback_socket()
+        fal_queue = DemoQueue(DEMO_FAL_KEY)
+        fal_queue.base_url = queue_url
         settings = Settings(
             database_url=f"sqlite:///{Path(tmp) / 'falhook.db'}",
             jwks_url=jwks.url,
@@ -233,42 +279,71 @@ async def _main(out: TextIO, seconds: float) -> int:
             poll_seconds=0.5,
             shutdown_timeout_seconds=2.0,
             log_level="WARNING",
+            # Recovery from the stand-in queue, in fractions of a second for the demo.
+            fal_key=DEMO_FAL_KEY,
+            queue_url=queue_url,
+            public_url=base,
+            recover_after_seconds=0.5,
+            recover_poll_seconds=0.2,
+            recover_grace_seconds=0.3,
         )
         hooks = WebhookReceiver(settings)
         hooks.on_ok(demo.on_ok)
         hooks.on_error(demo.on_error)
-
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        url = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
-        config = uvicorn.Config(
-            hooks.app, lifespan="on", access_log=False, log_config=None, log_level="warning"
-        )
-        server = uvicorn.Server(config)
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        url = base + WEBHOOK_PATH
+        servers = [
+            uvicorn.Server(
+                uvicorn.Config(
+                    app,
+                    lifespan=lifespan,
+                    access_log=False,
+                    log_config=None,
+                    log_level="warning",
+                )
+            )
+            for app, lifespan in _apps(fal_queue.app, hooks.app)
+        ]
+        serving = [
+            asyncio.create_task(server.serve(sockets=[s]))
+            for server, s in zip(servers, (queue_sock, sock), strict=True)
+        ]
         try:
-            while not server.started:  # uvicorn sets it once the lifespan has started
-                if serving.done() or time.monotonic() > demo.deadline:
+            # uvicorn sets `started` once the lifespan has started
+            while not all(server.started for server in servers):
+                if any(task.done() for task in serving) or time.monotonic() > demo.deadline:
                     raise DemoFailedError("the receiver did not start")
                 await asyncio.sleep(0.01)
             demo.say("falhook demo: a receiver, a store and a signing key, all local")
             demo.say(f"   receiver  {url}")
             demo.say(f"   store     {settings.database_url} (deleted afterwards)")
             demo.say(f"   keys      {jwks.url} (a fresh key standing in for fal's)")
+            demo.say(f"   fal queue {queue_url} (a local stand-in for queue.fal.run)")
             demo.say()
             await demo.story(url, hooks, keypair)
         except DemoFailedError as exc:
             demo.say(f"demo failed: {exc}")
             return 1
         finally:
-            server.should_exit = True
-            await serving
+            for server in reversed(servers):
+                server.should_exit = True
+            await asyncio.gather(*serving)
             sock.close()
+            queue_sock.close()
     demo.say()
     demo.say("Next: `falhook keygen`, then `falhook serve` and `falhook send` (see the README).")
     return 0
+
+
+def _apps(queue: Any, receiver: Any) -> list[tuple[Any, Literal["on", "off"]]]:
+    # The stand-in queue has no lifespan; the receiver's starts its store and poller.
+    return [(queue, "off"), (receiver, "on")]
+
+
+def _loopback_socket() -> tuple[socket.socket, str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def run(*, timeout: float = 20.0, out: TextIO | None = None) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from falhook.receiver.cli.common import CommandError, positive_int
-from falhook.receiver.cli.ops import _database_url, _guarded, _out, render_table
+from falhook.receiver.cli.ops import _database_url, _guarded, _out, _sqlite_path, render_table
 from falhook.receiver.cli.serve import add_settings_flags
 from falhook.receiver.durations import format_time
 from falhook.receiver.errors import (
@@ -158,13 +158,21 @@ def add_parser(subparsers: Any) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     from falhook.receiver.cli.serve import settings_from_args
 
-    _database_url(args)  # the same checks and message as the other store commands
+    url = _database_url(args)  # the same checks and message as the other store commands
     try:
         settings = settings_from_args(args)
     except SettingsError as exc:
         raise CommandError(str(exc)) from exc
     if not settings.recovery_enabled:
         raise CommandError(_NO_KEY)
+    path = _sqlite_path(url)
+    if path is not None and not path.exists():
+        # Like the other store commands: a new file here would hold an expectation no
+        # `falhook serve` reads.
+        raise StoreUnavailableError(
+            f"no database at {path} (start `falhook serve` first, or set --database-url "
+            f"or {ENV_PREFIX}DATABASE_URL)"
+        )
     return settings
 
 

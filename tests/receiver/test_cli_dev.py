@@ -391,6 +391,9 @@ def test_demo_runs_offline_and_explains_rejections(tmp_path: Path) -> None:
     assert "401 rejected: invalid_signature" in out  # the forged delivery, and why
     assert "401 rejected: timestamp_too_old" in out
     assert "401 rejected: user_mismatch" in out
+    # Step 8: a submitted request whose webhook never came is recovered from the queue.
+    assert "source queue" in out and ": recovered (fetched from fal's queue" in out
+    assert out.count("on_ok ran 1 time(s)") == 2  # the late webhook was a duplicate
     assert result.stderr == ""  # no log noise
     assert list(tmp_path.iterdir()) == []
     assert time.monotonic() - started < 30

@@ -1,0 +1,253 @@
+"""hooks.submit / hooks.expect (and their sync twins) on an in-process receiver, against
+the loopback fake of fal's queue; the CLI's submit, expect and expectations list."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from falhook.receiver import Settings, WebhookReceiver
+from falhook.receiver.cli.main import main
+from falhook.receiver.errors import (
+    InvalidRequestError,
+    QueueError,
+    QueueFailure,
+    RecoveryDisabledError,
+)
+from falhook.receiver.models import Delivery
+from falhook.receiver.store import Store
+from falhook.receiver.store.expectations import Expectations, ExpectationState
+from tests.fakes.fal_queue import FakeFalQueue, wait_until
+
+KEY = "fal-test-key"
+ENDPOINT = "fal-ai/flux/dev"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeFalQueue]:
+    with FakeFalQueue(api_key=KEY) as queue:
+        yield queue
+
+
+@pytest.fixture
+def fast(settings: Settings, fake: FakeFalQueue) -> Settings:
+    return settings.replace(
+        fal_key=KEY,
+        queue_url=fake.url,
+        public_url="https://hooks.example.com",
+        recover_after_seconds=0.1,
+        recover_poll_seconds=0.05,
+        recover_grace_seconds=0.05,
+    )
+
+
+def stored(url: str, request_id: str) -> Any:
+    store = Store(url)
+    try:
+        return Expectations(store).get(request_id)
+    finally:
+        store.engine.dispose()
+
+
+def test_submit_passes_fal_options_through_and_recovers(fast: Settings, fake: FakeFalQueue) -> None:
+    got: list[Delivery] = []
+
+    async def body() -> dict[str, Any]:
+        hooks = WebhookReceiver(fast)
+        seen = asyncio.Event()
+
+        @hooks.on_delivery
+        async def record(delivery: Delivery) -> None:
+            got.append(delivery)
+            seen.set()
+
+        async with hooks:
+            answer = await hooks.submit(
+                ENDPOINT,
+                {"prompt": "dog"},
+                priority="low",
+                start_timeout=30,
+                hint="lora-1",
+                headers={"X-Fal-Store-IO": "0"},
+            )
+            assert list(answer)[0] == "request_id"
+            fake.complete(answer["request_id"])
+            await asyncio.wait_for(seen.wait(), 10)
+        return answer
+
+    answer = asyncio.run(body())
+    rid = answer["request_id"]
+    req = fake.get(rid)
+    assert req.webhook_url == "https://hooks.example.com/webhooks/fal"
+    assert req.platform_headers["x-fal-queue-priority"] == "low"
+    assert req.platform_headers["x-fal-request-timeout"] == "30"
+    assert req.platform_headers["x-fal-runner-hint"] == "lora-1"
+    assert req.platform_headers["x-fal-store-io"] == "0"
+    assert [(d.request_id, d.source) for d in got] == [(rid, "queue")]
+    expected = stored(fast.database_url, rid)
+    assert expected.origin == "submit" and expected.state is ExpectationState.RECOVERED
+    assert expected.status_url == fake.request_urls(rid)["status_url"]
+
+
+def test_sync_twins_work_without_a_running_receiver(fast: Settings, fake: FakeFalQueue) -> None:
+    hooks = WebhookReceiver(fast)
+    answer = hooks.submit_sync(ENDPOINT, {"prompt": "cat"})
+    assert fake.get(answer["request_id"]).input == {"prompt": "cat"}
+    assert hooks.expect_sync("elsewhere-1", "fal-ai/fast-sdxl/image-to-image")
+    assert not hooks.expect_sync("elsewhere-1", "fal-ai/fast-sdxl/image-to-image")
+    assert asyncio.run(hooks.expect("elsewhere-2", ENDPOINT))
+    assert stored(fast.database_url, answer["request_id"]).state is ExpectationState.WAITING
+    assert stored(fast.database_url, "elsewhere-1").origin == "expect"
+
+
+def test_without_a_key_the_receiver_is_as_before(settings: Settings) -> None:
+    hooks = WebhookReceiver(settings)
+    assert hooks.recovery is None
+    with pytest.raises(RecoveryDisabledError, match="FALHOOK_FAL_KEY"):
+        hooks.expect_sync("r", ENDPOINT)
+    with pytest.raises(RecoveryDisabledError):
+        asyncio.run(hooks.submit(ENDPOINT, {}))
+    assert b"falhook_expectations" not in hooks.metrics.render()
+
+
+def test_unusable_input_is_refused_before_calling_fal(fast: Settings, fake: FakeFalQueue) -> None:
+    hooks = WebhookReceiver(fast)
+    with pytest.raises(InvalidRequestError, match="endpoint id"):
+        hooks.submit_sync("not an endpoint", {})
+    with pytest.raises(InvalidRequestError, match="priority"):
+        hooks.submit_sync(ENDPOINT, {}, priority="urgent")
+    with pytest.raises(InvalidRequestError, match="sends the fal key only there"):
+        hooks.expect_sync("r", ENDPOINT, status_url="https://evil.example/status")
+    assert fake.count() == 0
+
+
+def test_fal_refusing_a_submit_is_a_queue_error(fast: Settings, fake: FakeFalQueue) -> None:
+    hooks = WebhookReceiver(fast.replace(fal_key="wrong"))
+    with pytest.raises(QueueError) as caught:
+        hooks.submit_sync(ENDPOINT, {})
+    assert caught.value.failure is QueueFailure.UNAUTHORIZED
+    assert "401" in str(caught.value)
+
+
+def test_an_expectation_past_its_ttl_expires(fast: Settings, fake: FakeFalQueue) -> None:
+    ttl = fast.replace(expect_ttl_seconds=0.2, recover_after_seconds=30)
+
+    async def body() -> None:
+        async with WebhookReceiver(ttl) as hooks:
+            await hooks.expect("slow-1", ENDPOINT)
+            deadline = time.monotonic() + 10
+            while True:
+                got = await asyncio.to_thread(stored, ttl.database_url, "slow-1")
+                if got.state is ExpectationState.EXPIRED or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            assert got.state is ExpectationState.EXPIRED and "ttl" in got.reason
+            metrics = await asyncio.to_thread(hooks.metrics.render)
+            assert b'falhook_expectations{state="expired"} 1.0' in metrics
+
+    asyncio.run(body())
+    assert fake.count("status") == 0  # never polled: recover-after had not passed
+
+
+def test_a_429_pauses_polling_for_its_retry_after(fast: Settings, fake: FakeFalQueue) -> None:
+    rid = fake.create(ENDPOINT)
+    fake.fail(429, route="status", times=1, retry_after="0.6")
+
+    async def body() -> None:
+        async with WebhookReceiver(fast) as hooks:
+            await hooks.expect(rid, ENDPOINT)
+            await asyncio.to_thread(wait_until, lambda: fake.status_polls(rid) >= 2, timeout=10)
+            metrics = await asyncio.to_thread(hooks.metrics.render)
+            assert b'falhook_queue_requests_total{outcome="rate_limited"} 1.0' in metrics
+
+    asyncio.run(body())
+    first, second = fake.requests("status", request_id=rid)[:2]
+    assert first.status_code == 429
+    assert second.monotonic - first.monotonic >= 0.55
+
+
+# -- the CLI -----------------------------------------------------------------------------
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_expect_and_list(
+    fast: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Store(fast.database_url).migrate()  # as a running `falhook serve` would have
+    monkeypatch.setenv("FALHOOK_DATABASE_URL", fast.database_url)
+    monkeypatch.setenv("FAL_KEY", KEY)
+    code, out, _ = run_cli(capsys, "expect", "r-1", "--endpoint", ENDPOINT)
+    assert code == 0 and out == f"expecting r-1 ({ENDPOINT})\n"
+    code, out, _ = run_cli(capsys, "expect", "r-1", "--endpoint", ENDPOINT, "--json")
+    assert json.loads(out) == {"request_id": "r-1", "recorded": False}
+    code, out, _ = run_cli(capsys, "expectations", "list")
+    assert code == 0 and "r-1" in out and "waiting" in out
+    code, out, _ = run_cli(capsys, "expectations", "list", "--json", "--state", "failed")
+    assert code == 0 and json.loads(out) == []
+    code, _, err = run_cli(capsys, "expect", "r-2", "--endpoint", "nope")
+    assert code == 2 and err.count("\n") == 1 and "not a fal endpoint id" in err
+
+
+def test_cli_refuses_without_a_key_or_a_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FAL_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.json").write_text("{}")
+    for args in (
+        ["expect", "r", "--endpoint", ENDPOINT],
+        ["submit", ENDPOINT, "--input", "in.json"],
+    ):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and err.count("\n") == 1 and "no fal key" in err
+    monkeypatch.setenv("FAL_KEY", KEY)
+    code, _, err = run_cli(capsys, "expect", "r", "--endpoint", ENDPOINT)
+    assert code == 3 and "no database at" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "in.json"]  # created nothing
+
+
+def test_cli_submit(
+    fast: Settings,
+    fake: FakeFalQueue,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    Store(fast.database_url).migrate()
+    monkeypatch.setenv("FALHOOK_DATABASE_URL", fast.database_url)
+    monkeypatch.setenv("FALHOOK_FAL_KEY", KEY)
+    monkeypatch.setenv("FALHOOK_QUEUE_URL", fake.url)
+    source = tmp_path / "input.json"
+    source.write_text('{"prompt": "dog"}')
+    code, out, err = run_cli(capsys, "submit", ENDPOINT, "--input", str(source))
+    rid = out.strip()
+    assert code == 0 and fake.get(rid).input == {"prompt": "dog"}
+    assert "no FALHOOK_PUBLIC_URL" in err and fake.get(rid).webhook_url is None
+    code, out, _ = run_cli(
+        capsys, "submit", ENDPOINT, "--input", str(source), "--json",
+        "--public-url", "https://h.example", "--header", "X-Fal-No-Retry: 1",
+    )  # fmt: skip
+    answer = json.loads(out)
+    assert code == 0 and list(answer)[0] == "request_id"
+    assert fake.get(answer["request_id"]).platform_headers["x-fal-no-retry"] == "1"
+    assert fake.get(answer["request_id"]).webhook_url == "https://h.example/webhooks/fal"
+    source.write_text("{not json")
+    code, _, err = run_cli(capsys, "submit", ENDPOINT, "--input", str(source))
+    assert code == 2 and "is not JSON" in err
+    source.write_text("{}")
+    code, _, err = run_cli(capsys, "submit", ENDPOINT, "--input", str(source), "--fal-key", "no")
+    assert code == 1 and "401" in err and err.count("\n") == 1
+    fake.down()
+    code, _, err = run_cli(capsys, "submit", ENDPOINT, "--input", str(source))
+    assert code == 1 and "unreachable" in err
