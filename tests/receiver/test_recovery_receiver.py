@@ -76,7 +76,7 @@ def test_submit_passes_fal_options_through_and_recovers(fast: Settings, fake: Fa
                 hint="lora-1",
                 headers={"X-Fal-Store-IO": "0"},
             )
-            assert list(answer)[0] == "request_id"
+            assert next(iter(answer)) == "request_id"
             fake.complete(answer["request_id"])
             await asyncio.wait_for(seen.wait(), 10)
         return answer
@@ -239,7 +239,7 @@ def test_cli_submit(
         "--public-url", "https://h.example", "--header", "X-Fal-No-Retry: 1",
     )  # fmt: skip
     answer = json.loads(out)
-    assert code == 0 and list(answer)[0] == "request_id"
+    assert code == 0 and next(iter(answer)) == "request_id"
     assert fake.get(answer["request_id"]).platform_headers["x-fal-no-retry"] == "1"
     assert fake.get(answer["request_id"]).webhook_url == "https://h.example/webhooks/fal"
     source.write_text("{not json")
