@@ -185,6 +185,9 @@ class Poller:
         except StoreUnavailableError as exc:
             # Its lease expires and it is retaken (here or by another replica).
             log.warning("could not record recovery of %s: %s", claim.request_id, exc)
+        except Exception:
+            # A bug of ours: this one is retaken when its lease expires; the others go on.
+            log.exception("recovery of %s failed", claim.request_id)
         finally:
             self._held.pop(claim.request_id, None)
 
