@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from falhook.receiver.cli.common import CommandError, positive_int
-from falhook.receiver.cli.ops import _database_url, _guarded, _out, _sqlite_path, render_table
+from falhook.receiver.cli.common import EXIT_NEGATIVE, CommandError, positive_int
+from falhook.receiver.cli.ops import _database_url, _guarded, _out, render_table
 from falhook.receiver.cli.serve import add_settings_flags
 from falhook.receiver.durations import format_time
 from falhook.receiver.errors import (
@@ -32,7 +32,7 @@ from falhook.receiver.settings import ENV_PREFIX, Settings
 
 __all__ = ["EXIT_QUEUE", "add_parser"]
 
-EXIT_QUEUE = 1
+EXIT_QUEUE = EXIT_NEGATIVE  # fal's queue did not take the request
 _STATES = ("waiting", "polling", "recovered", "arrived", "failed", "expired")
 _NO_KEY = (
     f"no fal key: set {ENV_PREFIX}FAL_KEY (or FAL_KEY), or pass --fal-key, "
@@ -165,7 +165,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise CommandError(str(exc)) from exc
     if not settings.recovery_enabled:
         raise CommandError(_NO_KEY)
-    path = _sqlite_path(url)
+    from falhook.receiver.store.engine import sqlite_file  # imported late: --help stays fast
+
+    path = sqlite_file(url)
     if path is not None and not path.exists():
         # Like the other store commands: a new file here would hold an expectation no
         # `falhook serve` reads.
@@ -179,7 +181,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _recovery(settings: Settings) -> Any:
     from falhook.receiver.recovery import Recovery  # imported late: keeps --help fast
 
-    return Recovery(settings)
+    return Recovery(settings, migrate=False)  # only `falhook serve` migrates
 
 
 def _read_input(name: str) -> Any:

@@ -44,12 +44,16 @@ class Recovery:
         *,
         observe_call: Callable[[str], None] | None = None,
         on_recovered: Callable[[], None] = lambda: None,
+        migrate: bool = True,
     ) -> None:
+        """`migrate`: an unstarted receiver's sync writes may create or upgrade the schema
+        (its own start would); the CLI's may not (only `falhook serve` migrates)."""
         if settings.fal_key is None:
             raise RecoveryDisabledError()
         self.settings = settings
         self.client = QueueClient(settings.queue_url, settings.fal_key, observe=observe_call)
         self._on_recovered = on_recovered
+        self._migrate = migrate
         self._expectations: Expectations | None = None
         self._poller: Poller | None = None
 
@@ -151,6 +155,8 @@ class Recovery:
     def _record_sync(self, new: NewExpectation) -> bool:
         store = Store(self.settings.database_url)
         try:
+            if self._migrate:
+                store.migrate()
             recorded = Expectations(store).add(
                 new,
                 recover_after=self.settings.recover_after_seconds,

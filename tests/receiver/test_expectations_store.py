@@ -74,6 +74,7 @@ def test_migrated_table_matches_the_model(store_url: str, tmp_path: Path) -> Non
 @contextlib.contextmanager
 def sync_expectations(url: str) -> Iterator[Expectations]:
     store = Store(url)
+    store.migrate()  # as `falhook serve` would have
     try:
         yield Expectations(store)
     finally:
