@@ -255,9 +255,9 @@ def test_a_bad_key_or_an_unknown_request_fails_without_hammering(
 def test_queue_down_then_up(spawn: SpawnServer, fake: FakeFalQueue) -> None:
     server = serve(spawn, fake)
     rid = submit(server)
+    fake.down()  # connections refused (before anything could be polled)
     fake.withhold_webhook(rid)
     fake.complete(rid)
-    fake.down()  # connections refused
     wait_for(lambda: "unreachable" in server.log(), timeout=20, what="an unreachable poll")
     row = wait_state(server, rid, "polling")
     assert "unreachable" in row["reason"]  # the last error, while it is retried
@@ -270,10 +270,10 @@ def test_queue_down_then_up(spawn: SpawnServer, fake: FakeFalQueue) -> None:
 
 def test_rate_limited_polls_honour_retry_after(spawn: SpawnServer, fake: FakeFalQueue) -> None:
     server = serve(spawn, fake)
+    fake.fail(429, route="status", times=1, retry_after="1")  # the first status poll
     rid = submit(server)
     fake.withhold_webhook(rid)
     fake.complete(rid)
-    fake.fail(429, route="status", times=1, retry_after="1")
     (record,) = done_records(server, rid)
     assert record["source"] == "queue"
     polls = fake.requests("status", request_id=rid)
@@ -282,7 +282,7 @@ def test_rate_limited_polls_honour_retry_after(spawn: SpawnServer, fake: FakeFal
 
 
 def test_an_expectation_survives_a_restart(spawn: SpawnServer, fake: FakeFalQueue) -> None:
-    server = serve(spawn, fake, FALHOOK_RECOVER_AFTER_SECONDS="1")
+    server = serve(spawn, fake, FALHOOK_RECOVER_AFTER_SECONDS="2")
     rid = submit(server)
     fake.withhold_webhook(rid)
     server.kill()  # a crash, before anything was polled
