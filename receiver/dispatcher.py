@@ -263,7 +263,10 @@ class Dispatcher:
                 self._held.pop(claim.request_id, None)
                 why = f"payload not fetched from fal's queue yet: {_describe(exc)}"
                 lease_ends = time.monotonic() + self.lease_seconds
-                return _Attempt(False, why, claim.completed_callbacks, None, lease_ends)
+                record = AttemptRecord(
+                    claim.attempt, started_at, time.perf_counter() - began, _trace(exc)
+                )
+                return _Attempt(False, why, claim.completed_callbacks, None, lease_ends, record)
         try:
             self.observer.started(delivery)
             completed, error = await self.registry.run(
