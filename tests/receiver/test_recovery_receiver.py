@@ -251,3 +251,41 @@ def test_cli_submit(
     fake.down()
     code, _, err = run_cli(capsys, "submit", ENDPOINT, "--input", str(source))
     assert code == 1 and "unreachable" in err
+
+
+def test_a_payload_error_delivery_waits_for_the_queue_to_answer(
+    fast: Settings, fake: FakeFalQueue, signer: Any
+) -> None:
+    """The queue fails the first fetch: that attempt fails (no callback runs without the
+    payload), the retry fetches it, and the callback sees payload and payload_error."""
+    import httpx
+
+    rid = fake.create(ENDPOINT, state="COMPLETED", output={"seed": 1})
+    fake.fail(503, route="result", times=1)
+    got: list[Delivery] = []
+
+    async def body() -> None:
+        hooks = WebhookReceiver(fast.replace(recover_after_seconds=60))
+        seen = asyncio.Event()
+
+        @hooks.on_delivery
+        async def record(delivery: Delivery) -> None:
+            got.append(delivery)
+            seen.set()
+
+        async with hooks:
+            await hooks.expect(rid, ENDPOINT)
+            raw, headers = signer(rid, payload=None, payload_error="not JSON serializable")
+            transport = httpx.ASGITransport(app=hooks.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                answer = await client.post("/webhooks/fal", content=raw, headers=headers)
+            assert answer.status_code == 200
+            await asyncio.wait_for(seen.wait(), 10)
+
+    asyncio.run(body())
+    (delivery,) = got
+    assert delivery.payload == {"seed": 1}
+    assert delivery.payload_error == "not JSON serializable"
+    assert delivery.attempt == 2 and delivery.source == "webhook"
+    assert [r.status_code for r in fake.requests("result", request_id=rid)] == [503, 200]
+    assert stored(fast.database_url, rid).state is ExpectationState.RECOVERED
