@@ -213,7 +213,13 @@ class WebhookReceiver:
         # disk with room left in the WAL): a delivery that could not be stored counts.
         if time.monotonic() - intake.store_failed_at < _RECENT_FAILURE:
             raise StoreUnavailableError("a delivery could not be stored in the last few seconds")
-        await self.keys.ready()
+        try:
+            # A slow JWKS (a fetch may take FALHOOK_JWKS_TIMEOUT_SECONDS) must not hold the
+            # probe either; the fetch goes on for the deliveries that wait for it.
+            async with asyncio.timeout(_READY_TIMEOUT):
+                await self.keys.ready()
+        except TimeoutError:
+            raise KeysUnavailableError(f"keys not loaded within {_READY_TIMEOUT:g} s") from None
 
     @property
     def store(self) -> Store:

@@ -100,6 +100,19 @@ def test_a_dripping_jwks_is_given_up_on_within_the_deadline(
     assert took < 3, took
 
 
+def test_readyz_answers_quickly_while_the_jwks_stalls(
+    spawn: SpawnServer, client: httpx.Client, hostile_jwks: HostileJWKS
+) -> None:
+    hostile_jwks.mode = "drip"
+    server = spawn(jwks=hostile_jwks.url)  # the default 5 s fetch deadline
+    started = time.monotonic()
+    response = client.get(server.url + "/readyz")
+    took = time.monotonic() - started
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "keys_unavailable"
+    assert took < 3, took
+
+
 def test_a_failing_jwks_on_a_cold_cache_is_fetched_once_per_interval(
     spawn: SpawnServer, sender: Sender, hostile_jwks: HostileJWKS
 ) -> None:
