@@ -290,8 +290,8 @@ class Recovery:
             if failure is not None and failure.transient:
                 raise QueueError(failure, f"result answered {answer.status_code}")
         except QueueError as exc:
-            if not last_attempt:
-                raise
+            if exc.failure.transient and not last_attempt:
+                raise  # this attempt fails; the retry asks the queue again
             log.warning("payload_error: %s; delivered without its payload", exc, extra=fields)
             return delivery
         if failure is not None or answer.body is None:
