@@ -1,23 +1,36 @@
 # The two commands the README starts with:
 #   make demo   run falhook end to end on the embedded default (SQLite), offline
 #   make test   lint, type-check and run the whole test suite
-# Both create .venv and install what they need on first use.
+# Both create .venv and install what they need on first use: `make demo` only what
+# running falhook needs (its runtime dependencies), `make test` the dev tools as well.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck pytest bench clean
+.PHONY: install install-runtime demo test lint typecheck pytest bench clean
 
 install: $(STAMP)
 
+install-runtime: $(RUNTIME_STAMP)
+
+# A current dev install (`make test`) already holds everything the runtime one would.
+$(RUNTIME_STAMP): pyproject.toml
+	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then touch $@; else \
+		$(PYTHON) -m venv $(VENV) && \
+		$(BIN)/python -m pip install --quiet -e . && \
+		touch $@; \
+	fi
+
+# The dev install includes the runtime one, so it satisfies `make demo` too.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUNTIME_STAMP)
 
-demo: install
+demo: install-runtime
 	$(BIN)/falhook demo
 
 lint: install

@@ -1,0 +1,197 @@
+"""Every Python and shell snippet of the README runs as a user would copy it.
+
+Python snippets each run in a fresh interpreter. Shell snippets run in README order, each
+in its own bash, continuing in the directory the previous one ended in (a walkthrough's
+``cd`` carries over, as in a terminal); whatever one leaves running in the background is
+stopped when it ends. The only change made to a snippet: the walkthrough's port 8000 is
+replaced by a free one (``FALHOOK_PORT`` and the URLs), so the test never collides.
+
+A snippet is skipped only when its first line says so, visibly, in the README itself:
+``# needs: a real fal account …`` or ``# needs: network …``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+README = REPO_ROOT / "README.md"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+SKIP_MARKER = re.compile(r"# needs: (a real fal account|network)\b")
+RUN_LANGUAGES = {"python": "python", "sh": "sh", "bash": "sh", "shell": "sh"}
+
+
+class Snippet(NamedTuple):
+    line: int  # where its fence opens in README.md
+    language: str  # "python" or "sh"
+    code: str
+
+    @property
+    def skip_reason(self) -> str | None:
+        first = self.code.lstrip().splitlines()[0] if self.code.strip() else ""
+        found = SKIP_MARKER.match(first)
+        return found.group(0) if found else None
+
+
+def snippets() -> list[Snippet]:
+    text = README.read_text()
+    found = []
+    for match in FENCE.finditer(text):
+        language = RUN_LANGUAGES.get(match.group(1))
+        if language is not None:
+            line = text.count("\n", 0, match.start()) + 1
+            found.append(Snippet(line, language, match.group(2)))
+    return found
+
+
+def _env(port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FALHOOK_")}
+    # The falhook of this checkout, as `make demo` or `pip install .` would put it on PATH.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FALHOOK_PORT"] = str(port)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_there_are_snippets_of_both_kinds_and_every_skip_is_marked() -> None:
+    found = snippets()
+    assert {s.language for s in found} == {"python", "sh"}
+    for snippet in found:
+        first = snippet.code.lstrip().splitlines()[0]
+        if first.startswith("# needs:"):
+            assert snippet.skip_reason, f"README line {snippet.line}: unknown marker {first!r}"
+
+
+PYTHON_SNIPPETS = [s for s in snippets() if s.language == "python"]
+
+
+@pytest.mark.parametrize("snippet", PYTHON_SNIPPETS, ids=[f"L{s.line}" for s in PYTHON_SNIPPETS])
+def test_python_snippet_runs(snippet: Snippet, tmp_path: Path) -> None:
+    if snippet.skip_reason:
+        pytest.skip(f"README line {snippet.line}: {snippet.skip_reason}")
+    result = subprocess.run(
+        [sys.executable, "-c", snippet.code],
+        cwd=tmp_path,
+        env=_env(_free_port()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, f"README line {snippet.line}:\n{result.stderr}"
+
+
+def _run_shell(
+    snippet: Snippet, cwd: Path, port: int, cwd_file: Path
+) -> subprocess.CompletedProcess[str]:
+    code = snippet.code.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    script = f'set -e\n{code}\npwd > "{cwd_file}"\n'
+    # Output to files, not pipes: a server left in the background would hold a pipe open.
+    out_path, err_path = cwd_file.with_suffix(".out"), cwd_file.with_suffix(".err")
+    with out_path.open("w") as out, err_path.open("w") as err:
+        proc = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=cwd,
+            env=_env(port),
+            stdout=out,
+            stderr=err,
+            start_new_session=True,  # its own process group: background jobs stop with it
+        )
+        try:
+            code_ = proc.wait(timeout=100)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, code_, out_path.read_text(), err_path.read_text())
+
+
+@pytest.mark.slow
+def test_shell_snippets_run_in_order(tmp_path: Path) -> None:
+    cwd = tmp_path
+    cwd_file = tmp_path / ".cwd"
+    ran = 0
+    for snippet in (s for s in snippets() if s.language == "sh"):
+        if snippet.skip_reason:
+            continue
+        # "From a clone of this repository": `make demo` runs in the clone.
+        here = REPO_ROOT if snippet.code.lstrip().startswith("make ") else cwd
+        port = _free_port()
+        result = _run_shell(snippet, here, port, cwd_file)
+        assert result.returncode == 0, (
+            f"README line {snippet.line} exited {result.returncode}:\n"
+            f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+        )
+        assert "Traceback" not in result.stderr, f"README line {snippet.line}:\n{result.stderr}"
+        if here == cwd:
+            cwd = Path(cwd_file.read_text().strip())
+        ran += 1
+    assert ran >= 4
+
+
+def test_make_demo_installs_only_the_runtime_dependencies(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    result = subprocess.run(
+        ["make", "-n", "demo", f"VENV={venv}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    installs = [line for line in result.stdout.splitlines() if "pip install" in line]
+    assert installs and all("-e ." in line and "[dev" not in line for line in installs)
+    assert f"{venv}/bin/falhook demo" in result.stdout
+
+
+def test_keygen_output_is_ignored_by_git(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["git", "check-ignore", "--no-index", "falhook-key.json", "jwks.json"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.stdout.split() == ["falhook-key.json", "jwks.json"]
+
+
+def test_the_readme_speaks_to_users() -> None:
+    text = README.read_text()
+    assert "../shared" not in text and "shared/" not in text
+    assert not re.search(r"\bissue\s*#?\d+|#\d+\b", text, re.IGNORECASE)
+
+
+def test_every_setting_and_serve_flag_is_documented() -> None:
+    from falhook.receiver.cli import build_parser
+    from falhook.receiver.settings import Settings
+
+    text = README.read_text()
+    for env, _, _ in Settings.env_table():
+        assert f"`{env}`" in text, env
+    for env in ("FALHOOK_HOST", "FALHOOK_PORT"):
+        assert f"`{env}`" in text, env
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    pending = list(subcommands.choices.items())  # type: ignore[union-attr]
+    while pending:
+        name, sub = pending.pop()
+        for action in sub._actions:
+            if action.__class__.__name__ == "_SubParsersAction":
+                pending += [(f"{name} {n}", p) for n, p in action.choices.items()]
+            elif action.option_strings and action.dest != "help":
+                assert action.help, f"falhook {name} {action.option_strings[0]} has no --help text"
