@@ -244,6 +244,7 @@ class Dispatcher:
                 user_id=claim.user_id,
                 parsed=claim.parsed,
                 source=claim.source,
+                signed_at=claim.signed_at,
             )
         except Exception as exc:
             # Bodies were validated before they were stored; this is a corrupt row.

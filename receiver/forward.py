@@ -61,6 +61,8 @@ class Forwarder:
         }
         if delivery.user_id:
             headers["x-fal-webhook-user-id"] = delivery.user_id
+        if delivery.signed_at is not None:
+            headers["x-fal-webhook-timestamp"] = str(delivery.signed_at)
         if self._signer is not None:
             headers.update(self._signature(delivery))
         try:

@@ -83,6 +83,7 @@ class Intake:
             error=_text(data.get("error")),
             payload_error=_text(data.get("payload_error")),
             user_id=verified.user_id,
+            signed_at=verified.timestamp,
             body=body,
             received_at=time.time(),
         )

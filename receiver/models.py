@@ -95,6 +95,9 @@ class DeliveryRow(SQLModel, table=True):
     source: str = Field(
         default=SOURCE_WEBHOOK, max_length=16, sa_column_kwargs={"server_default": SOURCE_WEBHOOK}
     )
+    # The timestamp fal signed the delivery with (X-Fal-Webhook-Timestamp, Unix seconds);
+    # None when it came from fal's queue, or was stored before falhook kept it.
+    signed_at: int | None = Field(default=None, sa_type=sa.BigInteger)
 
 
 class BodyRow(SQLModel, table=True):
@@ -131,6 +134,7 @@ class StoredDelivery:
     updated_at: float
     finished_at: float | None
     source: str = SOURCE_WEBHOOK
+    signed_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +153,9 @@ class Delivery:
     user_id: str | None = None
     source: str = SOURCE_WEBHOOK
     """``"webhook"`` (fal posted it) or ``"queue"`` (recovered from fal's queue)."""
+    signed_at: int | None = None
+    """The Unix time fal signed a webhook with (``X-Fal-Webhook-Timestamp``); None for
+    a result recovered from fal's queue."""
 
     @property
     def ok(self) -> bool:
@@ -170,6 +177,7 @@ class Delivery:
         user_id: str | None = None,
         parsed: dict[str, Any] | None = None,
         source: str = SOURCE_WEBHOOK,
+        signed_at: int | None = None,
     ) -> Delivery:
         data = parsed if parsed is not None else json.loads(body)
         return cls(
@@ -184,4 +192,5 @@ class Delivery:
             raw_body=body,
             user_id=user_id,
             source=source,
+            signed_at=signed_at,
         )

@@ -3,8 +3,10 @@
 Python snippets each run in a fresh interpreter. Shell snippets run in README order, each
 in its own bash, continuing in the directory the previous one ended in (a walkthrough's
 ``cd`` carries over, as in a terminal); whatever one leaves running in the background is
-stopped when it ends. The only change made to a snippet: the walkthrough's port 8000 is
-replaced by a free one (``FALHOOK_PORT`` and the URLs), so the test never collides.
+stopped when it ends. The only changes made to a snippet: the walkthrough's port 8000 is
+replaced by a free one (``FALHOOK_PORT`` and the URLs), so the test never collides, and a
+``make test`` line is left out: it is this very suite (``.ci/run`` runs it, see
+`test_the_test_command_is_what_ci_runs`), and running it from inside itself would recurse.
 
 A snippet is skipped only when its first line says so, visibly, in the README itself:
 ``# needs: a real fal account …`` or ``# needs: network …``.
@@ -97,10 +99,26 @@ def test_python_snippet_runs(snippet: Snippet, tmp_path: Path) -> None:
     assert result.returncode == 0, f"README line {snippet.line}:\n{result.stderr}"
 
 
+def _is_make_test(line: str) -> bool:
+    return line.split("#")[0].split() == ["make", "test"]
+
+
+def test_the_readme_starts_with_the_demo_and_the_test_command() -> None:
+    first = next(s for s in snippets() if s.language == "sh")
+    commands = [line.split("#")[0].strip() for line in first.code.splitlines()]
+    assert [c for c in commands if c] == ["make demo", "make test"]
+
+
+def test_the_test_command_is_what_ci_runs() -> None:
+    ci = (REPO_ROOT / ".ci" / "run").read_text().splitlines()
+    assert "make test" in [line.strip() for line in ci]
+
+
 def _run_shell(
     snippet: Snippet, cwd: Path, port: int, cwd_file: Path
 ) -> subprocess.CompletedProcess[str]:
     code = snippet.code.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    code = "\n".join(line for line in code.splitlines() if not _is_make_test(line))
     script = f'set -e\n{code}\npwd > "{cwd_file}"\n'
     # Output to files, not pipes: a server left in the background would hold a pipe open.
     out_path, err_path = cwd_file.with_suffix(".out"), cwd_file.with_suffix(".err")

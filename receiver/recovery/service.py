@@ -321,6 +321,7 @@ class Recovery:
             user_id=delivery.user_id,
             parsed=data,
             source=delivery.source,
+            signed_at=delivery.signed_at,
         )
 
 

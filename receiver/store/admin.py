@@ -187,6 +187,7 @@ def _deliveries(conn: sa.Connection, stmt: sa.Select[Any]) -> list[StoredDeliver
             updated_at=r.updated_at,
             finished_at=r.finished_at,
             source=r.source,
+            signed_at=r.signed_at,
         )
         for r in conn.execute(stmt)
     ]

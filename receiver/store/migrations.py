@@ -280,6 +280,13 @@ def _v6_attempts(conn: sa.Connection) -> None:
     metadata.create_all(conn)
 
 
+def _v7_signed_at(conn: sa.Connection) -> None:
+    # fal's X-Fal-Webhook-Timestamp (Unix seconds), kept so a forward can pass it on and
+    # an operator can see it. NULL for deliveries from before, and for those recovered
+    # from fal's queue (nothing was signed).
+    conn.exec_driver_sql("ALTER TABLE falhook_deliveries ADD COLUMN signed_at BIGINT")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "deliveries table", _v1_deliveries),
     Migration(2, "partial index on due_at for active rows; index on received_at", _v2_indexes),
@@ -289,6 +296,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         5, "dispatch pause switch; partial index on received_at of dead rows", _v5_dispatch_control
     ),
     Migration(6, "attempts: every dispatch attempt of a delivery", _v6_attempts),
+    Migration(7, "signed_at: the timestamp fal signed a delivery with", _v7_signed_at),
 )
 
 

@@ -39,6 +39,7 @@ def _row(new: NewDelivery) -> dict[str, Any]:
         "body": new.body,
         "received_at": new.received_at,
         "source": new.source,
+        "signed_at": new.signed_at,
     }
 
 
@@ -85,6 +86,7 @@ def op_insert_claimed(
                 completed_callbacks=(),
                 parsed=parsed,
                 source=new.source,
+                signed_at=new.signed_at,
             )
         _duplicate(tx, new.request_id)
         return None
@@ -130,6 +132,7 @@ def op_claim(claim_id: str, limit: int, lease_seconds: float) -> Op:
                 received_at=r[5],
                 completed_callbacks=decode_callbacks(r[6]),
                 source=r[7],
+                signed_at=r[8],
             )
             for r in cur.fetchall()
         ]

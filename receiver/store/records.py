@@ -23,6 +23,7 @@ class NewDelivery:
     body: bytes
     received_at: float
     source: str = SOURCE_WEBHOOK  # or "queue": recovered from fal's queue
+    signed_at: int | None = None  # the timestamp fal signed a webhook with
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class Claim:
     # The body already parsed, when the claim was taken as the delivery was inserted.
     parsed: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     source: str = SOURCE_WEBHOOK
+    signed_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

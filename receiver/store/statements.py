@@ -101,6 +101,7 @@ class Statements:
                 "user_id",
                 "received_at",
                 "source",
+                "signed_at",
             )
         }
         row["updated_at"] = bp("received_at")
@@ -186,6 +187,7 @@ class Statements:
                 c.received_at,
                 c.completed_callbacks,
                 c.source,
+                c.signed_at,
             )
         )
         self.next_due = text(sa.select(sa.func.min(c.due_at)).where(active))

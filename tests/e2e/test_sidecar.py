@@ -117,6 +117,8 @@ def test_signed_forwards_verify_with_the_standardwebhooks_library(
         assert fwd_headers["webhook-id"] == "side-s"  # the same on every retry
         assert fwd_headers["x-fal-webhook-request-id"] == "side-s"
         assert fwd_headers["x-fal-webhook-user-id"] == USER_ID
+        # fal's signed timestamp, passed on as fal sent it (not the forward's own time).
+        assert fwd_headers["x-fal-webhook-timestamp"] == headers["X-Fal-Webhook-Timestamp"]
     with pytest.raises(WebhookVerificationError):
         Webhook("whsec_" + base64.b64encode(b"x" * 24).decode()).verify(
             user_app.received[0][0], user_app.received[0][1]

@@ -86,7 +86,11 @@ def _signed_requests(attempts: int) -> list[httpx.Request]:
         try:
             for attempt in range(1, attempts + 1):
                 delivery = Delivery.from_body(
-                    BODY, attempt=attempt, received_at=time.time(), user_id="user-9"
+                    BODY,
+                    attempt=attempt,
+                    received_at=time.time(),
+                    user_id="user-9",
+                    signed_at=1_764_580_000,
                 )
                 await forwarder(delivery)
         finally:
@@ -104,6 +108,7 @@ def test_a_signed_forward_verifies_with_standardwebhooks() -> None:
         assert Webhook(SECRET).verify(request.content, headers, json_parse=False) is None
         assert headers["x-fal-webhook-request-id"] == "fw-1"
         assert headers["x-fal-webhook-user-id"] == "user-9"
+        assert headers["x-fal-webhook-timestamp"] == "1764580000"
     # Stable across retries: the app can deduplicate by webhook-id.
     assert first.headers["webhook-id"] == second.headers["webhook-id"] == "fw-1"
     tampered = first.content.replace(b"17454220438242315174", b"17454220438242315175")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -710,5 +711,23 @@ def test_prune_batch_runs_on_one_replica_at_a_time(pg_schema_url: str) -> None:
                 assert store.prune_batch(0, 10) == 1
             finally:
                 other.dispose()
+
+    run(body)
+
+
+def test_the_signed_timestamp_is_kept_and_handed_to_claims(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            signed = dataclasses.replace(delivery("a"), signed_at=1_764_580_000)
+            assert await store.insert(signed)
+            assert await store.insert(delivery("b"))  # recovered or older: nothing signed
+            assert store.get("a").signed_at == 1_764_580_000  # type: ignore[union-attr]
+            assert store.get("b").signed_at is None  # type: ignore[union-attr]
+            claims = {c.request_id: c for c in await claim_all(store)}
+            assert (claims["a"].signed_at, claims["b"].signed_at) == (1_764_580_000, None)
+            claim = await store.insert_claimed(
+                dataclasses.replace(delivery("c"), signed_at=1_764_580_001), "c-1"
+            )
+            assert claim is not None and claim.signed_at == 1_764_580_001
 
     run(body)
