@@ -17,12 +17,13 @@ if _TYPE_CHECKING:
         SettingsError,
         StoreUnavailableError,
     )
-    from falhook.receiver.models import Delivery, StoredDelivery
+    from falhook.receiver.models import Delivery
     from falhook.receiver.registry import CallbackRegistry
     from falhook.receiver.retry import Retry, RetryPolicy
     from falhook.receiver.settings import Settings
     from falhook.receiver.state import State
     from falhook.receiver.store import Store
+    from falhook.receiver.store.records import StoredDelivery
 
 # Public name -> the module that defines it.
 _EXPORTS = {
@@ -38,7 +39,7 @@ _EXPORTS = {
     "State": "state",
     "Store": "store",
     "StoreUnavailableError": "errors",
-    "StoredDelivery": "models",
+    "StoredDelivery": "store.records",
     "WebhookReceiver": "app",
     "create_app": "app",
 }

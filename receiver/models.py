@@ -1,9 +1,12 @@
 """What is stored, and what a callback receives.
 
-`DeliveryRow` and `BodyRow` (SQLModel) define the tables. The hot path does not use ORM
-sessions on them: the store compiles Core statements against their ``__table__`` once and
-executes them directly (see store/statements.py). `Delivery` is the immutable view handed
-to callbacks.
+`DeliveryRow`, `BodyRow` and `ExpectationRow` (SQLModel) and `ATTEMPTS` (Core) declare the
+tables as migrations.py creates them (tests/receiver/test_migrations.py checks that the two
+agree). The hot path does not use ORM sessions on them: the store compiles Core statements
+against their ``__table__`` once and executes them directly (see store/statements.py).
+The operator queries (store/admin.py and its neighbours) are plain SQL and never import
+this module: SQLModel and pydantic take longer to import than a store command may take.
+`Delivery` is the immutable view handed to callbacks.
 
 Why two tables: a delivery's raw body (~2 KB) never changes, while its state changes at
 least once (running -> done). Kept in one row, every outcome rewrote the database page that
@@ -23,20 +26,21 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-from falhook.receiver.state import State
+from falhook.receiver.state import SOURCE_QUEUE, SOURCE_WEBHOOK, State
+from falhook.receiver.store import attempts, expectations
+from falhook.receiver.store.records import StoredDelivery
 
 __all__ = [
+    "ATTEMPTS",
     "SOURCE_QUEUE",
     "SOURCE_WEBHOOK",
     "BodyRow",
     "Delivery",
     "DeliveryRow",
+    "ExpectationRow",
     "State",
     "StoredDelivery",
 ]
-
-SOURCE_WEBHOOK = "webhook"  # fal posted the delivery to /webhooks/fal
-SOURCE_QUEUE = "queue"  # falhook fetched the result from fal's queue (no webhook came)
 
 
 def _key() -> Any:
@@ -113,28 +117,55 @@ class BodyRow(SQLModel, table=True):
     body: bytes = Field(sa_type=sa.LargeBinary)
 
 
-@dataclass(frozen=True, slots=True)
-class StoredDelivery:
-    """A stored delivery as operators see it (`falhook deliveries show`)."""
+class ExpectationRow(SQLModel, table=True):
+    """A request falhook expects a result for (store/expectations.py), as migration 4
+    creates it."""
 
-    request_id: str
-    gateway_request_id: str | None
-    status: str
-    error: str | None
-    payload_error: str | None
-    user_id: str | None
-    body: bytes
-    received_at: float
-    state: State
-    attempts: int
-    due_at: float
-    claim_id: str | None
-    last_error: str | None
-    completed_callbacks: tuple[str, ...]
+    __tablename__ = expectations.TABLE_NAME
+    __table_args__ = (
+        sa.Index(
+            "ix_falhook_expectations_active_due",
+            "due_at",
+            postgresql_where=sa.text(expectations.ACTIVE_PREDICATE),
+            sqlite_where=sa.text(expectations.ACTIVE_PREDICATE),
+        ),
+        sa.Index("ix_falhook_expectations_created_at", "created_at"),
+    )
+
+    request_id: str = Field(primary_key=True, max_length=255)
+    endpoint_id: str
+    status_url: str | None = Field(default=None)  # as fal returned it, when known
+    response_url: str | None = Field(default=None)
+    origin: str = Field(max_length=16)  # "submit" or "expect"
+    state: str = Field(max_length=16)
+    reason: str | None = Field(default=None)  # why failed/expired; what recovered it
+    created_at: float
+    expires_at: float  # created_at + FALHOOK_EXPECT_TTL_SECONDS
+    due_at: float  # active: next poll (or, claimed, the lease expiry)
+    polls: int = Field(default=0)  # status polls made
+    queue_status: str | None = Field(default=None, max_length=16)  # last status fal said
+    completed_at: float | None = Field(default=None)  # when a poll first saw COMPLETED
+    # COMPLETED with an error: {"error": …, "error_type": …} as fal's status said (JSON).
+    queue_error: str | None = Field(default=None)
+    claim_id: str | None = Field(default=None)
     updated_at: float
-    finished_at: float | None
-    source: str = SOURCE_WEBHOOK
-    signed_at: int | None = None
+    finished_at: float | None = Field(default=None)
+
+
+# Every dispatch attempt of a delivery (store/attempts.py), as migration 6 creates it.
+ATTEMPTS = sa.Table(
+    attempts.TABLE_NAME,
+    sa.MetaData(),
+    sa.Column("id", _key(), primary_key=True),
+    sa.Column("delivery_id", sa.BigInteger, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("duration_seconds", sa.Float, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("error", sa.String, nullable=True),
+    sa.Column("next_attempt_at", sa.Float, nullable=True),
+    sa.Index("ix_falhook_attempts_delivery_id", "delivery_id", "id"),
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,14 @@
-"""The states of a stored delivery (apart from models.py, so the CLI can name them without
-importing SQLModel)."""
+"""The states of a stored delivery, and where it came from (apart from models.py, so the
+CLI can name them without importing SQLModel)."""
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["State"]
+__all__ = ["SOURCE_QUEUE", "SOURCE_WEBHOOK", "State"]
+
+SOURCE_WEBHOOK = "webhook"  # fal posted the delivery to /webhooks/fal
+SOURCE_QUEUE = "queue"  # falhook fetched the result from fal's queue (no webhook came)
 
 
 class State(StrEnum):

@@ -2,12 +2,42 @@
 
 Modules: engine (connections), statements (the hot path's compiled SQL), operations (what
 runs inside a writer's transaction), writer / loop_writer / thread_writer (group commit),
-checkpointer (SQLite WAL), listener (PostgreSQL NOTIFY), admin (operator queries),
-migrations (the schema), records (values passed to and from the store), store (`Store`).
+checkpointer (SQLite WAL), listener (PostgreSQL NOTIFY), dbapi (plain SQL on a driver's
+connection), admin (operator queries), schema (which version a store has), migrations (the
+schema), records (values passed to and from the store), store (`Store`).
+
+The names below are loaded on first use (PEP 562): the store commands import admin.py,
+which must not pull in SQLAlchemy through this package's ``__init__``.
 """
 
-from falhook.receiver.store.engine import make_engine
-from falhook.receiver.store.records import Claim, ClaimBatch, NewDelivery
-from falhook.receiver.store.store import Store
+from importlib import import_module as _import_module
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+if _TYPE_CHECKING:
+    from falhook.receiver.store.engine import make_engine
+    from falhook.receiver.store.records import Claim, ClaimBatch, NewDelivery
+    from falhook.receiver.store.store import Store
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "Claim": "records",
+    "ClaimBatch": "records",
+    "NewDelivery": "records",
+    "Store": "store",
+    "make_engine": "engine",
+}
 
 __all__ = ["Claim", "ClaimBatch", "NewDelivery", "Store", "make_engine"]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # found directly next time
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

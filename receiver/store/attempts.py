@@ -20,13 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
-
-from falhook.receiver.store.statements import Compiled
-from falhook.receiver.store.writer import Op, Tx
+from falhook.receiver.store.dbapi import Db, Op, Tx, placeholders, sql_for
 
 __all__ = [
-    "ATTEMPTS",
     "AttemptRecord",
     "StoredAttempt",
     "delete_for",
@@ -34,21 +30,8 @@ __all__ = [
     "op_settle",
 ]
 
+# The table is migration 6's (models.ATTEMPTS declares it for the schema tests).
 TABLE_NAME = "falhook_attempts"
-# The table as migration 6 creates it (tests check that the two agree).
-ATTEMPTS = sa.Table(
-    TABLE_NAME,
-    sa.MetaData(),
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
-    sa.Column("delivery_id", sa.BigInteger, nullable=False),
-    sa.Column("attempt", sa.Integer, nullable=False),
-    sa.Column("started_at", sa.Float, nullable=False),
-    sa.Column("duration_seconds", sa.Float, nullable=False),
-    sa.Column("outcome", sa.String(16), nullable=False),
-    sa.Column("error", sa.String, nullable=True),
-    sa.Column("next_attempt_at", sa.Float, nullable=True),
-    sa.Index("ix_falhook_attempts_delivery_id", "delivery_id", "id"),
-)
 
 # The outcome each fenced statement records.
 _OUTCOMES = {"finish": "done", "reschedule": "retry", "bury": "dead"}
@@ -81,20 +64,15 @@ class StoredAttempt:
     next_attempt_at: float | None  # a retry's due time
 
 
-def _sql(text: str, dialect: str) -> str:
-    # sqlite3 takes "?", psycopg "%s" (no statement here holds a literal "?" or "%").
-    return text if dialect == "sqlite" else text.replace("?", "%s")
-
-
 def op_settle(statement: str, params: dict[str, Any], record: AttemptRecord, *, dialect: str) -> Op:
     """Write an outcome (``finish``, ``reschedule`` or ``bury``: fenced by the claim) and,
     when it was written, the attempt it ends; True if the claim was still ours."""
-    insert = _sql(_INSERT, dialect)
+    insert = sql_for(_INSERT, dialect)
     outcome = _OUTCOMES[statement]
     next_at = params.get("due_at") if statement == "reschedule" else None
 
     def op(tx: Tx) -> bool:
-        compiled: Compiled = getattr(tx.sql, statement)
+        compiled = getattr(tx.sql, statement)  # a statements.Compiled
         compiled.execute(tx.cur, {**params, "now": time.time()})
         if tx.cur.rowcount != 1:
             return False  # the claim was lost: its new holder records what it does
@@ -115,21 +93,20 @@ def op_settle(statement: str, params: dict[str, Any], record: AttemptRecord, *, 
     return op
 
 
-def list_attempts(conn: sa.Connection, request_id: str) -> list[StoredAttempt]:
+def list_attempts(db: Db, request_id: str) -> list[StoredAttempt]:
     """A delivery's attempts, oldest first (a replay starts counting again from 1)."""
-    a = ATTEMPTS.c
-    deliveries = sa.table("falhook_deliveries", sa.column("id"), sa.column("request_id"))
-    stmt = (
-        sa.select(
-            a.attempt, a.started_at, a.duration_seconds, a.outcome, a.error, a.next_attempt_at
-        )
-        .join(deliveries, deliveries.c.id == a.delivery_id)
-        .where(deliveries.c.request_id == request_id)
-        .order_by(a.id)
-    )
-    return [StoredAttempt(*row) for row in conn.execute(stmt)]
+    rows = db.execute(
+        "SELECT a.attempt, a.started_at, a.duration_seconds, a.outcome, a.error, "
+        f"a.next_attempt_at FROM {TABLE_NAME} a JOIN falhook_deliveries d "
+        "ON d.id = a.delivery_id WHERE d.request_id = ? ORDER BY a.id",
+        [request_id],
+    ).fetchall()
+    return [StoredAttempt(*row) for row in rows]
 
 
-def delete_for(conn: sa.Connection, delivery_ids: Sequence[int]) -> None:
+def delete_for(db: Db, delivery_ids: Sequence[int]) -> None:
     """Delete the attempts of these deliveries (prune, in its transaction)."""
-    conn.execute(sa.delete(ATTEMPTS).where(ATTEMPTS.c.delivery_id.in_(list(delivery_ids))))
+    db.execute(
+        f"DELETE FROM {TABLE_NAME} WHERE delivery_id IN ({placeholders(len(delivery_ids))})",
+        delivery_ids,
+    )

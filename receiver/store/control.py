@@ -1,6 +1,6 @@
 """The store-wide dispatch switch: one row every replica reads (SQL only).
 
-``falhook_dispatch_control`` holds a single row (id 1, seeded by migration 4): whether
+``falhook_dispatch_control`` holds a single row (id 1, seeded by migration 5): whether
 dispatch is paused, why, when and by whom it last changed. Pausing stops every replica
 from starting callbacks; ingestion and acknowledgements never look at it.
 
@@ -14,26 +14,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import sqlalchemy as sa
+from falhook.receiver.store.dbapi import Db
 
-__all__ = ["CONTROL", "CONTROL_CHANNEL", "DispatchControl", "read_control", "write_control"]
+__all__ = ["CONTROL_CHANNEL", "DispatchControl", "read_control", "write_control"]
 
 CONTROL_CHANNEL = "falhook_control"
+TABLE_NAME = "falhook_dispatch_control"  # migration 5 creates it and seeds the row
 _ROW_ID = 1
-
-CONTROL = sa.Table(
-    "falhook_dispatch_control",
-    sa.MetaData(),
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("paused", sa.Boolean, nullable=False),
-    sa.Column("reason", sa.String, nullable=True),
-    sa.Column("changed_at", sa.Float, nullable=True),
-    sa.Column("changed_by", sa.String, nullable=True),
-)
-
-_READ = sa.select(
-    CONTROL.c.paused, CONTROL.c.reason, CONTROL.c.changed_at, CONTROL.c.changed_by
-).where(CONTROL.c.id == _ROW_ID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,28 +33,32 @@ class DispatchControl:
     changed_by: str | None = None  # "cli", "console", "api", as the writer said
 
 
-def read_control(conn: sa.Connection) -> DispatchControl:
+def read_control(db: Db) -> DispatchControl:
     """The current switch (not paused if the row is somehow missing)."""
-    row = conn.execute(_READ).first()
+    row = db.execute(
+        f"SELECT paused, reason, changed_at, changed_by FROM {TABLE_NAME} WHERE id = ?",
+        [_ROW_ID],
+    ).fetchone()
     if row is None:
         return DispatchControl()
     return DispatchControl(bool(row[0]), row[1], row[2], row[3])
 
 
-def write_control(
-    conn: sa.Connection, *, paused: bool, reason: str | None, by: str | None
-) -> DispatchControl:
+def write_control(db: Db, *, paused: bool, reason: str | None, by: str | None) -> DispatchControl:
     """Set the switch inside the caller's transaction, and tell listening replicas."""
     control = DispatchControl(paused, reason if paused else None, time.time(), by)
-    values = {
-        "paused": control.paused,
-        "reason": control.reason,
-        "changed_at": control.changed_at,
-        "changed_by": control.changed_by,
-    }
-    updated = conn.execute(sa.update(CONTROL).where(CONTROL.c.id == _ROW_ID).values(**values))
+    values = [control.paused, control.reason, control.changed_at, control.changed_by]
+    updated = db.execute(
+        f"UPDATE {TABLE_NAME} SET paused = ?, reason = ?, changed_at = ?, changed_by = ? "
+        "WHERE id = ?",
+        [*values, _ROW_ID],
+    )
     if updated.rowcount == 0:
-        conn.execute(sa.insert(CONTROL).values(id=_ROW_ID, **values))
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"NOTIFY {CONTROL_CHANNEL}")
+        db.execute(
+            f"INSERT INTO {TABLE_NAME} (paused, reason, changed_at, changed_by, id) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [*values, _ROW_ID],
+        )
+    if db.dialect == "postgresql":
+        db.execute(f"NOTIFY {CONTROL_CHANNEL}")
     return control

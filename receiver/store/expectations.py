@@ -31,21 +31,15 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
-import sqlalchemy as sa
-from sqlmodel import Field, SQLModel
-
-from falhook.receiver.errors import StoreUnavailableError
-from falhook.receiver.models import SOURCE_QUEUE
-from falhook.receiver.store.store import Store
-from falhook.receiver.store.writer import Op, Tx, brief
+from falhook.receiver.state import SOURCE_QUEUE
+from falhook.receiver.store.dbapi import Op, Tx, sql_for
 
 __all__ = [
     "ACTIVE_PREDICATE",
     "Expectation",
     "ExpectationClaim",
-    "ExpectationRow",
     "ExpectationState",
     "Expectations",
     "NewExpectation",
@@ -71,40 +65,6 @@ class ExpectationState(StrEnum):
     @property
     def active(self) -> bool:
         return self in (ExpectationState.WAITING, ExpectationState.POLLING)
-
-
-class ExpectationRow(SQLModel, table=True):
-    """The table, as migration 4 creates it (tests check that the two agree)."""
-
-    __tablename__ = TABLE_NAME
-    __table_args__ = (
-        sa.Index(
-            "ix_falhook_expectations_active_due",
-            "due_at",
-            postgresql_where=sa.text(ACTIVE_PREDICATE),
-            sqlite_where=sa.text(ACTIVE_PREDICATE),
-        ),
-        sa.Index("ix_falhook_expectations_created_at", "created_at"),
-    )
-
-    request_id: str = Field(primary_key=True, max_length=255)
-    endpoint_id: str
-    status_url: str | None = Field(default=None)  # as fal returned it, when known
-    response_url: str | None = Field(default=None)
-    origin: str = Field(max_length=16)  # "submit" or "expect"
-    state: str = Field(max_length=16)
-    reason: str | None = Field(default=None)  # why failed/expired; what recovered it
-    created_at: float
-    expires_at: float  # created_at + FALHOOK_EXPECT_TTL_SECONDS
-    due_at: float  # active: next poll (or, claimed, the lease expiry)
-    polls: int = Field(default=0)  # status polls made
-    queue_status: str | None = Field(default=None, max_length=16)  # last status fal said
-    completed_at: float | None = Field(default=None)  # when a poll first saw COMPLETED
-    # COMPLETED with an error: {"error": …, "error_type": …} as fal's status said (JSON).
-    queue_error: str | None = Field(default=None)
-    claim_id: str | None = Field(default=None)
-    updated_at: float
-    finished_at: float | None = Field(default=None)
 
 
 _COLUMNS = (
@@ -190,12 +150,6 @@ class Swept:
     settled: dict[str, ExpectationState]
 
 
-def _sql(text: str, dialect: str) -> str:
-    # One spelling for both drivers: sqlite3 takes "?", psycopg "%s" (none of these
-    # statements holds a literal "?" or "%").
-    return text if dialect == "sqlite" else text.replace("?", "%s")
-
-
 _DELIVERED = "(SELECT d.source FROM falhook_deliveries d WHERE d.request_id = {t}.request_id)"
 _SETTLED_STATE = (
     f"CASE WHEN {_DELIVERED.format(t=TABLE_NAME)} = '{SOURCE_QUEUE}' "
@@ -203,11 +157,23 @@ _SETTLED_STATE = (
 )
 
 
+class Runner(Protocol):
+    """What runs the operations: a `Store` (through its writer, or a pooled connection),
+    or the store commands' `Admin` (the driver's own connection)."""
+
+    dialect: str
+
+    async def run(self, op: Op) -> Any: ...
+
+    def run_sync(self, op: Op) -> Any: ...
+
+
 class Expectations:
     """The expectations of one store: async operations through its writer (the app and
-    the poller), and sync ones on a connection of their own (the CLI, metrics)."""
+    the poller), and sync ones on a connection of their own (the CLI, metrics). The CLI
+    passes an `Admin` (no writer, no SQLAlchemy) instead of a `Store`."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Runner) -> None:
         self.store = store
         self.dialect = store.dialect
 
@@ -217,13 +183,13 @@ class Expectations:
         """Record an expectation; True if new. An existing one keeps its state, and
         learns fal's URLs if it did not know them (``expect`` after ``submit`` elsewhere)."""
         now = time.time()
-        insert = _sql(
+        insert = sql_for(
             f"INSERT INTO {TABLE_NAME} ({_SELECT}) "
             "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, 0, NULL, NULL, NULL, NULL, ?, NULL) "
             "ON CONFLICT (request_id) DO NOTHING",
             self.dialect,
         )
-        learn = _sql(
+        learn = sql_for(
             f"UPDATE {TABLE_NAME} SET status_url = COALESCE(status_url, ?), "
             "response_url = COALESCE(response_url, ?), updated_at = ? WHERE request_id = ?",
             self.dialect,
@@ -271,13 +237,13 @@ class Expectations:
                 "request_id IN (SELECT d.request_id FROM falhook_deliveries d "
                 "WHERE d.received_at >= ?)"
             )
-        settle = _sql(
+        settle = sql_for(
             f"UPDATE {TABLE_NAME} SET state = {_SETTLED_STATE}, claim_id = NULL, "
             f"finished_at = ?, updated_at = ? WHERE ({ACTIVE_PREDICATE}) AND {which} "
             "RETURNING request_id, state",
             self.dialect,
         )
-        expire = _sql(
+        expire = sql_for(
             f"UPDATE {TABLE_NAME} SET state = '{ExpectationState.EXPIRED.value}', reason = ?, "
             f"claim_id = NULL, finished_at = ?, updated_at = ? "
             f"WHERE ({ACTIVE_PREDICATE}) AND expires_at <= ? RETURNING request_id, state",
@@ -304,13 +270,13 @@ class Expectations:
         )
         if self.dialect == "postgresql":
             due += " FOR UPDATE SKIP LOCKED"
-        claim = _sql(
+        claim = sql_for(
             f"UPDATE {TABLE_NAME} SET claim_id = ?, due_at = ?, updated_at = ? "
             f"WHERE request_id IN ({due}) "
             f"RETURNING {_SELECT}, {_DELIVERED.format(t=TABLE_NAME)}",
             self.dialect,
         )
-        next_due = _sql(f"SELECT MIN(due_at) FROM {TABLE_NAME} WHERE {ACTIVE_PREDICATE}", "")
+        next_due = sql_for(f"SELECT MIN(due_at) FROM {TABLE_NAME} WHERE {ACTIVE_PREDICATE}", "")
 
         def op(tx: Tx) -> tuple[list[ExpectationClaim], float | None]:
             cur = tx.cur
@@ -344,7 +310,7 @@ class Expectations:
         Active states reschedule it at `due_at`; final ones record `reason` and the time.
         """
         final = not state.active
-        statement = _sql(
+        statement = sql_for(
             f"UPDATE {TABLE_NAME} SET state = ?, reason = ?, due_at = COALESCE(?, due_at), "
             "polls = polls + ?, queue_status = COALESCE(?, queue_status), "
             "completed_at = COALESCE(completed_at, ?), queue_error = COALESCE(?, queue_error), "
@@ -379,7 +345,7 @@ class Expectations:
     def op_settle_delivered(self, claim: ExpectationClaim, *, reason: str | None = None) -> Op:
         """A delivery of the claimed request is stored: arrived, or recovered when it came
         from the queue (whichever replica stored it). Fenced like `op_update`."""
-        statement = _sql(
+        statement = sql_for(
             f"UPDATE {TABLE_NAME} SET state = {_SETTLED_STATE}, reason = COALESCE(?, reason), "
             "claim_id = NULL, updated_at = ?, finished_at = ? "
             "WHERE request_id = ? AND claim_id = ? RETURNING state",
@@ -398,7 +364,7 @@ class Expectations:
     def op_mark(self, request_id: str, state: ExpectationState, reason: str | None) -> Op:
         """Set an expectation's state regardless of claims (a payload_error delivery whose
         payload was fetched: recovered). False if it is not stored."""
-        statement = _sql(
+        statement = sql_for(
             f"UPDATE {TABLE_NAME} SET state = ?, reason = ?, claim_id = NULL, updated_at = ?, "
             "finished_at = ? WHERE request_id = ?",
             self.dialect,
@@ -415,7 +381,7 @@ class Expectations:
 
     def op_release(self, claim_ids: Sequence[str]) -> Op:
         """Give back claims not worked on (a stopping poller): due again at once."""
-        statement = _sql(
+        statement = sql_for(
             f"UPDATE {TABLE_NAME} SET claim_id = NULL, due_at = ? WHERE claim_id = ?",
             self.dialect,
         )
@@ -432,7 +398,7 @@ class Expectations:
         """Replace a claimed delivery's body with one whose payload came from the queue (a
         ``payload_error`` delivery), so retries and replays see it too. Fenced by the
         delivery's claim; False if the claim was lost."""
-        statement = _sql(
+        statement = sql_for(
             "UPDATE falhook_bodies SET body = ? WHERE id = (SELECT id FROM falhook_deliveries "
             "WHERE request_id = ? AND claim_id = ?)",
             self.dialect,
@@ -446,7 +412,9 @@ class Expectations:
         return op
 
     def op_get(self, request_id: str) -> Op:
-        statement = _sql(f"SELECT {_SELECT} FROM {TABLE_NAME} WHERE request_id = ?", self.dialect)
+        statement = sql_for(
+            f"SELECT {_SELECT} FROM {TABLE_NAME} WHERE request_id = ?", self.dialect
+        )
 
         def op(tx: Tx) -> Expectation | None:
             cur = tx.cur
@@ -464,29 +432,9 @@ class Expectations:
     # -- sync: a connection of its own (CLI, metrics, tests) ---------------------------
 
     def run_sync(self, op: Op) -> Any:
-        """Run one operation in a transaction on a connection of its own."""
-        if not self.store.schema_ready:
-            # Only `falhook serve` creates or upgrades the schema; elsewhere it must be there.
-            self.store.check_schema()
-        try:
-            fairy = self.store.engine.raw_connection()
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
-        try:
-            conn = fairy.driver_connection
-            assert conn is not None
-            cur = conn.cursor()
-            result = op(Tx(cur, None))
-            cur.close()
-            conn.commit()
-            return result
-        except StoreUnavailableError:
-            raise
-        except Exception as exc:
-            fairy.invalidate()
-            raise StoreUnavailableError(brief(exc)) from exc
-        finally:
-            fairy.close()
+        """Run one operation in a transaction on a connection of its own (checking, not
+        migrating, the schema first: only `falhook serve` migrates)."""
+        return self.store.run_sync(op)
 
     def add(self, new: NewExpectation, *, recover_after: float, ttl: float) -> bool:
         """Record an expectation (sync); True if new."""
@@ -509,7 +457,7 @@ class Expectations:
         if limit is not None:
             text += " LIMIT ?"
             params.append(limit)
-        statement = _sql(text, self.dialect)
+        statement = sql_for(text, self.dialect)
 
         def op(tx: Tx) -> builtins.list[Expectation]:
             cur = tx.cur

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-__all__ = ["MIGRATIONS", "Migration", "current_version", "upgrade"]
+from falhook.receiver.store.dbapi import Db
+from falhook.receiver.store.schema import VERSION_TABLE, schema_version
 
-VERSION_TABLE = "falhook_schema_version"
+__all__ = ["MIGRATIONS", "VERSION_TABLE", "Migration", "current_version", "upgrade"]
+
 _ADVISORY_LOCK_KEY = 0x46A1_400C  # arbitrary constant: "falhook migrations"
 
 
@@ -311,13 +313,13 @@ def _version_table(metadata: sa.MetaData) -> sa.Table:
 
 
 def current_version(conn: sa.Connection) -> int:
-    """The highest applied migration, 0 for an empty database."""
-    if not sa.inspect(conn).has_table(VERSION_TABLE):
-        return 0
-    table = _version_table(sa.MetaData())
-    return int(
-        conn.execute(sa.select(sa.func.coalesce(sa.func.max(table.c.version), 0))).scalar_one()
-    )
+    """The highest applied migration, 0 for an empty database (read as the store commands
+    read it: schema.schema_version, on this connection's transaction)."""
+    cur = conn.connection.cursor()
+    try:
+        return schema_version(Db(cur, conn.dialect.name))
+    finally:
+        cur.close()
 
 
 def upgrade(engine: sa.Engine, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:

@@ -1,13 +1,17 @@
-"""The values that travel between the app, the store and the dispatcher."""
+"""The values that travel between the app, the store, the dispatcher and the operator.
+
+Plain dataclasses (no SQLModel): the store commands import them.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from falhook.receiver.models import SOURCE_WEBHOOK
+from falhook.receiver.state import SOURCE_WEBHOOK, State
 
-__all__ = ["Claim", "ClaimBatch", "NewDelivery"]
+__all__ = ["Claim", "ClaimBatch", "NewDelivery", "StoredDelivery", "decode_callbacks"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,3 +52,32 @@ class Claim:
 class ClaimBatch:
     claims: list[Claim]
     next_due_at: float | None  # earliest due_at of any pending or running delivery left
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDelivery:
+    """A stored delivery as operators see it (`falhook deliveries show`)."""
+
+    request_id: str
+    gateway_request_id: str | None
+    status: str
+    error: str | None
+    payload_error: str | None
+    user_id: str | None
+    body: bytes
+    received_at: float
+    state: State
+    attempts: int
+    due_at: float
+    claim_id: str | None
+    last_error: str | None
+    completed_callbacks: tuple[str, ...]
+    updated_at: float
+    finished_at: float | None
+    source: str = SOURCE_WEBHOOK
+    signed_at: int | None = None
+
+
+def decode_callbacks(value: str | None) -> tuple[str, ...]:
+    """The callbacks a delivery completed, from their stored form (a JSON list)."""
+    return tuple(json.loads(value)) if value else ()

@@ -16,12 +16,12 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from falhook.receiver.models import BodyRow, DeliveryRow, State
+from falhook.receiver.store.dbapi import NOTIFY_CHANNEL
 
 __all__ = ["ACTIVE_PREDICATE", "BODIES", "NOTIFY_CHANNEL", "TABLE", "Compiled", "Statements"]
 
 TABLE: sa.Table = DeliveryRow.__table__  # type: ignore[attr-defined]
 BODIES: sa.Table = BodyRow.__table__  # type: ignore[attr-defined]
-NOTIFY_CHANNEL = "falhook_deliveries"
 # The active-state predicate, spelled with literals exactly as the partial index
 # ix_falhook_deliveries_active_due (migration 2) states it: a planner can only match a
 # partial index whose predicate the query implies, and a bound parameter implies nothing.

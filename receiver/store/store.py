@@ -12,29 +12,20 @@ Every foreign exception is wrapped as `StoreUnavailableError` at this edge.
 from __future__ import annotations
 
 import asyncio
-import builtins
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import sqlalchemy as sa
 
-from falhook.receiver.errors import StoreSchemaError, StoreUnavailableError
-from falhook.receiver.models import StoredDelivery
-from falhook.receiver.state import State
-from falhook.receiver.store import admin
-from falhook.receiver.store.attempts import (
-    AttemptRecord,
-    StoredAttempt,
-    list_attempts,
-    op_settle,
-)
-from falhook.receiver.store.control import DispatchControl, read_control, write_control
-from falhook.receiver.store.engine import make_engine
+from falhook.receiver.errors import StoreUnavailableError
+from falhook.receiver.store.admin import Admin
+from falhook.receiver.store.attempts import AttemptRecord, op_settle
+from falhook.receiver.store.engine import EngineConnector, make_engine
 from falhook.receiver.store.loop_writer import LoopWriter
-from falhook.receiver.store.migrations import MIGRATIONS, current_version, upgrade
+from falhook.receiver.store.migrations import upgrade
 from falhook.receiver.store.operations import (
     encode_callbacks,
     op_claim,
@@ -50,16 +41,16 @@ from falhook.receiver.store.writer import Connection, Op, Writer, brief
 
 __all__ = ["Store"]
 
-_T = TypeVar("_T")
 
-
-class Store:
+class Store(Admin):
     """Deliveries in SQLite or PostgreSQL, with an async group-commit API for the app.
 
     `start()` launches the writer thread (it connects lazily, so a database that is down
     at start does not stop the process); `stop()` drains and joins it. The sync methods
-    (`list`, `get`, `replay`, `prune`, `counts`) open their own connections and are for
-    the CLI and tests.
+    (`list`, `get`, `replay`, `prune`, `counts`…) are `Admin`'s (admin.py), on pooled
+    connections, for the console, the metrics gauges, the pruner and tests; they migrate
+    the schema on first use unless it was checked. The store commands use an `Admin` of
+    their own (no SQLAlchemy, no writer).
     """
 
     def __init__(
@@ -71,12 +62,11 @@ class Store:
     ) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self.dialect = self.engine.dialect.name
+        super().__init__(EngineConnector(self.engine))
         self._sql = Statements(self.engine.dialect)
         self._max_batch = max_batch
         self._on_due = on_due
         self._writer: Writer | None = None
-        self._schema_ready = False  # migrated, or checked to be current
         self._migrate_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -88,43 +78,8 @@ class Store:
                 version = upgrade(self.engine)
             except sa.exc.SQLAlchemyError as exc:
                 raise StoreUnavailableError(f"cannot migrate the store: {brief(exc)}") from exc
-            self._schema_ready = True
+            self.mark_schema_ready()
             return version
-
-    def check_schema(self) -> int:
-        """Check, changing nothing, that the schema is the one this falhook writes.
-
-        For the store commands, which must not create or upgrade a schema (only `serve`
-        migrates): raises StoreSchemaError when there is none, or an older or newer one.
-        """
-        latest = MIGRATIONS[-1].version
-        try:
-            with self.engine.connect() as conn:
-                version = current_version(conn)
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
-        if version == 0:
-            raise StoreSchemaError(
-                "no falhook tables in this database (`falhook serve` creates them when it "
-                "starts): is --database-url / FALHOOK_DATABASE_URL the right one?"
-            )
-        if version < latest:
-            raise StoreSchemaError(
-                f"the store's schema is version {version}, this falhook needs {latest}: start "
-                "this version's `falhook serve` once (it upgrades the schema), then retry"
-            )
-        if version > latest:
-            raise StoreSchemaError(
-                f"the store's schema is version {version}, newer than this falhook knows "
-                f"({latest}): upgrade falhook"
-            )
-        self._schema_ready = True
-        return version
-
-    @property
-    def schema_ready(self) -> bool:
-        """The schema is known to be current (this object migrated or checked it)."""
-        return self._schema_ready
 
     def start(self) -> None:
         """Start the writer; the async methods may then be awaited on the calling loop."""
@@ -140,8 +95,12 @@ class Store:
         self._writer.start()
 
     def _ensure_schema(self) -> None:
-        if not self._schema_ready:
+        if not self.schema_ready:
             self.migrate()
+
+    def _prepare(self) -> None:
+        # The sync API migrates on first use, unless the schema was checked.
+        self._ensure_schema()
 
     async def stop(self) -> None:
         """Let queued operations finish, then stop the writer and close connections."""
@@ -275,98 +234,11 @@ class Store:
 
     async def run(self, op: Op) -> Any:
         """Run one operation in the writer's next transaction (for store modules such as
-        expectations.py, whose statements live beside their tables)."""
+        expectations.py, whose statements live beside their tables). `run_sync` runs one
+        on a pooled connection of its own instead."""
         return await self._submit(op)
 
     async def ping(self) -> None:
         """Round-trip through the writer: raises StoreUnavailableError if it cannot."""
 
         await self._submit(op_ping)
-
-    # -- sync API (CLI, tests, health): each call opens its own connection ----------------
-
-    def _connect(self) -> sa.Connection:
-        if not self._schema_ready:
-            self.migrate()
-        try:
-            return self.engine.connect()
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
-
-    def get(self, request_id: str) -> StoredDelivery | None:
-        """One stored delivery, or None."""
-        return self._read(admin.get, request_id)
-
-    def attempts(self, request_id: str) -> builtins.list[StoredAttempt]:
-        """A delivery's dispatch attempts, oldest first (empty if none, or no delivery)."""
-        return self._read(list_attempts, request_id)
-
-    def list(
-        self,
-        *,
-        states: Sequence[State] = (),
-        since: float | None = None,
-        limit: int | None = 100,
-    ) -> builtins.list[StoredDelivery]:
-        """Stored deliveries, newest first, filtered by state and received time."""
-        return self._read(admin.list_deliveries, states=states, since=since, limit=limit)
-
-    def counts(self) -> dict[State, int]:
-        """Number of deliveries in each state (every state present, zero if none)."""
-        return self._read(admin.counts)
-
-    def dispatch_control(self) -> DispatchControl:
-        """The store-wide dispatch switch as it is now (paused or not, and why)."""
-        return self._read(read_control)
-
-    def set_dispatch_paused(
-        self, paused: bool, *, reason: str | None = None, by: str | None = None
-    ) -> DispatchControl:
-        """Pause or resume dispatch for every replica on this store; return the new state."""
-        return self._write(write_control, paused=paused, reason=reason, by=by)
-
-    def oldest_pending_age(self, now: float | None = None) -> float:
-        """Seconds since the oldest not-yet-finished delivery was received (0 if none)."""
-        return self._read(admin.oldest_pending_age, now)
-
-    def replay(
-        self,
-        request_ids: Sequence[str] = (),
-        *,
-        states: Sequence[State] = (),
-        since: float | None = None,
-    ) -> dict[str, State]:
-        """Re-queue finished deliveries for dispatch now; return each one's previous state.
-
-        Idempotent: pending or running deliveries are left alone (and not returned), so
-        replaying twice queues once. Attempts start again from zero.
-        """
-        return self._write(
-            admin.replay, request_ids, states=states, since=since, notify=self._sql.notify
-        )
-
-    def prune(self, older_than: float, *, states: Sequence[State] = (State.DONE,)) -> int:
-        """Delete finished deliveries that finished more than `older_than` seconds ago.
-
-        Never deletes pending or running deliveries, whatever `states` says.
-        """
-        return self._write(admin.prune, older_than, states=states)
-
-    def prune_batch(self, older_than: float, limit: int) -> int | None:
-        """One small transaction of retention pruning (done only, as `prune`); None when
-        another replica is pruning (PostgreSQL)."""
-        return self._write(admin.prune_batch, older_than, limit)
-
-    def _read(self, query: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        try:
-            with self._connect() as conn:
-                return query(conn, *args, **kwargs)
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreUnavailableError(brief(exc)) from exc
-
-    def _write(self, change: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        try:
-            with self._connect() as conn, conn.begin():
-                return change(conn, *args, **kwargs)
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreUnavailableError(brief(exc)) from exc

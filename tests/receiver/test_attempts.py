@@ -8,10 +8,10 @@ import time
 
 import sqlalchemy as sa
 
-from falhook.receiver.models import State
+from falhook.receiver.models import ATTEMPTS, State
 from falhook.receiver.registry import CallbackRegistry
 from falhook.receiver.retry import RetryPolicy
-from falhook.receiver.store.attempts import ATTEMPTS, AttemptRecord
+from falhook.receiver.store.attempts import AttemptRecord
 from tests.receiver import store_fixtures
 from tests.receiver.store_fixtures import delivery
 from tests.receiver.test_store import claim_all, opened

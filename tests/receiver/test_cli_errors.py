@@ -3,20 +3,30 @@ a traceback), and the documented exit code."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 import falhook
+from falhook.receiver.store import Store
+from falhook.receiver.store.attempts import AttemptRecord
 from falhook.receiver.store.engine import make_engine
 from falhook.receiver.store.migrations import MIGRATIONS, upgrade
 from falhook.verify.testing import generate_keypair, jwks_document
+from tests.receiver import store_fixtures
+from tests.receiver.store_fixtures import delivery
+
+# Fixtures, re-exported so pytest finds them in this module.
+pg_schema_url = store_fixtures.pg_schema_url
+store_url = store_fixtures.store_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_USAGE, EXIT_STORE, EXIT_CANNOT_LISTEN = 2, 3, 4
@@ -256,17 +266,22 @@ def test_store_commands_do_not_upgrade_an_older_schema(tmp_path: Path) -> None:
 # -- what --help and the light commands import -------------------------------------------
 
 HEAVY = ("uvicorn", "starlette", "sqlalchemy", "sqlmodel", "nacl", "prometheus_client", "httpx")
+# What the store commands must not import: the table declarations' SQLModel and pydantic,
+# and SQLAlchemy (each costs a large share of a second; the commands run a query or two).
+STORE_HEAVY = (*HEAVY, "pydantic", "pydantic_core")
 
 
-def _imported_by(argv: list[str], tmp_path: Path) -> set[str]:
+def _probe(argv: list[str], tmp_path: Path, heavy: tuple[str, ...] = HEAVY) -> tuple[int, set[str]]:
+    """Run ``main(argv)`` in a fresh interpreter: its exit code, and which of `heavy` it
+    imported."""
     probe = (
         "import sys\n"
         "from falhook.receiver.cli import main\n"
         "try:\n"
-        f"    main({argv!r})\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        f"print('IMPORTED:', *(m for m in {HEAVY!r} if m in sys.modules))\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code or 0\n"
+        f"print('IMPORTED:', code, *(m for m in {heavy!r} if m in sys.modules))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALHOOK_")}
     result = subprocess.run(
@@ -274,7 +289,12 @@ def _imported_by(argv: list[str], tmp_path: Path) -> set[str]:
     )
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("IMPORTED:"), result.stdout + result.stderr
-    return set(last.split()[1:])
+    code, *imported = last.split()[1:]
+    return int(code), set(imported)
+
+
+def _imported_by(argv: list[str], tmp_path: Path) -> set[str]:
+    return _probe(argv, tmp_path)[1]
 
 
 @pytest.mark.parametrize(
@@ -300,10 +320,53 @@ def test_send_imports_only_what_it_uses(tmp_path: Path) -> None:
     assert imported == {"httpx", "nacl"}
 
 
-def test_store_commands_import_no_server_parts(tmp_path: Path) -> None:
+@pytest.fixture
+def seeded_store(store_url: str) -> str:
+    """A store as `falhook serve` leaves it: migrated, one delivery done with an attempt."""
+
+    async def seed() -> None:
+        store = Store(store_url)
+        store.migrate()
+        store.start()
+        try:
+            await store.insert(delivery("r1"))
+            (claim,) = (await store.claim(1, 30.0)).claims
+            assert await store.finish(claim, attempt=AttemptRecord(1, time.time(), 0.1, None))
+        finally:
+            await store.stop()
+
+    asyncio.run(seed())
+    return store_url
+
+
+STORE_COMMANDS = [
+    ["deliveries", "list"],
+    ["deliveries", "show", "r1"],
+    ["deliveries", "replay", "r1"],
+    ["prune"],
+    ["dispatch", "status"],
+    ["dispatch", "pause", "--reason", "test"],
+    ["dispatch", "resume"],
+    ["expectations", "list"],
+]
+
+
+@pytest.mark.parametrize("command", STORE_COMMANDS, ids=" ".join)
+def test_store_commands_import_neither_sqlalchemy_nor_sqlmodel(
+    tmp_path: Path, seeded_store: str, command: list[str]
+) -> None:
+    # They run a query or two on the driver's own connection: SQLAlchemy, SQLModel and
+    # pydantic would be most of their time (they start in a fraction of `serve`'s).
+    code, imported = _probe([*command, "--database-url", seeded_store], tmp_path, heavy=STORE_HEAVY)
+    assert (code, imported) == (0, set())
+
+
+def test_a_store_url_only_sqlalchemy_reads_still_works(tmp_path: Path) -> None:
+    # A SQLite URL with driver options is read by SQLAlchemy, exactly as `serve` reads it.
     path = tmp_path / "store.db"
     engine = make_engine(f"sqlite:///{path}")
     upgrade(engine)
     engine.dispose()
-    imported = _imported_by(["deliveries", "list", "--database-url", f"sqlite:///{path}"], tmp_path)
-    assert imported <= {"sqlalchemy", "sqlmodel"}
+    url = f"sqlite:///{path}?timeout=2"
+    code, imported = _probe(["deliveries", "list", "--database-url", url], tmp_path)
+    assert code == 0 and "sqlalchemy" in imported

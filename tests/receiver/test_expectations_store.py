@@ -16,10 +16,9 @@ from typing import Any, TypeVar
 import pytest
 import sqlalchemy as sa
 
-from falhook.receiver.models import SOURCE_QUEUE
+from falhook.receiver.models import SOURCE_QUEUE, ExpectationRow
 from falhook.receiver.store import Store
 from falhook.receiver.store.expectations import (
-    ExpectationRow,
     Expectations,
     ExpectationState,
     NewExpectation,

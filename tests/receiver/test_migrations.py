@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from falhook.receiver.models import BodyRow, DeliveryRow, State
+from falhook.receiver.models import ATTEMPTS, BodyRow, DeliveryRow, State
 from falhook.receiver.store import Store, make_engine
-from falhook.receiver.store.attempts import ATTEMPTS
 from falhook.receiver.store.migrations import MIGRATIONS, VERSION_TABLE, current_version, upgrade
 from tests.receiver import store_fixtures
 from tests.receiver.store_fixtures import delivery, fresh_pg_schema
