@@ -9,6 +9,7 @@ from typing import NoReturn
 
 __all__ = [
     "EXIT_CANNOT_LISTEN",
+    "EXIT_CLOSED_OUTPUT",
     "EXIT_CODES_HELP",
     "EXIT_NEGATIVE",
     "EXIT_STORE",
@@ -24,6 +25,7 @@ EXIT_NEGATIVE = 1  # a negative answer: not authentic, not found, no 2xx, a demo
 EXIT_USAGE = 2  # bad arguments or settings, unusable input (one line on stderr)
 EXIT_STORE = 3  # the store cannot be used: unreachable, missing, or its schema is not current
 EXIT_CANNOT_LISTEN = 4  # `serve` cannot listen on --host/--port (e.g. the port is in use)
+EXIT_CLOSED_OUTPUT = 141  # the output's reader went away (`… | head`): 128 + SIGPIPE, as shells say
 EXIT_CODES_HELP = """\
 exit codes:
   0    success
@@ -33,6 +35,7 @@ exit codes:
        (verify: keys unavailable)
   4    serve: cannot listen on --host/--port (the port is in use)
   130  interrupted (Ctrl-C)
+  141  the output was closed before it was all written (e.g. piped into head)
 """
 
 

@@ -10,12 +10,18 @@ and the light commands start fast. Exit codes: see `common.EXIT_CODES_HELP`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from falhook import __version__
 from falhook.receiver.cli import dev, dispatch, ops, recovery, serve, verify
-from falhook.receiver.cli.common import EXIT_CODES_HELP, CommandError, Parser
+from falhook.receiver.cli.common import (
+    EXIT_CLOSED_OUTPUT,
+    EXIT_CODES_HELP,
+    CommandError,
+    Parser,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -62,11 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _command_parser(parser, args).unrecognized(extras)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a reader that went away is noticed here, not at exit
     except CommandError as exc:
         print(f"falhook {args.command}: {exc}", file=sys.stderr)  # noqa: T201 — CLI output
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `falhook deliveries list | head`: the reader has what it wanted. Stop quietly, as
+        # other commands do; stdout goes to /dev/null so the exit's flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLOSED_OUTPUT
     return code
 
 

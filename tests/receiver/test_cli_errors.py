@@ -370,3 +370,23 @@ def test_a_store_url_only_sqlalchemy_reads_still_works(tmp_path: Path) -> None:
     url = f"sqlite:///{path}?timeout=2"
     code, imported = _probe(["deliveries", "list", "--database-url", url], tmp_path)
     assert code == 0 and "sqlalchemy" in imported
+
+
+def test_output_closed_early_is_quiet(tmp_path: Path, seeded_store: str) -> None:
+    # `falhook deliveries show r1 | head -1`: the reader went away before the output did.
+    read, write = os.pipe()
+    os.close(read)  # closed before the command writes anything: every write fails
+    try:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("FALHOOK_")}
+        result = subprocess.run(
+            [sys.executable, "-m", "falhook", "deliveries", "show", "r1"],
+            cwd=tmp_path,
+            env={**base, "FALHOOK_DATABASE_URL": seeded_store},
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (141, "")
