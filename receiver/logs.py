@@ -3,8 +3,8 @@
 Everything here is plain stdlib ``logging``. A host app that mounts the receiver configures
 its own logging and never calls `configure_logging`; ``falhook serve`` calls it once. It
 puts a `QueueHandler` on the ``falhook`` logger, so the event loop only builds a record and
-appends it to a queue (a few microseconds); a `QueueListener` thread formats the records in
-order and writes them in whole-line batches, one write per burst instead of one per line.
+appends it to a queue (a few microseconds); a writer thread, woken once per burst rather
+than once per record, formats the records in order and writes each burst with one write.
 `LogPipeline.stop` drains the queue, so a clean shutdown loses no line.
 """
 
@@ -13,11 +13,10 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import queue
 import sys
 import threading
 import time
-from logging.handlers import QueueHandler, QueueListener
+from logging.handlers import QueueHandler
 from typing import IO, Any
 
 __all__ = ["JsonFormatter", "LogPipeline", "configure_logging", "delivery_log"]
@@ -30,7 +29,8 @@ _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
 }
 # One encoder, built once: json.dumps(default=...) builds a new one on every call.
 _ENCODER = json.JSONEncoder(default=str)
-_BATCH_LINES = 512  # write at least this often while a burst lasts
+# How long the writer waits after the first record of a burst before writing the batch.
+_LINGER_SECONDS = 0.02
 
 
 class JsonFormatter(logging.Formatter):
@@ -80,7 +80,7 @@ class _EnqueueHandler(QueueHandler):
     after_stop: logging.Handler | None = None  # writes directly once the listener is gone
 
     def handle(self, record: logging.LogRecord) -> bool:
-        # No handler lock: SimpleQueue.put is thread-safe on its own.
+        # No handler lock: the queue's put is thread-safe on its own.
         if not self.filter(record):
             return False
         if self.after_stop is not None:
@@ -96,80 +96,105 @@ _TRACEBACKS = logging.Formatter()
 
 
 class _LineWriter(logging.Handler):
-    """Formats records and writes them in batches of whole lines (listener thread only)."""
+    """Formats records and writes them as whole lines, one write per batch (writer thread)."""
 
     def __init__(self, stream: IO[str]) -> None:
         super().__init__()
         self.stream = stream
-        self._lines: list[str] = []
 
-    def handle(self, record: logging.LogRecord) -> bool:
-        # The listener is this handler's only caller: no lock needed per record.
-        try:
-            self._lines.append(self.format(record))
-        except Exception:
-            self.handleError(record)
-        if len(self._lines) >= _BATCH_LINES:
-            self.flush()
-        return True
-
-    def emit(self, record: logging.LogRecord) -> None:  # pragma: no cover - handle() is used
-        self.handle(record)
-
-    def flush(self) -> None:
-        if not self._lines:
+    def write_batch(self, records: list[logging.LogRecord]) -> None:
+        # The writer thread is this handler's only caller: no lock needed per record.
+        lines = []
+        for record in records:
+            try:
+                lines.append(self.format(record))
+            except Exception:
+                self.handleError(record)
+        if not lines:
             return
-        text = "\n".join(self._lines) + "\n"
-        self._lines.clear()
+        lines.append("")
         try:
-            self.stream.write(text)
+            self.stream.write("\n".join(lines))
             self.stream.flush()
         except Exception:  # a closed or full stream: say so once, like logging does
             self.handleError(logging.makeLogRecord({"msg": "cannot write falhook logs"}))
 
+    def emit(self, record: logging.LogRecord) -> None:  # pragma: no cover - write_batch is used
+        self.write_batch([record])
 
-class _Listener(QueueListener):
-    """Flushes its writer whenever the queue runs dry, so lines never wait for a batch."""
 
-    def __init__(self, records: queue.SimpleQueue[Any], writer: _LineWriter) -> None:
-        super().__init__(records, writer)
-        self._records = records
-        self._writer = writer
+class _Batches:
+    """The queue between loggers and the writer thread, woken once per batch, not per record.
 
-    def dequeue(self, block: bool) -> Any:
-        try:
-            return self._records.get_nowait()
-        except queue.Empty:
-            self._writer.flush()
-            return self._records.get(block)
+    `queue.SimpleQueue` (what `QueueListener` reads) wakes the listener for every record,
+    and on a busy receiver each wake-up took the GIL away from the event loop: two lines a
+    delivery cost the loop more than the rest of logging did (bench/README, "Design
+    figures"). Here the first record after the queue ran dry wakes the writer, which then
+    lingers a moment so the rest of the burst joins the same batch.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: list[logging.LogRecord] = []
+        self.ready = threading.Event()
+
+    def put_nowait(self, record: logging.LogRecord) -> None:
+        with self._lock:  # uncontended almost always: the writer holds it for a swap only
+            self._records.append(record)
+            if len(self._records) == 1:
+                self.ready.set()
+
+    def take(self) -> list[logging.LogRecord]:
+        """Every record queued so far, in order; the queue is empty afterwards."""
+        with self._lock:
+            records, self._records = self._records, []
+            self.ready.clear()
+        return records
 
 
 class LogPipeline:
-    """The queue between the event loop and the writing thread; `stop` drains it."""
+    """The queue between the loggers and the writing thread; `stop` drains it.
 
-    def __init__(self, stream: IO[str]) -> None:
-        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.handler = _EnqueueHandler(self.queue)
+    Records are written in the order they were queued (per thread, in the order logged),
+    at most `linger` seconds after the first of a burst was logged.
+    """
+
+    def __init__(self, stream: IO[str], *, linger: float = _LINGER_SECONDS) -> None:
+        self.queue = _Batches()
+        self.handler = _EnqueueHandler(self.queue)  # type: ignore[arg-type]  # put_nowait only
         self.writer = _LineWriter(stream)
         self.writer.setFormatter(JsonFormatter())
-        self._listener = _Listener(self.queue, self.writer)
+        self.linger = linger
         self._lock = threading.Lock()
-        self._running = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         with self._lock:
-            if not self._running:
-                self._listener.start()
-                self._running = True
+            if self._thread is None and not self._stopping.is_set():
+                self._thread = threading.Thread(
+                    target=self._run, name="falhook-logs", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        batches, stopping = self.queue, self._stopping
+        while not stopping.is_set():
+            batches.ready.wait()
+            stopping.wait(self.linger)  # let the rest of the burst join this batch
+            self.writer.write_batch(batches.take())
+        self.writer.write_batch(batches.take())
 
     def stop(self) -> None:
         """Write every record logged so far, then stop the thread (idempotent)."""
         with self._lock:
-            if not self._running:
+            thread = self._thread
+            if thread is None or self._stopping.is_set():
                 return
-            self._running = False
-            self._listener.stop()  # enqueues a sentinel after the last record, then joins
-            self.writer.flush()
+            self._stopping.set()
+            self.queue.ready.set()
+            thread.join()
+            self.writer.write_batch(self.queue.take())  # logged while the thread finished
             # Anything logged from now on (late shutdown messages) is written at once.
             direct = logging.StreamHandler(self.writer.stream)
             direct.setFormatter(self.writer.formatter)
