@@ -4,7 +4,10 @@ Each variant is a source tree of falhook (this checkout, or a ``git worktree`` o
 commit) plus optional environment settings; every round runs each variant once, on a fresh
 server, key and SQLite database, under the same wrk load as ``python -m bench``. Per variant
 it prints the median req/s, p99, the server's CPU per request (all its threads, from
-/proc) and whether dispatch kept up. On a shared VM only interleaved rounds are worth
+/proc; with ``--threads``, each thread's too, busiest first) and whether dispatch kept up.
+Servers run with ``falhook serve``'s defaults (INFO logs) and an ``async def`` no-op
+callback; a variant's settings change that (``FALHOOK_LOG_LEVEL=warning``,
+``FALHOOK_CALLBACK=bench.callbacks:noop_def``). On a shared VM only interleaved rounds are worth
 comparing: the same code moved between 4.2k and 7k req/s from one minute to the next.
 
     git worktree add /tmp/base HEAD~1
@@ -56,14 +59,17 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, tree, env)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of every thread of ``pid`` so far."""
-    ticks = 0
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each thread of ``pid`` so far."""
+    seconds = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class Sample:
     cpu_us: float
     done_at_end: float | None
     problems: tuple[str, ...]
+    threads_us: tuple[float, ...] = ()  # CPU per request of each thread: the loop's first
 
 
 def run_once(variant: Variant, workdir: Path, duration_s: float, connections: int) -> Sample:
@@ -85,7 +92,9 @@ def run_once(variant: Variant, workdir: Path, duration_s: float, connections: in
     # Trees from before the falhook namespace ran as `-m receiver`.
     module = "falhook.receiver" if (variant.tree / "falhook").is_dir() else "receiver"
     command = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--callback", "bench.callbacks:noop", "--log-level", "warning"]
+    command += ["--port", str(port)]
+    if "FALHOOK_CALLBACK" not in variant.env:
+        command += ["--callback", "bench.callbacks:noop"]
     bench_root = Path(__file__).resolve().parent.parent  # for bench.callbacks
     env = {
         **falhook_env(workdir, jwks),
@@ -102,15 +111,22 @@ def run_once(variant: Variant, workdir: Path, duration_s: float, connections: in
         run_wrk(url, script, warm, duration_s=2, connections=connections)
         assert server.proc is not None
         pid = server.proc.pid
-        cpu_before = _cpu_seconds(pid)
+        before = _thread_cpu(pid)
         result, _ = run_wrk(url, script, main, duration_s=duration_s, connections=connections)
-        cpu = _cpu_seconds(pid) - cpu_before
+        after = _thread_cpu(pid)
+        used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+        cpu = sum(used.values())
         drained = backlog.measure(env["FALHOOK_DATABASE_URL"])
     problems = tuple(result.problems + backlog.problems(drained))
     return Sample(
         rps=result.rps,
         p99_ms=result.p99_ms,
         cpu_us=cpu / max(1, result.requests) * 1e6,
+        threads_us=tuple(
+            used[tid] / max(1, result.requests) * 1e6
+            for tid in [pid, *sorted((t for t in used if t != pid), key=lambda t: -used[t])]
+            if tid in used
+        ),
         done_at_end=drained["done_at_end"],
         problems=problems,
     )
@@ -135,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--duration", type=float, default=6.0, help="seconds per variant and round")
     p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--threads", action="store_true", help="each thread's CPU per request")
     args = p.parse_args(argv)
     samples: dict[str, list[Sample]] = {v.name: [] for v in args.variants}
     with tempfile.TemporaryDirectory(prefix="falhook-ab-") as tmp:
@@ -148,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 samples[variant.name].append(s)
                 flag = f"  INVALID: {'; '.join(s.problems)}" if s.problems else ""
+                if args.threads:
+                    flag += "  threads " + " ".join(f"{t:.0f}" for t in s.threads_us if t >= 0.5)
                 print(
                     f"round {round_no + 1} {variant.name:>12} {s.rps:8,.0f} req/s  "
                     f"p99 {s.p99_ms:6.1f} ms  cpu/req {s.cpu_us:6.1f} us{flag}",

@@ -172,9 +172,7 @@ class LogPipeline:
     def start(self) -> None:
         with self._lock:
             if self._thread is None and not self._stopping.is_set():
-                self._thread = threading.Thread(
-                    target=self._run, name="falhook-logs", daemon=True
-                )
+                self._thread = threading.Thread(target=self._run, name="falhook-logs", daemon=True)
                 self._thread.start()
 
     def _run(self) -> None:
