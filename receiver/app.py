@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.types import Receive, Scope, Send
 
 from falhook import __version__
+from falhook.receiver.deadlines import Deadlines
 from falhook.receiver.dispatcher import Dispatcher, DispatchObserver, Drained
 from falhook.receiver.durations import format_time
 from falhook.receiver.errors import (
@@ -142,6 +143,8 @@ class WebhookReceiver:
         self.on_error = self.registry.on_error
         self.on_delivery = self.registry.on_delivery
         self.metrics = Metrics()
+        # The hot path's timeouts (body read, commit, callbacks) share one timer.
+        self.deadlines = Deadlines()
         self.metrics.watch_store(
             lambda: self.store.counts(),
             lambda: self.store.oldest_pending_age(),
@@ -285,6 +288,7 @@ class WebhookReceiver:
                 poll_seconds=settings.poll_seconds,
                 shutdown_timeout=settings.shutdown_timeout_seconds,
                 callback_timeout=settings.callback_timeout_seconds,
+                deadlines=self.deadlines,
                 observer=_Observer(self.metrics),
                 prepare=self.recovery.prepare if self.recovery is not None else None,
             )
@@ -312,6 +316,7 @@ class WebhookReceiver:
             self._dispatcher,
             lease_seconds=settings.lease_seconds,
             store_timeout=settings.store_timeout_seconds,
+            deadlines=self.deadlines,
         )
         if settings.retention > 0:
             self._pruner = Pruner(store, settings.retention)
@@ -575,6 +580,7 @@ class WebhookReceiver:
             max_buffered=settings.max_buffered_bytes,
             body_timeout=settings.body_timeout_seconds,
             log_payloads=settings.log_payloads,
+            deadlines=self.deadlines,
         )
         routes: list[BaseRoute] = [
             # Both spellings are served: fal treats any redirect (3xx) as a permanent failure.

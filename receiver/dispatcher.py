@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
+from falhook.receiver.deadlines import Deadlines
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.models import Delivery
 from falhook.receiver.registry import CallbackRegistry, RunningCall
@@ -60,6 +61,7 @@ class Dispatcher:
         poll_seconds: float = 5.0,
         shutdown_timeout: float = 30.0,
         callback_timeout: float | None = None,
+        deadlines: Deadlines | None = None,
         observer: DispatchObserver | None = None,
         prepare: Prepare | None = None,
     ) -> None:
@@ -71,6 +73,7 @@ class Dispatcher:
         self.poll_seconds = poll_seconds
         self.shutdown_timeout = shutdown_timeout
         self.callback_timeout = callback_timeout
+        self.deadlines = deadlines or Deadlines()
         self.observer = observer or DispatchObserver()
         self.prepare = prepare
         self._wake = asyncio.Event()
@@ -275,6 +278,7 @@ class Dispatcher:
                 claim.completed_callbacks,
                 self._sync_runner,
                 timeout=self.callback_timeout,
+                deadlines=self.deadlines,
                 on_timeout=lambda name, thread: self._timed_out(claim, name, thread),
                 on_called=self.observer.called,
             )

@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any, NamedTuple
 
+from falhook.receiver.deadlines import Deadlines
 from falhook.receiver.dispatcher import Dispatcher
 from falhook.receiver.errors import MalformedDeliveryError, Reason, StoreUnavailableError
 from falhook.receiver.keysource import KeySource
@@ -42,12 +43,14 @@ class Intake:
         *,
         lease_seconds: float,
         store_timeout: float = 10.0,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.keys = keys
         self.store = store
         self.dispatcher = dispatcher
         self.lease_seconds = lease_seconds
         self.store_timeout = store_timeout
+        self.deadlines = deadlines or Deadlines()
         # When a delivery last could not be stored (time.monotonic), for readiness.
         self.store_failed_at = float("-inf")
 
@@ -92,7 +95,7 @@ class Intake:
         try:
             # Bounded: fal gives up after 15 s. If the insert commits after all, fal's
             # retry is answered as a duplicate (and a claimed row's lease expires).
-            async with asyncio.timeout(self.store_timeout):
+            async with self.deadlines.scope(self.store_timeout):
                 if claim_id is None:
                     # No free slot (or no callbacks): stored pending, claimed by whoever is free.
                     return Accepted(request_id, not await self.store.insert(new))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, Literal, TypeVar
 
+from falhook.receiver.deadlines import Deadlines
 from falhook.receiver.errors import CallbackImportError, CallbackTimeoutError
 from falhook.receiver.models import Delivery
 from falhook.receiver.sync_runner import SyncCall, SyncRunner
@@ -156,6 +157,7 @@ class CallbackRegistry:
         executor: SyncRunner | Executor | None,
         *,
         timeout: float | None = None,  # noqa: ASYNC109 — per callback, not for the call
+        deadlines: Deadlines | None = None,
         on_timeout: OnTimeout | None = None,
         on_called: OnCalled | None = None,
     ) -> tuple[list[str], BaseException | None]:
@@ -168,14 +170,14 @@ class CallbackRegistry:
         and counts as failed with `CallbackTimeoutError`; `on_timeout` is told. Sync
         callbacks run in `executor`: a `SyncRunner` (the dispatcher's: one thread hand-off
         per batch) or any `Executor`. `on_called(name, seconds, outcome)` hears of each
-        call: ok, error or timeout.
+        call: ok, error or timeout. ``deadlines`` times them (default: `asyncio.timeout`).
         """
         completed = list(done)
         first_error: BaseException | None = None
         for entry in self.matching(delivery):
             if entry.name in completed:
                 continue
-            deadline = asyncio.timeout(timeout)
+            deadline = asyncio.timeout(timeout) if deadlines is None else deadlines.scope(timeout)
             thread: list[RunningCall] = []
             began = time.perf_counter()
             try:

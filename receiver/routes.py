@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from falhook.receiver.deadlines import Deadlines
 from falhook.receiver.errors import (
     MalformedDeliveryError,
     NotStartedError,
@@ -89,6 +90,7 @@ class WebhookEndpoint:
         max_buffered: int,
         body_timeout: float,
         log_payloads: bool,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.check_headers = check_headers
         self.accept = accept
@@ -96,6 +98,7 @@ class WebhookEndpoint:
         self.max_body = max_body
         self.max_buffered = max_buffered
         self.body_timeout = body_timeout
+        self.deadlines = deadlines or Deadlines()
         self.log_payloads = log_payloads
         # Body bytes held by requests in flight, across all of them (one event loop: a
         # plain int is enough).
@@ -186,7 +189,7 @@ class WebhookEndpoint:
         chunks: list[bytes] = []
         size = 0
         try:
-            async with asyncio.timeout(self.body_timeout):
+            async with self.deadlines.scope(self.body_timeout):
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
