@@ -89,3 +89,18 @@ def test_build_info_callback_calls_and_durations_and_no_created_series() -> None
     assert abs(samples[(duration + "_sum", (("callback", "app:save"),))] - 2.4) < 1e-9
     text = metrics.render().decode()
     assert "_created" not in text
+
+
+def test_loop_histograms_count_a_value_on_a_bound_inside_it_and_are_cumulative() -> None:
+    metrics = Metrics()
+    for seconds in (0.0005, 0.0005001, 0.003, 99.0):
+        metrics.ack_latency.observe(seconds)
+    samples = _samples(metrics)
+    bucket = "falhook_ack_latency_seconds_bucket"
+    assert samples[(bucket, (("le", "0.0005"),))] == 1  # le: the bound itself is inside
+    assert samples[(bucket, (("le", "0.001"),))] == 2
+    assert samples[(bucket, (("le", "0.005"),))] == 3
+    assert samples[(bucket, (("le", "60.0"),))] == 3
+    assert samples[(bucket, (("le", "+Inf"),))] == 4
+    assert samples[("falhook_ack_latency_seconds_count", ())] == 4
+    assert abs(samples[("falhook_ack_latency_seconds_sum", ())] - 99.0040001) < 1e-9
