@@ -16,6 +16,7 @@ import logging
 import sys
 import threading
 import time
+from json.encoder import encode_basestring_ascii as _quote
 from logging.handlers import QueueHandler
 from typing import IO, Any
 
@@ -34,7 +35,12 @@ _LINGER_SECONDS = 0.02
 
 
 class JsonFormatter(logging.Formatter):
-    """Render a record as one JSON object: time, level, logger, message, and its extras."""
+    """Render a record as one JSON object: time, level, logger, message, and its extras.
+
+    Written out piece by piece rather than built as a dict and encoded whole: strings go
+    through the json module's C string encoder, other values through the full encoder.
+    Same output, less than half the time, and this runs for every delivery twice.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,20 +52,42 @@ class JsonFormatter(logging.Formatter):
         if second != self._second:  # strftime once a second, not once a line
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        data: dict[str, Any] = {
-            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
+        level = _LEVELS.get(record.levelno) or _quote(record.levelname.lower())
+        parts = [
+            f'{{"ts": "{self._stamp}.{int(record.msecs):03d}Z", "level": {level}, '
+            f'"logger": {_quote(record.name)}, "msg": {_quote(record.getMessage())}'
+        ]
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                data[key] = value
+            if key not in _STANDARD and key[0] != "_":
+                parts.append(f", {_quote(key)}: {_value(value)}")
         if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
+            parts.append(f', "exc": {_quote(self.formatException(record.exc_info))}')
         elif record.exc_text:
-            data["exc"] = record.exc_text
-        return _ENCODER.encode(data)
+            parts.append(f', "exc": {_quote(record.exc_text)}')
+        parts.append("}")
+        return "".join(parts)
+
+
+_LEVELS = {
+    logging.DEBUG: '"debug"',
+    logging.INFO: '"info"',
+    logging.WARNING: '"warning"',
+    logging.ERROR: '"error"',
+    logging.CRITICAL: '"critical"',
+}
+
+
+def _value(value: Any) -> str:
+    kind = value.__class__
+    if kind is str:
+        return _quote(value)
+    if kind is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    if kind is bool:
+        return "true" if value else "false"
+    return _ENCODER.encode(value)
 
 
 class _EnqueueHandler(QueueHandler):

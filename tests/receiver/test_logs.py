@@ -32,6 +32,37 @@ def test_json_line_carries_message_level_and_extras() -> None:
     assert data["ts"].endswith("Z")
 
 
+def test_every_kind_of_value_is_written_as_the_json_module_would() -> None:
+    import datetime
+    import enum
+
+    class Kind(str, enum.Enum):
+        OK = "ok"
+
+    record = logging.LogRecord(
+        "falhook.x", 25, __file__, 1, "caf\u00e9 \U0001f600 %d%%", (5,), None
+    )
+    extras = {
+        "text": 'quote " backslash \\ newline \n caf\u00e9 \ud800',
+        "count": 3,
+        "ratio": 0.25,
+        "none": None,
+        "yes": True,
+        "no": False,
+        "nested": {"a": [1, "b", None]},
+        "when": datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC),
+        "kind": Kind.OK,
+        "big": 10**30,
+    }
+    record.__dict__.update(extras)
+    line = JsonFormatter().format(record)
+    data = json.loads(line)
+    assert data["level"] == "level 25" and data["msg"] == "caf\u00e9 \U0001f600 5%"
+    expected = json.loads(json.dumps(extras, default=str))
+    assert {key: data[key] for key in extras} == expected
+    assert line.isascii() and "\n" not in line
+
+
 def test_exceptions_are_kept_in_one_line() -> None:
     try:
         raise ValueError("boom")
