@@ -99,7 +99,7 @@ class _Observer(DispatchObserver):
                 fields["next_attempt_at"] = format_time(next_attempt_at)
                 fields["retry_in_seconds"] = round(max(0.0, next_attempt_at - time.time()), 3)
                 message += f" (next attempt at {fields['next_attempt_at']})"
-            delivery_log.log(level, message, outcome, extra=fields)
+            delivery_log.log(level, message, outcome, fields)
 
 
 class WebhookReceiver:

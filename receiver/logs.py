@@ -20,9 +20,63 @@ from json.encoder import encode_basestring_ascii as _quote
 from logging.handlers import QueueHandler
 from typing import IO, Any
 
-__all__ = ["JsonFormatter", "LogPipeline", "configure_logging", "delivery_log"]
+__all__ = ["DeliveryLog", "JsonFormatter", "LogPipeline", "configure_logging", "delivery_log"]
 
-delivery_log = logging.getLogger("falhook.deliveries")
+
+class DeliveryLog:
+    """The per-delivery lines (two a delivery), at about half of `Logger.log`'s cost.
+
+    Under `configure_logging` (``falhook serve``: the stock record factory, no caller,
+    thread, process or task lookups) a record is a copy of a prepared one with the time,
+    message and fields filled in, handed to `Logger.handle`: the same `LogRecord`, the
+    same filters and handlers. Under any other logging configuration (a host app that
+    mounts the receiver) it is plain `Logger.log`.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self._templates: dict[int, dict[str, Any]] = {}
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging's own name
+        return self.logger.isEnabledFor(level)
+
+    def log(self, level: int, msg: str, arg: object, fields: dict[str, Any]) -> None:
+        """``logger.log(level, msg, arg, extra=fields)``."""
+        logger = self.logger
+        if not logger.isEnabledFor(level):
+            return
+        if (
+            logging.getLogRecordFactory() is not logging.LogRecord
+            or logging.logThreads
+            or logging.logProcesses
+            or logging.logMultiprocessing
+            or getattr(logging, "logAsyncioTasks", False)
+            or logging._srcfile is not None
+        ):
+            logger.log(level, msg, arg, extra=fields)
+            return
+        template = self._templates.get(level)
+        if template is None:
+            template = self._templates[level] = dict(
+                logger.makeRecord(
+                    logger.name, level, "(unknown file)", 0, "", (), None, "(unknown function)"
+                ).__dict__
+            )
+        record = logging.LogRecord.__new__(logging.LogRecord)
+        attributes = record.__dict__
+        attributes.update(template)
+        now = time.time()
+        attributes["created"] = now
+        attributes["msecs"] = int((now - int(now)) * 1000) + 0.0
+        attributes["relativeCreated"] = (now - _STARTED) * 1000
+        attributes["msg"] = msg
+        attributes["args"] = (arg,)
+        attributes.update(fields)
+        logger.handle(record)
+
+
+_STARTED: float = getattr(logging, "_startTime", time.time())
+delivery_log = DeliveryLog(logging.getLogger("falhook.deliveries"))
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
@@ -240,6 +294,8 @@ def configure_logging(level: str = "INFO", stream: IO[str] | None = None) -> Log
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    if hasattr(logging, "logAsyncioTasks"):  # Python 3.12+
+        logging.logAsyncioTasks = False
     pipeline = LogPipeline(stream if stream is not None else sys.stderr)
     logger = logging.getLogger("falhook")
     logger.handlers[:] = [pipeline.handler]

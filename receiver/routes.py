@@ -151,7 +151,7 @@ class WebhookEndpoint:
             fields = {"request_id": request_id, "outcome": "duplicate" if duplicate else "accepted"}
             if self.log_payloads:  # off by default: payloads may hold users' data
                 fields["body"] = body.decode("utf-8", "replace")
-            delivery_log.info("delivery %s", fields["outcome"], extra=fields)
+            delivery_log.log(logging.INFO, "delivery %s", fields["outcome"], fields)
         await _send_json(
             send,
             200,
@@ -240,10 +240,11 @@ class WebhookEndpoint:
 
     def _rejected(self, rejection: _Reject, request_id: str | None, scope: Scope) -> None:
         self.metrics.rejected(rejection.error)
-        delivery_log.info(
+        delivery_log.log(
+            logging.INFO,
             "delivery rejected: %s",
             rejection.error,
-            extra={
+            {
                 "outcome": "rejected",
                 "status": rejection.status,
                 "reason": rejection.error,

@@ -36,7 +36,7 @@ def test_every_kind_of_value_is_written_as_the_json_module_would() -> None:
     import datetime
     import enum
 
-    class Kind(str, enum.Enum):
+    class Kind(enum.StrEnum):
         OK = "ok"
 
     record = logging.LogRecord(
@@ -112,7 +112,7 @@ def test_every_line_is_written_in_order_by_the_time_stop_returns(
 ) -> None:
     pipeline, path = pipeline_to()
     for i in range(3000):
-        delivery_log.info("delivery %s", "accepted", extra={"request_id": f"r-{i}", "n": i})
+        delivery_log.logger.info("delivery %s", "accepted", extra={"request_id": f"r-{i}", "n": i})
     pipeline.stop()
     lines = _lines(path)
     assert [line["n"] for line in lines] == list(range(3000))
@@ -127,7 +127,7 @@ def test_lines_from_several_threads_are_whole_and_each_thread_in_order(
 
     def write(name: str) -> None:
         for i in range(500):
-            delivery_log.info("line", extra={"who": name, "n": i})
+            delivery_log.logger.info("line", extra={"who": name, "n": i})
 
     threads = [threading.Thread(target=write, args=(f"t{k}",)) for k in range(4)]
     for thread in threads:
@@ -145,7 +145,7 @@ def test_lines_are_written_without_waiting_for_stop(
     pipeline_to: Callable[[], tuple[LogPipeline, Path]],
 ) -> None:
     _, path = pipeline_to()
-    delivery_log.info("first", extra={"request_id": "r-1"})
+    delivery_log.logger.info("first", extra={"request_id": "r-1"})
     deadline = time.monotonic() + 10
     while not path.read_text().endswith("\n"):  # the writer flushes when the queue runs dry
         assert time.monotonic() < deadline, "the line was not written"
@@ -175,3 +175,54 @@ def test_a_host_app_logger_is_left_alone(
     before = list(other.handlers), list(logging.getLogger().handlers)
     pipeline_to()
     assert (list(other.handlers), list(logging.getLogger().handlers)) == before
+
+
+class _Keep(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def kept() -> Iterator[_Keep]:
+    logger = logging.getLogger("falhook")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    flags = (logging._srcfile, logging.logThreads, logging.logProcesses)
+    handler = _Keep()
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield handler
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+        logging._srcfile, logging.logThreads, logging.logProcesses = flags
+
+
+def test_delivery_lines_under_serve_are_the_records_logger_log_would_make(kept: _Keep) -> None:
+    logging._srcfile, logging.logThreads, logging.logProcesses = None, False, False
+    fields = {"request_id": "r-1", "outcome": "accepted"}
+    delivery_log.log(logging.INFO, "delivery %s", "accepted", fields)
+    delivery_log.logger.log(logging.INFO, "delivery %s", "accepted", extra=fields)
+    fast, slow = kept.records
+    assert type(fast) is type(slow) is logging.LogRecord
+    assert fast.__dict__.keys() == slow.__dict__.keys()
+    timing = {"created", "msecs", "relativeCreated"}
+    assert {k: v for k, v in fast.__dict__.items() if k not in timing} == {
+        k: v for k, v in slow.__dict__.items() if k not in timing
+    }
+    assert abs(fast.created - slow.created) < 5 and 0 <= fast.msecs < 1000
+    assert fast.getMessage() == "delivery accepted"
+    delivery_log.log(logging.DEBUG, "below the level %s", "x", {})
+    assert len(kept.records) == 2
+
+
+def test_delivery_lines_in_a_host_app_keep_its_logging_settings(kept: _Keep) -> None:
+    logging.logThreads = True  # logging's default: a host app has not turned it off
+    delivery_log.log(logging.WARNING, "callbacks %s", "retry", {"request_id": "r-2"})
+    (record,) = kept.records
+    assert record.threadName == threading.current_thread().name
+    assert record.request_id == "r-2" and record.levelname == "WARNING"  # type: ignore[attr-defined]
