@@ -348,13 +348,14 @@ class Dispatcher:
         the lease runs out first, the delivery is retaken and its callbacks run again —
         at least once, never zero times.
         """
-        backoff = Backoff(0.05, 1.0)
+        backoff: Backoff | None = None  # made only when needed: most settle at once
         while True:
             try:
                 kept, outcome, next_at = await self._record(claim, attempt)
                 break
             except StoreUnavailableError as exc:
                 ends = attempt.lease_ends
+                backoff = backoff or Backoff(0.05, 1.0)
                 pause = backoff.failed()
                 if ends is None or time.monotonic() + pause >= ends:
                     log.warning("could not record outcome of %s: %s", claim.request_id, exc)

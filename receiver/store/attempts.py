@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from falhook.receiver.store.dbapi import Db, Op, Tx, placeholders, sql_for
 
@@ -42,9 +42,9 @@ _INSERT = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptRecord:
-    """One attempt as the dispatcher saw it, to be stored with its outcome."""
+class AttemptRecord(NamedTuple):
+    """One attempt as the dispatcher saw it, to be stored with its outcome (a tuple:
+    made for every delivery, and a frozen dataclass costs several times as much)."""
 
     attempt: int
     started_at: float  # Unix seconds
