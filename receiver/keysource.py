@@ -5,17 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from falhook.receiver.signature_thread import SignatureThread
 from falhook.verify import (
     AsyncJWKSClient,
     PublicKey,
     VerifiedWebhook,
     WebhookHeaders,
     check_headers,
+    verify_body,
 )
 from falhook.verify.jwks import DEFAULT_FETCH_TIMEOUT
 from falhook.verify.keys import jwks_file, load_jwks_file
-from falhook.verify.message import no_key_verifies
 
 __all__ = ["KeySource"]
 
@@ -27,8 +26,7 @@ class KeySource:
 
     A URL goes through an `AsyncJWKSClient` (TTL cache, stale-on-error, rate-limited
     refresh when no key verifies). A file path (or ``file://`` URL) is read once, on first
-    use, so keygen + serve + send work with no network. The signature itself is checked in
-    a `SignatureThread`, beside the event loop.
+    use, so keygen + serve + send work with no network.
     """
 
     def __init__(
@@ -51,7 +49,6 @@ class KeySource:
             self.client = client or AsyncJWKSClient(
                 jwks, timeout=timeout, min_refresh_interval=min_refresh_interval
             )
-        self._signatures = SignatureThread()
 
     @property
     def is_file(self) -> bool:
@@ -73,19 +70,9 @@ class KeySource:
     async def verify(self, body: bytes, checked: WebhookHeaders) -> VerifiedWebhook:
         """Verify a body against headers `check_headers` passed; raises
         WebhookVerificationError or KeysUnavailableError."""
-        client = self.client
-        if client is None:
-            keys = self._static_keys()
-        else:
-            keys = client.cache.fresh() or await client.get_keys()
-        prepared, result = await self._signatures.check(checked, body, keys)
-        if result is not None:
-            return result
-        if client is None:
-            raise no_key_verifies()
-        # No cached key verifies: a rotation, or a forgery. The client's rules decide
-        # (a rate-limited refresh, then only the keys that are new; 503 if it cannot tell).
-        return await client.after_miss(prepared, keys)
+        if self.client is not None:
+            return await self.client.verify_body(body, checked)
+        return verify_body(body, checked, self._static_keys())
 
     async def ready(self) -> None:
         """Raise KeysUnavailableError unless keys can be had now (cached keys count)."""
@@ -103,6 +90,5 @@ class KeySource:
         return self.client.fetch_failures if self.client is not None else 0
 
     async def aclose(self) -> None:
-        self._signatures.stop()
         if self.client is not None:
             await self.client.aclose()

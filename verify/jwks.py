@@ -433,13 +433,7 @@ class AsyncJWKSClient:
         """Crypto step of `verify` for an already prepared delivery (internal)."""
         keys = self.cache.fresh() or await self.get_keys()
         result = first_match(prepared, keys)
-        return result or await self.after_miss(prepared, keys)
-
-    async def after_miss(self, prepared: Prepared, keys: Keys) -> VerifiedWebhook:
-        """None of ``keys`` verified ``prepared``: refresh (rate-limited) and try the keys
-        that are new; raise ``invalid_signature``, or KeysUnavailableError if it cannot
-        tell (internal: for callers that checked ``keys`` themselves)."""
-        return _retry_after_miss(prepared, keys, await self.refresh())
+        return result or _retry_after_miss(prepared, keys, await self.refresh())
 
     async def verify(
         self,
