@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from falhook.receiver.store.migrations import VERSION_TABLE
-from falhook.receiver.store.records import Claim, ClaimBatch, NewDelivery
+from falhook.receiver.store.records import Claim, ClaimBatch, NewDelivery, decode_callbacks
 from falhook.receiver.store.statements import Compiled
 from falhook.receiver.store.writer import Op, Tx
 
@@ -103,10 +103,6 @@ def _encode_sorted(names: tuple[str, ...]) -> str:
 def encode_callbacks(names: Iterable[str]) -> str | None:
     unique = tuple(sorted(set(names)))
     return _encode_sorted(unique) if unique else None
-
-
-def decode_callbacks(value: str | None) -> tuple[str, ...]:
-    return tuple(json.loads(value)) if value else ()
 
 
 def op_claim(claim_id: str, limit: int, lease_seconds: float) -> Op:
