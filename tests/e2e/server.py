@@ -147,6 +147,18 @@ class ServerProcess:
         except FileNotFoundError:
             return "(no log)"
 
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
+        """Wait until ``text`` is in the log: lines are written by a background thread,
+        a burst at a time, a moment after they are logged."""
+
+        def written() -> bool:
+            try:
+                return text in self.log_path.read_text(errors="replace")
+            except FileNotFoundError:
+                return False
+
+        wait_for(written, timeout=timeout, what=f"{text!r} in the log\n{self.log()}")
+
     # -- what it did -------------------------------------------------------------------
 
     def records(self) -> list[dict[str, Any]]:

@@ -154,7 +154,7 @@ def test_no_webhook_is_recovered_and_a_late_webhook_is_a_duplicate(
     assert listed.returncode == 0, listed.stderr
     (shown,) = json.loads(listed.stdout)
     assert shown["state"] == "recovered" and shown["request_id"] == rid
-    assert '"state": "recovered"' in server.log()  # the JSON log line
+    server.wait_for_log('"state": "recovered"')  # the JSON log line
 
 
 def test_a_failed_request_becomes_an_error_delivery(spawn: SpawnServer, fake: FakeFalQueue) -> None:

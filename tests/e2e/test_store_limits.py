@@ -76,7 +76,7 @@ def test_a_deleted_database_file_is_noticed(
 
     wait_for(refused, timeout=5, what="503 after the database file was deleted")
     assert client.get(server.url + "/readyz").status_code == 503
-    assert "deleted or replaced" in server.log()
+    server.wait_for_log("deleted or replaced")
 
 
 def _raw_body(request_id: str, **text_fields: str) -> bytes:
@@ -244,7 +244,7 @@ def test_immutable_database_files_get_503_not_a_crash(
         assert server.proc is not None and server.proc.poll() is None, server.log()
         assert set(statuses) == {503}, statuses
         assert client.get(server.url + "/readyz").status_code == 503
-        assert "not writable" in server.log()
+        server.wait_for_log("not writable")
     finally:
         _chattr("-i", *files)
     wait_for(
