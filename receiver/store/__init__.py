@@ -10,8 +10,9 @@ The names below are loaded on first use (PEP 562): the store commands import adm
 which must not pull in SQLAlchemy through this package's ``__init__``.
 """
 
-from importlib import import_module as _import_module
 from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+from falhook.receiver.lazy import lazy_exports as _lazy_exports
 
 if _TYPE_CHECKING:
     from falhook.receiver.store.engine import make_engine
@@ -30,14 +31,4 @@ _EXPORTS = {
 __all__ = ["Claim", "ClaimBatch", "NewDelivery", "Store", "make_engine"]
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # found directly next time
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())
