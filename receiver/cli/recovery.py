@@ -7,7 +7,11 @@ the queue whatever no webhook brings. Both work beside a running ``falhook serve
 
 Exit codes: 0 success; 1 fal's queue refused the request or could not be reached
 (``submit``); 2 bad arguments, unreadable input, or no fal key; 3 the store cannot be
-reached (one line on stderr).
+used: unreachable, missing, or its schema is not current (one line on stderr).
+
+Like the store commands, neither imports SQLAlchemy, SQLModel or pydantic: ``expect``
+records its row through recovery/expect.py on the driver's own connection (an `Admin`);
+``submit`` adds only httpx (`Recovery`, unstarted). Only ``falhook serve`` migrates.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from falhook.receiver.errors import (
     QueueError,
     ReceiverError,
     SettingsError,
+    StoreSchemaError,
     StoreUnavailableError,
 )
 from falhook.receiver.settings import ENV_PREFIX, Settings
@@ -179,8 +184,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _recovery(settings: Settings) -> Any:
-    from falhook.receiver.recovery import Recovery  # imported late: keeps --help fast
+    from falhook.receiver.recovery.service import Recovery  # imported late: --help stays fast
+    from falhook.receiver.store.admin import Admin
 
+    # Checked before fal is asked: a request fal accepted whose expectation cannot be
+    # recorded would be one nobody recovers.
+    admin = Admin.open(settings.database_url)
+    try:
+        admin.check_schema()
+    finally:
+        admin.close()
     return Recovery(settings, migrate=False)  # only `falhook serve` migrates
 
 
@@ -239,8 +252,8 @@ def run_submit(args: argparse.Namespace) -> int:
     except QueueError as exc:
         print(f"falhook submit: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_QUEUE
-    except StoreUnavailableError:
-        raise  # exit 3, with the request id fal accepted in the message
+    except (StoreUnavailableError, StoreSchemaError):
+        raise  # exit 3 (`_guarded`); after fal accepted, the message names the request
     except ReceiverError as exc:
         raise CommandError(str(exc)) from exc
     if args.json:
@@ -259,17 +272,21 @@ def run_submit(args: argparse.Namespace) -> int:
 @_guarded
 def run_expect(args: argparse.Namespace) -> int:
     """``falhook expect``."""
+    # What Recovery.expect_sync runs, without building a Recovery (httpx, SQLModel).
+    from falhook.receiver.recovery.expect import new_expectation, record_sync
+
     settings = _settings(args)
-    recovery = _recovery(settings)
     try:
-        new = recovery.expect_sync(
+        expected = new_expectation(
             args.request_id,
             args.endpoint,
+            queue_url=settings.queue_url,
             status_url=args.status_url,
             response_url=args.response_url,
         )
-    except StoreUnavailableError:
-        raise
+        new = record_sync(settings, expected, migrate=False)
+    except (StoreUnavailableError, StoreSchemaError):
+        raise  # exit 3 (`_guarded`)
     except ReceiverError as exc:
         raise CommandError(str(exc)) from exc
     if args.json:

@@ -4,6 +4,9 @@
 sync twins call it); its loop runs while the receiver is started. It also works unstarted
 (the CLI, a script): expectations are then written on a connection of their own, beside
 any running ``falhook serve``.
+
+Imports neither SQLAlchemy nor SQLModel until it is started (the poller, the store) or
+fetches a payload: ``falhook submit`` needs only httpx and expect.py.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from falhook.receiver.errors import (
     InvalidRequestError,
@@ -20,13 +23,16 @@ from falhook.receiver.errors import (
     RecoveryDisabledError,
     StoreUnavailableError,
 )
-from falhook.receiver.models import Delivery
+from falhook.receiver.recovery import expect
 from falhook.receiver.recovery.client import QueueClient, outcome_of
-from falhook.receiver.recovery.poller import Poller
-from falhook.receiver.recovery.urls import parse_endpoint_id, request_urls, same_origin
+from falhook.receiver.recovery.urls import request_urls, same_origin
 from falhook.receiver.settings import Settings
-from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.expectations import Expectations, ExpectationState, NewExpectation
+
+if TYPE_CHECKING:  # SQLModel and SQLAlchemy: imported when started, not for submit
+    from falhook.receiver.models import Delivery
+    from falhook.receiver.recovery.poller import Poller
+    from falhook.receiver.store import Claim, Store
 
 __all__ = ["WEBHOOK_PATH", "Recovery"]
 
@@ -68,6 +74,8 @@ class Recovery:
 
     def start(self, store: Store) -> None:
         """Start the recovery loop on the receiver's open store."""
+        from falhook.receiver.recovery.poller import Poller
+
         self._expectations = Expectations(store)
         self._poller = Poller(
             store, self._expectations, self.client, self.settings, on_recovered=self._on_recovered
@@ -93,20 +101,14 @@ class Recovery:
         origin: str = "expect",
     ) -> NewExpectation:
         """Validate what ``expect`` was given (raises InvalidRequestError)."""
-        request_id = request_id.strip()
-        if not request_id or len(request_id) > 255 or not request_id.isprintable():
-            raise InvalidRequestError(f"{request_id!r} is not a fal request id")
-        try:
-            endpoint = parse_endpoint_id(endpoint_id).full
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from None
-        for url in (status_url, response_url):
-            if url is not None and not same_origin(url, self.settings.queue_url):
-                raise InvalidRequestError(
-                    f"{url} is not on fal's queue ({self.settings.queue_url}); "
-                    "falhook sends the fal key only there"
-                )
-        return NewExpectation(request_id, endpoint, status_url, response_url, origin)
+        return expect.new_expectation(
+            request_id,
+            endpoint_id,
+            queue_url=self.settings.queue_url,
+            status_url=status_url,
+            response_url=response_url,
+            origin=origin,
+        )
 
     async def expect(
         self,
@@ -149,34 +151,11 @@ class Recovery:
         )
         if self._poller is not None:
             self._poller.wake()
-        self._logged(new, recorded)
+        expect.logged(new, recorded)
         return recorded
 
     def _record_sync(self, new: NewExpectation) -> bool:
-        store = Store(self.settings.database_url)
-        try:
-            if self._migrate:
-                store.migrate()
-            recorded = Expectations(store).add(
-                new,
-                recover_after=self.settings.recover_after_seconds,
-                ttl=self.settings.expect_ttl_seconds,
-            )
-        finally:
-            store.engine.dispose()
-        self._logged(new, recorded)
-        return recorded
-
-    def _logged(self, new: NewExpectation, recorded: bool) -> None:
-        log.info(
-            "expectation recorded" if recorded else "expectation already recorded",
-            extra={
-                "request_id": new.request_id,
-                "endpoint_id": new.endpoint_id,
-                "origin": new.origin,
-                "state": ExpectationState.WAITING.value if recorded else None,
-            },
-        )
+        return expect.record_sync(self.settings, new, migrate=self._migrate)
 
     # -- submit ------------------------------------------------------------------------
 
@@ -277,6 +256,8 @@ class Recovery:
         expected = await expectations.run(expectations.op_get(delivery.request_id))
         if expected is None:
             return delivery
+        from falhook.receiver.models import Delivery  # SQLModel: loaded by the app already
+
         response_url = (
             expected.response_url
             or request_urls(

@@ -19,8 +19,10 @@ import falhook
 from falhook.receiver.store import Store
 from falhook.receiver.store.attempts import AttemptRecord
 from falhook.receiver.store.engine import make_engine
+from falhook.receiver.store.expectations import Expectations, ExpectationState
 from falhook.receiver.store.migrations import MIGRATIONS, upgrade
 from falhook.verify.testing import generate_keypair, jwks_document
+from tests.fakes.fal_queue import FakeFalQueue
 from tests.receiver import store_fixtures
 from tests.receiver.store_fixtures import delivery
 
@@ -30,6 +32,9 @@ store_url = store_fixtures.store_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_USAGE, EXIT_STORE, EXIT_CANNOT_LISTEN = 2, 3, 4
+ENDPOINT = "fal-ai/flux/dev"
+# `expect` records a row, a store command like the others (it needs a fal key to).
+EXPECT = ["expect", "r-expected", "--endpoint", ENDPOINT, "--fal-key", "k"]
 
 
 def falhook_cli(
@@ -240,6 +245,7 @@ def _tables(path: Path) -> set[str]:
         ["deliveries", "show", "r1"],
         ["deliveries", "replay", "r1"],
         ["prune"],
+        EXPECT,
     ],
 )
 def test_store_commands_do_not_create_a_schema(tmp_path: Path, command: list[str]) -> None:
@@ -250,13 +256,14 @@ def test_store_commands_do_not_create_a_schema(tmp_path: Path, command: list[str
     assert _tables(path) == set()
 
 
-def test_store_commands_do_not_upgrade_an_older_schema(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["deliveries", "list"], EXPECT], ids=" ".join)
+def test_store_commands_do_not_upgrade_an_older_schema(tmp_path: Path, command: list[str]) -> None:
     path = tmp_path / "old.db"
     engine = make_engine(f"sqlite:///{path}")
     old = MIGRATIONS[:-1]
     upgrade(engine, old)
     engine.dispose()
-    result = falhook_cli("deliveries", "list", "--database-url", f"sqlite:///{path}", cwd=tmp_path)
+    result = falhook_cli(*command, "--database-url", f"sqlite:///{path}", cwd=tmp_path)
     one_line(result, EXIT_STORE, f"version {old[-1].version}", f"needs {MIGRATIONS[-1].version}")
     with sqlite3.connect(path) as conn:
         (version,) = conn.execute("SELECT max(version) FROM falhook_schema_version").fetchone()
@@ -348,6 +355,7 @@ STORE_COMMANDS = [
     ["dispatch", "pause", "--reason", "test"],
     ["dispatch", "resume"],
     ["expectations", "list"],
+    EXPECT,
 ]
 
 
@@ -359,6 +367,66 @@ def test_store_commands_import_neither_sqlalchemy_nor_sqlmodel(
     # pydantic would be most of their time (they start in a fraction of `serve`'s).
     code, imported = _probe([*command, "--database-url", seeded_store], tmp_path, heavy=STORE_HEAVY)
     assert (code, imported) == (0, set())
+
+
+def test_expect_records_on_the_direct_connection(tmp_path: Path, seeded_store: str) -> None:
+    # What the import guard ran, checked: the row is there, as `serve` would read it.
+    code, _ = _probe([*EXPECT, "--database-url", seeded_store], tmp_path)
+    assert code == 0
+    store = Store(seeded_store)
+    try:
+        found = Expectations(store).get("r-expected")
+    finally:
+        store.engine.dispose()
+    assert found is not None and (found.endpoint_id, found.origin) == (ENDPOINT, "expect")
+    assert found.state is ExpectationState.WAITING
+
+
+def test_expect_on_an_unreachable_postgres_is_one_line_exit_3(tmp_path: Path) -> None:
+    pytest.importorskip("psycopg")
+    url = "postgresql+psycopg://u@127.0.0.1:1/none"
+    result = falhook_cli(*EXPECT, "--database-url", url, cwd=tmp_path)
+    one_line(result, EXIT_STORE, "falhook expect: store unavailable:")
+
+
+@pytest.fixture
+def fake_queue() -> Iterator[FakeFalQueue]:
+    with FakeFalQueue(api_key="k") as queue:
+        yield queue
+
+
+def test_submit_imports_only_httpx(
+    tmp_path: Path, seeded_store: str, fake_queue: FakeFalQueue
+) -> None:
+    # fal's queue is called over HTTP (httpx); the expectation is recorded as `expect`
+    # records it, with neither SQLAlchemy nor SQLModel/pydantic.
+    (tmp_path / "in.json").write_text('{"prompt": "dog"}')
+    argv = ["submit", ENDPOINT, "--input", "in.json", "--fal-key", "k"]
+    argv += ["--queue-url", fake_queue.url, "--database-url", seeded_store]
+    code, imported = _probe(argv, tmp_path, heavy=STORE_HEAVY)
+    assert (code, imported) == (0, {"httpx"})
+    (rid,) = fake_queue.request_ids()
+    assert fake_queue.get(rid).input == {"prompt": "dog"}
+    store = Store(seeded_store)
+    try:
+        found = Expectations(store).get(rid)
+    finally:
+        store.engine.dispose()
+    assert found is not None and found.origin == "submit"
+
+
+def test_submit_without_a_schema_asks_fal_nothing(tmp_path: Path, fake_queue: FakeFalQueue) -> None:
+    # A request fal accepted whose expectation cannot be recorded would go unrecovered.
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()
+    (tmp_path / "in.json").write_text("{}")
+    result = falhook_cli(
+        "submit", ENDPOINT, "--input", "in.json", "--fal-key", "k",
+        "--queue-url", fake_queue.url, "--database-url", f"sqlite:///{path}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    one_line(result, EXIT_STORE, "falhook submit: no falhook tables")
+    assert fake_queue.request_ids() == [] and _tables(path) == set()
 
 
 def test_a_store_url_only_sqlalchemy_reads_still_works(tmp_path: Path) -> None:
