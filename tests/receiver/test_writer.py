@@ -167,3 +167,36 @@ def test_work_submitted_while_stopping_is_refused_not_left_waiting(tmp_path: Pat
         await stopping
 
     asyncio.run(body())
+
+
+def test_a_batch_waits_for_another_process_s_write_lock_off_the_loop(tmp_path: Path) -> None:
+    """From idle, a batch takes the write lock on the loop only when it is free; held by
+    another connection, the worker thread waits for it and the loop stays free."""
+    import sqlite3
+
+    async def body() -> None:
+        store = _store(tmp_path)
+        store.start()
+        try:
+            assert await store.insert(delivery("warm-up"))  # the writer's connection is open
+            writer = store._writer
+            assert isinstance(writer, LoopWriter)
+            holder = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            try:
+                pending = asyncio.ensure_future(store.insert(delivery("behind-the-lock")))
+                began = time.monotonic()
+                for _ in range(20):  # the loop keeps running while the insert waits
+                    await asyncio.sleep(0.01)
+                # A busy wait on the loop would have stalled it for the 5 s lock timeout.
+                assert time.monotonic() - began < 2.5 and not pending.done()
+            finally:
+                holder.execute("COMMIT")
+                holder.close()
+            assert await asyncio.wait_for(pending, 10)
+            assert writer._begin_here() is not None  # lock free now: taken on the loop
+            writer._abandon(writer._connection.get(), keep=True)  # give it back
+        finally:
+            await store.stop()
+
+    asyncio.run(body())
