@@ -30,6 +30,7 @@ from falhook.receiver.forward import Forwarder
 from falhook.receiver.intake import Accepted, Intake
 from falhook.receiver.keysource import KeySource
 from falhook.receiver.logs import delivery_log
+from falhook.receiver.memtrim import MemoryTrimmer
 from falhook.receiver.metrics import Metrics
 from falhook.receiver.models import Delivery
 from falhook.receiver.pause import PauseWatcher
@@ -58,8 +59,9 @@ _RECENT_FAILURE = 5.0  # seconds /readyz stays 503 after a delivery could not be
 
 
 class _Observer(DispatchObserver):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, trimmer: MemoryTrimmer) -> None:
         self.metrics = metrics
+        self.trimmer = trimmer
 
     def started(self, delivery: Delivery) -> None:
         self.metrics.callback_attempts.inc()
@@ -86,6 +88,7 @@ class _Observer(DispatchObserver):
         next_attempt_at: float | None = None,
     ) -> None:
         self.metrics.outcome(outcome)
+        self.trimmer.finished(len(claim.body))
         level = logging.INFO if outcome == "done" else logging.WARNING
         if delivery_log.isEnabledFor(level):
             fields: dict[str, Any] = {
@@ -173,6 +176,8 @@ class WebhookReceiver:
                 observe_call=self.metrics.queue_request,
                 on_recovered=self.metrics.recovered.inc,
             )
+        # Gives freed memory back to the system after large bodies (glibc only).
+        self.trimmer = MemoryTrimmer()
         self.app = self._build_app()
 
     # -- what the routes use -----------------------------------------------------------
@@ -289,7 +294,7 @@ class WebhookReceiver:
                 shutdown_timeout=settings.shutdown_timeout_seconds,
                 callback_timeout=settings.callback_timeout_seconds,
                 deadlines=self.deadlines,
-                observer=_Observer(self.metrics),
+                observer=_Observer(self.metrics, self.trimmer),
                 prepare=self.recovery.prepare if self.recovery is not None else None,
             )
             # Held until the store's pause switch has been read: a replica starting while
@@ -389,6 +394,7 @@ class WebhookReceiver:
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None
+        self.trimmer.close()
         if self._pruner is not None:
             await self._pruner.stop()
             self._pruner = None
@@ -581,6 +587,7 @@ class WebhookReceiver:
             body_timeout=settings.body_timeout_seconds,
             log_payloads=settings.log_payloads,
             deadlines=self.deadlines,
+            trimmer=self.trimmer,
         )
         routes: list[BaseRoute] = [
             # Both spellings are served: fal treats any redirect (3xx) as a permanent failure.

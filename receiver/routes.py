@@ -31,6 +31,7 @@ from falhook.receiver.errors import (
 )
 from falhook.receiver.intake import Accepted
 from falhook.receiver.logs import delivery_log
+from falhook.receiver.memtrim import MemoryTrimmer
 from falhook.receiver.metrics import CONTENT_TYPE, Metrics
 from falhook.verify import KeysUnavailableError, WebhookHeaders, WebhookVerificationError
 
@@ -91,6 +92,7 @@ class WebhookEndpoint:
         body_timeout: float,
         log_payloads: bool,
         deadlines: Deadlines | None = None,
+        trimmer: MemoryTrimmer | None = None,
     ) -> None:
         self.check_headers = check_headers
         self.accept = accept
@@ -100,6 +102,8 @@ class WebhookEndpoint:
         self.body_timeout = body_timeout
         self.deadlines = deadlines or Deadlines()
         self.log_payloads = log_payloads
+        # Told how many bytes are buffered, to give memory back after large bodies.
+        self.trimmer = trimmer if trimmer is not None and trimmer.enabled else None
         # Body bytes held by requests in flight, across all of them (one event loop: a
         # plain int is enough).
         self.buffered = 0
@@ -109,7 +113,10 @@ class WebhookEndpoint:
         try:
             await self._handle(scope, receive, send, held)
         finally:
-            self.buffered -= held[0]  # given back once answered, whatever happened
+            if held[0]:  # given back once answered, whatever happened
+                self.buffered -= held[0]
+                if self.trimmer is not None:
+                    self.trimmer.released(self.buffered)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, held: list[int]) -> None:
         # From the request's first byte when `falhook serve` runs us (see protocol.py).
@@ -218,6 +225,8 @@ class WebhookEndpoint:
             )
         self.buffered += size
         held[0] += size
+        if self.trimmer is not None:
+            self.trimmer.buffered(self.buffered)
 
     def _too_large(self) -> _Reject:
         return _Reject(413, "body_too_large", f"body exceeds {self.max_body} bytes")

@@ -214,18 +214,24 @@ class SyncRunner:
                 except IndexError:
                     break
                 self._started += 1
-                if call.future.done():  # cancelled before it started: do not run it
-                    call._finish()
-                    continue
-                call.state = _RUNNING
-                states[index] = _CALLING
-                try:
-                    result: tuple[SyncCall, bool, Any] = (call, True, call.fn(call.arg))
-                except BaseException as exc:  # handed to the awaiting coroutine, not lost here
-                    result = (call, False, exc)
-                states[index] = _DRAINING
-                call._finish()
-                self._post(result)
+                self._call(call, index)
+                # A thread waiting for work must not keep its last call's argument (a
+                # delivery: its body and parsed JSON, megabytes for a large one) alive.
+                del call
+
+    def _call(self, call: SyncCall, index: int) -> None:
+        if call.future.done():  # cancelled before it started: do not run it
+            call._finish()
+            return
+        call.state = _RUNNING
+        self._states[index] = _CALLING
+        try:
+            result: tuple[SyncCall, bool, Any] = (call, True, call.fn(call.arg))
+        except BaseException as exc:  # handed to the awaiting coroutine, not lost here
+            result = (call, False, exc)
+        self._states[index] = _DRAINING
+        call._finish()
+        self._post(result)
 
     def _post(self, result: tuple[SyncCall, bool, Any]) -> None:
         with self._results_lock:
