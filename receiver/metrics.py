@@ -245,7 +245,10 @@ class Metrics:
         ).labels()
         self.ack_latency: LoopHistogram = family(
             "falhook_ack_latency_seconds",
-            "From the request's arrival (its first byte read) to its answer being ready",
+            "From the request's arrival to its answer being ready. Under falhook serve on "
+            "Linux, arrival is when the kernel received the request's latest bytes before the "
+            "event loop read them, less 10 ms (a wait for a busy or blocked loop counts); "
+            "otherwise it is the loop's first read of the request",
             buckets=_LATENCY_BUCKETS,
         ).labels()
         self.dispatch_latency: LoopHistogram = family(

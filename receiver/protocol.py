@@ -1,16 +1,25 @@
 """uvicorn's httptools protocol with the limits it lacks: a deadline on a request's head
-and a cap on its size.
+and a cap on its size; and when the request arrived.
 
 uvicorn closes a connection that idles *after* a response (``timeout_keep_alive``) but
 arms nothing while it waits for a request's head: a client that connects and sends
 nothing, or one header line every few seconds, held its connection (and a slot of
 ``limit_concurrency``) forever. Nor does httptools bound the head's size.
+
+A request's bytes may wait in the kernel before the loop reads them (a loop blocked by
+an ``async def`` callback, or just busy). On Linux the kernel says how long ago the
+connection last received data (``TCP_INFO``'s ``tcpi_last_data_recv``, in milliseconds
+and counted in scheduler ticks), so the time a request waited there is counted as part of
+its acknowledgement's latency: from its latest bytes' arrival, less a tick.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
+import sys
 import time
 from typing import Any
 
@@ -19,8 +28,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 __all__ = ["ARRIVED", "MAX_HEAD_BYTES", "http_protocol"]
 
 log = logging.getLogger("falhook.receiver")
-ARRIVED = "falhook.arrived"  # scope key: time.perf_counter() at the request's first byte
+ARRIVED = "falhook.arrived"  # scope key: time.perf_counter() when the request arrived
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; fal's are well under 2 KB
+# struct tcp_info: eight one-byte fields, then u32s; tcpi_last_data_recv is the twelfth.
+_LAST_DATA_RECV = 8 + 11 * 4
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
+# The kernel's clock ticks at 100-1000 Hz: a wait up to a tick may be rounding, so what
+# it says is counted less 10 ms (and a request read sooner than that counts from the read).
+_TICK = 0.010
 
 
 def http_protocol(header_timeout: float) -> type[HttpToolsProtocol]:
@@ -41,6 +56,7 @@ class _LimitedProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._head_too_large = False
+        self._socket: Any = None  # the transport's socket, to ask the kernel (TCP_INFO)
 
     def _arm(self) -> None:
         if self._head_timer is None:
@@ -59,6 +75,8 @@ class _LimitedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if _TCP_INFO is not None:
+            self._socket = transport.get_extra_info("socket")
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -71,9 +89,23 @@ class _LimitedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._arm()
         super().on_message_begin()
-        # When the request's first bytes were read: the route times its acknowledgement
-        # from here, so time spent queued behind a busy loop counts.
-        self.scope[ARRIVED] = time.perf_counter()  # type: ignore[literal-required]
+        # The route times the acknowledgement from here: the request's first bytes were
+        # read now, less the time they waited in the kernel for the loop to read them.
+        arrived = time.perf_counter() - self._waited()
+        self.scope[ARRIVED] = arrived  # type: ignore[literal-required]
+
+    def _waited(self) -> float:
+        """Seconds this connection's latest bytes have waited in the kernel (a lower bound;
+        0 below a clock tick, or where the kernel does not say)."""
+        if self._socket is None:
+            return 0.0
+        try:
+            info = self._socket.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _LAST_DATA_RECV + 4)
+            waited: float = struct.unpack_from("I", info, _LAST_DATA_RECV)[0] / 1000
+        except (OSError, struct.error):  # not TCP (a Unix socket), or an older kernel
+            self._socket = None
+            return 0.0
+        return waited - _TICK if waited > _TICK else 0.0
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))

@@ -119,7 +119,8 @@ class WebhookEndpoint:
                     self.trimmer.released(self.buffered)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, held: list[int]) -> None:
-        # From the request's first byte when `falhook serve` runs us (see protocol.py).
+        # From the request's arrival in the kernel when `falhook serve` runs us (see
+        # protocol.py), else from now.
         started = scope.get(_ARRIVED) or time.perf_counter()
         request_id = None
         body_read = False
