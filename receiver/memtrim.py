@@ -2,11 +2,12 @@
 
 A large body passes through several big objects: the bytes read, their parsed JSON (parsed
 in a worker thread, so from that thread's malloc arena), the stored row, the callbacks'
-`Delivery`. Once they are freed, glibc keeps their pages in its heaps for reuse, and a
-burst of large deliveries left the process at several times its usual size for good.
-``malloc_trim(0)`` hands the free pages of every heap back. It takes milliseconds on a big
-heap and holds each heap's lock meanwhile, so it runs in a worker thread, only after large
-bodies, only once they are let go, and at most once every few seconds.
+`Delivery`. Once they are freed, glibc gives back what it can by shrinking a heap from its
+top, but free pages below memory still in use stay with the process: 10-35 MiB after a
+burst of 8 MiB deliveries (bench/README.md, "Design figures"). ``malloc_trim(0)`` hands
+the free pages of every heap back. It takes milliseconds on a big heap and holds each
+heap's lock meanwhile, so it runs in a worker thread, only after large bodies, only once
+they are let go, and at most once every few seconds.
 
 Where there is no ``malloc_trim`` (not glibc), nothing is done.
 """
@@ -47,9 +48,9 @@ malloc_trim = _find_malloc_trim()
 class TrimPolicy:
     """When to trim: the pure decisions, with the time passed in.
 
-    "Held" is how many body bytes the process held at once since the last trim: the most
-    buffered across requests at any moment, or the large bodies whose callbacks finished
-    since, whichever is more. Once that reached `threshold` and the bytes buffered fell
+    "Held" is what large bodies took since the last trim: it rises to the most bytes
+    buffered across requests at once, and by the size of each large body whose callbacks
+    finished. Once it reached `threshold` and the bytes buffered fell
     back to `low` or less, a trim is wanted; it runs `settle` seconds later (what the
     requests started — storing, dispatching — lets go of its copies meanwhile), and never
     sooner than `every` seconds after the previous one.
