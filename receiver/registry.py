@@ -170,14 +170,15 @@ class CallbackRegistry:
         and counts as failed with `CallbackTimeoutError`; `on_timeout` is told. Sync
         callbacks run in `executor`: a `SyncRunner` (the dispatcher's: one thread hand-off
         per batch) or any `Executor`. `on_called(name, seconds, outcome)` hears of each
-        call: ok, error or timeout. ``deadlines`` times them (default: `asyncio.timeout`).
+        call: ok, error or timeout. ``deadlines`` times them (default: this call's own).
         """
         completed = list(done)
         first_error: BaseException | None = None
+        scopes = deadlines if deadlines is not None else Deadlines()
         for entry in self.matching(delivery):
             if entry.name in completed:
                 continue
-            deadline = asyncio.timeout(timeout) if deadlines is None else deadlines.scope(timeout)
+            deadline = scopes.scope(timeout)
             thread: list[RunningCall] = []
             began = time.perf_counter()
             try:
