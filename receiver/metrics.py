@@ -239,7 +239,6 @@ class Metrics:
             ("callback",),
             _CALLBACK_BUCKETS,
         )
-        self._call_children: dict[tuple[str, str], tuple[LoopCounter, LoopHistogram]] = {}
         self.callback_attempts: LoopCounter = family(
             "falhook_callback_attempts", "Dispatch attempts started"
         ).labels()
@@ -318,15 +317,9 @@ class Metrics:
         self.callback_outcomes.labels(outcome).inc()
 
     def called(self, callback: str, seconds: float, outcome: str) -> None:
-        """Count one callback call and its duration (label children cached)."""
-        children = self._call_children.get((callback, outcome))
-        if children is None:
-            children = self._call_children[(callback, outcome)] = (
-                self.callback_calls.labels(callback, outcome),
-                self.callback_duration.labels(callback),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
+        """Count one callback call and its duration."""
+        self.callback_calls.labels(callback, outcome).inc()
+        self.callback_duration.labels(callback).observe(seconds)
 
     def rejected(self, reason: str) -> None:
         self.received.labels("rejected", reason).inc()
