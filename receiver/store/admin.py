@@ -10,6 +10,7 @@ None of this is on the hot path.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -47,25 +48,8 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-_COLUMNS = (
-    "request_id",
-    "gateway_request_id",
-    "status",
-    "error",
-    "payload_error",
-    "user_id",
-    "received_at",
-    "state",
-    "attempts",
-    "due_at",
-    "claim_id",
-    "last_error",
-    "completed_callbacks",
-    "updated_at",
-    "finished_at",
-    "source",
-    "signed_at",
-)
+# A StoredDelivery's fields as the deliveries table holds them (its body is joined on).
+_COLUMNS = tuple(f.name for f in dataclasses.fields(StoredDelivery) if f.name != "body")
 # A delivery's state row with its body. Outer: a delivery whose body row is missing (a
 # damaged store) still shows, body empty.
 _WITH_BODY = (
