@@ -5,8 +5,9 @@ use (PEP 562), so that importing a light part of the package — the command lin
 ``--help`` must answer at once — does not pull in Starlette, SQLAlchemy and the rest.
 """
 
-from importlib import import_module as _import_module
 from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+from falhook.receiver.lazy import lazy_exports as _lazy_exports
 
 if _TYPE_CHECKING:
     from falhook.receiver.app import WebhookReceiver, create_app
@@ -63,14 +64,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # found directly next time
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())
