@@ -15,7 +15,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +23,7 @@ import httpx
 
 from falhook.verify.testing import KeyPair, fal_body, sign
 from tests.e2e.callbacks import RECORD_ENV
+from tests.polling import wait_for as wait_for  # re-exported: the e2e tests import it here
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECORD_CALLBACK = "tests.e2e.callbacks:record"
@@ -37,20 +37,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def wait_for(
-    check: Callable[[], T | None], *, timeout: float, interval: float = 0.02, what: str = ""
-) -> T:
-    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or check}")
-        time.sleep(interval)
 
 
 class ServerProcess:

@@ -53,6 +53,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.polling import wait_for
+
 __all__ = [
     "DEFAULT_OUTPUT",
     "ERROR_TYPE_STATUS",
@@ -145,15 +147,8 @@ _DEFAULT_FAILURE_DETAIL: Mapping[int, str] = {
 def wait_until(
     check: Callable[[], T], *, timeout: float = 5.0, interval: float = 0.005, what: str = ""
 ) -> T:
-    """Poll ``check`` until it returns something truthy (returned); fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or check}")
-        time.sleep(interval)
+    """`tests.polling.wait_for` with the fake's shorter defaults."""
+    return wait_for(check, timeout=timeout, interval=interval, what=what)
 
 
 # --------------------------------------------------------------------------- endpoint ids
