@@ -19,7 +19,6 @@ from typing import Any
 
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.store.checkpointer import Checkpointer
-from falhook.receiver.store.dbapi import LOCK_TIMEOUT_MS
 from falhook.receiver.store.fileguard import FileGuard, FilesUnwritableError
 from falhook.receiver.store.writer import (
     Connection,
@@ -113,38 +112,9 @@ class LoopWriter(WriterBase):
         del self._pending[: self._max_batch]
         conn, self._open = self._open, None
         if conn is None:
-            conn = self._begin_here()
-        if conn is None:
             self._executor.submit(self._begin_in_thread, batch)
         else:
             self._execute(batch, conn)
-
-    def _begin_here(self) -> Any:
-        """Take the write lock on the loop when that cannot wait: the connection is open,
-        no checkpoint needs catching up, and nobody else holds the lock (no busy wait:
-        ``busy_timeout`` is 0 for the attempt). Else None: the worker thread takes it.
-
-        Saves the batch a trip to the worker and back before its statements can run;
-        under load most batches find the lock taken for them already (see
-        `_commit_in_thread`), but each one that starts from idle paid that trip.
-        """
-        conn = self._connection.peek()
-        if conn is None or conn is not self._configured or self._checkpointer.catch_up_due:
-            return None
-        try:
-            self._guard.check()
-            conn.execute("PRAGMA busy_timeout=0")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            finally:
-                conn.execute(f"PRAGMA busy_timeout={LOCK_TIMEOUT_MS}")
-        except Exception:
-            # Locked by another process, or a problem the worker's path reports properly.
-            with contextlib.suppress(Exception):
-                if conn.in_transaction:
-                    conn.rollback()
-            return None
-        return conn
 
     def _execute(self, batch: list[Job], conn: Any) -> None:
         """Run the batch's statements (on the loop), then send the commit to the worker."""

@@ -78,10 +78,6 @@ class Connection:
                 raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
         return self._fairy.driver_connection
 
-    def peek(self) -> Any:
-        """The driver connection if one is open, else None (never connects)."""
-        return None if self._fairy is None else self._fairy.driver_connection
-
     def discard(self) -> None:
         fairy, self._fairy = self._fairy, None
         if fairy is None:
