@@ -99,6 +99,11 @@ class SyncRunner:
         self._started = 0  # calls taken by a thread (a lost update still shows a change)
         self._started_seen = -1  # ... at the last stall check
 
+    @property
+    def threads(self) -> int:
+        """Threads started so far (they stay until `stop`)."""
+        return len(self._threads)
+
     async def run(
         self, fn: Callable[[Any], Any], arg: Any, calls: list[SyncCall] | None = None
     ) -> Any:
@@ -142,8 +147,13 @@ class SyncRunner:
     # -- the loop's side -----------------------------------------------------------------
 
     def _wake(self, count: int) -> None:
-        # A token is taken by whichever thread is idle; more are started when none is.
-        missing = min(count - self._states.count(_IDLE), self.workers - len(self._threads))
+        # A token is taken by whichever thread waits for one next: an idle thread, or one
+        # between calls (it drains the queue before it waits again). Only threads inside a
+        # call cannot help, so only they make starting another worth it: the threads then
+        # never outnumber the calls in flight (a callback keeping a connection per thread
+        # holds no more connections than the dispatcher runs callbacks).
+        free = len(self._states) - self._states.count(_CALLING)
+        missing = min(count - free, self.workers - len(self._threads))
         for _ in range(missing):
             index = len(self._threads)
             self._states.append(_DRAINING)

@@ -216,3 +216,29 @@ def test_a_call_outliving_its_caller_is_watched_through_its_handle() -> None:
             runner.stop()
 
     asyncio.run(main())
+
+
+def test_threads_stay_within_the_calls_in_flight_round_after_round() -> None:
+    """Callers that each queue their next call as soon as the last returns (the dispatcher
+    refilling its slots) never make the runner start more threads than calls in flight,
+    whatever its cap: a thread finishing its call is not a reason to start another (a
+    callback keeping a connection per thread would otherwise hold twice as many)."""
+    slots, rounds = 8, 25
+
+    def brief(_: int) -> None:
+        time.sleep(0.004)  # long enough for stall checks to find every thread in a call
+
+    async def main() -> int:
+        runner = SyncRunner(4 * slots, stall_seconds=0.001)
+
+        async def slot(n: int) -> None:
+            for _ in range(rounds):
+                await runner.run(brief, n)
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(slot(n) for n in range(slots))), 30)
+            return runner.threads
+        finally:
+            runner.stop()
+
+    assert asyncio.run(main()) <= slots

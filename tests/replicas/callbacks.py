@@ -1,10 +1,13 @@
 """Callbacks for the replica tests: each call is recorded durably, in SQL.
 
 ``record`` INSERTs ``(request_id, replica, at)`` into ``callback_log`` in the test's
-PostgreSQL database, on a connection of its own (autocommit, one per callback thread), so
-the tests state their invariants as queries — never from logs. A failed INSERT (the
-connection was killed) raises, so the dispatcher retries the delivery: a callback counts
-only once it is in the log.
+PostgreSQL database, so the tests state their invariants as queries — never from logs. A
+failed INSERT (the connection was killed) raises, so the dispatcher retries the delivery: a
+callback counts only once it is in the log.
+
+The connections (autocommit) are a few per process, borrowed for the INSERT: one per
+callback thread would be up to FALHOOK_CONCURRENCY (64) per replica, and three replicas
+would take more than the server's 100 — leaving none for the replicas' own stores.
 
 Environment: FALHOOK_TEST_LOG_DSN (libpq conninfo), FALHOOK_TEST_REPLICA (a name),
 FALHOOK_TEST_CALLBACK_SECONDS (sleep before recording: a slow callback).
@@ -13,6 +16,7 @@ FALHOOK_TEST_CALLBACK_SECONDS (sleep before recording: a slow callback).
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from typing import Any
@@ -31,15 +35,29 @@ CREATE TABLE IF NOT EXISTS callback_log (
 )
 """
 
-_local = threading.local()
+_CONNECTIONS = 4  # per process
+_idle: queue.LifoQueue[Any] = queue.LifoQueue()
+_slots = threading.BoundedSemaphore(_CONNECTIONS)
 
 
-def _connection() -> Any:
-    conn = getattr(_local, "conn", None)
-    if conn is None or conn.closed:
-        conn = psycopg.connect(os.environ["FALHOOK_TEST_LOG_DSN"], autocommit=True)
-        _local.conn = conn
-    return conn
+def _insert(request_id: str, attempt: int) -> None:
+    with _slots:
+        try:
+            conn = _idle.get_nowait()
+        except queue.Empty:
+            conn = None
+        try:
+            if conn is None or conn.closed:
+                conn = psycopg.connect(os.environ["FALHOOK_TEST_LOG_DSN"], autocommit=True)
+            conn.execute(
+                "INSERT INTO callback_log (request_id, replica, attempt) VALUES (%s, %s, %s)",
+                (request_id, os.environ.get("FALHOOK_TEST_REPLICA", "?"), attempt),
+            )
+        except psycopg.Error:
+            if conn is not None:
+                conn.close()
+            raise
+        _idle.put(conn)
 
 
 def record(delivery: Delivery) -> None:
@@ -47,13 +65,4 @@ def record(delivery: Delivery) -> None:
     seconds = float(os.environ.get("FALHOOK_TEST_CALLBACK_SECONDS", "0") or 0)
     if seconds:
         time.sleep(seconds)
-    try:
-        _connection().execute(
-            "INSERT INTO callback_log (request_id, replica, attempt) VALUES (%s, %s, %s)",
-            (delivery.request_id, os.environ.get("FALHOOK_TEST_REPLICA", "?"), delivery.attempt),
-        )
-    except psycopg.Error:
-        conn, _local.conn = getattr(_local, "conn", None), None
-        if conn is not None:
-            conn.close()
-        raise
+    _insert(delivery.request_id, delivery.attempt)
