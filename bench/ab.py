@@ -103,7 +103,9 @@ def run_once(variant: Variant, workdir: Path, duration_s: float, connections: in
     }
     with (
         deliveries_dir(workdir) as data,
-        Server(variant.name, command, port, env, workdir / "server.log") as server,
+        Server(
+            variant.name, command, port, env, workdir / "server.log", cwd=variant.tree
+        ) as server,
     ):
         warm = write_deliveries(key, 20_000, data / "warmup.tsv")
         main = write_deliveries(key, main_deliveries(10_000, duration_s), data / "main.tsv")

@@ -115,23 +115,33 @@ class Server:
     env: Mapping[str, str]
     log_path: Path
     health_path: str = "/healthz"
+    # Where the server runs, and first on its import path (`python -m` puts the working
+    # directory there): `bench.ab` runs another checkout's code from its own tree.
+    cwd: Path = REPO_ROOT
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, deadline_s: float = 30.0) -> None:
+    def environment(self) -> dict[str, str]:
+        """The server's environment: ours, its settings, and the import path."""
         env = dict(os.environ)
         env.update(self.env)
+        # This checkout last: it provides bench's own modules (targets, callbacks), never
+        # a falhook that a caller's PYTHONPATH put first.
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+            p for p in (env.get("PYTHONPATH", ""), str(REPO_ROOT)) if p
         )
         env["PATH"] = os.pathsep.join((str(VENV_BIN), env.get("PATH", "")))
+        return env
+
+    def start(self, deadline_s: float = 30.0) -> None:
+        env = self.environment()
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 list(self.command),
-                cwd=REPO_ROOT,
+                cwd=self.cwd,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bench.ab import Sample, parse_variant, summary
+from bench.servers import Server
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,3 +41,23 @@ def test_summary_is_the_median_of_valid_rounds() -> None:
     assert "cpu/req  180.0 us" in line
     assert "dispatched at end 50%" in line  # the worst round
     assert "no valid rounds" in summary("bad", [])
+
+
+def test_a_variant_server_imports_falhook_from_its_own_tree(tmp_path: Path) -> None:
+    """The variant's tree, not this checkout, provides falhook (both working directory and
+    PYTHONPATH put this checkout first once, so every variant ran the same code)."""
+    tree = tmp_path / "tree"
+    (tree / "falhook").mkdir(parents=True)
+    (tree / "falhook" / "__init__.py").write_text("")
+    server = Server(
+        "variant", [], 0, {"PYTHONPATH": f"{tree}{os.pathsep}{REPO}"}, tmp_path / "log", cwd=tree
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", "import falhook; print(falhook.__file__)"],
+        cwd=server.cwd,
+        env=server.environment(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert found == str(tree / "falhook" / "__init__.py")
