@@ -95,12 +95,8 @@ def run_once(variant: Variant, workdir: Path, duration_s: float, connections: in
     command += ["--port", str(port)]
     if "FALHOOK_CALLBACK" not in variant.env:
         command += ["--callback", "bench.callbacks:noop"]
-    bench_root = Path(__file__).resolve().parent.parent  # for bench.callbacks
-    env = {
-        **falhook_env(workdir, jwks),
-        "PYTHONPATH": f"{variant.tree}{os.pathsep}{bench_root}",
-        **variant.env,
-    }
+    # The variant's tree first; `Server` adds this checkout after it, for bench.callbacks.
+    env = {**falhook_env(workdir, jwks), "PYTHONPATH": str(variant.tree), **variant.env}
     with (
         deliveries_dir(workdir) as data,
         Server(
