@@ -84,10 +84,15 @@ COMPARISONS = (
     Comparison("tuned_vs_verify_rps", "falhook-tuned / verify-only req/s (tuned)"),
     Comparison("pg_vs_sqlite_rps", "falhook-pg / falhook (SQLite) req/s"),
     Comparison("pg2_vs_pg_rps", "falhook-pg2 / falhook-pg req/s"),
+    Comparison("falhook_vs_verify_cpu", "falhook / verify-only CPU per request"),
+    Comparison("falhook_def_vs_verify_cpu", "falhook-def / verify-only CPU per request"),
+    Comparison("falhook_vs_verify_loop_cpu", "falhook / verify-only event-loop CPU per request"),
 )
 
 
-_MEDIAN_KEYS = ("rps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "mean_ms")
+_MEDIAN_KEYS = (
+    "rps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "mean_ms", "cpu_us", "loop_cpu_us"
+)  # fmt: skip
 
 
 def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -115,7 +120,10 @@ def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _round_summary(r: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("status", "rps", "p50_ms", "p99_ms", "peak_rss_mb", "problems", "reason")
+    keys = (
+        "status", "rps", "p50_ms", "p99_ms", "peak_rss_mb", "cpu_us", "loop_cpu_us", "problems",
+        "reason",
+    )  # fmt: skip
     summary = {k: r[k] for k in keys if k in r}
     backlog = r.get("dispatch_backlog")
     if backlog:
@@ -157,6 +165,9 @@ def headline(
         "verify_vs_naive_rps": ratio(get(ver, "rps"), get(nai, "rps")),
         "pg_vs_sqlite_rps": ratio(get(pg1, "rps"), get(fal, "rps")),
         "pg2_vs_pg_rps": ratio(get(pg2, "rps"), get(pg1, "rps")),
+        "falhook_vs_verify_cpu": ratio(get(fal, "cpu_us"), get(ver, "cpu_us")),
+        "falhook_def_vs_verify_cpu": ratio(get(fdef, "cpu_us"), get(ver, "cpu_us")),
+        "falhook_vs_verify_loop_cpu": ratio(get(fal, "loop_cpu_us"), get(ver, "loop_cpu_us")),
     }
 
 
@@ -240,12 +251,20 @@ def target_rows(results: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
                 _fmt(r.get("rps"), 0),
                 _fmt(r.get("p50_ms")),
                 _fmt(r.get("p99_ms")),
+                _cpu(r),
                 _peak(r),
                 _dispatched(r),
                 status,
             ]
         )
     return rows
+
+
+def _cpu(r: Mapping[str, Any]) -> str:
+    """CPU per request, all threads (event loop), e.g. ``219 (162)``."""
+    if r.get("cpu_us") is None:
+        return "—"
+    return f"{_fmt(r['cpu_us'], 0)} ({_fmt(r.get('loop_cpu_us'), 0)})"
 
 
 def _peak(r: Mapping[str, Any]) -> str:
@@ -265,7 +284,8 @@ def _dispatched(r: Mapping[str, Any]) -> str:
 
 
 TARGET_HEADER = [
-    "target", "req/s", "p50 ms", "p99 ms", "peak RSS MiB", "dispatched at end", "status"
+    "target", "req/s", "p50 ms", "p99 ms", "CPU us/req (loop)", "peak RSS MiB",
+    "dispatched at end", "status",
 ]  # fmt: skip
 GOAL_HEADER = ["measure", "value", "target", "verdict"]
 COMPARISON_HEADER = ["comparison (informational)", "value"]

@@ -278,6 +278,7 @@ def _run_target(
                 write_deliveries(key, c, data / f"main{suffix}.tsv")
                 for c, suffix in zip(counts, suffixes, strict=True)
             ]
+            cpu_before = [server.cpu_seconds() for server in servers]
             runs = run_wrk_parallel(
                 list(zip(urls, main_files, strict=True)),
                 script,
@@ -285,6 +286,7 @@ def _run_target(
                 connections=params.connections,
                 threads=params.threads,
             )
+            cpu_after = [server.cpu_seconds() for server in servers]
             peaks = [server.peak_rss_mb() for server in servers]
             if target.factory is None:  # a falhook target: did dispatch keep up?
                 result["dispatch_backlog"] = backlog.measure(env["FALHOOK_DATABASE_URL"])
@@ -326,6 +328,7 @@ def _run_target(
             "warmup_rps": warm_result.rps,
             # One server: its peak. Several replicas: the highest of them (each in the list).
             "peak_rss_mb": max(known_peaks) if known_peaks else None,
+            **cpu_per_request(cpu_before, cpu_after, measured.requests),
         }
     )
     if problems:  # why the servers answered as they did
@@ -345,6 +348,20 @@ def _run_target(
             )
         ]
     return result
+
+
+def cpu_per_request(
+    before: list[tuple[float, float]], after: list[tuple[float, float]], requests: int
+) -> dict[str, float | None]:
+    """The servers' CPU time per answered request over the measured run, in µs: all their
+    threads (``cpu_us``), and their main threads (``loop_cpu_us``: uvicorn's event loop),
+    summed over replicas. wrk's own start-up (reading its deliveries) falls inside the
+    window, while the servers wait, so it adds only what an idle server spends."""
+    if requests <= 0:
+        return {"cpu_us": None, "loop_cpu_us": None}
+    total = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    main = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    return {"cpu_us": total / requests * 1e6, "loop_cpu_us": main / requests * 1e6}
 
 
 def replica_dict(

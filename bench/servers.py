@@ -105,6 +105,27 @@ def peak_rss_mb(pid: int) -> float | None:
     return total_kb / 1024 if seen else None
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time (user + system, seconds) so far of the process and its descendants, all
+    their threads; and of the process's main thread alone (uvicorn's event loop)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(stat: str) -> float:
+        # Fields after the command name (which may hold spaces): utime, stime are 12, 13.
+        fields = stat.rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    total = main = 0.0
+    for p in process_tree(pid):
+        try:
+            total += used(Path(f"/proc/{p}/stat").read_text())
+            if p == pid:
+                main = used(Path(f"/proc/{p}/task/{p}/stat").read_text())
+        except OSError:  # the process ended meanwhile
+            continue
+    return total, main
+
+
 @dataclass
 class Server:
     """A server subprocess; use as a context manager so it is always stopped."""
@@ -169,6 +190,10 @@ class Server:
 
     def peak_rss_mb(self) -> float | None:
         return None if self.proc is None else peak_rss_mb(self.proc.pid)
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(all threads of the server's processes, its main thread) CPU seconds so far."""
+        return (0.0, 0.0) if self.proc is None else cpu_seconds(self.proc.pid)
 
     def stop(self, grace_s: float = 15.0) -> int | None:
         """SIGTERM, wait, SIGKILL if it will not go; returns the exit code."""

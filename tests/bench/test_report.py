@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,13 @@ from bench.runner import (
     FALHOOK_TUNED,
     FalhookCli,
     cpu_model,
+    cpu_per_request,
     default_targets,
     main_deliveries,
     write_results,
     wrk_version_line,
 )
-from bench.servers import parse_status_kb
+from bench.servers import cpu_seconds, parse_status_kb
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -132,6 +135,55 @@ def test_vmhwm_is_read_from_proc_status() -> None:
     assert parse_status_kb(text, "VmSwap") is None
 
 
+def test_cpu_seconds_count_a_busy_childs_threads_and_its_main_thread_apart() -> None:
+    # A real process: its main thread spins, then a second thread spins as long again.
+    code = (
+        "import sys, threading, time\n"
+        "def spin(s):\n"
+        "    end = time.thread_time() + s\n"
+        "    while time.thread_time() < end: pass\n"
+        "spin(0.3)\n"
+        "t = threading.Thread(target=spin, args=(0.3,)); t.start(); t.join()\n"
+        "print('done', flush=True); sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"done\n"
+        total, main = cpu_seconds(proc.pid)
+    finally:
+        proc.communicate(b"")
+    assert 0.28 <= main < 0.6  # the main thread's spin, plus start-up
+    assert total >= main + 0.28  # the second thread counts in the total only
+
+
+def test_cpu_per_request_sums_replicas_and_divides_by_answers() -> None:
+    before = [(1.0, 0.5), (2.0, 1.0)]
+    after = [(1.2, 0.6), (2.3, 1.2)]
+    values = cpu_per_request(before, after, 1000)
+    assert values["cpu_us"] == pytest.approx(500.0)  # (0.2 + 0.3) s / 1000
+    assert values["loop_cpu_us"] == pytest.approx(300.0)  # (0.1 + 0.2) s / 1000
+    assert cpu_per_request(before, after, 0) == {"cpu_us": None, "loop_cpu_us": None}
+
+
+def test_cpu_per_request_is_reported_and_compared_with_verify_only() -> None:
+    results = _results({"status": "ok", "rps": 4000.0, "cpu_us": 220.0, "loop_cpu_us": 160.0})
+    results["verify-only"].update(cpu_us=90.0, loop_cpu_us=88.0)
+    values = report.headline(results, None)
+    assert values["falhook_vs_verify_cpu"] == pytest.approx(220 / 90)
+    assert values["falhook_vs_verify_loop_cpu"] == pytest.approx(160 / 88)
+    assert values["falhook_def_vs_verify_cpu"] is None  # falhook-def did not run
+    # Informational: nothing passes or fails on CPU.
+    assert "falhook_vs_verify_cpu" not in {e["key"] for e in report.evaluate(values)}
+    compared = dict(report.comparison_rows(report.comparisons(values)))
+    assert compared["falhook / verify-only CPU per request"] == "2.44x"
+    column = report.TARGET_HEADER.index("CPU us/req (loop)")
+    rows = {r[0]: r for r in report.target_rows(results)}
+    assert rows["falhook"][column] == "220 (160)"
+    assert rows["naive"][column] == "—"  # not measured
+
+
 def test_machine_description_helpers() -> None:
     line = "wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 Will Glozer"
     assert wrk_version_line(line) == "wrk debian/4.1.0-3+b2 [epoll]"
@@ -142,13 +194,17 @@ def test_machine_description_helpers() -> None:
 
 def test_rounds_are_combined_by_median_with_the_highest_peak() -> None:
     rounds = [
-        {"status": "ok", "rps": 100.0, "p50_ms": 3.0, "p99_ms": 9.0, "peak_rss_mb": 70.0},
-        {"status": "ok", "rps": 300.0, "p50_ms": 1.0, "p99_ms": 30.0, "peak_rss_mb": 75.0},
-        {"status": "ok", "rps": 200.0, "p50_ms": 2.0, "p99_ms": 10.0, "peak_rss_mb": 72.0},
-    ]
+        {"status": "ok", "rps": 100.0, "p50_ms": 3.0, "p99_ms": 9.0, "peak_rss_mb": 70.0,
+         "cpu_us": 250.0},
+        {"status": "ok", "rps": 300.0, "p50_ms": 1.0, "p99_ms": 30.0, "peak_rss_mb": 75.0,
+         "cpu_us": 200.0},
+        {"status": "ok", "rps": 200.0, "p50_ms": 2.0, "p99_ms": 10.0, "peak_rss_mb": 72.0,
+         "cpu_us": 210.0},
+    ]  # fmt: skip
     combined = report.combine_rounds(rounds)
     assert combined["status"] == "ok"
     assert (combined["rps"], combined["p50_ms"], combined["p99_ms"]) == (200.0, 2.0, 10.0)
+    assert combined["cpu_us"] == 210.0
     assert combined["peak_rss_mb"] == 75.0
     assert [r["rps"] for r in combined["rounds"]] == [100.0, 300.0, 200.0]
 
