@@ -28,7 +28,7 @@ from bench import backlog
 from bench.fixtures import new_signing_key, write_deliveries
 from bench.fixtures import write_jwks as write_jwks_file
 from bench.runner import deliveries_dir, falhook_env, main_deliveries
-from bench.servers import Server, free_port
+from bench.servers import Server, free_port, stat_cpu_seconds
 from bench.wrk import lua_script, run_wrk
 
 WEBHOOK_PATH = "/webhooks/fal"
@@ -64,11 +64,9 @@ def _thread_cpu(pid: int) -> dict[int, float]:
     seconds = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:  # the thread ended meanwhile
+            seconds[int(tid)] = stat_cpu_seconds(Path(f"/proc/{pid}/task/{tid}/stat"))
+        except OSError:  # the thread ended meanwhile
             continue
-        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return seconds
 
 

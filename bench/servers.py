@@ -105,22 +105,24 @@ def peak_rss_mb(pid: int) -> float | None:
     return total_kb / 1024 if seen else None
 
 
+def stat_cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds from a ``/proc`` stat file: a process's (``/proc/PID/stat``,
+    all its threads) or one thread's (``/proc/PID/task/TID/stat``). Raises OSError once
+    the process or thread has ended."""
+    # Fields after the command name (which may hold spaces): utime and stime are 12 and 13.
+    fields = stat.read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """CPU time (user + system, seconds) so far of the process and its descendants, all
     their threads; and of the process's main thread alone (uvicorn's event loop)."""
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def used(stat: str) -> float:
-        # Fields after the command name (which may hold spaces): utime, stime are 12, 13.
-        fields = stat.rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / tick
-
     total = main = 0.0
     for p in process_tree(pid):
         try:
-            total += used(Path(f"/proc/{p}/stat").read_text())
+            total += stat_cpu_seconds(Path(f"/proc/{p}/stat"))
             if p == pid:
-                main = used(Path(f"/proc/{p}/task/{p}/stat").read_text())
+                main = stat_cpu_seconds(Path(f"/proc/{p}/task/{p}/stat"))
         except OSError:  # the process ended meanwhile
             continue
     return total, main
