@@ -192,6 +192,9 @@ class Dispatcher:
     async def _run(self) -> None:
         backoff = Backoff(0.05, self.poll_seconds)
         while not self._stopping:
+            # Cleared before looking, not when about to sleep: a slot freed while the claim
+            # below is in flight must still end the wait that follows it.
+            self._slot_free.clear()
             free = 0 if self._paused else self.free_slots
             timeout = self.poll_seconds
             if free > 0:
@@ -212,7 +215,6 @@ class Dispatcher:
             await self._wait(wait_seconds=timeout, can_claim=free > 0)
 
     async def _wait(self, *, wait_seconds: float, can_claim: bool) -> None:
-        self._slot_free.clear()
         events = [self._slot_free.wait()]
         if can_claim:
             events.append(self._wake.wait())
@@ -369,6 +371,11 @@ class Dispatcher:
                 outcome,
             )
             outcome, next_at = "fenced", None
+        elif outcome == "retry":
+            # The claim loop may be asleep until the next poll: it last looked while this
+            # delivery was still running (its slot is freed before the outcome is written).
+            # Wake it, so it sees the retry's due time and sleeps only until then.
+            self._wake.set()
         self.observer.finished(claim, outcome, attempt.error, next_attempt_at=next_at)
 
     async def _record(self, claim: Claim, attempt: _Attempt) -> tuple[bool, str, float | None]:

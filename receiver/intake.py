@@ -104,6 +104,10 @@ class Intake:
                 claim = await self.store.insert_claimed(
                     new, claim_id, lease_seconds=self.lease_seconds, parsed=data
                 )
+                if claim is not None:
+                    # Before `finally` gives the reservation back: adopting takes it over,
+                    # so the slot is never counted free while the callbacks start.
+                    dispatcher.adopt(claim)  # type: ignore[union-attr]
         except TimeoutError:
             self.store_failed_at = time.monotonic()
             raise StoreUnavailableError(
@@ -115,11 +119,7 @@ class Intake:
         finally:
             if claim_id is not None:
                 dispatcher.release(claim_id)  # type: ignore[union-attr]  # no-op once adopted
-        assert dispatcher is not None
-        if claim is None:
-            return Accepted(request_id, True)
-        dispatcher.adopt(claim)
-        return Accepted(request_id, False)
+        return Accepted(request_id, claim is None)
 
 
 async def _parse(body: bytes) -> dict[str, Any]:

@@ -4,6 +4,8 @@ arrives when it never ran gets a loud 503 receiver_not_started."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -77,6 +79,39 @@ def test_composed_with_async_with_in_the_hosts_own_lifespan(
         _wait(received)
     assert events == ["host up", "host down"]
     assert not hooks.started
+
+
+@pytest.mark.parametrize("kind", ["def", "async"])
+def test_a_failed_callback_is_retried_when_due_not_at_the_next_poll(
+    settings: Settings, signer: Signer, kind: str
+) -> None:
+    # As `falhook serve` runs it: the delivery is stored already claimed and its callback
+    # fails at once; the retry is due in 0.3 s, the next poll only in a minute.
+    slow_poll = dataclasses.replace(
+        settings, poll_seconds=60.0, callback_backoff_seconds=0.3, callback_max_attempts=3
+    )
+    hooks = WebhookReceiver(slow_poll)
+    attempts: list[float] = []
+
+    def fails_twice(delivery: Delivery) -> None:
+        attempts.append(time.monotonic())
+        if delivery.attempt < 3:
+            raise RuntimeError("downstream is down")
+
+    async def fails_twice_async(delivery: Delivery) -> None:
+        fails_twice(delivery)
+
+    hooks.on_delivery(fails_twice if kind == "def" else fails_twice_async)
+    with TestClient(hooks.app) as client:
+        body, headers = signer(f"retried-{kind}")
+        assert client.post("/webhooks/fal", content=body, headers=headers).status_code == 200
+        deadline = time.monotonic() + 15
+        while len(attempts) < 3:
+            assert time.monotonic() < deadline, f"{len(attempts)} attempts after 15 s"
+            time.sleep(0.01)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    # Backoff with jitter: 0.15-0.3 s, then 0.3-0.6 s; a poll would have taken 60 s.
+    assert 0.1 <= gaps[0] < 5 and 0.25 <= gaps[1] < 5, gaps
 
 
 def test_503_receiver_not_started_when_the_lifespan_never_ran(
