@@ -81,6 +81,7 @@ delivery_log = DeliveryLog(logging.getLogger("falhook.deliveries"))
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
     "taskName",  # Python 3.12+
+    "color_message",  # uvicorn's own lines carry a copy of the message with ANSI colours
 }
 # One encoder, built once: json.dumps(default=...) builds a new one on every call.
 _ENCODER = json.JSONEncoder(default=str)
@@ -250,6 +251,13 @@ class LogPipeline:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def route(self, name: str) -> None:
+        """Write another library's logger (uvicorn's) through this pipeline as well: the
+        same JSON lines, in the same stream, instead of that library's own format."""
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [self.handler]
+        logger.propagate = False
 
     def start(self) -> None:
         with self._lock:

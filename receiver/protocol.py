@@ -1,5 +1,5 @@
 """uvicorn's httptools protocol with the limits it lacks: a deadline on a request's head
-and a cap on its size; and when the request arrived.
+and a cap on its size; JSON errors for what cannot be parsed; and when the request arrived.
 
 uvicorn closes a connection that idles *after* a response (``timeout_keep_alive``) but
 arms nothing while it waits for a request's head: a client that connects and sends
@@ -128,15 +128,25 @@ class _LimitedProtocol(HttpToolsProtocol):
             raise ValueError("request head too large")
 
     def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to a request httptools cannot parse is plain text; every other
+        # answer of the receiver is a JSON error with a machine-readable reason.
         self._disarm()
-        if not self._head_too_large:
-            super().send_400_response(msg)
-            return
-        body = b'{"error":"headers_too_large","detail":"request head exceeds 65536 bytes"}'
+        if self._head_too_large:
+            status = b"431 Request Header Fields Too Large"
+            body = _HEAD_TOO_LARGE
+        else:
+            status, body = b"400 Bad Request", _MALFORMED
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"HTTP/1.1 " + status + b"\r\n"
             b"content-type: application/json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\n"
             b"connection: close\r\n\r\n" + body
         )
         self.transport.close()
+
+
+_HEAD_TOO_LARGE = b'{"error":"headers_too_large","detail":"request head exceeds 65536 bytes"}'
+_MALFORMED = (
+    b'{"error":"malformed_request","detail":"not an HTTP/1.1 request this server can parse '
+    b'(request line, header syntax, Content-Length or Transfer-Encoding)"}'
+)

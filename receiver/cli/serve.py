@@ -207,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
     from falhook.receiver.logs import configure_logging
 
     logs = configure_logging(settings.log_level)
+    # uvicorn's own warnings and errors (a request it cannot parse, an exception outside
+    # the app) as JSON lines too: stderr stays one JSON object per line.
+    logs.route("uvicorn")
     # A fatal signal (SIGBUS from SQLite's mapped -shm file on a filesystem that refuses to
     # grow it, SIGSEGV in a C extension) would otherwise kill the process without a word:
     # this writes the Python stack of every thread to stderr first.
@@ -235,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
         forwarded_allow_ips=settings.forwarded_allow_ips,
         lifespan="on",
         access_log=False,
+        log_config=None,  # its handlers and format would replace the routing above
         log_level=settings.log_level.lower() if settings.log_level != "INFO" else "warning",
         timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds) + 5,
     )

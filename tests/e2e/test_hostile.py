@@ -4,6 +4,7 @@ memory large bodies took is given back."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import time
@@ -200,6 +201,39 @@ def test_an_oversized_request_head_gets_431(server: ServerProcess) -> None:
         assert status == 431, text
         assert b"headers_too_large" in text
         assert _closed_within(sock, 3)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /webhooks/fal HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"POST /webhooks/fal HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"POST /webhooks/fal HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Content-Length: 3\r\n\r\n{}",
+        b"this is not http\r\n\r\n",
+    ],
+    ids=["length-not-a-number", "negative-length", "two-lengths", "junk"],
+)
+def test_a_request_that_cannot_be_parsed_gets_a_json_400(
+    server: ServerProcess, head: bytes
+) -> None:
+    with _connect(server) as sock:
+        sock.sendall(head)
+        status, headers, text = _read_response(sock)
+        assert status == 400, text
+        assert headers["content-type"] == "application/json"
+        assert json.loads(text)["error"] == "malformed_request"
+        assert _closed_within(sock, 3)
+    # uvicorn's warning about it is a JSON line like every other line on stderr.
+    server.wait_for_log("Invalid HTTP request received.")
+    # (The harness marks each start of the server in its log with a "=== start" line.)
+    for line in server.log_path.read_text().splitlines():
+        if not line or line.startswith("=== start "):
+            continue
+        record = json.loads(line)
+        assert "color_message" not in record
+        if record["msg"] == "Invalid HTTP request received.":
+            assert record["level"] == "warning" and record["logger"] == "uvicorn.error"
 
 
 def _memory(pid: int) -> dict[str, float]:

@@ -120,6 +120,29 @@ def test_every_line_is_written_in_order_by_the_time_stop_returns(
     pipeline.stop()  # idempotent
 
 
+def test_a_routed_library_logger_writes_json_lines_through_the_pipeline(
+    pipeline_to: Callable[[], tuple[LogPipeline, Path]],
+) -> None:
+    pipeline, path = pipeline_to()
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    saved = logging.getLogger("uvicorn").handlers[:], logging.getLogger("uvicorn").propagate
+    pipeline.route("uvicorn")
+    try:
+        # As uvicorn logs: a coloured copy of the message rides along as an extra.
+        uvicorn_error.warning("Invalid HTTP request received.", extra={"color_message": "\x1b[1m"})
+        pipeline.stop()
+    finally:
+        logging.getLogger("uvicorn").handlers[:], logging.getLogger("uvicorn").propagate = saved
+    assert _lines(path) == [
+        {
+            "ts": _lines(path)[0]["ts"],
+            "level": "warning",
+            "logger": "uvicorn.error",
+            "msg": "Invalid HTTP request received.",
+        }
+    ]
+
+
 def test_lines_from_several_threads_are_whole_and_each_thread_in_order(
     pipeline_to: Callable[[], tuple[LogPipeline, Path]],
 ) -> None:
