@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import importlib.util
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -61,6 +62,23 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _proxies(value: str) -> str:
+    # uvicorn would take anything it cannot read as an address for a Unix socket's name and
+    # trust nothing by it: a typo would silently log the proxy's address for every client.
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise ValueError("wants addresses or networks, comma-separated, or * for any")
+    for item in items:
+        if item != "*":
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP address or network (e.g. 10.0.0.1, 10.0.0.0/8, *)"
+                ) from None
+    return ",".join(items)
+
+
 def _non_negative_float(value: str) -> float:
     wanted = "wants a number of seconds, 0 or more (fractions allowed)"
     number = _float(value, wanted)
@@ -96,6 +114,19 @@ def _str(value: str) -> str:
     if not value.strip():
         raise ValueError("wants a value, not an empty string")
     return value.strip()
+
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _jwks_source(value: str) -> str:
+    # http(s) is fetched; anything else is read as a local file (verify/keys.jwks_file), so
+    # an ftp:// or a mistyped scheme would only fail later as a strange "file not found".
+    source = _str(value)
+    scheme = _SCHEME.match(source)
+    if scheme and scheme.group(1) not in ("http", "https", "file"):
+        raise ValueError("wants an http(s) URL, or a local JWKS file's path or file:// URL")
+    return source
 
 
 def _log_level(value: str) -> str:
@@ -209,7 +240,7 @@ class Settings:
         "store: sqlite:///… or postgresql+psycopg://…",
     )
     jwks_url: str = _setting(
-        DEFAULT_JWKS_URL, _str, "JWKS_URL", "JWKS URL, or a local JWKS file path"
+        DEFAULT_JWKS_URL, _jwks_source, "JWKS_URL", "JWKS URL, or a local JWKS file path"
     )
     jwks_timeout_seconds: float = _setting(
         5.0, _positive_float, "JWKS_TIMEOUT_SECONDS", "deadline for a whole JWKS fetch"
@@ -247,7 +278,7 @@ class Settings:
     )
     forwarded_allow_ips: str = _setting(
         "127.0.0.1",
-        _str,
+        _proxies,
         "FORWARDED_ALLOW_IPS",
         "serve: proxies (comma-separated addresses or networks, * for any) whose "
         "X-Forwarded-For gives the client address in logs, as uvicorn's flag of that name",

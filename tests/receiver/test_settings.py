@@ -82,6 +82,11 @@ def test_flags_win_over_env() -> None:
         ("FALHOOK_JWKS_URL", "   "),
         ("FALHOOK_LOG_LEVEL", "loud"),
         ("FALHOOK_LOG_PAYLOADS", "maybe"),
+        ("FALHOOK_FORWARDED_ALLOW_IPS", "garbage"),
+        ("FALHOOK_FORWARDED_ALLOW_IPS", "10.0.0.1,proxy.internal"),
+        ("FALHOOK_FORWARDED_ALLOW_IPS", " , "),
+        ("FALHOOK_JWKS_URL", "ftp://example.com/jwks.json"),
+        ("FALHOOK_JWKS_URL", "htps://rest.fal.ai/.well-known/jwks.json"),
     ],
 )
 def test_bad_values_raise_settings_error_naming_the_variable(var: str, value: str) -> None:
@@ -101,6 +106,18 @@ def test_bad_values_raise_settings_error_naming_the_variable(var: str, value: st
 def test_unusable_urls_name_the_variable(var: str, value: str) -> None:
     with pytest.raises(SettingsError, match=var):
         Settings.from_env({var: value})
+
+
+def test_good_proxy_lists_and_key_sources_are_kept() -> None:
+    s = Settings.from_env(
+        {
+            "FALHOOK_FORWARDED_ALLOW_IPS": " 10.0.0.1, 10.1.0.0/16 ,::1,*",
+            "FALHOOK_JWKS_URL": "file:///etc/falhook/jwks.json",
+        }
+    )
+    assert s.forwarded_allow_ips == "10.0.0.1,10.1.0.0/16,::1,*"
+    assert s.jwks_url == "file:///etc/falhook/jwks.json"
+    assert Settings.from_env({"FALHOOK_JWKS_URL": "./jwks.json"}).jwks_url == "./jwks.json"
 
 
 def test_parse_value_names_the_flag() -> None:
