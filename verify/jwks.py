@@ -183,6 +183,16 @@ def _too_large(size: int | str) -> KeysUnavailableError:
     return KeysUnavailableError(f"JWKS answer of {size} bytes is over {MAX_JWKS_BYTES} bytes")
 
 
+def _fetch_error(exc: BaseException) -> str:
+    """What went wrong, in one line: httpx's status errors add a line of advice (a link to
+    MDN), and the reason is logged and shown as one line by `falhook verify`."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        response = exc.response
+        return f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _declared_size(response: httpx.Response) -> None:
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_JWKS_BYTES:
@@ -262,7 +272,7 @@ class JWKSClient:
             cache.fail(f"no complete answer within {self.timeout:g} s", self.url)
             return
         except _FETCH_ERRORS as exc:
-            cache.fail(str(exc) or type(exc).__name__, self.url)
+            cache.fail(_fetch_error(exc), self.url)
             return
         cache.succeed(keys, cache.clock())
 
@@ -396,7 +406,7 @@ class AsyncJWKSClient:
                 cache.fail(f"no complete answer within {self.timeout:g} s", self.url)
                 return
             except _FETCH_ERRORS as exc:
-                cache.fail(str(exc) or type(exc).__name__, self.url)
+                cache.fail(_fetch_error(exc), self.url)
                 return
             cache.succeed(keys, cache.clock())
         finally:

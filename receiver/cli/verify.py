@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         headers = parse_headers_text(headers_raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise CommandError(f"headers file is not UTF-8: {exc}") from exc
+    # The outcome is this command's one line; the JWKS client's own warning about a failed
+    # fetch (Python's last-resort handler prints it when nothing is configured) a second.
+    logging.getLogger("falhook.verify").addHandler(logging.NullHandler())
     try:
         keys = None
         if args.keys is not None:

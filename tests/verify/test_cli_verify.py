@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -111,3 +113,21 @@ def test_jwks_url_from_a_server(files: dict[str, Path], keypair: KeyPair) -> Non
     with JWKSServer(keypair) as down:
         down.fail(503)
         assert main([*base, "--jwks-url", down.url]) == 3
+
+
+def test_keys_unavailable_is_one_line_on_stderr(files: dict[str, Path], keypair: KeyPair) -> None:
+    """Run as a user runs it (no logging configured, unlike under pytest): the failed
+    fetch is said once, by the command, not also by the JWKS client's warning."""
+    base = ["verify", "--headers", str(files["headers.json"]), "--body", str(files["body.json"])]
+    with JWKSServer(keypair) as down:
+        down.fail(503)
+        command = [sys.executable, "-m", "falhook.receiver", *base, "--now", str(NOW)]
+        done = subprocess.run(
+            [*command, "--jwks-url", down.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keys unavailable, cannot decide:"), lines
