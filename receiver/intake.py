@@ -135,11 +135,20 @@ async def _parse(body: bytes) -> dict[str, Any]:
     return data
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+# Python's json reads NaN and Infinity, which are not JSON: a body with them is refused
+# like any other that is not JSON (json.loads(s) is this same call on a default decoder).
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
 def _loads(body: bytes) -> Any:
     # Decoded first: json.loads(bytes) would also sniff for UTF-16/32, which fal never
     # sends, on every delivery. Both steps run where the caller put the parse (a
     # thread for big bodies): decoding megabytes is no cheaper than parsing them.
-    return json.loads(body.decode())
+    return _DECODER.decode(body.decode())
 
 
 def _text(value: Any) -> str | None:

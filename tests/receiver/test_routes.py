@@ -88,6 +88,8 @@ def test_callback_gets_the_delivery(
         ('{"request_id": "r-400", "status": "OK"}'.encode("utf-16"), "invalid_json"),
         (b"null", "invalid_json"),
         (b"[]", "invalid_json"),
+        (b'{"request_id": "r-400", "status": "OK", "payload": NaN}', "invalid_json"),
+        (b'{"request_id": "r-400", "status": "OK", "payload": {"x": -Infinity}}', "invalid_json"),
         (b"{}", "missing_request_id"),
         (b'{"request_id": ""}', "missing_request_id"),
         (b'{"request_id": "other", "status": "OK"}', "request_id_mismatch"),
