@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from falhook.receiver.durations import parse_duration
+from falhook.receiver.durations import format_duration, parse_duration
 from falhook.receiver.errors import SettingsError
 from falhook.verify.message import DEFAULT_JWKS_URL
 
@@ -206,9 +206,12 @@ def check_database_url(url: str) -> None:
         if module == "psycopg2":
             raise ValueError(
                 "postgresql:// means the psycopg2 driver, which is not installed: write "
-                "postgresql+psycopg://… and pip install 'falhook[postgres]'"
+                "postgresql+psycopg://… and pip install 'psycopg[binary]' "
+                "(falhook's postgres extra)"
             )
-        raise ValueError("PostgreSQL needs its driver: pip install 'falhook[postgres]'")
+        raise ValueError(
+            "PostgreSQL needs its driver: pip install 'psycopg[binary]' (falhook's postgres extra)"
+        )
 
 
 def _required_http_url(value: str) -> str:
@@ -438,7 +441,7 @@ class Settings:
     def env_table(cls) -> list[tuple[str, str, str]]:
         """(env var, default, help) for every setting, for documentation and --help."""
         return [
-            (ENV_PREFIX + f.metadata["env"], repr(f.default), f.metadata["help"])
+            (ENV_PREFIX + f.metadata["env"], shown_default(f), f.metadata["help"])
             for f in dataclasses.fields(cls)
         ]
 
@@ -450,6 +453,21 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` applied (settings stay immutable)."""
         return dataclasses.replace(self, **changes)
+
+
+def shown_default(f: dataclasses.Field[Any]) -> str:
+    """A setting's default as an operator would write it (``7d``, ``300``, ``false``,
+    ``unset``), not as Python holds it (``604800.0``, ``300.0``, ``False``, ``None``)."""
+    value = f.default
+    if value is None or value == ():
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if f.metadata["parse"] is _retention:
+        return format_duration(value) if value else "0"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def _parse(f: dataclasses.Field[Any], raw: str, name: str) -> Any:

@@ -126,7 +126,10 @@ def add_parser(subparsers: Any) -> None:
         help="re-queue done or dead deliveries for dispatch",
         description=(
             "Re-queue finished deliveries so their callbacks run again (attempts start from "
-            "zero). Idempotent: a pending or running delivery is left alone. " + _REPLAY_HINT + "."
+            "zero). Idempotent: a pending or running delivery is left alone. "
+            + _REPLAY_HINT[0].upper()
+            + _REPLAY_HINT[1:]
+            + "."
         ),
     )
     replay.add_argument("request_ids", nargs="*", metavar="REQUEST_ID")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from falhook.receiver.cli.common import EXIT_CANNOT_LISTEN, EXIT_STORE, CommandError
 from falhook.receiver.errors import ReceiverError, SettingsError
-from falhook.receiver.settings import ENV_PREFIX, Settings
+from falhook.receiver.settings import ENV_PREFIX, Settings, shown_default
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -45,7 +45,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, *, only: set[str] | None
             flag,
             dest=field.name,
             metavar="VALUE",
-            help=f"{field.metadata['help']} (env {env}; default {field.default!r})",
+            help=f"{field.metadata['help']} (env {env}; default {shown_default(field)})",
         )
 
 

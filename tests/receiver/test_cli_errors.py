@@ -172,7 +172,7 @@ def test_postgresql_without_its_driver_says_what_to_install(
         # As if the postgres extra were not installed: psycopg cannot be imported.
         prelude="import sys; sys.modules['psycopg'] = None",
     )
-    one_line(result, EXIT_USAGE, "pip install 'falhook[postgres]'")
+    one_line(result, EXIT_USAGE, "pip install 'psycopg[binary]'")
 
 
 def test_serve_refuses_a_sqlite_file_whose_directory_does_not_exist(

@@ -120,6 +120,18 @@ def test_good_proxy_lists_and_key_sources_are_kept() -> None:
     assert Settings.from_env({"FALHOOK_JWKS_URL": "./jwks.json"}).jwks_url == "./jwks.json"
 
 
+def test_defaults_are_shown_as_an_operator_writes_them() -> None:
+    shown = {env: default for env, default, _ in Settings.env_table()}
+    assert shown["FALHOOK_RETENTION"] == "7d"
+    assert shown["FALHOOK_TOLERANCE_SECONDS"] == "300"
+    assert shown["FALHOOK_LEASE_SECONDS"] == "60"
+    assert shown["FALHOOK_LOG_PAYLOADS"] == "false"
+    assert shown["FALHOOK_USER_ID"] == "unset"
+    assert shown["FALHOOK_CALLBACK"] == "unset"
+    assert shown["FALHOOK_LOG_LEVEL"] == "INFO"
+    assert shown["FALHOOK_DATABASE_URL"] == "sqlite:///./falhook.db"
+
+
 def test_parse_value_names_the_flag() -> None:
     with pytest.raises(SettingsError, match="--lease-seconds"):
         Settings.parse_value("lease_seconds", "abc")
