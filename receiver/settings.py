@@ -458,7 +458,7 @@ class Settings:
 def shown_default(f: dataclasses.Field[Any]) -> str:
     """A setting's default as an operator would write it (``7d``, ``300``, ``false``,
     ``unset``), not as Python holds it (``604800.0``, ``300.0``, ``False``, ``None``)."""
-    value = f.default
+    value: Any = f.default
     if value is None or value == ():
         return "unset"
     if isinstance(value, bool):
