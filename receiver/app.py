@@ -41,6 +41,7 @@ from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found
 from falhook.receiver.settings import Settings
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
+from falhook.receiver.store.dbapi import sqlite_file
 from falhook.receiver.store.engine import masked_url
 from falhook.receiver.store.expectations import Expectations, ExpectationState
 from falhook.receiver.store.listener import Listener
@@ -341,10 +342,17 @@ class WebhookReceiver:
         """One line with everything an operator checks first: what runs, where, with what."""
         settings = self.settings
         keys = self.keys
+        store = masked_url(settings.database_url)
+        path = sqlite_file(settings.database_url)
+        if path is not None and not path.is_absolute():
+            store = f"{store} ({path.resolve()})"  # relative to where it was started
+        console = None
+        if settings.console_token:
+            console = f"{self.listen}/console/" if self.listen else "/console/ (mounted)"
         fields: dict[str, Any] = {
             "version": __version__,
             "listen": self.listen or "mounted in the host application",
-            "store": masked_url(settings.database_url),
+            "store": store,
             "jwks": f"file {settings.jwks_url}" if keys.is_file else settings.jwks_url,
             "user_id": settings.user_id,
             "callbacks": [n for n in self.registry.names if not n.startswith("forward-to:")],
@@ -352,13 +360,14 @@ class WebhookReceiver:
             "forward_signed": self._forwarder is not None and self._forwarder.signed,
             "concurrency": settings.concurrency,
             "recovery": settings.queue_url if self.recovery is not None else None,
+            "console": console,
         }
         targets = list(fields["callbacks"])
         if settings.forward_to:
             signed = "signed" if fields["forward_signed"] else "unsigned"
             targets.append(f"forwarding to {settings.forward_to} ({signed})")
         log.info(
-            "falhook %s started: %s, store %s, keys %s, user id %s, %s, concurrency %d",
+            "falhook %s started: %s, store %s, keys %s, user id %s, %s, concurrency %d%s",
             __version__,
             fields["listen"],
             fields["store"],
@@ -366,6 +375,7 @@ class WebhookReceiver:
             settings.user_id or "not pinned",
             ", ".join(targets) if targets else "no callbacks",
             settings.concurrency,
+            f", console {console}" if console else "",
             extra=fields,
         )
         if not settings.user_id:

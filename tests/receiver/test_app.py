@@ -4,12 +4,12 @@ arrives when it never ran gets a loud 503 receiver_not_started."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -87,8 +87,8 @@ def test_a_failed_callback_is_retried_when_due_not_at_the_next_poll(
 ) -> None:
     # As `falhook serve` runs it: the delivery is stored already claimed and its callback
     # fails at once; the retry is due in 0.3 s, the next poll only in a minute.
-    slow_poll = dataclasses.replace(
-        settings, poll_seconds=60.0, callback_backoff_seconds=0.3, callback_max_attempts=3
+    slow_poll = settings.replace(
+        poll_seconds=60.0, callback_backoff_seconds=0.3, callback_max_attempts=3
     )
     hooks = WebhookReceiver(slow_poll)
     attempts: list[float] = []
@@ -184,3 +184,20 @@ def test_the_startup_line_masks_the_store_password() -> None:
     masked = masked_url("postgresql+psycopg://falhook:s3cret@db.internal:5432/falhook")
     assert "s3cret" not in masked and masked.startswith("postgresql+psycopg://falhook:***@")
     assert masked_url("sqlite:///./falhook.db") == "sqlite:///./falhook.db"
+
+
+def test_the_startup_line_names_a_relative_store_file_and_the_console(
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = settings.replace(database_url="sqlite:///./here.db", console_token="t" * 32)
+    hooks = WebhookReceiver(relative, listen="http://127.0.0.1:8000")
+    with caplog.at_level(logging.INFO, logger="falhook.receiver"), TestClient(hooks.app):
+        pass
+    started = next(r for r in caplog.records if "started" in r.getMessage())
+    assert started.store == f"sqlite:///./here.db ({tmp_path.resolve() / 'here.db'})"  # type: ignore[attr-defined]
+    assert started.console == "http://127.0.0.1:8000/console/"  # type: ignore[attr-defined]
+    assert started.getMessage().endswith(", console http://127.0.0.1:8000/console/")
