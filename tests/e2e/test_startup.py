@@ -20,7 +20,8 @@ GRACEFUL_EXIT = (0, -signal.SIGTERM)  # uvicorn re-raises the SIGTERM it handled
 
 
 def log_lines(server: ServerProcess) -> list[dict[str, Any]]:
-    """The server's JSON log lines so far (uvicorn's own plain lines are skipped)."""
+    """The server's JSON log lines so far (the harness's "=== start" marks, and a line still
+    being written, are skipped)."""
     lines = []
     for line in server.log_path.read_text(errors="replace").splitlines():
         if line.startswith("{"):
