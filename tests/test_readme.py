@@ -140,11 +140,19 @@ def _run_shell(
     return subprocess.CompletedProcess(proc.args, code_, out_path.read_text(), err_path.read_text())
 
 
+# What the walkthrough's comments say its commands print, which the run must print too:
+# (text in the snippet, as the README shows it; pattern its output must match, per line).
+PROMISED = [
+    ("# req-1       dead   OK      3 ", r"^req-1\s+dead\s+OK\s+3\s"),
+    ("# replayed req-1 (was dead)", r"^replayed req-1 \(was dead\)$"),
+]
+
+
 @pytest.mark.slow
 def test_shell_snippets_run_in_order(tmp_path: Path) -> None:
     cwd = tmp_path
     cwd_file = tmp_path / ".cwd"
-    ran = 0
+    ran = promised = 0
     for snippet in (s for s in snippets() if s.language == "sh"):
         if snippet.skip_reason:
             continue
@@ -157,10 +165,18 @@ def test_shell_snippets_run_in_order(tmp_path: Path) -> None:
             f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
         )
         assert "Traceback" not in result.stderr, f"README line {snippet.line}:\n{result.stderr}"
+        for shown, pattern in PROMISED:
+            if shown in snippet.code:
+                promised += 1
+                assert re.search(pattern, result.stdout, re.MULTILINE), (
+                    f"README line {snippet.line} shows {shown[2:].strip()!r}; the run printed:\n"
+                    f"{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+                )
         if here == cwd:
             cwd = Path(cwd_file.read_text().strip())
         ran += 1
     assert ran >= 4
+    assert promised == len(PROMISED), "a promised output is no longer in the README"
 
 
 def test_make_demo_installs_only_the_runtime_dependencies(tmp_path: Path) -> None:
