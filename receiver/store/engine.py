@@ -64,9 +64,12 @@ class EngineConnector:
         self._owns_engine = owns_engine
 
     def connect(self) -> Any:
+        # raw_connection() passes the driver's own error through unwrapped (sqlite3's
+        # "unable to open database file" when the file's directory is gone).
+        failures: tuple[type[BaseException], ...] = (sa.exc.SQLAlchemyError, *self.errors)
         try:
             return self.engine.raw_connection()
-        except sa.exc.SQLAlchemyError as exc:
+        except failures as exc:
             raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
 
     def release(self, conn: Any) -> None:

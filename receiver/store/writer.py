@@ -74,7 +74,8 @@ class Connection:
             self._ensure_schema()
             try:
                 self._fairy = self.engine.raw_connection()
-            except sa.exc.SQLAlchemyError as exc:
+            # raw_connection() passes the driver's own error through unwrapped.
+            except (sa.exc.SQLAlchemyError, self.engine.dialect.loaded_dbapi.Error) as exc:
                 raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
         return self._fairy.driver_connection
 

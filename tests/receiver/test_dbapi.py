@@ -18,6 +18,7 @@ from falhook.receiver.store.dbapi import DirectConnector, parse_url, sqlite_file
 from falhook.receiver.store.engine import EngineConnector, make_engine
 from falhook.receiver.store.migrations import MIGRATIONS
 from falhook.receiver.store.schema import SCHEMA_VERSION
+from falhook.receiver.store.writer import Connection
 from tests.receiver import store_fixtures
 from tests.receiver.store_fixtures import delivery
 
@@ -144,3 +145,17 @@ def test_a_failed_connection_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailableError, match=r"^cannot connect: unable to open database"):
         admin.check_schema()
     admin.close()
+
+
+def test_a_store_file_that_cannot_be_opened_is_store_unavailable(tmp_path: Path) -> None:
+    # SQLAlchemy's raw_connection() passes sqlite3's own error through: the connectors
+    # must still say "store unavailable" (503, retried), never let sqlite3's escape.
+    url = f"sqlite:///{tmp_path / 'gone' / 'falhook.db'}"
+    engine = make_engine(url)
+    try:
+        with pytest.raises(StoreUnavailableError, match=r"cannot connect: .*unable to open"):
+            EngineConnector(engine).connect()
+        with pytest.raises(StoreUnavailableError, match=r"cannot connect: .*unable to open"):
+            Connection(engine, ensure_schema=lambda: None).get()  # the writer's
+    finally:
+        engine.dispose()
