@@ -406,7 +406,7 @@ class Settings:
                 try:
                     parse(value)
                 except ValueError as exc:
-                    raise SettingsError(f"{name}={value!r}: {exc}") from exc
+                    raise SettingsError(f"{name}={without_password(value)!r}: {exc}") from exc
         if self.max_buffered_bytes < self.max_body_bytes:
             # A body the budget can never hold would get 503 forever (fal retries for hours).
             raise SettingsError(
@@ -470,11 +470,21 @@ def shown_default(f: dataclasses.Field[Any]) -> str:
     return str(value)
 
 
+# user:password@ in a URL (a database's, a forward target's): the password never reaches
+# an error line, which goes to a terminal, a CI log or a ticket.
+_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
+
+
+def without_password(text: str) -> str:
+    """``text`` with the password of any URL in it replaced by ``***``."""
+    return _PASSWORD.sub(r"\1***@", text)
+
+
 def _parse(f: dataclasses.Field[Any], raw: str, name: str) -> Any:
     try:
         return f.metadata["parse"](raw)
     except ValueError as exc:
-        shown = "…" if f.metadata.get("secret") else repr(raw)
+        shown = "…" if f.metadata.get("secret") else repr(without_password(raw))
         # "--concurrency 'lots': wants a whole number…" for a flag, NAME='…': for a variable.
         shown = f"{name} {shown}" if name.startswith("--") else f"{name}={shown}"
         raise SettingsError(f"{shown}: {exc}") from exc

@@ -161,3 +161,21 @@ def test_env_table_documents_every_setting() -> None:
         "FALHOOK_LEASE_SECONDS",
     ):
         assert documented in names
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("FALHOOK_DATABASE_URL", "postgresql://falhook:s3cret@db.internal:5432/falhook"),
+        ("FALHOOK_DATABASE_URL", "mysql://falhook:s3cret@db.internal/falhook"),
+        ("FALHOOK_FORWARD_TO", "ftp://falhook:s3cret@files.internal/in"),
+    ],
+)
+def test_a_password_in_a_refused_url_is_not_repeated(var: str, value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({var: value})
+    assert "s3cret" not in str(info.value)
+    assert "falhook:***@" in str(info.value)
+    with pytest.raises(SettingsError) as flag:
+        Settings.parse_value(var.removeprefix("FALHOOK_").lower(), value)
+    assert "s3cret" not in str(flag.value)
