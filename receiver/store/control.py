@@ -45,8 +45,19 @@ def read_control(db: Db) -> DispatchControl:
 
 
 def write_control(db: Db, *, paused: bool, reason: str | None, by: str | None) -> DispatchControl:
-    """Set the switch inside the caller's transaction, and tell listening replicas."""
-    control = DispatchControl(paused, reason if paused else None, time.time(), by)
+    """Set the switch inside the caller's transaction, and tell listening replicas.
+
+    Pausing a paused store (or resuming a running one) keeps since when, by whom and why:
+    a second ``pause`` without a reason must not make an hour-old pause look a second old
+    and reasonless. A second pause with a new reason updates the reason and who gave it.
+    """
+    current = read_control(db)
+    if current.changed_at is not None and current.paused == paused:
+        if not paused or reason is None or reason == current.reason:
+            return current
+        control = DispatchControl(True, reason, current.changed_at, by)
+    else:
+        control = DispatchControl(paused, reason if paused else None, time.time(), by)
     values = [control.paused, control.reason, control.changed_at, control.changed_by]
     updated = db.execute(
         f"UPDATE {TABLE_NAME} SET paused = ?, reason = ?, changed_at = ?, changed_by = ? "

@@ -51,6 +51,24 @@ def test_the_switch_starts_off_and_keeps_who_why_and_when(store_url: str) -> Non
         store.engine.dispose()
 
 
+def test_pausing_a_paused_store_keeps_since_when_and_why(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        first = store.set_dispatch_paused(True, reason="warehouse failover", by="cli")
+        again = store.set_dispatch_paused(True, reason=None, by="console")
+        assert again == first == store.dispatch_control()
+        # A new reason for the same pause: said, by whom, and the pause still began then.
+        reworded = store.set_dispatch_paused(True, reason="failover, then reindex", by="api")
+        assert (reworded.reason, reworded.changed_by) == ("failover, then reindex", "api")
+        assert reworded.changed_at == first.changed_at
+        resumed = store.set_dispatch_paused(False, by="cli")
+        assert store.set_dispatch_paused(False, by="console") == resumed
+        assert resumed.changed_at is not None and first.changed_at is not None
+        assert resumed.changed_at >= first.changed_at
+    finally:
+        store.engine.dispose()
+
+
 def test_a_missing_row_reads_as_running_and_is_recreated(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'x.db'}")
     try:
