@@ -59,9 +59,19 @@ def format_time(ts: float | None) -> str | None:
 
 
 def format_duration(seconds: float) -> str:
-    """A short form: ``7d``, ``36h``, ``90m``, ``45s`` (the largest unit that divides, up to d)."""
+    """The form an operator types, largest units first: ``7d``, ``1d12h``, ``2h59m``, ``45s``.
+
+    ``parse_duration(format_duration(x)) == x``; a value is never rounded to another unit
+    (``2h59m``, not ``179m``), so what the CLI echoes is what was asked for.
+    """
+    parts = []
+    rest = seconds
     for unit in ("d", "h", "m"):
         size = _UNITS[unit]
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
+        if rest >= size:
+            count = int(rest // size)
+            rest -= count * size
+            parts.append(f"{count}{unit}")
+    if rest or not parts:
+        parts.append(f"{rest:g}s")
+    return "".join(parts)

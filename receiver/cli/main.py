@@ -70,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         sys.stdout.flush()  # a reader that went away is noticed here, not at exit
     except CommandError as exc:
-        print(f"falhook {args.command}: {exc}", file=sys.stderr)  # noqa: T201 — CLI output
+        # Named as typed (``falhook deliveries replay: …``), the way argparse names its own.
+        prog = _command_parser(parser, args).prog
+        print(f"{prog}: {exc}", file=sys.stderr)  # noqa: T201 — CLI output
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

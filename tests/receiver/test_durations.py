@@ -61,10 +61,17 @@ def test_format() -> None:
     assert format_time(datetime(2025, 7, 9, 12, 0, 5, tzinfo=UTC).timestamp()) == (
         "2025-07-09T12:00:05Z"
     )
-    assert [format_duration(s) for s in (604800, 10800, 5400, 45, 0.5)] == [
-        "7d",
-        "3h",
-        "90m",
-        "45s",
-        "0.5s",
-    ]
+    cases = {
+        604800: "7d",
+        10800: "3h",
+        5400: "1h30m",
+        10740: "2h59m",
+        129600: "1d12h",
+        90.5: "1m30.5s",
+        45: "45s",
+        0.5: "0.5s",
+        0: "0s",
+    }
+    assert {s: format_duration(s) for s in cases} == cases
+    for seconds in cases:
+        assert parse_duration(format_duration(seconds)) == seconds
