@@ -3,6 +3,7 @@ connector that lends their pooled connections to sync store calls (admin.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,6 +14,7 @@ from falhook.receiver.store.dbapi import (
     PG_CONNECT_ARGS,
     brief,
     pg_options,
+    sqlite_file,
     sqlite_pragmas,
 )
 
@@ -42,6 +44,9 @@ def make_engine(url: str) -> sa.Engine:
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             sqlite_pragmas(dbapi_conn)
 
+        path = sqlite_file(url)
+        if path is not None:
+            _never_recreate(engine, path)
         return engine
     return sa.create_engine(
         parsed,
@@ -51,6 +56,29 @@ def make_engine(url: str) -> sa.Engine:
         pool_timeout=5,
         connect_args={**PG_CONNECT_ARGS, "options": pg_options(parsed.query.get("options", ""))},
     )
+
+
+def _never_recreate(engine: sa.Engine, path: Path) -> None:
+    """Once the engine has opened the file, open it again only if it is still there.
+
+    sqlite3 creates a missing file: after an ``rm`` under a running receiver, the next
+    pooled connection (a metrics scrape, the pause watcher) would make an empty database
+    at the path, and the store commands would then report "no falhook tables" instead of a
+    missing file. ``mode=rw`` opens without creating; the first connection still may.
+    """
+    uri = f"{path.absolute().as_uri()}?mode=rw"
+    opened = False
+
+    @sa.event.listens_for(engine, "connect")
+    def _opened(_dbapi_conn: Any, _record: Any) -> None:
+        nonlocal opened
+        opened = True
+
+    @sa.event.listens_for(engine, "do_connect")
+    def _existing_only(_dialect: Any, _record: Any, cargs: list[Any], cparams: Any) -> None:
+        if opened:
+            cargs[:1] = [uri]
+            cparams["uri"] = True
 
 
 class EngineConnector:

@@ -159,3 +159,26 @@ def test_a_store_file_that_cannot_be_opened_is_store_unavailable(tmp_path: Path)
             Connection(engine, ensure_schema=lambda: None).get()  # the writer's
     finally:
         engine.dispose()
+
+
+def test_a_deleted_store_file_is_not_created_again(tmp_path: Path) -> None:
+    # The first connection makes the file (serve's first start); once it was opened, a
+    # file deleted under the receiver stays deleted: every later connection is refused.
+    path = tmp_path / "odd name#1%.db"  # quoted in the URI sqlite3 is given
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (x)")
+        assert path.exists()
+        engine.dispose()  # no pooled connection left: the next one is opened afresh
+        with engine.connect() as conn:  # the file is there: opened as before
+            assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 0
+        engine.dispose()
+        path.unlink()
+        with pytest.raises(StoreUnavailableError, match=r"cannot connect: .*unable to open"):
+            EngineConnector(engine).connect()
+        with pytest.raises(StoreUnavailableError, match=r"cannot connect: .*unable to open"):
+            Connection(engine, ensure_schema=lambda: None).get()  # the writer's
+        assert not path.exists()
+    finally:
+        engine.dispose()
