@@ -9,6 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from falhook.receiver.store.fileguard import FileGuard
 from falhook.receiver.store.writer import brief
 
 __all__ = ["Checkpointer"]
@@ -42,8 +43,13 @@ class Checkpointer:
     MAX_PASSES = 6
     CATCH_UP_FRAMES = 64
 
-    def __init__(self, engine: sa.Engine, interval: float | None = None) -> None:
+    def __init__(
+        self, engine: sa.Engine, interval: float | None = None, *, guard: FileGuard | None = None
+    ) -> None:
         self._engine = engine
+        # A checkpoint writes through the -shm mapping: into files that cannot be written
+        # that is a SIGBUS, so it waits while the writer's guard says they are unwritable.
+        self._guard = guard
         self._interval = self.INTERVAL if interval is None else interval
         self._commits = 0
         self.checkpoints = 0  # completed by this thread
@@ -98,6 +104,8 @@ class Checkpointer:
         while not self._stop.wait(self._interval):
             if self._commits == seen:
                 continue
+            if self._guard is not None and self._guard.unwritable() is not None:
+                continue  # tried again once they are writable (the writer logs it)
             seen = self._commits
             try:
                 if fairy is None:
@@ -111,6 +119,8 @@ class Checkpointer:
                         fairy.invalidate()
                     fairy = None
         if fairy is not None:
+            if self._guard is not None and self._guard.unwritable() is not None:
+                return  # neither a pass nor a close (which checkpoints): see FileGuard
             with contextlib.suppress(Exception):
                 self._pass(fairy.driver_connection)
                 fairy.close()

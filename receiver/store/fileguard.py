@@ -72,17 +72,24 @@ class FileGuard:
             raise StoreUnavailableError(self._gone)
         self._check_writable()
 
-    def _check_writable(self) -> None:
+    def unwritable(self) -> str | None:
+        """Why the database files cannot be written now, or None. Pure: any thread may ask
+        (the checkpointer does, before each pass through the -shm mapping)."""
         for name in self._files:
             if not os.access(name, os.W_OK) and os.path.exists(name):
-                message = (
+                return (
                     f"the database file {name} is not writable (read-only or immutable): "
                     "refusing to write to it"
                 )
-                if not self._unwritable:
-                    self._unwritable = True
-                    log.error("%s", message)
-                raise FilesUnwritableError(message)
+        return None
+
+    def _check_writable(self) -> None:
+        message = self.unwritable()
+        if message is not None:
+            if not self._unwritable:
+                self._unwritable = True
+                log.error("%s", message)
+            raise FilesUnwritableError(message)
         if self._unwritable:
             self._unwritable = False
             log.warning("the database files are writable again")

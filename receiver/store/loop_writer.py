@@ -67,8 +67,8 @@ class LoopWriter(WriterBase):
         # nobody references could be collected mid-run.
         self._fallback: asyncio.Task[None] | None = None
         self._stopping = False
-        self._checkpointer = Checkpointer(connection.engine)
         self._guard = FileGuard(connection.engine.url.database)
+        self._checkpointer = Checkpointer(connection.engine, guard=self._guard)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import sqlite3
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import SpawnServer
-from tests.e2e.server import Sender, wait_for
+from tests.e2e.server import Sender, ServerProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -219,11 +220,35 @@ def _post_as_fal_would(post: Callable[[], httpx.Response]) -> int:
         return post().status_code
 
 
+def _wal_checkpointed(shm: Path) -> bool:
+    """Every WAL frame copied into the database file: the -shm file's index header says
+    mxFrame (bytes 16-20) and its checkpoint info nBackfill (bytes 96-100) are equal. Read
+    as a plain file, so this process takes no SQLite lock the server would see."""
+    header = shm.read_bytes()[:100]
+    if len(header) < 100:
+        return False
+    (max_frame,) = struct.unpack_from("=I", header, 16)
+    (backfilled,) = struct.unpack_from("=I", header, 96)
+    return bool(max_frame == backfilled)
+
+
+def _settled(server: ServerProcess, client: httpx.Client, done: int) -> bool:
+    """`done` deliveries finished and the WAL checkpointed behind them: nothing in the
+    server writes to its files until the next request."""
+    metrics = client.get(server.url + "/metrics").text
+    line = f'falhook_deliveries{{state="done"}} {float(done)}'
+    return line in metrics.splitlines() and _wal_checkpointed(Path(f"{server.db_path}-shm"))
+
+
 def test_immutable_database_files_get_503_not_a_crash(
     spawn: SpawnServer, sender: Sender, client: httpx.Client
 ) -> None:
     server = spawn()
     assert sender.post(client, server.webhook_url, "before-immutable").status_code == 200
+    # A write in flight when the files turn immutable (the delivery's outcome, the WAL
+    # checkpoint after it) can still be killed by the kernel, as the README says: the
+    # files change only once the server is idle.
+    wait_for(lambda: _settled(server, client, done=1), timeout=10, what="the server idle")
     files = [server.db_path.with_name(server.db_path.name + s) for s in ("", "-wal", "-shm")]
     if not _chattr("+i", *files):
         pytest.skip("chattr +i is not available here (needs root and a filesystem with it)")

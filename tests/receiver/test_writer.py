@@ -13,6 +13,8 @@ import pytest
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.store import Store
 from falhook.receiver.store.checkpointer import Checkpointer
+from falhook.receiver.store.engine import make_engine
+from falhook.receiver.store.fileguard import FileGuard
 from falhook.receiver.store.loop_writer import LoopWriter
 from falhook.receiver.store.operations import op_insert
 from falhook.receiver.store.writer import Tx
@@ -197,3 +199,45 @@ def test_a_batch_waits_for_another_process_s_write_lock_off_the_loop(tmp_path: P
             await store.stop()
 
     asyncio.run(body())
+
+
+class _Unwritable(FileGuard):
+    """The writer's guard, told the files cannot be written (as `chattr +i` makes them),
+    counting how often the checkpointer asked."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.refuse = True
+        self.asked = 0
+
+    def unwritable(self) -> str | None:
+        self.asked += 1
+        return "immutable, for the test" if self.refuse else None
+
+
+def test_the_checkpointer_waits_while_the_files_cannot_be_written(tmp_path: Path) -> None:
+    # A checkpoint writes through the -shm mapping; into unwritable files that is a SIGBUS.
+    path = tmp_path / "c.db"
+    engine = make_engine(f"sqlite:///{path}")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
+        conn.exec_driver_sql("CREATE TABLE t (x)")
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        conn.commit()
+    guard = _Unwritable(str(path))
+    checkpointer = Checkpointer(engine, interval=0.01, guard=guard)
+    checkpointer.committed()
+    checkpointer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while guard.asked < 3:
+            assert time.monotonic() < deadline, "the checkpointer never looked"
+            time.sleep(0.01)
+        assert checkpointer.checkpoints == 0  # asked three times, passed none
+        guard.refuse = False
+        while checkpointer.checkpoints < 1:
+            assert time.monotonic() < deadline, "no checkpoint once the files were writable"
+            time.sleep(0.01)
+    finally:
+        checkpointer.stop()
+        engine.dispose()
