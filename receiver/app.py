@@ -38,11 +38,10 @@ from falhook.receiver.pruner import Pruner
 from falhook.receiver.registry import Callback, CallbackRegistry
 from falhook.receiver.retry import RetryPolicy
 from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
-from falhook.receiver.settings import Settings
+from falhook.receiver.settings import Settings, without_password
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
 from falhook.receiver.store.dbapi import sqlite_file
-from falhook.receiver.store.engine import masked_url
 from falhook.receiver.store.expectations import Expectations, ExpectationState
 from falhook.receiver.store.listener import Listener
 from falhook.receiver.watchdog import LoopWatchdog
@@ -342,7 +341,7 @@ class WebhookReceiver:
         """One line with everything an operator checks first: what runs, where, with what."""
         settings = self.settings
         keys = self.keys
-        store = masked_url(settings.database_url)
+        store = without_password(settings.database_url)
         path = sqlite_file(settings.database_url)
         if path is not None and not path.is_absolute():
             store = f"{store} ({path.resolve()})"  # relative to where it was started

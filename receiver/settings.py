@@ -14,6 +14,7 @@ from typing import Any
 
 from falhook.receiver.durations import format_duration, parse_duration
 from falhook.receiver.errors import SettingsError
+from falhook.verify.keys import jwks_file
 from falhook.verify.message import DEFAULT_JWKS_URL
 
 __all__ = [
@@ -116,16 +117,9 @@ def _str(value: str) -> str:
     return value.strip()
 
 
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
 def _jwks_source(value: str) -> str:
-    # http(s) is fetched; anything else is read as a local file (verify/keys.jwks_file), so
-    # an ftp:// or a mistyped scheme would only fail later as a strange "file not found".
     source = _str(value)
-    scheme = _SCHEME.match(source)
-    if scheme and scheme.group(1) not in ("http", "https", "file"):
-        raise ValueError("wants an http(s) URL, or a local JWKS file's path or file:// URL")
+    jwks_file(source)  # verify's rule, checked at start: ValueError for another scheme
     return source
 
 
@@ -472,11 +466,13 @@ def shown_default(f: dataclasses.Field[Any]) -> str:
 
 # user:password@ in a URL (a database's, a forward target's): the password never reaches
 # an error line, which goes to a terminal, a CI log or a ticket.
-_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
+# SQLAlchemy's URL grammar: a user name without ":" or "/", a password up to the "@".
+_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 
 def without_password(text: str) -> str:
-    """``text`` with the password of any URL in it replaced by ``***``."""
+    """``text`` with the password of any URL in it replaced by ``***``: for the startup
+    line and for errors, including a URL too broken for SQLAlchemy to parse."""
     return _PASSWORD.sub(r"\1***@", text)
 
 

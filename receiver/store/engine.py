@@ -18,15 +18,7 @@ from falhook.receiver.store.dbapi import (
     sqlite_pragmas,
 )
 
-__all__ = ["EngineConnector", "make_engine", "masked_url"]
-
-
-def masked_url(url: str) -> str:
-    """The URL with its password replaced by ***, for logs."""
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return "(unparsable URL)"
+__all__ = ["EngineConnector", "make_engine", "pooled_connection"]
 
 
 def make_engine(url: str) -> sa.Engine:
@@ -81,6 +73,16 @@ def _never_recreate(engine: sa.Engine, path: Path) -> None:
             cparams["uri"] = True
 
 
+def pooled_connection(engine: sa.Engine) -> Any:
+    """A connection from the engine's pool (its pool proxy); StoreUnavailableError if none
+    can be had. ``raw_connection()`` passes the driver's own error through unwrapped
+    (sqlite3's "unable to open database file" when the file's directory is gone)."""
+    try:
+        return engine.raw_connection()
+    except (sa.exc.SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
+        raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
+
+
 class EngineConnector:
     """Sync store calls' connections from an engine's pool (dbapi.Connector): `Store`'s,
     and the store commands' for a URL only SQLAlchemy reads (admin.connector_for)."""
@@ -92,13 +94,7 @@ class EngineConnector:
         self._owns_engine = owns_engine
 
     def connect(self) -> Any:
-        # raw_connection() passes the driver's own error through unwrapped (sqlite3's
-        # "unable to open database file" when the file's directory is gone).
-        failures: tuple[type[BaseException], ...] = (sa.exc.SQLAlchemyError, *self.errors)
-        try:
-            return self.engine.raw_connection()
-        except failures as exc:
-            raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
+        return pooled_connection(self.engine)
 
     def release(self, conn: Any) -> None:
         conn.close()  # back to the pool

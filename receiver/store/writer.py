@@ -25,6 +25,7 @@ import sqlalchemy as sa
 
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.store.dbapi import Op, Tx, brief
+from falhook.receiver.store.engine import pooled_connection
 
 __all__ = ["Connection", "Op", "Tx", "Writer", "WriterBase", "brief", "run_ops"]
 
@@ -72,11 +73,7 @@ class Connection:
         """The driver connection; raises StoreUnavailableError if none can be had."""
         if self._fairy is None:
             self._ensure_schema()
-            try:
-                self._fairy = self.engine.raw_connection()
-            # raw_connection() passes the driver's own error through unwrapped.
-            except (sa.exc.SQLAlchemyError, self.engine.dialect.loaded_dbapi.Error) as exc:
-                raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
+            self._fairy = pooled_connection(self.engine)
         return self._fairy.driver_connection
 
     def discard(self) -> None:
