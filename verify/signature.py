@@ -109,6 +109,8 @@ def verify_signature(
     :param now: the current Unix time, for tests; defaults to ``time.time()``.
     :raises WebhookVerificationError: the delivery is not authentic (see ``.reason``).
     :raises KeysUnavailableError: no keys could be obtained.
+    :raises ValueError: ``jwks_url`` has a scheme other than http, https or file, or
+        ``tolerance`` is negative (programming errors, not a delivery's fault).
     """
     if tolerance != DEFAULT_TOLERANCE:
         check_tolerance(tolerance)
