@@ -14,7 +14,8 @@ from falhook.verify import (
     verify_body,
 )
 from falhook.verify.jwks import DEFAULT_FETCH_TIMEOUT
-from falhook.verify.keys import jwks_file, load_jwks_file
+from falhook.verify.keys import load_jwks_file
+from falhook.verify.sources import jwks_file
 
 __all__ = ["KeySource"]
 

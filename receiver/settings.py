@@ -14,8 +14,8 @@ from typing import Any
 
 from falhook.receiver.durations import format_duration, parse_duration
 from falhook.receiver.errors import SettingsError
-from falhook.verify.keys import jwks_file
 from falhook.verify.message import DEFAULT_JWKS_URL
+from falhook.verify.sources import jwks_file
 
 __all__ = [
     "DEFAULT_DATABASE_URL",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from falhook.verify._headers import HeadersLike
 from falhook.verify.jwks import get_async_jwks_client, get_jwks_client
-from falhook.verify.keys import KeysLike, PublicKey, jwks_file, load_jwks_file, load_keys
+from falhook.verify.keys import KeysLike, PublicKey, load_jwks_file, load_keys
 from falhook.verify.message import (
     DEFAULT_JWKS_URL,
     DEFAULT_TOLERANCE,
@@ -24,6 +24,7 @@ from falhook.verify.message import (
     prepare,
     prepare_body,
 )
+from falhook.verify.sources import jwks_file
 
 __all__ = [
     "DEFAULT_JWKS_URL",

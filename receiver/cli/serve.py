@@ -170,7 +170,8 @@ def _check_store(settings: Settings, args: argparse.Namespace) -> None:
 def _check_keys(settings: Settings, args: argparse.Namespace) -> None:
     """A local JWKS file must load now: unlike a URL, it cannot start working later."""
     from falhook.verify import KeysUnavailableError
-    from falhook.verify.keys import jwks_file, load_jwks_file
+    from falhook.verify.keys import load_jwks_file
+    from falhook.verify.sources import jwks_file
 
     path = jwks_file(settings.jwks_url)
     if path is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from falhook.verify.errors import KeysUnavailableError
-from falhook.verify.keys import PublicKey, jwks_file, load_keys, parse_jwks
+from falhook.verify.keys import PublicKey, load_keys, parse_jwks
 from falhook.verify.testing import KeyPair, jwks_document
 
 
@@ -114,15 +114,3 @@ def test_load_keys_invalid_static_keys(source: object) -> None:
     """Invalid static keys are KeysUnavailableError, never a crash."""
     with pytest.raises(KeysUnavailableError):
         load_keys(source)  # type: ignore[arg-type]
-
-
-def test_a_key_source_is_fetched_read_or_refused() -> None:
-    # One rule for verify_signature and `falhook serve`: http(s) is fetched, a path or a
-    # file:// URL is read here, and any other scheme is refused at once.
-    assert jwks_file("https://rest.alpha.fal.ai/.well-known/jwks.json") is None
-    assert jwks_file("HTTP://127.0.0.1:8000/jwks.json") is None
-    assert jwks_file("file:///etc/falhook/jwks.json") == Path("/etc/falhook/jwks.json")
-    assert jwks_file("./jwks.json") == Path("./jwks.json")
-    for source in ("ftp://host/jwks.json", "s3://bucket/jwks.json"):
-        with pytest.raises(ValueError, match="wants an http"):
-            jwks_file(source)
