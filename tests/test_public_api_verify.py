@@ -9,7 +9,7 @@ def test_all_is_sorted_and_complete() -> None:
     """__all__ is sorted and lists every public name the package defines."""
     assert verify.__all__ == sorted(verify.__all__)
     public = {name for name in dir(verify) if not name.startswith("_")}
-    submodules = {"errors", "jwks", "keys", "message", "signature", "testing"}
+    submodules = {"errors", "jwks", "keys", "message", "signature", "sources", "testing"}
     assert set(verify.__all__) - {"__version__"} == public - submodules
 
 
