@@ -216,14 +216,25 @@ def _required_http_url(value: str) -> str:
 
 
 def _setting(
-    default: Any, parse: Callable[[str], Any], env: str, help: str, *, secret: bool = False
+    default: Any,
+    parse: Callable[[str], Any],
+    env: str,
+    help: str,
+    *,
+    secret: bool = False,
+    show: Callable[[Any], str] | None = None,
 ) -> Any:
-    # A secret (the fal key) stays out of repr(), so it never reaches a log line.
+    # A secret (the fal key) stays out of repr(), so it never reaches a log line. `show`
+    # writes the default as an operator types it, where str() would not (a duration).
     return field(
         default=default,
         repr=not secret,
-        metadata={"parse": parse, "env": env, "help": help, "secret": secret},
+        metadata={"parse": parse, "env": env, "help": help, "secret": secret, "show": show},
     )
+
+
+def _show_duration(seconds: float) -> str:
+    return format_duration(seconds) if seconds else "0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +347,7 @@ class Settings:
         _retention,
         "RETENTION",
         "serve prunes done deliveries older than this (7d, 36h…; 0 = off)",
+        show=_show_duration,
     )
     log_level: str = _setting("INFO", _log_level, "LOG_LEVEL", "log level")
     log_payloads: bool = _setting(
@@ -457,8 +469,9 @@ def shown_default(f: dataclasses.Field[Any]) -> str:
         return "unset"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if f.metadata["parse"] is _retention:
-        return format_duration(value) if value else "0"
+    show = f.metadata["show"]
+    if show is not None:
+        return str(show(value))
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
