@@ -52,10 +52,14 @@ def parse_since(text: str, *, now: float | None = None) -> float:
 
 
 def format_time(ts: float | None) -> str | None:
-    """ISO 8601 UTC with a ``Z``, to the second (None stays None)."""
+    """ISO 8601 UTC with a ``Z``, to the second (None stays None, and so does a time no
+    calendar holds: an infinite retry time an older version could store)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def format_duration(seconds: float) -> str:

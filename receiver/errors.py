@@ -149,6 +149,7 @@ class QueueFailure(StrEnum):
     NOT_FOUND = "not_found"  # 404 on status: fal does not know this request (or endpoint)
     RESULT_GONE = "result_gone"  # the result is no longer stored (fal's retention passed)
     RATE_LIMITED = "rate_limited"  # 429: back off (Retry-After)
+    TRY_AGAIN = "try_again"  # 408, 409, 425: HTTP's own "send it again later"
     SERVER_ERROR = "server_error"  # 5xx: fal's side, try again later
     UNREACHABLE = "unreachable"  # connection refused, timeout, DNS
     BAD_ANSWER = "bad_answer"  # an answer we cannot read (not JSON, no request_id…)
@@ -159,9 +160,20 @@ class QueueFailure(StrEnum):
         """Worth trying again later (the rest end an expectation as failed)."""
         return self in (
             QueueFailure.RATE_LIMITED,
+            QueueFailure.TRY_AGAIN,
             QueueFailure.SERVER_ERROR,
             QueueFailure.UNREACHABLE,
             QueueFailure.BAD_ANSWER,
+        )
+
+    @property
+    def everyones(self) -> bool:
+        """Says something about fal's queue, not one request: every poll of the process
+        waits (a rate limit is per key; an outage is everyone's)."""
+        return self in (
+            QueueFailure.RATE_LIMITED,
+            QueueFailure.SERVER_ERROR,
+            QueueFailure.UNREACHABLE,
         )
 
 

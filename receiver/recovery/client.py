@@ -14,8 +14,10 @@ only to ``FALHOOK_QUEUE_URL``'s own host.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +32,12 @@ __all__ = ["QueueAnswer", "QueueClient", "outcome_of", "retry_after_seconds"]
 
 # Connecting should be quick; a result may be megabytes of JSON.
 TIMEOUT = httpx.Timeout(10.0, read=30.0)
+# httpx's read timeout starts again with every byte: a queue trickling a byte every few
+# seconds would hold a call (and a recovery slot) for ever. So each call has a deadline.
+CALL_DEADLINE = 45.0
+# fal keeps results of 10 KB or more about 6 minutes: a Retry-After obeyed for an hour
+# would let them go. Longer (or unreadable: inf, NaN) ones are read as this.
+MAX_RETRY_AFTER = 60.0
 _MAX_DETAIL = 300
 
 
@@ -56,18 +64,21 @@ class QueueAnswer:
 
 
 def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: a number, or an HTTP date (RFC 9110); None if unusable."""
+    """Retry-After as seconds: a number, or an HTTP date (RFC 9110), at most
+    `MAX_RETRY_AFTER`; None if unusable."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if math.isnan(seconds):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))  # inf included: at most the cap
 
 
 def outcome_of(status_code: int) -> QueueFailure | None:
@@ -82,6 +93,8 @@ def outcome_of(status_code: int) -> QueueFailure | None:
         return QueueFailure.NOT_FOUND
     if status_code == 429:
         return QueueFailure.RATE_LIMITED
+    if status_code in (408, 409, 425):
+        return QueueFailure.TRY_AGAIN
     if status_code >= 500:
         return QueueFailure.SERVER_ERROR
     return QueueFailure.REJECTED
@@ -113,11 +126,13 @@ class QueueClient:
         *,
         observe: Callable[[str], None] | None = None,
         timeout: httpx.Timeout = TIMEOUT,
+        deadline: float = CALL_DEADLINE,
     ) -> None:
         self.queue_url = queue_url.rstrip("/")
         self._headers = {"Authorization": f"Key {key}", "Accept": "application/json"}
         self._observe = observe or (lambda outcome: None)
         self._timeout = timeout
+        self._deadline = deadline
         self._client: httpx.AsyncClient | None = None
 
     async def aclose(self) -> None:
@@ -151,7 +166,14 @@ class QueueClient:
         """GET a status or result URL. Raises QueueError(unreachable) if no answer came."""
         self._check_target(url)
         try:
-            response = await self._async_client().get(url, headers=self._headers)
+            async with asyncio.timeout(self._deadline):
+                response = await self._async_client().get(url, headers=self._headers)
+        except TimeoutError as exc:
+            self._count(None)
+            raise QueueError(
+                QueueFailure.UNREACHABLE,
+                f"fal's queue did not answer within {self._deadline:g} s",
+            ) from exc
         except httpx.HTTPError as exc:
             self._count(None)
             raise QueueError(
@@ -173,9 +195,16 @@ class QueueClient:
         ``response_url``…). Raises QueueError for anything else."""
         url, params, sent = self._submission(endpoint_id, webhook_url, headers)
         try:
-            response = await self._async_client().post(
-                url, params=params, json=arguments, headers=sent
-            )
+            async with asyncio.timeout(self._deadline):
+                response = await self._async_client().post(
+                    url, params=params, json=arguments, headers=sent
+                )
+        except TimeoutError as exc:
+            self._count(None)
+            raise QueueError(
+                QueueFailure.UNREACHABLE,
+                f"fal's queue did not answer within {self._deadline:g} s",
+            ) from exc
         except httpx.HTTPError as exc:
             self._count(None)
             raise QueueError(

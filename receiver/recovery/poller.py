@@ -13,8 +13,11 @@ Run by the receiver's lifespan when a fal key is configured. Each round it
    ``FALHOOK_RECOVER_POLL_SECONDS``), or wait the grace once COMPLETED.
 
 Gentle with fal: at most a few calls at once, each expectation backs off, a 429 (with its
-Retry-After) or an unreachable/failing queue pauses every poll of this process, and 401,
-403, 404 and a result no longer stored end the expectation ``failed`` at once.
+Retry-After, at most a minute) or an unreachable/failing queue pauses every poll of this
+process, and 401, 403, 404 and a result no longer stored end the expectation ``failed`` at
+once. Any other answer is asked again until the expectation's TTL. Each expectation is
+worked in a task of its own: a call that hangs (each has a deadline) holds one slot, never
+the loop, so the others are claimed and polled meanwhile.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Callable
 
 from falhook.receiver.errors import QueueError, QueueFailure, StoreUnavailableError
 from falhook.receiver.models import SOURCE_QUEUE
-from falhook.receiver.recovery.client import QueueClient
+from falhook.receiver.recovery.client import CALL_DEADLINE, QueueClient
 from falhook.receiver.recovery.transitions import (
     QueueStatus,
     delivery_body,
@@ -48,14 +51,13 @@ __all__ = ["Poller"]
 
 log = logging.getLogger("falhook.recovery")
 
-BATCH = 32  # expectations claimed per round
-CONCURRENCY = 4  # calls to fal's queue at once, per process
+CONCURRENCY = 4  # expectations worked (calls to fal's queue) at once, per process
 SWEEP_SECONDS = 5.0  # how often expectations are matched with stored deliveries
 # A delivery's received_at is taken before its commit, and replicas' clocks differ: each
 # sweep looks this far behind the previous one's start.
 SWEEP_MARGIN = 30.0
 MAX_IDLE = 5.0  # look for due work at least this often (others may record expectations)
-MIN_LEASE = 30.0  # a claim must outlive a status call and a result fetch (timeouts 10+30 s)
+MIN_LEASE = 2 * CALL_DEADLINE + 10.0  # a claim outlives a status call and a result fetch
 STOP_SECONDS = 5.0  # on shutdown, let the round under way finish for this long
 TTL_REASON = "ttl: no result within FALHOOK_EXPECT_TTL_SECONDS"
 S = ExpectationState
@@ -87,8 +89,9 @@ class Poller:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._not_before = 0.0  # no call to fal before this (a 429, an outage)
-        self._calls = asyncio.Semaphore(CONCURRENCY)
-        self._held: dict[str, str] = {}  # request_id -> claim_id, while being worked on
+        self._working: set[asyncio.Task[None]] = set()  # one per claimed expectation
+        # request_id -> claim_id while worked on; a cancelled one stays, to be released
+        self._held: dict[str, str] = {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="falhook-recovery")
@@ -98,17 +101,16 @@ class Poller:
         self._wake.set()
 
     async def stop(self) -> None:
-        """Finish the round under way (up to a few seconds), then give back unworked claims."""
+        """Let the expectations under way finish (up to a few seconds), then give back the
+        claims of those that did not, so that they are due again at the next start."""
         self._stopping = True
         self._wake.set()
         task, self._task = self._task, None
         if task is None:
             return
-        done, _ = await asyncio.wait({task}, timeout=STOP_SECONDS)
-        if not done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        deadline = time.monotonic() + STOP_SECONDS
+        await _finish({task}, STOP_SECONDS)
+        await _finish(set(self._working), max(0.0, deadline - time.monotonic()))
         if self._held:
             with contextlib.suppress(StoreUnavailableError):
                 await self.expectations.run(self.expectations.op_release(list(self._held.values())))
@@ -120,23 +122,25 @@ class Poller:
         next_sweep = 0.0
         backoff = 0.1
         while not self._stopping:
+            # Cleared before looking, not before sleeping: a wake-up that comes while this
+            # round runs (an expectation finished, one was recorded) is not lost.
+            self._wake.clear()
             try:
                 now = time.time()
                 if now >= next_sweep:
                     await self._sweep(since)
                     since, next_sweep = now - SWEEP_MARGIN, now + self.sweep_seconds
                 wait = self.max_idle
+                free = CONCURRENCY - len(self._working)
                 if now < self._not_before:
                     wait = self._not_before - now
-                else:
+                elif free > 0:  # else: a finishing expectation wakes the loop
                     claims, next_due = await self.expectations.run(
-                        self.expectations.op_claim(limit=BATCH, lease_seconds=self.lease)
+                        self.expectations.op_claim(limit=free, lease_seconds=self.lease)
                     )
-                    if claims:
-                        await self._work(claims)
-                        if len(claims) == BATCH:
-                            continue
-                    if next_due is not None:
+                    for claim in claims:
+                        self._start(claim)
+                    if len(claims) < free and next_due is not None:
                         wait = min(wait, max(0.0, next_due - time.time()) + 0.001)
                 wait = min(wait, max(0.0, next_sweep - time.time()))
                 backoff = 0.1
@@ -150,7 +154,6 @@ class Poller:
             await self._sleep(wait)
 
     async def _sleep(self, seconds: float) -> None:
-        self._wake.clear()
         if self._stopping:
             return
         with contextlib.suppress(TimeoutError):
@@ -173,23 +176,28 @@ class Poller:
                 },
             )
 
-    async def _work(self, claims: list[ExpectationClaim]) -> None:
-        for claim in claims:
-            self._held[claim.request_id] = claim.claim_id
-        await asyncio.gather(*(self._one(claim) for claim in claims))
+    def _start(self, claim: ExpectationClaim) -> None:
+        self._held[claim.request_id] = claim.claim_id
+        task = asyncio.create_task(self._one(claim), name=f"falhook-recovery-{claim.request_id}")
+        self._working.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._working.discard(task)
+        self._wake.set()  # a slot is free
 
     async def _one(self, claim: ExpectationClaim) -> None:
         try:
-            async with self._calls:
-                await self._handle(claim)
+            await self._handle(claim)
+        except asyncio.CancelledError:
+            raise  # stopping: its claim stays held, and stop() gives it back
         except StoreUnavailableError as exc:
             # Its lease expires and it is retaken (here or by another replica).
             log.warning("could not record recovery of %s: %s", claim.request_id, exc)
         except Exception:
             # A bug of ours: this one is retaken when its lease expires; the others go on.
             log.exception("recovery of %s failed", claim.request_id)
-        finally:
-            self._held.pop(claim.request_id, None)
+        self._held.pop(claim.request_id, None)
 
     # -- one expectation ---------------------------------------------------------------
 
@@ -287,12 +295,15 @@ class Poller:
         failure = exc.failure
         if failure is QueueFailure.NOT_FOUND:
             failure = gone_means
-        if failure.transient:
+        # fal answered some other 4xx (not a model's error): asked again until the TTL,
+        # since giving up loses a result fal may still have.
+        answered = failure is QueueFailure.REJECTED and exc.status_code is not None
+        if failure.transient or answered:
             delay = poll_delay(exp.polls + 1, self.poll_cap)
             if exc.retry_after is not None:
                 delay = max(delay, exc.retry_after)
-            # Rate limits are per key, and an outage is everyone's: pause every poll.
-            self._not_before = max(self._not_before, time.time() + delay)
+            if failure.everyones:
+                self._not_before = max(self._not_before, time.time() + delay)
             log.warning(
                 "fal's queue: %s (retrying in %.3g s)",
                 exc,
@@ -366,3 +377,13 @@ class Poller:
                 "polls": claim.expectation.polls,
             },
         )
+
+
+async def _finish(tasks: set[asyncio.Task[None]], seconds: float) -> None:
+    """Wait up to `seconds` for `tasks`, then cancel what is still running."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=seconds) if seconds > 0 else (set(), tasks)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)

@@ -104,8 +104,8 @@ def delivery_body(request_id: str, queue_error: str | None, answer: QueueAnswer)
     `queue_error` is what the status said about a failed request (None if it succeeded).
     A failed request becomes an ERROR delivery — from the result URL's error answer, or
     from the status alone when the result is no longer stored. A successful request whose
-    result is gone cannot be recovered (``result_gone``); 401/403 end it; 429 and 5xx
-    (without a model error) are tried again.
+    result is gone cannot be recovered (``result_gone``); 401/403 end it; any other error
+    answer that is not a model's is tried again.
     """
     error, error_type = error_note(queue_error)
     failed = queue_error is not None
@@ -125,8 +125,11 @@ def delivery_body(request_id: str, queue_error: str | None, answer: QueueAnswer)
             payload = {"detail": error, "error_type": error_type}
             return _body(request_id, "ERROR", payload, error, error_type)
         raise _failure(answer, "result", QueueFailure.RESULT_GONE)
-    # A model's error answer (a 4xx, or a 5xx fal marks with an error type) is the result.
-    model_error = failed or answer.error_type is not None or failure is QueueFailure.REJECTED
+    # A model's error answer is the result: the status said it failed, fal named an error
+    # type, or a 422 (a validation error: ``{"detail": [{loc, msg, type}]}``). Any other
+    # 4xx or 5xx after a status that said COMPLETED without an error is asked again: a
+    # one-off 400 or 408 must not turn a success into an ERROR for good.
+    model_error = failed or answer.error_type is not None or answer.status_code == 422
     if not model_error:
         raise _failure(answer, "result", failure)
     return _body(

@@ -31,6 +31,7 @@ Routes (paths relative to `FakeFalQueue.url`, which stands for ``https://queue.f
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import json
@@ -419,6 +420,8 @@ class FakeFalQueue:
         self._seq = 0
         self._log: list[RecordedRequest] = []
         self._failures: list[_Failure] = []
+        self._stalled: set[tuple[RouteName, str]] = set()
+        self._holding = 0
         self._deliveries: list[WebhookDelivery] = []
         self._delivery_threads: list[threading.Thread] = []
         self._server: uvicorn.Server | None = None
@@ -513,6 +516,7 @@ class FakeFalQueue:
 
     def stop(self) -> None:
         """Stop serving and wait for background webhook deliveries. Idempotent."""
+        self.unstall()  # a held call would keep the server from shutting down
         with self._lifecycle:
             self._shutdown()
         with self._lock:
@@ -782,6 +786,21 @@ class FakeFalQueue:
         with self._lock:
             self._failures.clear()
 
+    def stall(self, request_id: str, route: RouteName = "status") -> None:
+        """Hold every call on `route` for `request_id` unanswered (a queue that hangs), until
+        `unstall` or `stop`. Recorded only once answered."""
+        with self._lock:
+            self._stalled.add((route, request_id))
+
+    def unstall(self) -> None:
+        with self._lock:
+            self._stalled.clear()
+
+    def stalled_calls(self) -> int:
+        """Calls being held by `stall` right now."""
+        with self._lock:
+            return self._holding
+
     # ------------------------------------------------------------------ webhooks
 
     def webhook_body(self, request_id: str, *, payload_error: str | None = None) -> bytes:
@@ -1039,6 +1058,8 @@ class FakeFalQueue:
         headers = {k.lower(): v for k, v in request.headers.items()}
         params = dict(request.query_params)
         route, prefix, rid = _classify(request.method, path)
+        if rid is not None and (route, rid) in self._stalled:
+            await self._hold(route, rid)
         arrived, arrived_mono = time.time(), time.monotonic()
         with self._lock:
             response, rid = self._dispatch(route, path, prefix, rid, params, headers, body)
@@ -1058,6 +1079,17 @@ class FakeFalQueue:
                 )
             )
         return response
+
+    async def _hold(self, route: RouteName, rid: str) -> None:
+        with self._lock:
+            self._holding += 1
+        try:
+            # Polled, not an asyncio.Event: `unstall` runs in the test's thread, not this loop.
+            while (route, rid) in self._stalled:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        finally:
+            with self._lock:
+                self._holding -= 1
 
     def _dispatch(
         self,

@@ -58,6 +58,7 @@ def test_since_rejects_garbage() -> None:
 
 def test_format() -> None:
     assert format_time(None) is None
+    assert format_time(float("inf")) is None and format_time(1e300) is None
     assert format_time(datetime(2025, 7, 9, 12, 0, 5, tzinfo=UTC).timestamp()) == (
         "2025-07-09T12:00:05Z"
     )

@@ -289,3 +289,101 @@ def test_a_payload_error_delivery_waits_for_the_queue_to_answer(
     assert delivery.attempt == 2 and delivery.source == "webhook"
     assert [r.status_code for r in fake.requests("result", request_id=rid)] == [503, 200]
     assert stored(fast.database_url, rid).state is ExpectationState.RECOVERED
+
+
+def _recorder(hooks: WebhookReceiver) -> tuple[list[Delivery], asyncio.Event]:
+    got: list[Delivery] = []
+    seen = asyncio.Event()
+
+    @hooks.on_delivery
+    async def record(delivery: Delivery) -> None:
+        got.append(delivery)
+        seen.set()
+
+    return got, seen
+
+
+def test_a_hanging_call_holds_one_slot_not_all_recovery(fast: Settings, fake: FakeFalQueue) -> None:
+    # fal's queue never answers for one request: the others are still polled and recovered.
+    stuck = fake.create(ENDPOINT)
+    fake.stall(stuck)
+    done = fake.create(ENDPOINT, state="COMPLETED")
+
+    async def body() -> list[Delivery]:
+        hooks = WebhookReceiver(fast)
+        got, seen = _recorder(hooks)
+        async with hooks:
+            await hooks.expect(stuck, ENDPOINT)
+            await asyncio.to_thread(wait_until, lambda: fake.stalled_calls() == 1, timeout=10)
+            await hooks.expect(done, ENDPOINT)
+            await asyncio.wait_for(seen.wait(), 10)
+            assert fake.stalled_calls() == 1  # still hanging meanwhile
+            fake.unstall()
+        return got
+
+    got = asyncio.run(body())
+    assert [(d.request_id, d.source) for d in got] == [(done, "queue")]
+
+
+def test_a_call_that_never_ends_is_cut_at_its_deadline(fake: FakeFalQueue) -> None:
+    from falhook.receiver.recovery.client import QueueClient
+
+    rid = fake.create(ENDPOINT)
+    fake.stall(rid)
+
+    async def body() -> None:
+        client = QueueClient(fake.url, KEY, deadline=0.3)
+        try:
+            with pytest.raises(QueueError, match=r"did not answer within 0.3 s") as caught:
+                await client.get(fake.request_urls(rid)["status_url"])
+            assert caught.value.failure is QueueFailure.UNREACHABLE
+        finally:
+            await client.aclose()
+            fake.unstall()
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("code", [400, 408, 409])
+def test_a_one_off_4xx_is_asked_again_not_a_failure(
+    fast: Settings, fake: FakeFalQueue, code: int
+) -> None:
+    # On the status URL and then on the result URL: a success stays a success.
+    rid = fake.create(ENDPOINT, state="COMPLETED", output={"images": ["a.png"]})
+    fake.fail(code, route="status", times=1)
+    fake.fail(code, route="result", times=1)
+
+    async def body() -> list[Delivery]:
+        hooks = WebhookReceiver(fast)
+        got, seen = _recorder(hooks)
+        async with hooks:
+            await hooks.expect(rid, ENDPOINT)
+            await asyncio.wait_for(seen.wait(), 10)
+        return got
+
+    got = asyncio.run(body())
+    assert [(d.request_id, d.status, d.payload) for d in got] == [
+        (rid, "OK", {"images": ["a.png"]})
+    ]
+    assert [r.status_code for r in fake.requests("status", request_id=rid)][:2] == [code, 200]
+    assert stored(fast.database_url, rid).state is ExpectationState.RECOVERED
+
+
+def test_stopping_mid_call_gives_the_claim_back(fast: Settings, fake: FakeFalQueue) -> None:
+    # Claimed and waiting on fal when the receiver stops: due again at once, not after the
+    # lease (a minute or more) at the next start.
+    rid = fake.create(ENDPOINT)
+    fake.stall(rid)
+
+    async def body() -> float:
+        async with WebhookReceiver(fast) as hooks:
+            await hooks.expect(rid, ENDPOINT)
+            await asyncio.to_thread(wait_until, lambda: fake.stalled_calls() == 1, timeout=10)
+            stopping = time.time()
+        return stopping
+
+    stopping = asyncio.run(body())
+    fake.unstall()
+    expected = stored(fast.database_url, rid)
+    assert expected.claim_id is None and expected.state is not ExpectationState.FAILED
+    assert stopping <= expected.due_at <= time.time()
