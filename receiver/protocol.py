@@ -56,6 +56,7 @@ class _LimitedProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._head_too_large = False
+        self._head_done = False  # what httptools reports as a header now is a trailer
         self._socket: Any = None  # the transport's socket, to ask the kernel (TCP_INFO)
 
     def _arm(self) -> None:
@@ -87,6 +88,7 @@ class _LimitedProtocol(HttpToolsProtocol):
         # Between requests uvicorn's keep-alive timeout covers the idle connection; the
         # head's deadline starts again with the next request's first byte.
         self._head_bytes = 0
+        self._head_done = False
         self._arm()
         super().on_message_begin()
         # The route times the acknowledgement from here: the request's first bytes were
@@ -112,12 +114,33 @@ class _LimitedProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            # A chunked body's trailer: uvicorn would add it to the request's headers, so a
+            # signature header sent as a trailer would count, depending on when it arrived.
+            return
         self._count(len(name) + len(value))
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._head_done = True
+        if self.parser.should_upgrade():
+            # fal never switches protocols. uvicorn would run the request without its body
+            # (httptools stops at the head of an upgrade), so an authentic delivery would
+            # fail its signature check, or hand the connection to a WebSocket handler with
+            # no deadline. One JSON 400 instead, and the connection closed.
+            self._refuse(b"400 Bad Request", _UPGRADE)
+            return
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            # uvicorn's own answer here is a plain-text 503 on a kept connection.
+            log.warning("connection limit reached (FALHOOK_MAX_CONNECTIONS): answered 503")
+            self._refuse(b"503 Service Unavailable", _TOO_MANY_CONNECTIONS)
+            return
         super().on_headers_complete()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass  # answered above: 400 upgrade_not_supported
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
@@ -130,12 +153,16 @@ class _LimitedProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to a request httptools cannot parse is plain text; every other
         # answer of the receiver is a JSON error with a machine-readable reason.
-        self._disarm()
         if self._head_too_large:
-            status = b"431 Request Header Fields Too Large"
-            body = _HEAD_TOO_LARGE
+            self._refuse(b"431 Request Header Fields Too Large", _HEAD_TOO_LARGE)
         else:
-            status, body = b"400 Bad Request", _MALFORMED
+            self._refuse(b"400 Bad Request", _MALFORMED)
+
+    def _refuse(self, status: bytes, body: bytes) -> None:
+        """Answer a JSON error from the protocol itself, and close the connection."""
+        self._disarm()
+        if self.transport.is_closing():
+            return
         self.transport.write(
             b"HTTP/1.1 " + status + b"\r\n"
             b"content-type: application/json\r\n"
@@ -146,6 +173,11 @@ class _LimitedProtocol(HttpToolsProtocol):
 
 
 _HEAD_TOO_LARGE = b'{"error":"headers_too_large","detail":"request head exceeds 65536 bytes"}'
+_UPGRADE = b'{"error":"upgrade_not_supported","detail":"this server speaks HTTP/1.1 only"}'
+_TOO_MANY_CONNECTIONS = (
+    b'{"error":"too_many_connections","detail":"the receiver holds FALHOOK_MAX_CONNECTIONS '
+    b'connections; try again"}'
+)
 _MALFORMED = (
     b'{"error":"malformed_request","detail":"not an HTTP/1.1 request this server can parse '
     b'(request line, header syntax, Content-Length or Transfer-Encoding)"}'

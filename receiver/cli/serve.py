@@ -232,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         interface="asgi3",
         loop="uvloop",
         http=http_protocol(settings.header_timeout_seconds),
+        ws="none",  # the receiver serves no WebSocket: an upgrade is answered 400 (protocol)
         # uvicorn counts the connection asking too: +1 so N connections are served.
         limit_concurrency=settings.max_connections + 1,
         # The client address in log lines: X-Forwarded-For is believed only from these.

@@ -187,7 +187,10 @@ def test_connections_beyond_the_cap_get_503(server: ServerProcess, sender: Sende
             assert _read_response(sock)[0] == 200
         with _connect(server) as extra:
             extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert _read_response(extra)[0] == 503
+            status, headers, text = _read_response(extra)
+            assert status == 503 and headers["content-type"] == "application/json"
+            assert json.loads(text)["error"] == "too_many_connections"
+            assert _closed_within(extra, 3)  # its slot is given back at once
     finally:
         for sock in held:
             sock.close()
@@ -234,6 +237,61 @@ def test_a_request_that_cannot_be_parsed_gets_a_json_400(
         assert "color_message" not in record
         if record["msg"] == "Invalid HTTP request received.":
             assert record["level"] == "warning" and record["logger"] == "uvicorn.error"
+
+
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        # A WebSocket handshake: uvicorn would hand the connection to a WebSocket handler
+        # with no deadline, and Starlette answered it with a 500.
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        # Any other upgrade: the request ran without its body.
+        None,
+    ],
+    ids=["websocket", "h2c-on-a-signed-delivery"],
+)
+def test_a_protocol_upgrade_gets_a_json_400_not_a_body_less_request(
+    server: ServerProcess, sender: Sender, upgrade: str | None
+) -> None:
+    if upgrade is None:
+        body, signed = sender.signed("upgrade-h2c")
+        raw = _request_head(signed, len(body), "Connection: Upgrade", "Upgrade: h2c") + body
+    else:
+        raw = upgrade.encode()
+    with _connect(server) as sock:
+        sock.sendall(raw)
+        status, headers, text = _read_response(sock)
+        assert status == 400, text
+        assert headers["content-type"] == "application/json"
+        assert json.loads(text)["error"] == "upgrade_not_supported"
+        assert _closed_within(sock, 3)
+
+
+def _chunked(body: bytes, trailer: str) -> bytes:
+    return f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n" + trailer.encode() + b"\r\n\r\n"
+
+
+def test_a_chunked_bodys_trailer_is_not_a_header(server: ServerProcess, sender: Sender) -> None:
+    # The same bytes get the same answer however they arrive: a signature header in the
+    # trailer neither duplicates the head's nor stands in for a missing one.
+    body, signed = sender.signed("trailer-dup")
+    head = ["POST /webhooks/fal HTTP/1.1", "Host: x", "Transfer-Encoding: chunked"]
+    head += [f"{name}: {value}" for name, value in signed.items()]
+    raw = ("\r\n".join(head) + "\r\n\r\n").encode()
+    with _connect(server) as sock:
+        sock.sendall(raw + _chunked(body, "X-Fal-Webhook-Signature: 00"))
+        status, _, text = _read_response(sock)
+        assert status == 200, text
+    body, signed = sender.signed("trailer-only")
+    signature = signed.pop("X-Fal-Webhook-Signature")
+    head = ["POST /webhooks/fal HTTP/1.1", "Host: x", "Transfer-Encoding: chunked"]
+    head += [f"{name}: {value}" for name, value in signed.items()]
+    raw = ("\r\n".join(head) + "\r\n\r\n").encode()
+    with _connect(server) as sock:
+        sock.sendall(raw + _chunked(body, f"X-Fal-Webhook-Signature: {signature}"))
+        status, _, text = _read_response(sock)
+        assert status == 401 and json.loads(text)["error"] == "missing_header", text
 
 
 def _memory(pid: int) -> dict[str, float]:
