@@ -193,7 +193,17 @@ def _fetch_error(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# Asked uncompressed: the size cap then bounds memory too. httpx would inflate a whole
+# compressed chunk (a 200 KB gzip of zeros is 200 MB) before the cap saw its size.
+_IDENTITY = {"Accept-Encoding": "identity"}
+
+
 def _declared_size(response: httpx.Response) -> None:
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise KeysUnavailableError(
+            f"JWKS answer is compressed ({encoding}) though it was asked for uncompressed"
+        )
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_JWKS_BYTES:
         raise _too_large(declared)
@@ -262,7 +272,9 @@ class JWKSClient:
         # source that drips bytes is given up on at most one read past it.
         body = _Capped(time.monotonic() + self.timeout)
         try:
-            with self._http.stream("GET", self.url, timeout=self.timeout) as response:
+            with self._http.stream(
+                "GET", self.url, headers=_IDENTITY, timeout=self.timeout
+            ) as response:
                 response.raise_for_status()
                 _declared_size(response)
                 for chunk in response.iter_bytes():
@@ -395,7 +407,9 @@ class AsyncJWKSClient:
             body = _Capped(math.inf)  # the deadline is the asyncio.timeout around it all
             try:
                 async with asyncio.timeout(self.timeout):
-                    async with self._http.stream("GET", self.url, timeout=self.timeout) as r:
+                    async with self._http.stream(
+                        "GET", self.url, headers=_IDENTITY, timeout=self.timeout
+                    ) as r:
                         r.raise_for_status()
                         _declared_size(r)
                         async for chunk in r.aiter_bytes():

@@ -25,6 +25,7 @@ from falhook.verify.errors import KeysUnavailableError
 
 __all__ = ["KeysLike", "PublicKey", "load_keys", "parse_jwks"]
 
+MAX_KEYS = 64  # in one JWKS document
 _KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
 
@@ -143,6 +144,10 @@ def parse_jwks(document: Mapping[str, Any] | str | bytes) -> tuple[PublicKey, ..
     entries = document.get("keys")
     if not isinstance(entries, list):
         raise KeysUnavailableError('JWKS has no "keys" list')
+    if len(entries) > MAX_KEYS:
+        # A key set is a handful of keys (fal's: one or two, more while rotating). Every
+        # delivery whose key is not found is tried against each, on the event loop.
+        raise KeysUnavailableError(f"JWKS lists {len(entries)} keys; over {MAX_KEYS} is refused")
     keys: list[PublicKey] = []
     for entry in entries:
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -39,16 +41,24 @@ class FakeJWKS:
         self.error: Exception | None = None
         self.requests = 0
         self.gate: threading.Event | None = None
+        self.gzip = False  # answer compressed whatever was asked
+        self.accept_encoding: str | None = None
 
     def rotate(self, *keypairs: KeyPair) -> None:
         self.document = jwks_document(*keypairs)
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests += 1
+        self.accept_encoding = request.headers.get("accept-encoding")
         if self.gate is not None:
             self.gate.wait(5)
         if self.error is not None:
             raise self.error
+        if self.gzip:
+            content = gzip.compress(json.dumps(self.document).encode())
+            return httpx.Response(
+                self.status, content=content, headers={"Content-Encoding": "gzip"}
+            )
         return httpx.Response(self.status, json=self.document)
 
     def client(self, clock: Callable[[], float], **kwargs: Any) -> JWKSClient:
@@ -185,7 +195,7 @@ def test_stale_keys_served_when_refresh_fails(
 
 @pytest.mark.parametrize(
     "failure",
-    ["503", "connect", "not-json", "no-ed25519"],
+    ["503", "connect", "not-json", "no-ed25519", "compressed"],
 )
 def test_cold_failure_is_keys_unavailable(keypair: KeyPair, clock: FakeClock, failure: str) -> None:
     """Nothing cached and nothing fetchable: KeysUnavailableError, never a 401 reason."""
@@ -196,6 +206,10 @@ def test_cold_failure_is_keys_unavailable(keypair: KeyPair, clock: FakeClock, fa
         fake.error = httpx.ConnectError("refused")
     elif failure == "not-json":
         fake.document = "not a jwks"
+    elif failure == "compressed":
+        # Inflated before any size cap could see it (a 200 KB gzip of zeros is 200 MB), so
+        # the keys are asked for uncompressed and a compressed answer is refused unread.
+        fake.gzip = True
     else:
         fake.document = {"keys": [{"kty": "RSA", "n": "x", "e": "AQAB"}]}
     with fake.client(clock) as client:
@@ -204,10 +218,12 @@ def test_cold_failure_is_keys_unavailable(keypair: KeyPair, clock: FakeClock, fa
             client.verify(body, headers, now=NOW)
         with pytest.raises(KeysUnavailableError):
             client.refresh()
+        assert fake.accept_encoding == "identity"
         # Rate-limited on a cold cache too: no fetch per caller while the JWKS fails.
         assert fake.requests == 1
         # Recovery: once the interval has passed, a call on a cold cache fetches again.
         fake.status, fake.error, fake.document = 200, None, jwks_document(keypair)
+        fake.gzip = False
         clock.advance(10)
         assert client.verify(body, headers, now=NOW)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from falhook.verify.errors import KeysUnavailableError
-from falhook.verify.keys import PublicKey, load_keys, parse_jwks
+from falhook.verify.keys import MAX_KEYS, PublicKey, load_keys, parse_jwks
 from falhook.verify.testing import KeyPair, jwks_document
 
 
@@ -81,6 +81,17 @@ def test_parse_jwks_skips_bad_keys(keypair: KeyPair, other_keypair: KeyPair) -> 
     keys = parse_jwks(document)
     assert keys == (keypair.public_key, other_keypair.public_key)
     assert keys[0].kid == keypair.kid
+
+
+def test_parse_jwks_refuses_a_key_set_too_large_to_try(keypair: KeyPair) -> None:
+    # Each delivery whose key is not cached is tried against every key: a hostile or broken
+    # source listing 20,000 held the event loop for seconds a request.
+    document = jwks_document(keypair)
+    document["keys"] = document["keys"] * (MAX_KEYS + 1)
+    with pytest.raises(KeysUnavailableError, match=f"lists {MAX_KEYS + 1} keys; over {MAX_KEYS}"):
+        parse_jwks(document)
+    document["keys"] = document["keys"][:MAX_KEYS]
+    assert parse_jwks(document) == (keypair.public_key,)
 
 
 @pytest.mark.parametrize(
