@@ -102,6 +102,8 @@ class DeliveryRow(SQLModel, table=True):
     # The timestamp fal signed the delivery with (X-Fal-Webhook-Timestamp, Unix seconds);
     # None when it came from fal's queue, or was stored before falhook kept it.
     signed_at: int | None = Field(default=None, sa_type=sa.BigInteger)
+    # 1: a duplicate came while pending or running; giving up then re-arms instead
+    rearm: int = Field(default=0)
 
 
 class BodyRow(SQLModel, table=True):

@@ -64,6 +64,14 @@ class StoredAttempt:
     next_attempt_at: float | None  # a retry's due time
 
 
+def rearm_if_redelivered(tx: Tx, request_id: str, now: float) -> None:
+    """Just buried: if fal sent it again while it was in flight (the ``rearm`` mark), it
+    gets another set of attempts, as a duplicate after it died would give it."""
+    tx.sql.revive_flagged.execute(tx.cur, {"request_id": request_id, "now": now})
+    if tx.cur.rowcount == 1:
+        tx.due_now = True
+
+
 def op_settle(statement: str, params: dict[str, Any], record: AttemptRecord, *, dialect: str) -> Op:
     """Write an outcome (``finish``, ``reschedule`` or ``bury``: fenced by the claim) and,
     when it was written, the attempt it ends; True if the claim was still ours."""
@@ -73,7 +81,8 @@ def op_settle(statement: str, params: dict[str, Any], record: AttemptRecord, *, 
 
     def op(tx: Tx) -> bool:
         compiled = getattr(tx.sql, statement)  # a statements.Compiled
-        compiled.execute(tx.cur, {**params, "now": time.time()})
+        now = time.time()
+        compiled.execute(tx.cur, {**params, "now": now})
         if tx.cur.rowcount != 1:
             return False  # the claim was lost: its new holder records what it does
         tx.cur.execute(
@@ -88,6 +97,8 @@ def op_settle(statement: str, params: dict[str, Any], record: AttemptRecord, *, 
                 params["request_id"],
             ),
         )
+        if statement == "bury":
+            rearm_if_redelivered(tx, params["request_id"], now)
         return True
 
     return op

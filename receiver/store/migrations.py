@@ -289,6 +289,15 @@ def _v7_signed_at(conn: sa.Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE falhook_deliveries ADD COLUMN signed_at BIGINT")
 
 
+def _v8_rearm(conn: sa.Connection) -> None:
+    # 1 once a duplicate came while the delivery was pending or running: fal sent it again,
+    # so if its callbacks end up giving up, they get another set of attempts, as they do
+    # for a duplicate that comes after (store/operations.py). Cleared when they succeed.
+    conn.exec_driver_sql(
+        "ALTER TABLE falhook_deliveries ADD COLUMN rearm INTEGER DEFAULT 0 NOT NULL"
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "deliveries table", _v1_deliveries),
     Migration(2, "partial index on due_at for active rows; index on received_at", _v2_indexes),
@@ -299,6 +308,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(6, "attempts: every dispatch attempt of a delivery", _v6_attempts),
     Migration(7, "signed_at: the timestamp fal signed a delivery with", _v7_signed_at),
+    Migration(8, "rearm: a duplicate came while the delivery was in flight", _v8_rearm),
 )
 
 

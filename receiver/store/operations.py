@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from falhook.receiver.store.attempts import rearm_if_redelivered
 from falhook.receiver.store.migrations import VERSION_TABLE
 from falhook.receiver.store.records import Claim, ClaimBatch, NewDelivery, decode_callbacks
 from falhook.receiver.store.statements import Compiled
@@ -45,9 +46,14 @@ def _row(new: NewDelivery) -> dict[str, Any]:
 
 def _duplicate(tx: Tx, request_id: str) -> None:
     # A duplicate of a dead delivery re-arms it: a duplicate must never hide a failure.
-    tx.sql.revive_dead.execute(tx.cur, {"request_id": request_id, "now": time.time()})
+    # One of a delivery still in flight is noted: if it then gives up, it is re-armed
+    # (attempts.op_settle), so whether fal's redelivery counts never depends on timing.
+    params = {"request_id": request_id, "now": time.time()}
+    tx.sql.revive_dead.execute(tx.cur, params)
     if tx.cur.rowcount == 1:
         tx.due_now = True
+    else:
+        tx.sql.mark_redelivered.execute(tx.cur, params)
 
 
 def op_insert(new: NewDelivery) -> Op:
@@ -153,8 +159,13 @@ def op_fenced(statement: str, params: dict[str, Any]) -> Op:
 
     def op(tx: Tx) -> bool:
         compiled: Compiled = getattr(tx.sql, statement)
-        compiled.execute(tx.cur, {**params, "now": time.time()})
-        return bool(tx.cur.rowcount == 1)
+        now = time.time()
+        compiled.execute(tx.cur, {**params, "now": now})
+        if tx.cur.rowcount != 1:
+            return False
+        if statement == "bury":
+            rearm_if_redelivered(tx, params["request_id"], now)
+        return True
 
     return op
 

@@ -128,7 +128,7 @@ class Statements:
 
         self.insert = with_body(
             insert_fn(t).values(
-                **row, state=State.PENDING.value, attempts=0, due_at=bp("received_at")
+                **row, state=State.PENDING.value, attempts=0, rearm=0, due_at=bp("received_at")
             )
         )
         # The same, already claimed by the inserting process: it dispatches at once after
@@ -138,6 +138,7 @@ class Statements:
                 **row,
                 state=State.RUNNING.value,
                 attempts=1,
+                rearm=0,
                 claim_id=bp("claim_id"),
                 due_at=bp("lease_until"),
             )
@@ -158,6 +159,23 @@ class Statements:
                 updated_at=bp("now"),
                 finished_at=None,
                 claim_id=None,
+            )
+        )
+        # A duplicate of a delivery still in flight: if its callbacks give up, they are
+        # re-armed as for a duplicate that came after (see revive_flagged).
+        self.mark_redelivered = text(
+            sa.update(t).where(c.request_id == bp("request_id"), active).values(rearm=1)
+        )
+        self.revive_flagged = text(
+            sa.update(t)
+            .where(c.request_id == bp("request_id"), c.state == State.DEAD.value, c.rearm == 1)
+            .values(
+                state=State.PENDING.value,
+                attempts=0,
+                rearm=0,
+                due_at=bp("now"),
+                updated_at=bp("now"),
+                finished_at=None,
             )
         )
         due = (
@@ -208,7 +226,13 @@ class Statements:
         self.finish = text(
             sa.update(t)
             .where(*mine)
-            .values(state=State.DONE.value, last_error=None, finished_at=bp("now"), **released)
+            .values(
+                state=State.DONE.value,
+                last_error=None,
+                finished_at=bp("now"),
+                rearm=0,
+                **released,
+            )
         )
         self.reschedule = text(
             sa.update(t)

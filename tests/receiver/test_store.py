@@ -103,6 +103,50 @@ def test_duplicate_of_a_dead_delivery_revives_it(store_url: str) -> None:
     run(body)
 
 
+@pytest.mark.parametrize("state", ["pending", "running"])
+def test_a_duplicate_in_flight_rearms_it_if_it_then_dies(store_url: str, state: str) -> None:
+    # The same as a duplicate after it died, whichever comes first: fal sent it again, so
+    # giving up (its last attempt failing) gives it another set of attempts.
+    async def body() -> None:
+        async with opened(store_url) as store:
+            for rid in ("a", "b"):
+                await store.insert(delivery(rid))
+            if state == "pending":
+                assert await store.insert(delivery("a")) is False
+            claims = {c.request_id: c for c in await claim_all(store)}
+            if state == "running":
+                assert await store.insert(delivery("a")) is False
+            assert store.get("a").state is State.RUNNING  # type: ignore[union-attr]
+            assert await store.bury(claims["a"], "boom") is True
+            assert await store.bury(claims["b"], "boom") is True  # no duplicate: dead
+            assert store.get("b").state is State.DEAD  # type: ignore[union-attr]
+            row = store.get("a")
+            assert row is not None and row.state is State.PENDING and row.attempts == 0
+            (again,) = await claim_all(store)
+            assert (again.request_id, again.attempt) == ("a", 1)
+            # Re-armed once: with no new duplicate, giving up again is final.
+            assert await store.bury(again, "boom again") is True
+            assert store.get("a").state is State.DEAD  # type: ignore[union-attr]
+
+    run(body)
+
+
+def test_a_duplicate_in_flight_is_forgotten_once_it_succeeds(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            await store.insert(delivery("a"))
+            (claim,) = await claim_all(store)
+            assert await store.insert(delivery("a")) is False
+            assert await store.finish(claim, ["cb"]) is True
+            # An operator's replay that then gives up is not re-armed by the old duplicate.
+            assert store.replay(["a"]) == {"a": State.DONE.value}
+            (again,) = await claim_all(store)
+            assert await store.bury(again, "boom") is True
+            assert store.get("a").state is State.DEAD  # type: ignore[union-attr]
+
+    run(body)
+
+
 def test_duplicate_of_a_done_delivery_changes_nothing(store_url: str) -> None:
     async def body() -> None:
         async with opened(store_url) as store:
