@@ -127,9 +127,9 @@ class WebhookEndpoint:
         try:
             if scope["method"] != "POST":
                 raise _Reject(405, "method_not_allowed", "use POST")
-            declared = self._declared_length(scope)
+            self._check_declared_length(scope)
             checked = self._check_headers(scope)
-            body = await self._read_body(receive, declared, held)
+            body = await self._read_body(receive, held)
             if body is None:
                 return  # the client went away; there is nobody to answer
             body_read = True
@@ -175,9 +175,8 @@ class WebhookEndpoint:
         except NotStartedError as exc:
             raise _not_started(exc) from None
 
-    def _declared_length(self, scope: Scope) -> int:
-        """Content-Length, or -1 when none was sent (chunked); 413 when over the cap."""
-        declared = -1
+    def _check_declared_length(self, scope: Scope) -> None:
+        """413 when Content-Length is over the cap (before reading a byte of the body)."""
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -189,11 +188,11 @@ class WebhookEndpoint:
                 if declared > self.max_body:
                     raise self._too_large()
                 break
-        return declared
 
-    async def _read_body(self, receive: Receive, declared: int, held: list[int]) -> bytes | None:
-        if declared >= 0:
-            self._hold(held, declared)  # all of it up front: refuse before reading any
+    async def _read_body(self, receive: Receive, held: list[int]) -> bytes | None:
+        # Bytes are held against the budget as they arrive, not as declared: headers alone
+        # (a forged signature is only found out once the body is in) declaring 16 MiB and
+        # sending nothing would otherwise hold the whole budget, and deny every delivery.
         chunks: list[bytes] = []
         size = 0
         try:
@@ -208,8 +207,7 @@ class WebhookEndpoint:
                         if size > self.max_body:
                             # Answer now, without reading (or buffering) the rest of the body.
                             raise self._too_large()
-                        if size > held[0]:  # chunked: no length was declared
-                            self._hold(held, size - held[0])
+                        self._hold(held, len(chunk))
                         chunks.append(chunk)
                     if not message.get("more_body", False):
                         break

@@ -4,6 +4,7 @@ memory large bodies took is given back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -128,27 +129,34 @@ def test_headers_alone_are_rejected_before_any_body_byte(
         assert _closed_within(sock, 3)
 
 
+def _send_refused(sock: socket.socket, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send what may be answered (and closed) before all of it is read, then the answer."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(data)
+    return _read_response(sock)
+
+
 def test_bytes_buffered_across_requests_are_bounded(server: ServerProcess, sender: Sender) -> None:
     big = fal_body("budget-1", payload={"pad": "x" * 700_000})
     body, headers = sender.signed("budget-1", body=big)
-    with _connect(server) as first, _connect(server) as second:
-        first.sendall(_request_head(headers, len(body)) + body[:1000])
-        # Wait until the first request holds its share of the budget: a second one of the
-        # same size would exceed it, so it is refused at once with 503 (fal retries).
-        other, other_headers = sender.signed("budget-2", body=big.replace(b"budget-1", b"budget-2"))
+    other, other_headers = sender.signed("budget-2", body=big.replace(b"budget-1", b"budget-2"))
+    with _connect(server) as first:
+        first.sendall(_request_head(headers, len(body)) + body[:-1])
+        # Once the first request's bytes are held, a second of the same size goes over the
+        # budget while its body comes in: 503 (fal retries), and the connection closed.
         deadline = time.monotonic() + 5
         while True:
-            second.sendall(_request_head(other_headers, len(other)))
-            status, response_headers, text = _read_response(second)
+            with _connect(server) as second:
+                status, response_headers, text = _send_refused(
+                    second, _request_head(other_headers, len(other)) + other
+                )
             if status == 503 or time.monotonic() > deadline:
                 break
-            second.close()
-            second = _connect(server)
         assert status == 503, text
         assert b"body_budget_exceeded" in text
         assert response_headers.get("connection") == "close"
         # The first, within the budget, completes normally.
-        first.sendall(body[1000:])
+        first.sendall(body[-1:])
         status, _, text = _read_response(first)
         assert status == 200, text
     # Once it is done, its bytes are given back: the same size is accepted again.
@@ -156,6 +164,27 @@ def test_bytes_buffered_across_requests_are_bounded(server: ServerProcess, sende
         third.sendall(_request_head(other_headers, len(other)) + other)
         status, _, text = _read_response(third)
         assert status == 200, text
+
+
+def test_declared_lengths_alone_hold_none_of_the_budget(
+    server: ServerProcess, sender: Sender
+) -> None:
+    # Headers that pass the checks (a forged signature is only found out once the body is
+    # in) declaring the largest body and sending nothing: the budget is bytes received.
+    _, forged = sender.signed("forged")
+    forged["X-Fal-Webhook-Signature"] = "ab" * 64
+    idle = [_connect(server) for _ in range(4)]
+    try:
+        for sock in idle:
+            sock.sendall(_request_head(forged, MiB))
+        body, headers = sender.signed("while-idle-heads")
+        with _connect(server) as sock:
+            sock.sendall(_request_head(headers, len(body)) + body)
+            status, _, text = _read_response(sock)
+            assert status == 200, text
+    finally:
+        for sock in idle:
+            sock.close()
 
 
 def test_a_body_that_does_not_arrive_in_time_is_answered_408(
