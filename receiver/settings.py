@@ -98,6 +98,15 @@ def _optional_str(value: str) -> str | None:
     return value.strip() or None
 
 
+def _fal_key(value: str) -> str | None:
+    key = value.strip() or None
+    # Sent as a header: a space, newline or non-ASCII character inside would fail every
+    # call later, as "fal's queue is unreachable" or a traceback.
+    if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise ValueError("wants the key as fal shows it: ASCII letters, digits and symbols")
+    return key
+
+
 def _callbacks(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
@@ -121,6 +130,19 @@ def _jwks_source(value: str) -> str:
     source = _str(value)
     jwks_file(source)  # verify's rule, checked at start: ValueError for another scheme
     return source
+
+
+def _public_url(value: str) -> str | None:
+    # fal is told this + /webhooks/fal: a query, a fragment or the webhook path itself
+    # would make a URL fal cannot reach, and every result would come by recovery, late.
+    url = _http_url(value)
+    if url is None:
+        return None
+    if "?" in url or "#" in url:
+        raise ValueError("wants the base URL alone, without ?query or #fragment")
+    if url.endswith("/webhooks/fal"):
+        raise ValueError("wants the base URL: falhook adds /webhooks/fal (drop it from the end)")
+    return url
 
 
 def _log_level(value: str) -> str:
@@ -356,7 +378,7 @@ class Settings:
     # -- recovery from fal's queue (receiver/recovery/): off unless a fal key is set ------
     fal_key: str | None = _setting(
         None,
-        _optional_str,
+        _fal_key,
         "FAL_KEY",
         "fal API key for submit, expect and recovery from fal's queue (falls back to FAL_KEY)",
         secret=True,
@@ -368,7 +390,7 @@ class Settings:
         "fal's queue (http:// accepted for tests)",
     )
     public_url: str | None = _setting(
-        None, _http_url, "PUBLIC_URL", "base URL fal calls: the webhook is this + /webhooks/fal"
+        None, _public_url, "PUBLIC_URL", "base URL fal calls: the webhook is this + /webhooks/fal"
     )
     # fal keeps a result for about 6 minutes after completion when it is 10 KB or more
     # (about 1 hour otherwise), and stops retrying the webhook when it expires. With these

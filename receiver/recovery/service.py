@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,9 @@ __all__ = ["WEBHOOK_PATH", "Recovery"]
 log = logging.getLogger("falhook.recovery")
 WEBHOOK_PATH = "/webhooks/fal"
 _PRIORITIES = ("normal", "low")
+# RFC 9110: a field name is a token; values here are fal's, printable ASCII.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
 
 
 class Recovery:
@@ -177,6 +181,14 @@ class Recovery:
             sent["X-Fal-Request-Timeout"] = f"{start_timeout:g}"
         if hint is not None:
             sent["X-Fal-Runner-Hint"] = hint
+        for name, value in sent.items():
+            # httpx would raise deep in the call (UnicodeEncodeError, LocalProtocolError).
+            if not _TOKEN.fullmatch(name):
+                raise InvalidRequestError(f"{name!r} is not a header name")
+            if not _HEADER_VALUE.fullmatch(value):
+                raise InvalidRequestError(
+                    f"header {name}: {value!r} is not a header value (printable ASCII only)"
+                )
         return sent
 
     def _submitted(self, endpoint_id: str, answer: dict[str, Any]) -> NewExpectation:

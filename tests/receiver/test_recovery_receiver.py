@@ -124,6 +124,13 @@ def test_unusable_input_is_refused_before_calling_fal(fast: Settings, fake: Fake
         hooks.submit_sync(ENDPOINT, {}, priority="urgent")
     with pytest.raises(InvalidRequestError, match="sends the fal key only there"):
         hooks.expect_sync("r", ENDPOINT, status_url="https://evil.example/status")
+    # Headers httpx cannot send: refused here, not a traceback from deep in the call.
+    with pytest.raises(InvalidRequestError, match="not a header value"):
+        hooks.submit_sync(ENDPOINT, {}, hint="lora-\u00e9")
+    with pytest.raises(InvalidRequestError, match="not a header value"):
+        hooks.submit_sync(ENDPOINT, {}, headers={"X-A": "b\r\nX-B: c"})
+    with pytest.raises(InvalidRequestError, match="not a header name"):
+        hooks.submit_sync(ENDPOINT, {}, headers={"Bad Name": "v"})
     assert fake.count() == 0
 
 

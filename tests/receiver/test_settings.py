@@ -87,6 +87,10 @@ def test_flags_win_over_env() -> None:
         ("FALHOOK_FORWARDED_ALLOW_IPS", " , "),
         ("FALHOOK_JWKS_URL", "ftp://example.com/jwks.json"),
         ("FALHOOK_JWKS_URL", "htps://rest.fal.ai/.well-known/jwks.json"),
+        # fal is told this + /webhooks/fal: each of these would be a URL it cannot reach.
+        ("FALHOOK_PUBLIC_URL", "https://hooks.example.com?x=1"),
+        ("FALHOOK_PUBLIC_URL", "https://hooks.example.com/#frag"),
+        ("FALHOOK_PUBLIC_URL", "https://hooks.example.com/webhooks/fal"),
     ],
 )
 def test_bad_values_raise_settings_error_naming_the_variable(var: str, value: str) -> None:
@@ -179,3 +183,11 @@ def test_a_password_in_a_refused_url_is_not_repeated(var: str, value: str) -> No
     with pytest.raises(SettingsError) as flag:
         Settings.parse_value(var.removeprefix("FALHOOK_").lower(), value)
     assert "s3cret" not in str(flag.value)
+
+
+@pytest.mark.parametrize("key", ["k\u00e9y", "key with spaces", "key\nX-Evil: 1"])
+def test_a_fal_key_that_cannot_be_sent_is_refused_without_showing_it(key: str) -> None:
+    with pytest.raises(SettingsError, match="FALHOOK_FAL_KEY") as info:
+        Settings.from_env({"FALHOOK_FAL_KEY": key})
+    assert key not in str(info.value)
+    assert Settings.from_env({"FALHOOK_FAL_KEY": " abc:123-XYZ_z "}).fal_key == "abc:123-XYZ_z"
