@@ -180,13 +180,23 @@ class Expectations:
     # -- operations (run in the writer's transaction, or on a sync connection) --------
 
     def op_add(self, new: NewExpectation, *, recover_after: float, ttl: float) -> Op:
-        """Record an expectation; True if new. An existing one keeps its state, and
-        learns fal's URLs if it did not know them (``expect`` after ``submit`` elsewhere)."""
+        """Record an expectation; True if it is now expected (new, or re-armed). An active
+        or settled one keeps its state, and learns fal's URLs if it did not know them
+        (``expect`` after ``submit`` elsewhere). A failed or expired one is expected again,
+        due at once: expecting it again is how an operator retries it (a wrong key fixed)."""
         now = time.time()
         insert = sql_for(
             f"INSERT INTO {TABLE_NAME} ({_SELECT}) "
             "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, 0, NULL, NULL, NULL, NULL, ?, NULL) "
             "ON CONFLICT (request_id) DO NOTHING",
+            self.dialect,
+        )
+        rearm = sql_for(
+            f"UPDATE {TABLE_NAME} SET state = ?, reason = NULL, polls = 0, due_at = ?, "
+            "expires_at = ?, queue_status = NULL, completed_at = NULL, queue_error = NULL, "
+            "claim_id = NULL, finished_at = NULL, updated_at = ?, "
+            "status_url = COALESCE(?, status_url), response_url = COALESCE(?, response_url) "
+            "WHERE request_id = ? AND (state = ? OR state = ?)",
             self.dialect,
         )
         learn = sql_for(
@@ -214,6 +224,22 @@ class Expectations:
             )
             if cur.rowcount == 1:
                 return True
+            cur.execute(
+                rearm,
+                (
+                    ExpectationState.WAITING.value,
+                    now,
+                    now + ttl,
+                    now,
+                    new.status_url,
+                    new.response_url,
+                    new.request_id,
+                    ExpectationState.FAILED.value,
+                    ExpectationState.EXPIRED.value,
+                ),
+            )
+            if cur.rowcount == 1:
+                return True  # due now: a poller finds it at its next look (within 5 s)
             if new.status_url or new.response_url:
                 cur.execute(learn, (new.status_url, new.response_url, now, new.request_id))
             return False

@@ -99,6 +99,34 @@ def _add_is_idempotent(expectations: Expectations) -> None:
     assert counts[S.WAITING] == 1 and sum(counts.values()) == 1
 
 
+def test_expecting_a_failed_one_again_rearms_it(store_url: str) -> None:
+    # How an operator retries it, e.g. once a wrong fal key is fixed. An active or settled
+    # one is left as it is.
+    async def body() -> None:
+        async with opened(store_url) as (_, ex):
+            for rid in ("bad-key", "arrived"):
+                await ex.run(ex.op_add(new(rid), recover_after=0, ttl=3600))
+            claims, _ = await ex.run(ex.op_claim(limit=10, lease_seconds=30))
+            by_id = {c.request_id: c for c in claims}
+            reason = "unauthorized: status answered 401"
+            assert await ex.run(ex.op_update(by_id["bad-key"], state=S.FAILED, reason=reason))
+            assert await ex.run(ex.op_update(by_id["arrived"], state=S.ARRIVED))
+            before = time.time()
+            assert await ex.run(ex.op_add(new("bad-key"), recover_after=60, ttl=3600)) is True
+            assert await ex.run(ex.op_add(new("arrived"), recover_after=60, ttl=3600)) is False
+            got = await asyncio.to_thread(ex.get, "bad-key")
+            assert got is not None and got.state is S.WAITING and got.reason is None
+            assert got.polls == 0 and got.finished_at is None and got.claim_id is None
+            assert before <= got.due_at <= time.time()  # due at once, not after recover-after
+            assert got.expires_at >= before + 3600
+            settled = await asyncio.to_thread(ex.get, "arrived")
+            assert settled is not None and settled.state is S.ARRIVED
+            again, _ = await ex.run(ex.op_claim(limit=10, lease_seconds=30))
+            assert [c.request_id for c in again] == ["bad-key"]
+
+    run(body)
+
+
 def test_claim_takes_only_due_rows_and_fences_writes(store_url: str) -> None:
     async def body() -> None:
         async with opened(store_url) as (_, ex):
