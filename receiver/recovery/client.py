@@ -152,8 +152,13 @@ class QueueClient:
         if answer is None:
             self._observe(QueueFailure.UNREACHABLE.value)
         else:
-            failure = outcome_of(answer.status_code)
-            self._observe("ok" if failure is None else failure.value)
+            self.count(outcome_of(answer.status_code))
+
+    def count(self, failure: QueueFailure | None) -> None:
+        """Count one answer by what it meant (None: usable). `get` leaves this to its
+        caller: a model's error fetched as a result is a usable answer, not a rejection,
+        and a 200 that says nothing usable is a bad answer, not ok."""
+        self._observe("ok" if failure is None else failure.value)
 
     def _check_target(self, url: str) -> None:
         if not same_origin(url, self.queue_url):
@@ -163,7 +168,8 @@ class QueueClient:
             )
 
     async def get(self, url: str) -> QueueAnswer:
-        """GET a status or result URL. Raises QueueError(unreachable) if no answer came."""
+        """GET a status or result URL. Raises QueueError(unreachable) if no answer came
+        (counted); an answer is counted by the caller, once read (`count`)."""
         self._check_target(url)
         try:
             async with asyncio.timeout(self._deadline):
@@ -179,9 +185,7 @@ class QueueClient:
             raise QueueError(
                 QueueFailure.UNREACHABLE, f"fal's queue is unreachable: {_brief(exc)}"
             ) from exc
-        answer = _answer(response)
-        self._count(answer)
-        return answer
+        return _answer(response)
 
     async def submit(
         self,
@@ -245,9 +249,9 @@ class QueueClient:
         return url, params, {**(headers or {}), **self._headers}
 
     def _submitted(self, answer: QueueAnswer) -> dict[str, Any]:
-        self._count(answer)
         failure = outcome_of(answer.status_code)
         if failure is not None:
+            self.count(failure)
             raise QueueError(
                 failure,
                 f"fal's queue answered {answer.status_code}: {answer.detail()}",
@@ -257,12 +261,14 @@ class QueueClient:
             )
         body = answer.body
         if not isinstance(body, dict) or not isinstance(body.get("request_id"), str):
+            self.count(QueueFailure.BAD_ANSWER)
             raise QueueError(
                 QueueFailure.BAD_ANSWER,
                 f"fal's queue answered {answer.status_code} without a request_id",
                 status_code=answer.status_code,
                 body=body,
             )
+        self.count(None)
         # request_id first: what the caller needs, and what `falhook submit` prints.
         return {"request_id": body["request_id"], **body}
 

@@ -28,10 +28,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from falhook.receiver.errors import QueueError, QueueFailure, StoreUnavailableError
 from falhook.receiver.models import SOURCE_QUEUE
-from falhook.receiver.recovery.client import CALL_DEADLINE, QueueClient
+from falhook.receiver.recovery.client import CALL_DEADLINE, QueueAnswer, QueueClient
 from falhook.receiver.recovery.transitions import (
     QueueStatus,
     delivery_body,
@@ -61,6 +62,7 @@ MIN_LEASE = 2 * CALL_DEADLINE + 10.0  # a claim outlives a status call and a res
 STOP_SECONDS = 5.0  # on shutdown, let the round under way finish for this long
 TTL_REASON = "ttl: no result within FALHOOK_EXPECT_TTL_SECONDS"
 S = ExpectationState
+T = TypeVar("T")
 
 
 class Poller:
@@ -215,9 +217,21 @@ class Poller:
         if exp.completed_at is not None and now >= exp.completed_at + self.grace:
             await self._fetch(claim, exp.queue_error)
             return
+        if exp.state == S.WAITING.value:
+            # Its first poll: the line that says recovery started for it (also the first
+            # this log shows of one recorded by `falhook expect` or `submit`).
+            log.info(
+                "expectation polling: no delivery yet, asking fal's queue",
+                extra={
+                    "request_id": claim.request_id,
+                    "endpoint_id": exp.endpoint_id,
+                    "origin": exp.origin,
+                    "state": S.POLLING.value,
+                },
+            )
         urls = self._urls(claim)
         try:
-            status = read_status(await self.client.get(urls[0]))
+            status = await self._ask(urls[0], read_status)
         except QueueError as exc:
             await self._call_failed(claim, exc, gone_means=QueueFailure.NOT_FOUND)
             return
@@ -260,8 +274,9 @@ class Poller:
     async def _fetch(self, claim: ExpectationClaim, queue_error: str | None) -> None:
         request_id = claim.request_id
         try:
-            answer = await self.client.get(self._urls(claim)[1])
-            body = delivery_body(request_id, queue_error, answer)
+            body = await self._ask(
+                self._urls(claim)[1], lambda answer: delivery_body(request_id, queue_error, answer)
+            )
         except QueueError as exc:
             await self._call_failed(claim, exc, gone_means=QueueFailure.RESULT_GONE)
             return
@@ -319,6 +334,18 @@ class Poller:
             self._settled(claim, S.FAILED, reason)
 
     # -- helpers -----------------------------------------------------------------------
+
+    async def _ask(self, url: str, read: Callable[[QueueAnswer], T]) -> T:
+        """GET `url` and read the answer; counted by what it meant (a model's error
+        fetched as a result is ok; a 200 that says nothing usable is bad_answer)."""
+        answer = await self.client.get(url)
+        try:
+            result = read(answer)
+        except QueueError as exc:
+            self.client.count(exc.failure)
+            raise
+        self.client.count(None)
+        return result
 
     def _urls(self, claim: ExpectationClaim) -> tuple[str, str]:
         exp = claim.expectation

@@ -280,6 +280,7 @@ class Recovery:
         try:
             answer = await self.client.get(response_url)
             failure = outcome_of(answer.status_code)
+            self.client.count(failure)
             if failure is not None and failure.transient:
                 raise QueueError(failure, f"result answered {answer.status_code}")
         except QueueError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -394,3 +395,36 @@ def test_stopping_mid_call_gives_the_claim_back(fast: Settings, fake: FakeFalQue
     expected = stored(fast.database_url, rid)
     assert expected.claim_id is None and expected.state is not ExpectationState.FAILED
     assert stopping <= expected.due_at <= time.time()
+
+
+def test_a_models_error_fetched_as_a_result_counts_as_an_answer_not_a_failure(
+    fast: Settings, fake: FakeFalQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    # fal answers a failed request's result URL with its error (here a 504 request_timeout):
+    # that is the result, so the call is "ok", not a server_error an alert would count.
+    rid = fake.create(
+        ENDPOINT,
+        state="COMPLETED",
+        error="Request timed out",
+        error_type="request_timeout",
+        status_code=504,
+    )
+    caplog.set_level(logging.INFO, logger="falhook.recovery")
+
+    async def body() -> tuple[list[Delivery], bytes]:
+        hooks = WebhookReceiver(fast)
+        got, seen = _recorder(hooks)
+        async with hooks:
+            await hooks.expect(rid, ENDPOINT)
+            await asyncio.wait_for(seen.wait(), 10)
+            metrics = await asyncio.to_thread(hooks.metrics.render)
+        return got, metrics
+
+    got, metrics = asyncio.run(body())
+    assert [(d.request_id, d.status) for d in got] == [(rid, "ERROR")]
+    assert [r.status_code for r in fake.requests("result", request_id=rid)] == [504]
+    assert b'falhook_queue_requests_total{outcome="ok"} 2.0' in metrics  # status, result
+    assert b'outcome="server_error"' not in metrics
+    # Its first poll says so in the log, as every change of an expectation does.
+    polling = [r for r in caplog.records if r.getMessage().startswith("expectation polling")]
+    assert [getattr(r, "request_id", None) for r in polling] == [rid]
