@@ -128,8 +128,12 @@ async def _parse(body: bytes) -> dict[str, Any]:
             data = await asyncio.to_thread(_loads, body)
         else:
             data = _loads(body)
-    except (ValueError, RecursionError):
+    except ValueError:
         raise MalformedDeliveryError(Reason.INVALID_JSON, "body is not valid UTF-8 JSON") from None
+    except RecursionError:
+        raise MalformedDeliveryError(
+            Reason.INVALID_JSON, "body is JSON nested too deeply to read"
+        ) from None
     if not isinstance(data, dict):
         raise MalformedDeliveryError(Reason.INVALID_JSON, "body is not a JSON object")
     return data

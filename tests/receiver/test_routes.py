@@ -112,7 +112,9 @@ def test_deeply_nested_json_is_400_not_500(
         WebhookReceiver(hooks.settings.replace(max_body_bytes=10**6)).app
     ) as big_client:
         signed, headers = signer("r-deep", body=body)
-        _assert_error(big_client.post(URL, content=signed, headers=headers), 400, "invalid_json")
+        response = big_client.post(URL, content=signed, headers=headers)
+        _assert_error(response, 400, "invalid_json")
+        assert "nested too deeply" in response.json()["detail"]  # not "not valid JSON"
 
 
 def test_inauthentic(client: TestClient, signer: Signer) -> None:
