@@ -153,6 +153,14 @@ class _LimitedProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to a request httptools cannot parse is plain text; every other
         # answer of the receiver is a JSON error with a machine-readable reason.
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # Bytes that cannot be parsed after a request still being answered (pipelined):
+            # a 400 now would go out in its place, while it is stored and acknowledged all
+            # the same. It gets its own answer; then the connection closes.
+            cycle.keep_alive = False
+            self.flow.pause_reading()
+            return
         if self._head_too_large:
             self._refuse(b"431 Request Header Fields Too Large", _HEAD_TOO_LARGE)
         else:

@@ -297,6 +297,19 @@ def test_a_protocol_upgrade_gets_a_json_400_not_a_body_less_request(
         assert _closed_within(sock, 3)
 
 
+def test_junk_after_a_delivery_does_not_take_its_answer(
+    server: ServerProcess, sender: Sender
+) -> None:
+    # The delivery before the junk is stored and acknowledged: it gets its 200, then the
+    # connection is closed (the junk gets nothing).
+    body, signed = sender.signed("before-junk")
+    with _connect(server) as sock:
+        sock.sendall(_request_head(signed, len(body)) + body + b"GARBAGE\r\n\r\n")
+        status, _, text = _read_response(sock)
+        assert status == 200 and json.loads(text)["request_id"] == "before-junk", text
+        assert _closed_within(sock, 3)
+
+
 def _chunked(body: bytes, trailer: str) -> bytes:
     return f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n" + trailer.encode() + b"\r\n\r\n"
 
