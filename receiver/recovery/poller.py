@@ -319,9 +319,10 @@ class Poller:
                 delay = max(delay, exc.retry_after)
             if failure.everyones:
                 self._not_before = max(self._not_before, time.time() + delay)
+            said = str(exc)  # "fal's queue is unreachable: …" or "status answered 503: …"
             log.warning(
-                "fal's queue: %s (retrying in %.3g s)",
-                exc,
+                "%s (retrying in %.3g s)",
+                said if said.startswith("fal's queue") else f"fal's queue: {said}",
                 delay,
                 extra={"request_id": claim.request_id, "outcome": failure.value},
             )

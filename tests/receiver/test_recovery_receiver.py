@@ -354,7 +354,7 @@ def test_a_call_that_never_ends_is_cut_at_its_deadline(fake: FakeFalQueue) -> No
 
 @pytest.mark.parametrize("code", [400, 408, 409])
 def test_a_one_off_4xx_is_asked_again_not_a_failure(
-    fast: Settings, fake: FakeFalQueue, code: int
+    fast: Settings, fake: FakeFalQueue, code: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     # On the status URL and then on the result URL: a success stays a success.
     rid = fake.create(ENDPOINT, state="COMPLETED", output={"images": ["a.png"]})
@@ -375,6 +375,8 @@ def test_a_one_off_4xx_is_asked_again_not_a_failure(
     ]
     assert [r.status_code for r in fake.requests("status", request_id=rid)][:2] == [code, 200]
     assert stored(fast.database_url, rid).state is ExpectationState.RECOVERED
+    warned = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert warned and warned[0].startswith(f"fal's queue: status answered {code}: "), warned
 
 
 def test_stopping_mid_call_gives_the_claim_back(fast: Settings, fake: FakeFalQueue) -> None:
