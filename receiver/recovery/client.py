@@ -19,7 +19,7 @@ import email.utils
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,21 +171,23 @@ class QueueClient:
         """GET a status or result URL. Raises QueueError(unreachable) if no answer came
         (counted); an answer is counted by the caller, once read (`count`)."""
         self._check_target(url)
+        return _answer(await self._send(lambda http: http.get(url, headers=self._headers)))
+
+    async def _send(
+        self, call: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
+    ) -> httpx.Response:
+        """One call within its deadline; QueueError(unreachable), counted, if no answer."""
         try:
             async with asyncio.timeout(self._deadline):
-                response = await self._async_client().get(url, headers=self._headers)
+                return await call(self._async_client())
         except TimeoutError as exc:
-            self._count(None)
-            raise QueueError(
-                QueueFailure.UNREACHABLE,
-                f"fal's queue did not answer within {self._deadline:g} s",
-            ) from exc
+            raise self._unreachable(f"did not answer within {self._deadline:g} s") from exc
         except httpx.HTTPError as exc:
-            self._count(None)
-            raise QueueError(
-                QueueFailure.UNREACHABLE, f"fal's queue is unreachable: {_brief(exc)}"
-            ) from exc
-        return _answer(response)
+            raise self._unreachable(f"is unreachable: {_brief(exc)}") from exc
+
+    def _unreachable(self, what: str) -> QueueError:
+        self._count(None)
+        return QueueError(QueueFailure.UNREACHABLE, f"fal's queue {what}")
 
     async def submit(
         self,
@@ -198,22 +200,9 @@ class QueueClient:
         """POST a request to the queue; fal's answer (it has ``request_id``, ``status_url``,
         ``response_url``…). Raises QueueError for anything else."""
         url, params, sent = self._submission(endpoint_id, webhook_url, headers)
-        try:
-            async with asyncio.timeout(self._deadline):
-                response = await self._async_client().post(
-                    url, params=params, json=arguments, headers=sent
-                )
-        except TimeoutError as exc:
-            self._count(None)
-            raise QueueError(
-                QueueFailure.UNREACHABLE,
-                f"fal's queue did not answer within {self._deadline:g} s",
-            ) from exc
-        except httpx.HTTPError as exc:
-            self._count(None)
-            raise QueueError(
-                QueueFailure.UNREACHABLE, f"fal's queue is unreachable: {_brief(exc)}"
-            ) from exc
+        response = await self._send(
+            lambda http: http.post(url, params=params, json=arguments, headers=sent)
+        )
         return self._submitted(_answer(response))
 
     def submit_sync(
@@ -232,10 +221,7 @@ class QueueClient:
             ) as client:
                 response = client.post(url, params=params, json=arguments, headers=sent)
         except httpx.HTTPError as exc:
-            self._count(None)
-            raise QueueError(
-                QueueFailure.UNREACHABLE, f"fal's queue is unreachable: {_brief(exc)}"
-            ) from exc
+            raise self._unreachable(f"is unreachable: {_brief(exc)}") from exc
         return self._submitted(_answer(response))
 
     def _submission(

@@ -94,6 +94,16 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
     return False
 
 
+def _answered_json_and_closed(sock: socket.socket, status: int, error: str) -> None:
+    """The protocol's own answers: a JSON error with its reason, then the connection
+    closed."""
+    got, headers, text = _read_response(sock)
+    assert got == status, text
+    assert headers["content-type"] == "application/json"
+    assert json.loads(text)["error"] == error
+    assert _closed_within(sock, 3)
+
+
 def _stale(sender: Sender) -> dict[str, str]:
     _, headers = sender.signed("stale")
     headers["X-Fal-Webhook-Timestamp"] = str(int(time.time()) - 3600)
@@ -216,10 +226,8 @@ def test_connections_beyond_the_cap_get_503(server: ServerProcess, sender: Sende
             assert _read_response(sock)[0] == 200
         with _connect(server) as extra:
             extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            status, headers, text = _read_response(extra)
-            assert status == 503 and headers["content-type"] == "application/json"
-            assert json.loads(text)["error"] == "too_many_connections"
-            assert _closed_within(extra, 3)  # its slot is given back at once
+            # Closed: its slot is given back at once.
+            _answered_json_and_closed(extra, 503, "too_many_connections")
     finally:
         for sock in held:
             sock.close()
@@ -251,11 +259,7 @@ def test_a_request_that_cannot_be_parsed_gets_a_json_400(
 ) -> None:
     with _connect(server) as sock:
         sock.sendall(head)
-        status, headers, text = _read_response(sock)
-        assert status == 400, text
-        assert headers["content-type"] == "application/json"
-        assert json.loads(text)["error"] == "malformed_request"
-        assert _closed_within(sock, 3)
+        _answered_json_and_closed(sock, 400, "malformed_request")
     # uvicorn's warning about it is a JSON line like every other line on stderr.
     server.wait_for_log("Invalid HTTP request received.")
     # (The harness marks each start of the server in its log with a "=== start" line.)
@@ -290,11 +294,7 @@ def test_a_protocol_upgrade_gets_a_json_400_not_a_body_less_request(
         raw = upgrade.encode()
     with _connect(server) as sock:
         sock.sendall(raw)
-        status, headers, text = _read_response(sock)
-        assert status == 400, text
-        assert headers["content-type"] == "application/json"
-        assert json.loads(text)["error"] == "upgrade_not_supported"
-        assert _closed_within(sock, 3)
+        _answered_json_and_closed(sock, 400, "upgrade_not_supported")
 
 
 def test_junk_after_a_delivery_does_not_take_its_answer(
