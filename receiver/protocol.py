@@ -84,6 +84,16 @@ class _LimitedProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio allows a bool
+        # The client is done sending (a half-close after its request). With a request in
+        # flight, keep the connection open to answer it, then close; asyncio would close
+        # it now, and the stored delivery's 200 would never be sent.
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False
+            return True
+        return None
+
     def on_message_begin(self) -> None:
         # Between requests uvicorn's keep-alive timeout covers the idle connection; the
         # head's deadline starts again with the next request's first byte.

@@ -310,6 +310,18 @@ def test_junk_after_a_delivery_does_not_take_its_answer(
         assert _closed_within(sock, 3)
 
 
+def test_a_client_that_half_closes_after_its_request_gets_its_answer(
+    server: ServerProcess, sender: Sender
+) -> None:
+    body, signed = sender.signed("half-closed")
+    with _connect(server) as sock:
+        sock.sendall(_request_head(signed, len(body)) + body)
+        sock.shutdown(socket.SHUT_WR)  # done sending; still reading
+        status, _, text = _read_response(sock)
+        assert status == 200 and json.loads(text)["request_id"] == "half-closed", text
+        assert _closed_within(sock, 3)
+
+
 def _chunked(body: bytes, trailer: str) -> bytes:
     return f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n" + trailer.encode() + b"\r\n\r\n"
 
