@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+from collections.abc import Sequence
 from typing import NoReturn
 
 __all__ = [
@@ -67,11 +68,32 @@ def suggest(word: str, candidates: list[str]) -> str | None:
 _INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)'")
 
 
+_REQUIRED = "the following arguments are required: "
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with falhook's one-line error format, and a suggestion for a typo."""
 
+    _given: list[str] | None = None  # what this (sub)parser was asked to parse
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # Kept for `error`: argparse reports a missing required flag before the unknown
+        # ones, so `--endpont` alone would say only that --endpoint is required.
+        self._given = list(args) if args is not None else None
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
         hint = f" (see {self.prog} --help)"
+        if message.startswith(_REQUIRED) and self._given:
+            missing = [m for m in message[len(_REQUIRED) :].split(", ") if m.startswith("-")]
+            known = {s for action in self._actions for s in action.option_strings}
+            for given in self._given:
+                flag = given.split("=", 1)[0]
+                close = suggest(flag, missing) if flag.startswith("--") else None
+                if flag not in known and close is not None:
+                    self._fail(f"{message} — did you mean {close} (not {flag})?")
         # A mistyped subcommand or choice: name the closest one (argparse lists them all).
         found = _INVALID_CHOICE.search(message)
         if found is not None:

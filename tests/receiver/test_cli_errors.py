@@ -98,6 +98,12 @@ def test_help_documents_the_exit_codes(tmp_path: Path) -> None:
         (["deliveries", "list", "--sate", "dead"], "did you mean --state?"),
         (["serv"], "did you mean serve?"),
         (["deliveries", "lsit"], "did you mean list?"),
+        # A required flag, mistyped: argparse says it is missing before it says the typo is
+        # not a flag, so the suggestion names both.
+        (
+            ["expect", "rid", "--endpont", "fal-ai/flux/dev"],
+            "--endpoint — did you mean --endpoint (not --endpont)?",
+        ),
     ],
 )
 def test_a_mistyped_flag_or_command_suggests_the_right_one(
