@@ -164,10 +164,11 @@ class _LimitedProtocol(HttpToolsProtocol):
         # uvicorn's answer to a request httptools cannot parse is plain text; every other
         # answer of the receiver is a JSON error with a machine-readable reason.
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            # Bytes that cannot be parsed after a request still being answered (pipelined):
-            # a 400 now would go out in its place, while it is stored and acknowledged all
-            # the same. It gets its own answer; then the connection closes.
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            # Bytes that cannot be parsed after a whole request still being answered
+            # (pipelined): a 400 now would go out in its place, while it is stored and
+            # acknowledged all the same. It gets its own answer; then the connection closes.
+            # (A body that cannot be parsed, a bad chunk, is this request's: 400 now.)
             cycle.keep_alive = False
             self.flow.pause_reading()
             return

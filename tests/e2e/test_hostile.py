@@ -310,6 +310,17 @@ def test_junk_after_a_delivery_does_not_take_its_answer(
         assert _closed_within(sock, 3)
 
 
+def test_a_chunked_body_that_cannot_be_parsed_gets_a_json_400_at_once(
+    server: ServerProcess, sender: Sender
+) -> None:
+    body, signed = sender.signed("bad-chunk")
+    head = ["POST /webhooks/fal HTTP/1.1", "Host: x", "Transfer-Encoding: chunked"]
+    head += [f"{name}: {value}" for name, value in signed.items()]
+    with _connect(server) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + b"zz\r\n" + body)
+        _answered_json_and_closed(sock, 400, "malformed_request")
+
+
 def test_a_client_that_half_closes_after_its_request_gets_its_answer(
     server: ServerProcess, sender: Sender
 ) -> None:
