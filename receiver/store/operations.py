@@ -48,12 +48,10 @@ def _duplicate(tx: Tx, request_id: str) -> None:
     # A duplicate of a dead delivery re-arms it: a duplicate must never hide a failure.
     # One of a delivery still in flight is noted: if it then gives up, it is re-armed
     # (attempts.op_settle), so whether fal's redelivery counts never depends on timing.
-    params = {"request_id": request_id, "now": time.time()}
-    tx.sql.revive_dead.execute(tx.cur, params)
-    if tx.cur.rowcount == 1:
-        tx.due_now = True
-    else:
-        tx.sql.mark_redelivered.execute(tx.cur, params)
+    tx.sql.on_duplicate.execute(tx.cur, {"request_id": request_id, "now": time.time()})
+    row = tx.cur.fetchone()
+    if row is not None and row[0] == 0:
+        tx.due_now = True  # it was dead: re-armed, due now
 
 
 def op_insert(new: NewDelivery) -> Op:

@@ -148,23 +148,29 @@ class Statements:
             if self.name == "postgresql"
             else text(sa.insert(b).values(id=bp("id"), body=bp("body")))
         )
-        # A duplicate of a dead delivery re-arms it: a duplicate must never hide a failure.
-        self.revive_dead = text(
+        # A duplicate: one of a dead delivery re-arms it (a duplicate must never hide a
+        # failure); one of a delivery in flight marks it, so that it is re-armed if it then
+        # dies (revive_flagged). One statement, on purpose: as two, a replica's bury could
+        # commit between them (READ COMMITTED), and the duplicate would do neither.
+        # PostgreSQL waits for that bury, then evaluates the CASEs on the row it wrote.
+        dead = c.state == State.DEAD.value
+
+        def if_dead(value: Any, otherwise: Any) -> Any:
+            return sa.case((dead, value), else_=otherwise)
+
+        self.on_duplicate = text(
             sa.update(t)
-            .where(c.request_id == bp("request_id"), c.state == State.DEAD.value)
+            .where(c.request_id == bp("request_id"), c.state != State.DONE.value)
             .values(
-                state=State.PENDING.value,
-                attempts=0,
-                due_at=bp("now"),
-                updated_at=bp("now"),
-                finished_at=None,
-                claim_id=None,
+                state=if_dead(State.PENDING.value, c.state),
+                attempts=if_dead(0, c.attempts),
+                due_at=if_dead(bp("now"), c.due_at),
+                updated_at=if_dead(bp("now"), c.updated_at),
+                finished_at=if_dead(None, c.finished_at),
+                claim_id=if_dead(None, c.claim_id),
+                rearm=if_dead(0, 1),
             )
-        )
-        # A duplicate of a delivery still in flight: if its callbacks give up, they are
-        # re-armed as for a duplicate that came after (see revive_flagged).
-        self.mark_redelivered = text(
-            sa.update(t).where(c.request_id == bp("request_id"), active).values(rearm=1)
+            .returning(c.rearm)  # 0: it was dead, and is re-armed; 1: marked
         )
         self.revive_flagged = text(
             sa.update(t)

@@ -12,6 +12,7 @@ import dataclasses
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pytest
@@ -775,3 +776,57 @@ def test_the_signed_timestamp_is_kept_and_handed_to_claims(store_url: str) -> No
             assert claim is not None and claim.signed_at == 1_764_580_001
 
     run(body)
+
+
+@requires_pg
+def test_pg_a_duplicate_racing_a_replicas_bury_still_rearms_it(pg_schema_url: str) -> None:
+    # This replica found the duplicate (its insert conflicted) while another was burying
+    # the delivery. Under READ COMMITTED the duplicate's update must wait for that bury and
+    # re-arm what it wrote: as two statements ("if dead, revive", then "if in flight,
+    # mark") the bury could commit between them, and the duplicate would do neither.
+    from falhook.receiver.store.dbapi import Tx
+    from falhook.receiver.store.engine import make_engine
+    from falhook.receiver.store.operations import _duplicate
+    from falhook.receiver.store.statements import Statements
+
+    def blocked_on_a_lock() -> bool:
+        with pg_admin().connect() as conn:
+            waiting = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND position('falhook_deliveries' in query) > 0"
+            ).scalar_one()
+        return bool(waiting)
+
+    async def running() -> None:
+        async with opened(pg_schema_url) as store:
+            await store.insert(delivery("a"))
+            await claim_all(store)
+
+    run(running)
+    engine = make_engine(pg_schema_url)
+    other, this = engine.raw_connection(), engine.raw_connection()
+    try:
+        other.cursor().execute(  # the other replica's bury, not yet committed
+            "UPDATE falhook_deliveries SET state = 'dead', claim_id = NULL, finished_at = 1 "
+            "WHERE request_id = 'a'"
+        )
+        tx = Tx(this.cursor(), Statements(engine.dialect))
+        with ThreadPoolExecutor(1) as pool:
+            duplicate = pool.submit(_duplicate, tx, "a")
+            deadline = time.monotonic() + 10
+            while not blocked_on_a_lock():
+                assert time.monotonic() < deadline and not duplicate.done(), "never waited"
+                time.sleep(0.01)
+            other.commit()
+            duplicate.result(timeout=10)
+        this.commit()
+        assert tx.due_now is True
+        with engine.connect() as conn:
+            row = conn.exec_driver_sql(
+                "SELECT state, attempts, finished_at FROM falhook_deliveries"
+            ).one()
+        assert tuple(row) == (State.PENDING.value, 0, None)
+    finally:
+        other.close()
+        this.close()
+        engine.dispose()
