@@ -75,9 +75,12 @@ def op_insert_claimed(
     `Claim`, or None for a duplicate."""
     params = _row(new)
     params["claim_id"] = claim_id
-    params["lease_until"] = new.received_at + lease_seconds
 
     def op(tx: Tx) -> Claim | None:
+        # From now, in the writer's transaction, not from the delivery's arrival: a body
+        # read slowly or a commit queued behind others must not leave a lease that has
+        # already run out when the row becomes visible (another replica would retake it).
+        params["lease_until"] = time.time() + lease_seconds
         if tx.sql.add(tx.cur, tx.sql.insert_claimed, params):
             return Claim(
                 request_id=new.request_id,

@@ -548,6 +548,21 @@ def test_insert_claimed_is_running_and_returns_its_claim(store_url: str) -> None
     run(body)
 
 
+def test_an_intake_claims_lease_runs_from_its_commit_not_its_arrival(store_url: str) -> None:
+    # Received long ago (a body read slowly, a commit queued behind others): the lease
+    # must not have run out already when the row becomes visible to other replicas.
+    async def body() -> None:
+        async with opened(store_url) as store:
+            old = delivery("slow", received_at=time.time() - 100)
+            before = time.time()
+            assert await store.insert_claimed(old, "c-1", lease_seconds=30) is not None
+            row = store.get("slow")
+            assert row is not None and row.due_at >= before + 30
+            assert await claim_all(store) == []  # nobody else may take it meanwhile
+
+    run(body)
+
+
 def test_insert_claimed_duplicate_takes_no_claim(store_url: str) -> None:
     async def body() -> None:
         async with opened(store_url) as store:
