@@ -254,7 +254,12 @@ class Admin:
         self._prepare()
         return self._run(query, *args, write=write, **kwargs)
 
+    def _guard_files(self) -> None:
+        """Before each write: Store refuses one its SQLite files cannot take (fileguard)."""
+
     def _run(self, query: Callable[..., _T], *args: Any, write: bool, **kwargs: Any) -> _T:
+        if write:
+            self._guard_files()
         connector = self._connector
         conn = connector.connect()
         try:

@@ -53,7 +53,14 @@ class LoopWriter(WriterBase):
     load an iteration is many requests' verification, so the next fsync started late.
     """
 
-    def __init__(self, connection: Connection, sql: Statements, **options: Any) -> None:
+    def __init__(
+        self,
+        connection: Connection,
+        sql: Statements,
+        *,
+        guard: FileGuard | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(connection, sql, **options)
         self._pending: list[Job] = []
         self._busy = False  # a batch is on its way from its operations to its futures
@@ -67,7 +74,8 @@ class LoopWriter(WriterBase):
         # nobody references could be collected mid-run.
         self._fallback: asyncio.Task[None] | None = None
         self._stopping = False
-        self._guard = FileGuard(connection.engine.url.database)
+        # Shared with the Store's own writes (console, CLI-like calls), when it passes one.
+        self._guard = guard or FileGuard(connection.engine.url.database)
         self._checkpointer = Checkpointer(connection.engine, guard=self._guard)
 
     def start(self) -> None:

@@ -24,6 +24,7 @@ from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.store.admin import Admin
 from falhook.receiver.store.attempts import AttemptRecord, op_settle
 from falhook.receiver.store.engine import EngineConnector, make_engine
+from falhook.receiver.store.fileguard import FileGuard
 from falhook.receiver.store.loop_writer import LoopWriter
 from falhook.receiver.store.migrations import upgrade
 from falhook.receiver.store.operations import (
@@ -68,6 +69,10 @@ class Store(Admin):
         self._on_due = on_due
         self._writer: Writer | None = None
         self._migrate_lock = threading.Lock()
+        # One guard for every write of this process: the writer's commits and the sync
+        # API's (a console's pause or replay), which would otherwise write through the
+        # -shm mapping of an immutable file (SIGBUS), or into a deleted one.
+        self._guard = FileGuard(self.engine.url.database if self.dialect == "sqlite" else None)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -86,11 +91,13 @@ class Store(Admin):
         if self._writer is not None:
             return
         strategy = LoopWriter if self.dialect == "sqlite" else ThreadWriter
+        options: dict[str, Any] = {"guard": self._guard} if strategy is LoopWriter else {}
         self._writer = strategy(
             Connection(self.engine, self._ensure_schema),
             self._sql,
             on_due=self._on_due,
             max_batch=self._max_batch,
+            **options,
         )
         self._writer.start()
 
@@ -101,6 +108,10 @@ class Store(Admin):
     def _prepare(self) -> None:
         # The sync API migrates on first use, unless the schema was checked.
         self._ensure_schema()
+
+    def _guard_files(self) -> None:
+        self._guard.opened()  # the file this process opened (no-op once known)
+        self._guard.check()
 
     async def stop(self) -> None:
         """Let queued operations finish, then stop the writer and close connections."""

@@ -845,3 +845,71 @@ def test_pg_a_duplicate_racing_a_replicas_bury_still_rearms_it(pg_schema_url: st
         other.close()
         this.close()
         engine.dispose()
+
+
+def test_the_sync_apis_writes_refuse_a_deleted_database_file(tmp_path: Any) -> None:
+    # The console's pause or replay after an `rm` under the receiver: refused, as the
+    # writer's commits are, not confirmed into a file nobody will read again.
+    path = tmp_path / "gone.db"
+
+    async def body() -> None:
+        async with opened(f"sqlite:///{path}") as store:
+            await store.insert(delivery("a"))
+            store.set_dispatch_paused(True, reason="before")  # fine while the file is there
+            for suffix in ("", "-wal", "-shm"):
+                (tmp_path / f"gone.db{suffix}").unlink(missing_ok=True)
+            with pytest.raises(StoreUnavailableError, match="deleted or replaced"):
+                store.set_dispatch_paused(False)
+            with pytest.raises(StoreUnavailableError, match="deleted or replaced"):
+                store.replay(["a"])
+
+    run(body)
+
+
+_IMMUTABLE_SCRIPT = """
+import asyncio, subprocess, sys
+from falhook.receiver.errors import StoreUnavailableError
+from falhook.receiver.store import Store
+
+path = sys.argv[1]
+files = [path + s for s in ("", "-wal", "-shm")]
+
+async def main() -> None:
+    store = Store("sqlite:///" + path)
+    store.start()
+    try:
+        store.set_dispatch_paused(True, reason="before")
+        subprocess.run(["chattr", "+i", *files], check=True)
+        try:
+            store.set_dispatch_paused(False)
+        except StoreUnavailableError as exc:
+            print("refused:", exc)
+        finally:
+            subprocess.run(["chattr", "-i", *files], check=True)
+    finally:
+        await store.stop()
+
+asyncio.run(main())
+"""
+
+
+def test_the_sync_apis_writes_refuse_immutable_files_without_a_crash(tmp_path: Any) -> None:
+    # Writing through the -shm mapping of an immutable file is a SIGBUS: the whole process
+    # (every delivery with it) would die of a console click. In a child process, so that a
+    # crash fails this test instead of the test run.
+    import subprocess
+    import sys
+
+    probe = tmp_path / "probe"
+    probe.touch()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (needs root and a filesystem with it)")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMMUTABLE_SCRIPT, str(tmp_path / "imm.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "refused: the database file" in result.stdout and "not writable" in result.stdout
