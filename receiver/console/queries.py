@@ -60,6 +60,8 @@ class Cursor:
             cursor = cls(float(received), int(row_id))
         except ValueError:
             return None
+        if not -(2**63) <= cursor.id < 2**63:  # a row id; the drivers raise OverflowError
+            return None
         return cursor if cursor.received_at == cursor.received_at else None  # not NaN
 
 

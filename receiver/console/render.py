@@ -12,11 +12,11 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from markupsafe import Markup, escape
 
-__all__ = ["Media", "find_media", "linked_body", "one_line", "pretty_body", "utc"]
+__all__ = ["Media", "find_media", "linked_body", "one_line", "path_segment", "pretty_body", "utc"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".avif", ".bmp")
 _MAX_MEDIA = 50
@@ -28,6 +28,12 @@ def utc(ts: float | None) -> str:
     if ts is None:
         return "—"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
+
+
+def path_segment(request_id: str) -> str:
+    """A request id as one URL path segment: fal's ids are UUIDs, but any stored id must
+    open (``a?b#c``, ``50%``, ``../x``: Starlette's url_for quotes nothing)."""
+    return quote(request_id, safe="")
 
 
 def one_line(text: str | None, width: int = 120) -> str:

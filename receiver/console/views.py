@@ -93,6 +93,7 @@ class Console:
         )
         env.filters["utc"] = render.utc
         env.filters["oneline"] = render.one_line
+        env.filters["segment"] = render.path_segment
         self.templates = Jinja2Templates(env=env)
         self.css = (
             resources.files("falhook.receiver.console").joinpath("static/console.css").read_bytes()
@@ -305,7 +306,7 @@ class Console:
     async def replay_one(self, request: Request, session: Session) -> Response:
         form: Form = request.state.form
         request_id = _field(form, "request_id")
-        page = str(request.url_for("delivery", request_id=request_id))
+        page = str(request.url_for("delivery", request_id=render.path_segment(request_id)))
         if _field(form, "confirm") != "yes":
             return await self._confirm(
                 request,

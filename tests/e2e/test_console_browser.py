@@ -125,6 +125,8 @@ def test_operator_replays_a_dead_delivery_and_pauses_dispatch(
                 fields = {"status": "ERROR", "error": "Internal server error", "payload": None}
             response = sender.post(client, server.webhook_url, f"req-{i}-a91f", **fields)
             assert response.status_code == 200
+        long_id = "req-long-" + "x" * 246  # the longest id accepted: 255 characters
+        assert sender.post(client, server.webhook_url, long_id).status_code == 200
         dead_id = "req-dead-7c1e"
         image = {"url": f"{media_server}/files/cat.png", "content_type": "image/png"}
         payload = {
@@ -139,7 +141,7 @@ def test_operator_replays_a_dead_delivery_and_pauses_dispatch(
         timeout=15,
         what="the failing delivery to be dead",
     )
-    wait_for(lambda: len(server.done_ids()) == 4, timeout=15, what="the others to be done")
+    wait_for(lambda: len(server.done_ids()) == 5, timeout=15, what="the others to be done")
 
     base = server.url + "/console/"
     with sync_playwright() as p:
@@ -165,7 +167,7 @@ def test_operator_replays_a_dead_delivery_and_pauses_dispatch(
             page.click("#signin")
             expect(page).to_have_url(base)
             expect(page.locator("#dispatch-state")).to_contain_text("running")
-            expect(page.locator("table.deliveries td.rid a")).to_have_count(5)
+            expect(page.locator("table.deliveries td.rid a")).to_have_count(6)
             page.screenshot(path=str(screenshots / "console.png"))
 
             # The dead delivery alert: filter to dead, open it, see why.
@@ -221,6 +223,15 @@ def test_operator_replays_a_dead_delivery_and_pauses_dispatch(
             expect(page.locator("#outcome")).to_contain_text("Dispatch resumed")
             expect(page.locator("#dispatch-state")).to_contain_text("running")
             assert dialogs == []  # nothing in a payload ran as script
+
+            # At a phone's width the page fits (a long id wraps; the table scrolls inside
+            # its own box), and the header's buttons stay on screen.
+            page.set_viewport_size({"width": 360, "height": 740})
+            page.goto(base)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 360
+            box = page.locator("header.top button").last.bounding_box()
+            assert box is not None and box["x"] + box["width"] <= 360, box
+            page.screenshot(path=str(screenshots / "console-phone.png"), full_page=True)
         finally:
             browser.close()
     assert dead_id in server.done_ids()
