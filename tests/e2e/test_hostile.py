@@ -104,6 +104,19 @@ def _answered_json_and_closed(sock: socket.socket, status: int, error: str) -> N
     assert _closed_within(sock, 3)
 
 
+def _acknowledged_and_closed(sock: socket.socket, request_id: str) -> None:
+    """A delivery's 200, then the connection closed."""
+    status, _, text = _read_response(sock)
+    assert status == 200 and json.loads(text)["request_id"] == request_id, text
+    assert _closed_within(sock, 3)
+
+
+def _chunked_head(signed: dict[str, str]) -> bytes:
+    head = ["POST /webhooks/fal HTTP/1.1", "Host: x", "Transfer-Encoding: chunked"]
+    head += [f"{name}: {value}" for name, value in signed.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode()
+
+
 def _stale(sender: Sender) -> dict[str, str]:
     _, headers = sender.signed("stale")
     headers["X-Fal-Webhook-Timestamp"] = str(int(time.time()) - 3600)
@@ -305,19 +318,15 @@ def test_junk_after_a_delivery_does_not_take_its_answer(
     body, signed = sender.signed("before-junk")
     with _connect(server) as sock:
         sock.sendall(_request_head(signed, len(body)) + body + b"GARBAGE\r\n\r\n")
-        status, _, text = _read_response(sock)
-        assert status == 200 and json.loads(text)["request_id"] == "before-junk", text
-        assert _closed_within(sock, 3)
+        _acknowledged_and_closed(sock, "before-junk")
 
 
 def test_a_chunked_body_that_cannot_be_parsed_gets_a_json_400_at_once(
     server: ServerProcess, sender: Sender
 ) -> None:
     body, signed = sender.signed("bad-chunk")
-    head = ["POST /webhooks/fal HTTP/1.1", "Host: x", "Transfer-Encoding: chunked"]
-    head += [f"{name}: {value}" for name, value in signed.items()]
     with _connect(server) as sock:
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + b"zz\r\n" + body)
+        sock.sendall(_chunked_head(signed) + b"zz\r\n" + body)
         _answered_json_and_closed(sock, 400, "malformed_request")
 
 
@@ -328,9 +337,7 @@ def test_a_client_that_half_closes_after_its_request_gets_its_answer(
     with _connect(server) as sock:
         sock.sendall(_request_head(signed, len(body)) + body)
         sock.shutdown(socket.SHUT_WR)  # done sending; still reading
-        status, _, text = _read_response(sock)
-        assert status == 200 and json.loads(text)["request_id"] == "half-closed", text
-        assert _closed_within(sock, 3)
+        _acknowledged_and_closed(sock, "half-closed")
 
 
 def _chunked(body: bytes, trailer: str) -> bytes:
@@ -341,20 +348,15 @@ def test_a_chunked_bodys_trailer_is_not_a_header(server: ServerProcess, sender: 
     # The same bytes get the same answer however they arrive: a signature header in the
     # trailer neither duplicates the head's nor stands in for a missing one.
     body, signed = sender.signed("trailer-dup")
-    head = ["POST /webhooks/fal HTTP/1.1", "Host: x", "Transfer-Encoding: chunked"]
-    head += [f"{name}: {value}" for name, value in signed.items()]
-    raw = ("\r\n".join(head) + "\r\n\r\n").encode()
     with _connect(server) as sock:
-        sock.sendall(raw + _chunked(body, "X-Fal-Webhook-Signature: 00"))
+        sock.sendall(_chunked_head(signed) + _chunked(body, "X-Fal-Webhook-Signature: 00"))
         status, _, text = _read_response(sock)
         assert status == 200, text
     body, signed = sender.signed("trailer-only")
     signature = signed.pop("X-Fal-Webhook-Signature")
-    head = ["POST /webhooks/fal HTTP/1.1", "Host: x", "Transfer-Encoding: chunked"]
-    head += [f"{name}: {value}" for name, value in signed.items()]
-    raw = ("\r\n".join(head) + "\r\n\r\n").encode()
     with _connect(server) as sock:
-        sock.sendall(raw + _chunked(body, f"X-Fal-Webhook-Signature: {signature}"))
+        trailer = f"X-Fal-Webhook-Signature: {signature}"
+        sock.sendall(_chunked_head(signed) + _chunked(body, trailer))
         status, _, text = _read_response(sock)
         assert status == 401 and json.loads(text)["error"] == "missing_header", text
 
