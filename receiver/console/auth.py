@@ -33,6 +33,7 @@ SESSION_COOKIE = "falhook_console"
 SIGNIN_COOKIE = "falhook_console_signin"
 SESSION_SECONDS = 12 * 3600
 _SIGNIN_SECONDS = 3600
+_MAX_ENDED = 10_000  # signed-out sessions remembered (each needed a valid session)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,9 @@ class Auth:
         self._token_digest = hashlib.sha256(token.encode()).digest()
         self._key = hmac.new(token.encode(), b"falhook console v1", hashlib.sha256).digest()
         self.session_seconds = session_seconds
+        # Signed-out sessions (nonce -> when the cookie would expire), refused until then.
+        # In this process: another replica still takes a copied cookie (README says so).
+        self._ended: dict[str, float] = {}
 
     # -- tokens and signatures -----------------------------------------------------------
 
@@ -88,6 +92,8 @@ class Auth:
             return None
         if not 0 <= age < self.session_seconds:
             return None
+        if nonce in self._ended:
+            return None  # signed out
         return Session(nonce, self.csrf_for(nonce))
 
     def signin_nonce(self, request: Request) -> tuple[str, bool]:
@@ -125,6 +131,14 @@ class Auth:
         response.delete_cookie(SIGNIN_COOKIE, path=self.cookie_path(request))
 
     def end_session(self, response: Response, request: Request) -> None:
+        """Sign out: the browser's cookie is deleted, and a copy of it refused here."""
+        session = self.session(request)
+        if session is not None:
+            now = time.time()
+            self._ended = {n: until for n, until in self._ended.items() if until > now}
+            if len(self._ended) >= _MAX_ENDED:
+                self._ended.pop(next(iter(self._ended)))  # the oldest sign-out
+            self._ended[session.nonce] = now + self.session_seconds
         response.delete_cookie(SESSION_COOKIE, path=self.cookie_path(request))
 
     def set_signin_nonce(self, response: Response, request: Request, nonce: str) -> None:

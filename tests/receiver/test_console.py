@@ -238,9 +238,16 @@ def test_token_compare_is_by_digest() -> None:
 
 
 def test_sign_out_ends_the_session(signed_in: TestClient) -> None:
-    response = post(signed_in, "/console/signout", page_csrf(signed_in))
+    csrf = page_csrf(signed_in)
+    copied = signed_in.cookies.get("falhook_console")
+    assert copied
+    response = post(signed_in, "/console/signout", csrf)
     assert response.status_code == 303
     assert signed_in.get("/console/").status_code == 303
+    # A copy of the cookie (a shared screen, a proxy log) no longer works either.
+    signed_in.cookies.set("falhook_console", copied, path="/console")
+    assert signed_in.get("/console/").status_code == 303
+    assert post(signed_in, "/console/pause", csrf, confirm="yes").status_code == 403
 
 
 # -- CSRF and origins ----------------------------------------------------------------------
