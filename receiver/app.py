@@ -38,7 +38,7 @@ from falhook.receiver.pruner import Pruner
 from falhook.receiver.registry import Callback, CallbackRegistry
 from falhook.receiver.retry import RetryPolicy
 from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
-from falhook.receiver.settings import Settings, without_password
+from falhook.receiver.settings import WEBHOOK_PATH, Settings, without_password
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
 from falhook.receiver.store.dbapi import sqlite_file
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 __all__ = ["WebhookReceiver", "create_app"]
 
 log = logging.getLogger("falhook.receiver")
-WEBHOOK_PATH = "/webhooks/fal"
 _READY_TIMEOUT = 1.5  # seconds for the store to answer /readyz
 _RECENT_FAILURE = 5.0  # seconds /readyz stays 503 after a delivery could not be stored
 

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_JWKS_URL",
     "DEFAULT_QUEUE_URL",
     "ENV_PREFIX",
+    "WEBHOOK_PATH",
     "Settings",
     "check_database_url",
 ]
@@ -132,6 +133,9 @@ def _jwks_source(value: str) -> str:
     return source
 
 
+WEBHOOK_PATH = "/webhooks/fal"  # where fal posts: served by the app, told to fal by submit
+
+
 def _public_url(value: str) -> str | None:
     # fal is told this + /webhooks/fal: a query, a fragment or the webhook path itself
     # would make a URL fal cannot reach, and every result would come by recovery, late.
@@ -140,7 +144,7 @@ def _public_url(value: str) -> str | None:
         return None
     if "?" in url or "#" in url:
         raise ValueError("wants the base URL alone, without ?query or #fragment")
-    if url.endswith("/webhooks/fal"):
+    if url.endswith(WEBHOOK_PATH):
         raise ValueError("wants the base URL: falhook adds /webhooks/fal (drop it from the end)")
     return url
 

@@ -198,7 +198,8 @@ def _fetch_error(exc: BaseException) -> str:
 _IDENTITY = {"Accept-Encoding": "identity"}
 
 
-def _declared_size(response: httpx.Response) -> None:
+def _check_head(response: httpx.Response) -> None:
+    """Refuse an answer its headers already show unusable: compressed, or declared too big."""
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise KeysUnavailableError(
@@ -276,7 +277,7 @@ class JWKSClient:
                 "GET", self.url, headers=_IDENTITY, timeout=self.timeout
             ) as response:
                 response.raise_for_status()
-                _declared_size(response)
+                _check_head(response)
                 for chunk in response.iter_bytes():
                     body.add(chunk)
             keys = parse_jwks(body.content())
@@ -411,7 +412,7 @@ class AsyncJWKSClient:
                         "GET", self.url, headers=_IDENTITY, timeout=self.timeout
                     ) as r:
                         r.raise_for_status()
-                        _declared_size(r)
+                        _check_head(r)
                         async for chunk in r.aiter_bytes():
                             body.add(chunk)
                 # Off the loop: a big key set would stall every acknowledgement meanwhile.

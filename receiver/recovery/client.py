@@ -148,12 +148,6 @@ class QueueClient:
             )
         return self._client
 
-    def _count(self, answer: QueueAnswer | None) -> None:
-        if answer is None:
-            self._observe(QueueFailure.UNREACHABLE.value)
-        else:
-            self.count(outcome_of(answer.status_code))
-
     def count(self, failure: QueueFailure | None) -> None:
         """Count one answer by what it meant (None: usable). `get` leaves this to its
         caller: a model's error fetched as a result is a usable answer, not a rejection,
@@ -186,7 +180,7 @@ class QueueClient:
             raise self._unreachable(f"is unreachable: {_brief(exc)}") from exc
 
     def _unreachable(self, what: str) -> QueueError:
-        self._count(None)
+        self.count(QueueFailure.UNREACHABLE)
         return QueueError(QueueFailure.UNREACHABLE, f"fal's queue {what}")
 
     async def submit(

@@ -27,7 +27,7 @@ from falhook.receiver.errors import (
 from falhook.receiver.recovery import expect
 from falhook.receiver.recovery.client import QueueClient, outcome_of
 from falhook.receiver.recovery.urls import request_urls, same_origin
-from falhook.receiver.settings import Settings
+from falhook.receiver.settings import WEBHOOK_PATH, Settings
 from falhook.receiver.store.expectations import Expectations, ExpectationState, NewExpectation
 
 if TYPE_CHECKING:  # SQLModel and SQLAlchemy: imported when started, not for submit
@@ -38,7 +38,6 @@ if TYPE_CHECKING:  # SQLModel and SQLAlchemy: imported when started, not for sub
 __all__ = ["WEBHOOK_PATH", "Recovery"]
 
 log = logging.getLogger("falhook.recovery")
-WEBHOOK_PATH = "/webhooks/fal"
 _PRIORITIES = ("normal", "low")
 # RFC 9110: a field name is a token; values here are fal's, printable ASCII.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
