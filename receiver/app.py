@@ -48,6 +48,7 @@ from falhook.receiver.watchdog import LoopWatchdog
 from falhook.verify import KeysUnavailableError, WebhookHeaders
 
 if TYPE_CHECKING:
+    from falhook.receiver.archive import Archiver
     from falhook.receiver.recovery import Recovery
 
 __all__ = ["WebhookReceiver", "create_app"]
@@ -175,6 +176,8 @@ class WebhookReceiver:
                 observe_call=self.metrics.queue_request,
                 on_recovered=self.metrics.recovered.inc,
             )
+        # The media archive (FALHOOK_ARCHIVE_URL): built at start, on the store's engine.
+        self.archiver: Archiver | None = None
         # Gives freed memory back to the system after large bodies (glibc only).
         self.trimmer = MemoryTrimmer()
         self.app = self._build_app()
@@ -278,7 +281,9 @@ class WebhookReceiver:
             await store.ping()  # create or upgrade the schema now, not on the first delivery
         except StoreUnavailableError as exc:
             log.warning("store unavailable at start (will keep trying): %s", exc)
-        if len(self.registry):
+        if settings.archive_url is not None:
+            self.archiver = self._start_archive(store)
+        if len(self.registry) or self.archiver is not None:
             self._dispatcher = Dispatcher(
                 store,
                 self.registry,
@@ -295,6 +300,7 @@ class WebhookReceiver:
                 deadlines=self.deadlines,
                 observer=_Observer(self.metrics, self.trimmer),
                 prepare=self.recovery.prepare if self.recovery is not None else None,
+                archive=self.archiver,
             )
             # Held until the store's pause switch has been read: a replica starting while
             # dispatch is paused must not claim a batch first.
@@ -336,6 +342,20 @@ class WebhookReceiver:
         self._started_at = time.monotonic()
         self._log_started()
 
+    def _start_archive(self, store: Store) -> Archiver:
+        """The archiver, its metrics on (only with FALHOOK_ARCHIVE_URL: httpx's and
+        obstore's imports are paid only then)."""
+        from falhook.receiver.archive import Archiver, MediaRows
+
+        if not hasattr(self.metrics, "media_files"):  # once, however often it starts
+            self.metrics.enable_archive(self._media_counts)
+        return Archiver(self.settings, MediaRows(store.engine), observe=self.metrics.media_file)
+
+    def _media_counts(self) -> Any:
+        if self.archiver is None:
+            raise NotStartedError()
+        return self.archiver.rows.counts()
+
     def _log_started(self) -> None:
         """One line with everything an operator checks first: what runs, where, with what."""
         settings = self.settings
@@ -358,6 +378,7 @@ class WebhookReceiver:
             "forward_signed": self._forwarder is not None and self._forwarder.signed,
             "concurrency": settings.concurrency,
             "recovery": settings.queue_url if self.recovery is not None else None,
+            "archive": settings.archive_url,
             "console": console,
         }
         targets = list(fields["callbacks"])
@@ -425,6 +446,9 @@ class WebhookReceiver:
         if self._dispatcher is not None:
             drained = await self._dispatcher.stop()
             self._dispatcher = None
+        if self.archiver is not None:
+            await self.archiver.aclose()
+            self.archiver = None
         if self._store is not None:
             await self._store.stop()
             self._store = None

@@ -64,6 +64,7 @@ class Dispatcher:
         deadlines: Deadlines | None = None,
         observer: DispatchObserver | None = None,
         prepare: Prepare | None = None,
+        archive: Prepare | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -76,6 +77,7 @@ class Dispatcher:
         self.deadlines = deadlines or Deadlines()
         self.observer = observer or DispatchObserver()
         self.prepare = prepare
+        self.archive = archive  # keeps a delivery's files before its callbacks run
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._stopping = False
@@ -257,17 +259,21 @@ class Dispatcher:
             record = AttemptRecord(claim.attempt, started_at, 0.0, unreadable)
             return _Attempt(False, unreadable, (), None, None, record)
         self._held[claim.request_id] = (claim, time.monotonic())
+        # Steps before the callbacks, each of which may fail the attempt (to be retried
+        # like a failed callback). fal could not send the payload: recovery fetches it
+        # from the queue first, so the callbacks see the whole result (receiver/recovery/).
+        # Then the archive keeps the payload's files (receiver/archive/).
+        steps: list[tuple[Prepare, str]] = []
         if self.prepare is not None and delivery.payload is None and delivery.payload_error:
-            # fal could not send the payload: recovery fetches it from the queue first, so
-            # the callbacks see the whole result (receiver/recovery/). A queue that cannot
-            # answer now fails this attempt, to be retried like a failed callback.
+            steps.append((self.prepare, "payload not fetched from fal's queue yet"))
+        if self.archive is not None:
+            steps.append((self.archive, "files not archived yet"))
+        for step, not_yet in steps:
             try:
-                delivery = await self.prepare(
-                    claim, delivery, self.policy.gives_up_after(claim.attempt)
-                )
+                delivery = await step(claim, delivery, self.policy.gives_up_after(claim.attempt))
             except Exception as exc:
                 self._held.pop(claim.request_id, None)
-                why = f"payload not fetched from fal's queue yet: {_describe(exc)}"
+                why = f"{not_yet}: {_describe(exc)}"
                 lease_ends = time.monotonic() + self.lease_seconds
                 record = AttemptRecord(
                     claim.attempt, started_at, time.perf_counter() - began, _trace(exc)
@@ -422,8 +428,8 @@ class Drained(NamedTuple):
     cancelled: int  # still running at the timeout: retaken when their leases expire
 
 
-# Runs before a delivery's callbacks when fal sent it without its payload (payload_error):
-# (claim, delivery, last attempt?) -> the delivery the callbacks get.
+# Runs before a delivery's callbacks (fetching a payload fal could not send, archiving
+# the payload's files): (claim, delivery, last attempt?) -> the delivery the callbacks get.
 Prepare = Callable[[Claim, Delivery, bool], Awaitable[Delivery]]
 
 

@@ -13,7 +13,8 @@ The tree::
     ├── ForwardError              the app behind ``--forward-to`` did not take a delivery
     ├── RecoveryDisabledError     submit/expect without a fal key (FALHOOK_FAL_KEY)
     ├── InvalidRequestError       submit/expect given an unusable endpoint id or URL
-    └── QueueError                fal's queue refused or could not be reached (``failure``)
+    ├── QueueError                fal's queue refused or could not be reached (``failure``)
+    └── ArchiveError              a media file could not be archived (``failure``)
 
 Every error carries ``.reason``, a `Reason` (a string enum) for machines: the HTTP
 answers' ``error`` field, metrics labels and the CLI's JSON output use it. Foreign
@@ -26,11 +27,13 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
+    "ArchiveError",
     "CallbackImportError",
     "CallbackTimeoutError",
     "ForwardError",
     "InvalidRequestError",
     "MalformedDeliveryError",
+    "MediaFailure",
     "NotStartedError",
     "QueueError",
     "QueueFailure",
@@ -64,6 +67,8 @@ class Reason(StrEnum):
     RECOVERY_DISABLED = "recovery_disabled"
     INVALID_REQUEST = "invalid_request"
     QUEUE_ERROR = "queue_error"
+    # The media archive (receiver/archive/).
+    ARCHIVE_ERROR = "archive_error"
 
 
 class ReceiverError(Exception):
@@ -196,3 +201,29 @@ class QueueError(ReceiverError):
         self.status_code = status_code
         self.retry_after = retry_after
         self.body = body
+
+
+class MediaFailure(StrEnum):
+    """Why a media file was not archived: the first word of its recorded error."""
+
+    NOT_FOUND = "not_found"  # the origin answered 404 or 410: gone for good
+    TOO_LARGE = "too_large"  # over FALHOOK_ARCHIVE_MAX_BYTES: nothing kept
+    HOST_REFUSED = "host_refused"  # not on FALHOOK_ARCHIVE_HOSTS, or a private address
+    REFUSED = "refused"  # the origin answered another 4xx, or redirected too often
+    UNAVAILABLE = "unavailable"  # 5xx, 408/429, timeouts, connection errors
+    STORAGE = "storage"  # the archive could not take the file
+
+    @property
+    def transient(self) -> bool:
+        """Worth trying again (within the file's deadline, then on the next attempt)."""
+        return self in (MediaFailure.UNAVAILABLE, MediaFailure.STORAGE)
+
+
+class ArchiveError(ReceiverError):
+    """A media file could not be archived; `failure` says why."""
+
+    reason = Reason.ARCHIVE_ERROR
+
+    def __init__(self, failure: MediaFailure, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure

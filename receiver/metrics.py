@@ -202,6 +202,37 @@ class _ExpectationsCollector(Collector):
         yield family
 
 
+class _MediaCollector(Collector):
+    """falhook_media{state} and the oldest pending file's age, read at scrape time."""
+
+    def __init__(self, counts: Callable[[], Any]) -> None:
+        self._counts = counts  # -> archive.rows.MediaCounts
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("falhook_media", "Media files by state")
+        yield GaugeMetricFamily("falhook_media_oldest_pending_seconds", "Oldest pending file")
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            counts = self._counts()
+        except ReceiverError as exc:  # store unavailable, or the receiver not started
+            log.warning("metrics: media numbers unavailable: %s", exc)
+            return
+        family = GaugeMetricFamily(
+            "falhook_media",
+            "Media files by state (pending is files not archived yet)",
+            labels=["state"],
+        )
+        for state, count in counts.states.items():
+            family.add_metric([str(state)], count)
+        yield family
+        yield GaugeMetricFamily(
+            "falhook_media_oldest_pending_seconds",
+            "Age of the oldest media file not archived yet (0 if none)",
+            value=counts.oldest_pending_age,
+        )
+
+
 class Metrics:
     """The receiver's metrics. Label children used on the hot path are bound once."""
 
@@ -308,6 +339,26 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_ExpectationsCollector(counts))
+
+    def enable_archive(self, counts: Callable[[], Any]) -> None:
+        """The media archive is on: count files by outcome and bytes archived, and report
+        files by state and the oldest pending one's age (read at scrape time)."""
+        self.media_files = Counter(
+            "falhook_media_files",
+            "Media file downloads by outcome (archived, failed, skipped, retry)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.media_bytes = Counter(
+            "falhook_media_archived_bytes", "Bytes of media archived", registry=self.registry
+        )
+        self.registry.register(_MediaCollector(counts))
+
+    def media_file(self, outcome: str, size: int) -> None:
+        """Count one file's outcome (and its bytes, when archived)."""
+        self.media_files.labels(outcome).inc()
+        if size:
+            self.media_bytes.inc(size)
 
     def queue_request(self, outcome: str) -> None:
         self.queue_requests.labels(outcome).inc()

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
+from falhook.receiver.archive.media import MediaItem
 from falhook.receiver.state import SOURCE_QUEUE, SOURCE_WEBHOOK, State
 from falhook.receiver.store import attempts, expectations
 from falhook.receiver.store.records import StoredDelivery
@@ -38,6 +39,7 @@ __all__ = [
     "Delivery",
     "DeliveryRow",
     "ExpectationRow",
+    "MediaRow",
     "State",
     "StoredDelivery",
 ]
@@ -154,6 +156,28 @@ class ExpectationRow(SQLModel, table=True):
     finished_at: float | None = Field(default=None)
 
 
+class MediaRow(SQLModel, table=True):
+    """One file found in an OK delivery's payload and its archiving (receiver/archive/),
+    as migration 9 creates it; keyed by (request_id, the JSON pointer of its URL)."""
+
+    __tablename__ = "falhook_media"
+    __table_args__ = (sa.Index("ix_falhook_media_state_created", "state", "created_at"),)
+
+    request_id: str = Field(primary_key=True, max_length=255)
+    pointer: str = Field(primary_key=True)
+    source_url: str
+    stored_url: str | None = Field(default=None)
+    state: str = Field(max_length=16)  # pending, archived, failed, skipped
+    error: str | None = Field(default=None)
+    sha256: str | None = Field(default=None, max_length=64)
+    size: int | None = Field(default=None, sa_type=sa.BigInteger)
+    content_type: str | None = Field(default=None)
+    attempts: int = Field(default=0)  # downloads tried
+    created_at: float
+    updated_at: float
+    finished_at: float | None = Field(default=None)  # archived, failed or skipped at
+
+
 # Every dispatch attempt of a delivery (store/attempts.py), as migration 6 creates it.
 ATTEMPTS = sa.Table(
     attempts.TABLE_NAME,
@@ -189,6 +213,15 @@ class Delivery:
     signed_at: int | None = None
     """The Unix time fal signed a webhook with (``X-Fal-Webhook-Timestamp``); None for
     a result recovered from fal's queue."""
+    media: tuple[MediaItem, ...] = ()
+    """The payload's files and where each is archived (FALHOOK_ARCHIVE_URL; else empty)."""
+
+    def stored_url(self, source_url: str) -> str | None:
+        """Where the file fal served at `source_url` is archived, or None if it is not."""
+        for item in self.media:
+            if item.source_url == source_url and item.stored_url is not None:
+                return item.stored_url
+        return None
 
     @property
     def ok(self) -> bool:

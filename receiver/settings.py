@@ -33,6 +33,8 @@ DEFAULT_QUEUE_URL = "https://queue.fal.run"
 # fal's own SDKs read the key from FAL_KEY; FALHOOK_FAL_KEY wins when both are set.
 FAL_KEY_FALLBACK_ENV = "FAL_KEY"
 _MiB = 1024 * 1024
+# fal's CDN: v3.fal.media, v3b.fal.media, fal.media… (an entry covers its subdomains).
+DEFAULT_ARCHIVE_HOSTS = ("fal.media",)
 
 
 # Each parser raises ValueError with what the setting wants, never int()'s or float()'s own
@@ -241,6 +243,63 @@ def _required_http_url(value: str) -> str:
     return url
 
 
+def _archive_url(value: str) -> str | None:
+    # Checked here without importing the storage library: a folder (a path or file:///abs),
+    # or object storage named by its scheme; the library reads the rest at start.
+    url = value.strip()
+    if not url:
+        return None
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url  # a folder path, relative to where falhook starts
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise ValueError("wants file:/// and an absolute path (file:///srv/media)")
+        return url
+    if scheme not in ("s3", "gs", "az"):
+        raise ValueError(
+            "wants a folder path, file:///abs/path, s3://bucket/prefix, gs://bucket/prefix "
+            "or az://container/prefix"
+        )
+    if not rest.split("/", 1)[0]:
+        raise ValueError(f"wants the bucket's name: {scheme}://bucket/prefix")
+    return url.rstrip("/")
+
+
+_HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+def split_host_entry(entry: str) -> tuple[str, int | None]:
+    """An archive host entry (``fal.media``, ``127.0.0.1:9000``, ``[::1]:9000``) as
+    (host, port or None); ValueError saying what is wanted."""
+    item = entry.strip().lower()
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        port = rest.removeprefix(":") if rest.startswith(":") else rest or None
+    elif item.count(":") == 1:
+        host, port = item.split(":")
+    else:
+        host, port = item, None  # a name, an IPv4 address or a bare IPv6 address
+    wanted = f"{entry.strip()!r} is not a host or host:port (e.g. fal.media, 10.0.0.5:9000)"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(wanted) from None
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(wanted)
+    return host, None if port is None else int(port)
+
+
+def _archive_hosts(value: str) -> tuple[str, ...]:
+    items = [item.strip().lower() for item in value.split(",") if item.strip()]
+    if not items:
+        raise ValueError("wants host names, comma-separated (fal.media, cdn.example.com:8443)")
+    for item in items:
+        split_host_entry(item)
+    return tuple(items)
+
+
 def _setting(
     default: Any,
     parse: Callable[[str], Any],
@@ -427,6 +486,38 @@ class Settings:
         _positive_float,
         "EXPECT_TTL_SECONDS",
         "give up on an expectation this long after it was recorded (state expired)",
+    )
+
+    # -- the media archive (receiver/archive/): off unless FALHOOK_ARCHIVE_URL is set -----
+    archive_url: str | None = _setting(
+        None,
+        _archive_url,
+        "ARCHIVE_URL",
+        "archive every fal media file of an OK delivery here before its callbacks run: a "
+        "folder, file:///abs/path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix",
+    )
+    archive_hosts: tuple[str, ...] = _setting(
+        DEFAULT_ARCHIVE_HOSTS,
+        _archive_hosts,
+        "ARCHIVE_HOSTS",
+        "fetch files only from these hosts and their subdomains (host or host:port, "
+        "comma-separated); a private or loopback address only when listed exactly",
+        show=",".join,
+    )
+    archive_max_bytes: int = _setting(
+        5 * 1024 * _MiB,
+        _positive_int,
+        "ARCHIVE_MAX_BYTES",
+        "a file larger than this is not kept (failed: too_large)",
+    )
+    archive_concurrency: int = _setting(
+        8, _positive_int, "ARCHIVE_CONCURRENCY", "files downloaded at once"
+    )
+    archive_timeout_seconds: float = _setting(
+        900.0,
+        _positive_float,
+        "ARCHIVE_TIMEOUT_SECONDS",
+        "deadline for one file, retries included (then the delivery's attempt is retried)",
     )
 
     def __post_init__(self) -> None:

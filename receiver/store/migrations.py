@@ -298,6 +298,32 @@ def _v8_rearm(conn: sa.Connection) -> None:
     )
 
 
+def _v9_media(conn: sa.Connection) -> None:
+    # The media archive (receiver/archive/): one row per file found in an OK delivery's
+    # payload, keyed by the JSON pointer of its URL; the state index serves the pending
+    # gauges and `falhook media list --state`.
+    metadata = sa.MetaData()
+    sa.Table(
+        "falhook_media",
+        metadata,
+        sa.Column("request_id", sa.String(255), primary_key=True),
+        sa.Column("pointer", sa.String, primary_key=True),
+        sa.Column("source_url", sa.String, nullable=False),
+        sa.Column("stored_url", sa.String, nullable=True),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("error", sa.String, nullable=True),
+        sa.Column("sha256", sa.String(64), nullable=True),
+        sa.Column("size", sa.BigInteger, nullable=True),
+        sa.Column("content_type", sa.String, nullable=True),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("finished_at", sa.Float, nullable=True),
+        sa.Index("ix_falhook_media_state_created", "state", "created_at"),
+    )
+    metadata.create_all(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "deliveries table", _v1_deliveries),
     Migration(2, "partial index on due_at for active rows; index on received_at", _v2_indexes),
@@ -309,6 +335,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "attempts: every dispatch attempt of a delivery", _v6_attempts),
     Migration(7, "signed_at: the timestamp fal signed a delivery with", _v7_signed_at),
     Migration(8, "rearm: a duplicate came while the delivery was in flight", _v8_rearm),
+    Migration(9, "media: the files of each delivery and where they are archived", _v9_media),
 )
 
 
