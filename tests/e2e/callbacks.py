@@ -43,6 +43,16 @@ def _event(delivery: Delivery, phase: str) -> dict[str, Any]:
         "received_at": delivery.received_at.isoformat(),
         "attempt": delivery.attempt,
         "source": delivery.source,
+        "media": [
+            {
+                "pointer": m.pointer,
+                "state": str(m.state),
+                "stored_url": m.stored_url,
+                "sha256": m.sha256,
+                "size": m.size,
+            }
+            for m in delivery.media
+        ],
         "pid": os.getpid(),
         "t": time.time(),
     }
