@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from falhook import __version__
-from falhook.receiver.cli import dev, dispatch, ops, recovery, serve, verify
+from falhook.receiver.cli import dev, dispatch, media, ops, recovery, serve, verify
 from falhook.receiver.cli.common import (
     EXIT_CLOSED_OUTPUT,
     EXIT_CODES_HELP,
@@ -26,7 +26,7 @@ from falhook.receiver.cli.common import (
 __all__ = ["build_parser", "main"]
 
 # Subcommand modules, in the order they appear in --help.
-_COMMANDS = (serve, ops, dispatch, recovery, dev, verify)
+_COMMANDS = (serve, ops, media, dispatch, recovery, dev, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

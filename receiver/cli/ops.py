@@ -342,24 +342,36 @@ def run_list(args: argparse.Namespace) -> int:
 @_guarded
 def run_show(args: argparse.Namespace) -> int:
     """``falhook deliveries show REQUEST_ID``."""
+    from falhook.receiver.cli.media_view import item_document, media_cells, media_rows
+
     with _store(args) as store:
         delivery = store.get(args.request_id)
         attempts = store.attempts(args.request_id) if delivery is not None else []
     if delivery is None:
         print(f"falhook deliveries show: no delivery {args.request_id!r}", file=sys.stderr)  # noqa: T201
         return EXIT_NOT_FOUND
+    # The archived files (FALHOOK_ARCHIVE_URL): SQLAlchemy Core on the media table.
+    with media_rows(_database_url(args)) as rows:
+        files = rows.get(args.request_id)
     history = [_attempt(a) for a in attempts]
-    document = summary(delivery) | {"attempt_history": history, "body": _body(delivery)}
+    document = summary(delivery) | {
+        "attempt_history": history,
+        "media": [item_document(item) for item in files],
+        "body": _body(delivery),
+    }
     if args.json:
         _out(json.dumps(document, indent=2))
         return 0
-    skip = ("body", "attempt_history")
+    skip = ("body", "attempt_history", "media")
     fields = [(k, v) for k, v in document.items() if k not in skip and v not in (None, [])]
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         text = ", ".join(value) if isinstance(value, list) else str(value)
         _out(f"{key.ljust(width)}  {text}")
     _out_attempts(history)
+    if files:
+        _out("files:")
+        _out(render_table(media_cells([(args.request_id, i) for i in files], with_request=False)))
     body = document["body"]
     _out("body:")
     _out(json.dumps(body, indent=2) if not isinstance(body, str) else body)
