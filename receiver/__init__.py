@@ -11,6 +11,7 @@ from falhook.receiver.lazy import lazy_exports as _lazy_exports
 
 if _TYPE_CHECKING:
     from falhook.receiver.app import WebhookReceiver, create_app
+    from falhook.receiver.archive.media import MediaItem, MediaState
     from falhook.receiver.errors import (
         CallbackImportError,
         NotStartedError,
@@ -31,6 +32,8 @@ _EXPORTS = {
     "CallbackImportError": "errors",
     "CallbackRegistry": "registry",
     "Delivery": "models",
+    "MediaItem": "archive.media",
+    "MediaState": "archive.media",
     "NotStartedError": "errors",
     "ReceiverError": "errors",
     "Retry": "retry",
@@ -49,6 +52,8 @@ __all__ = [
     "CallbackImportError",
     "CallbackRegistry",
     "Delivery",
+    "MediaItem",
+    "MediaState",
     "NotStartedError",
     "ReceiverError",
     "Retry",

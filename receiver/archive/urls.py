@@ -63,7 +63,7 @@ def object_key(prefix: str, request_id: str, found: FoundUrl) -> str:
     """The file's key in the archive: the same for the same (request_id, pointer), so a
     retry, a duplicate or a replay writes the same object; it keeps the file's name and
     extension (``req/images-0-url/cat.png``)."""
-    name = found.file_name or posixpath.basename(unquote(urlsplit(found.url).path))
+    name = posixpath.basename(found.file_name or unquote(urlsplit(found.url).path))
     name = _safe(name)
     if len(name) > _MAX_NAME:
         stem, ext = posixpath.splitext(name)
