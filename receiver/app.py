@@ -536,10 +536,14 @@ class WebhookReceiver:
         start_timeout: float | None = None,
         hint: str | None = None,
         headers: Mapping[str, str] | None = None,
+        media_expiration: int | None = None,
     ) -> dict[str, Any]:
         """Submit a request to fal's queue with this receiver's webhook URL
         (FALHOOK_PUBLIC_URL + /webhooks/fal), and expect its result: if no webhook brings
         it, it is fetched from the queue. Returns fal's answer, ``request_id`` first.
+
+        `media_expiration` (seconds; else FALHOOK_FAL_MEDIA_EXPIRATION_SECONDS) asks fal to
+        delete the request's media that long after it is made.
 
         Raises RecoveryDisabledError without a fal key, QueueError if fal refused it.
         """
@@ -550,6 +554,7 @@ class WebhookReceiver:
             start_timeout=start_timeout,
             hint=hint,
             headers=headers,
+            media_expiration=media_expiration,
         )
 
     def submit_sync(
@@ -561,6 +566,7 @@ class WebhookReceiver:
         start_timeout: float | None = None,
         hint: str | None = None,
         headers: Mapping[str, str] | None = None,
+        media_expiration: int | None = None,
     ) -> dict[str, Any]:
         """`submit` for code without an event loop."""
         return self._recovery().submit_sync(
@@ -570,6 +576,7 @@ class WebhookReceiver:
             start_timeout=start_timeout,
             hint=hint,
             headers=headers,
+            media_expiration=media_expiration,
         )
 
     async def expect(

@@ -352,10 +352,19 @@ class Metrics:
         self.media_bytes = Counter(
             "falhook_media_archived_bytes", "Bytes of media archived", registry=self.registry
         )
+        self.fal_purges = Counter(
+            "falhook_fal_purges",
+            "Purges at fal (FALHOOK_FAL_PURGE) by outcome (purged, purge_failed)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.registry.register(_MediaCollector(counts))
 
     def media_file(self, outcome: str, size: int) -> None:
-        """Count one file's outcome (and its bytes, when archived)."""
+        """Count one file's outcome (and its bytes, when archived), or a purge's."""
+        if outcome in ("purged", "purge_failed"):
+            self.fal_purges.labels(outcome).inc()
+            return
         self.media_files.labels(outcome).inc()
         if size:
             self.media_bytes.inc(size)

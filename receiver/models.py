@@ -39,6 +39,7 @@ __all__ = [
     "Delivery",
     "DeliveryRow",
     "ExpectationRow",
+    "MediaPurgeRow",
     "MediaRow",
     "State",
     "StoredDelivery",
@@ -176,6 +177,19 @@ class MediaRow(SQLModel, table=True):
     created_at: float
     updated_at: float
     finished_at: float | None = Field(default=None)  # archived, failed or skipped at
+
+
+class MediaPurgeRow(SQLModel, table=True):
+    """A delivery's purge at fal (FALHOOK_FAL_PURGE), as migration 9 creates it."""
+
+    __tablename__ = "falhook_media_purges"
+
+    request_id: str = Field(primary_key=True, max_length=255)
+    state: str = Field(max_length=16)  # purged, failed
+    status_code: int | None = Field(default=None)  # fal's answer, when it answered
+    error: str | None = Field(default=None)
+    attempts: int = Field(default=0)
+    updated_at: float
 
 
 # Every dispatch attempt of a delivery (store/attempts.py), as migration 6 creates it.

@@ -30,6 +30,7 @@ __all__ = [
 ENV_PREFIX = "FALHOOK_"
 DEFAULT_DATABASE_URL = "sqlite:///./falhook.db"
 DEFAULT_QUEUE_URL = "https://queue.fal.run"
+DEFAULT_PLATFORM_URL = "https://api.fal.ai/v1"
 # fal's own SDKs read the key from FAL_KEY; FALHOOK_FAL_KEY wins when both are set.
 FAL_KEY_FALLBACK_ENV = "FAL_KEY"
 _MiB = 1024 * 1024
@@ -520,6 +521,33 @@ class Settings:
         "deadline for one file, retries included (then the delivery's attempt is retried)",
     )
 
+    fal_purge: bool = _setting(
+        False,
+        _bool,
+        "FAL_PURGE",
+        "once every file of a delivery is archived, delete its payload and output files at "
+        "fal (needs FALHOOK_ARCHIVE_URL and an admin key or the fal key)",
+    )
+    fal_admin_key: str | None = _setting(
+        None,
+        _fal_key,
+        "FAL_ADMIN_KEY",
+        "fal admin API key for purging at fal (falls back to the fal key)",
+        secret=True,
+    )
+    platform_url: str = _setting(
+        DEFAULT_PLATFORM_URL,
+        _required_http_url,
+        "PLATFORM_URL",
+        "fal's platform API, for purging (http:// accepted for tests)",
+    )
+    fal_media_expiration_seconds: int | None = _setting(
+        None,
+        _positive_int,
+        "FAL_MEDIA_EXPIRATION_SECONDS",
+        "ask fal to delete the media of what falhook submits after this many seconds",
+    )
+
     def __post_init__(self) -> None:
         # from_env and parse_value have checked these already, naming the variable or flag;
         # this catches a Settings built directly in code.
@@ -530,6 +558,16 @@ class Settings:
                     parse(value)
                 except ValueError as exc:
                     raise SettingsError(f"{name}={without_password(value)!r}: {exc}") from exc
+        if self.fal_purge and self.archive_url is None:
+            raise SettingsError(
+                "FALHOOK_FAL_PURGE needs FALHOOK_ARCHIVE_URL: fal's copy is deleted only "
+                "once every file is archived"
+            )
+        if self.fal_purge and self.purge_key is None:
+            raise SettingsError(
+                "FALHOOK_FAL_PURGE needs FALHOOK_FAL_ADMIN_KEY (or FALHOOK_FAL_KEY) to call "
+                "fal's platform API"
+            )
         if self.max_buffered_bytes < self.max_body_bytes:
             # A body the budget can never hold would get 503 forever (fal retries for hours).
             raise SettingsError(
@@ -567,6 +605,11 @@ class Settings:
             (ENV_PREFIX + f.metadata["env"], shown_default(f), f.metadata["help"])
             for f in dataclasses.fields(cls)
         ]
+
+    @property
+    def purge_key(self) -> str | None:
+        """The key purges at fal are made with: the admin key, else the fal key."""
+        return self.fal_admin_key or self.fal_key
 
     @property
     def recovery_enabled(self) -> bool:

@@ -22,7 +22,8 @@ import httpx
 
 from falhook.receiver.archive.fetch import Archived, archive_file
 from falhook.receiver.archive.hosts import HostRule
-from falhook.receiver.archive.media import MediaState
+from falhook.receiver.archive.media import MediaItem, MediaState
+from falhook.receiver.archive.purge import Purger
 from falhook.receiver.archive.rows import MediaRows
 from falhook.receiver.archive.target import Target
 from falhook.receiver.archive.urls import FoundUrl, find_urls, object_key
@@ -35,7 +36,7 @@ __all__ = ["Archiver", "FileObserver"]
 
 log = logging.getLogger("falhook.archive")
 
-# (outcome: archived/failed/skipped/retry, bytes archived)
+# (outcome: archived/failed/skipped/retry, or purged/purge_failed; bytes archived)
 FileObserver = Callable[[str, int], None]
 
 
@@ -70,6 +71,11 @@ class Archiver:
             follow_redirects=False,
             limits=httpx.Limits(max_connections=settings.archive_concurrency * 2),
         )
+        self.purger: Purger | None = None
+        if settings.fal_purge and settings.purge_key is not None:
+            self.purger = Purger(
+                settings.platform_url, settings.purge_key, self._client, first_backoff=first_backoff
+            )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -87,9 +93,10 @@ class Archiver:
         be retried), unless `last_attempt`: then that file is recorded failed.
         """
         found = find_urls(delivery.payload)
-        if not found:
-            return delivery
         request_id = delivery.request_id
+        if not found:
+            await self._purge(request_id, ())
+            return delivery
         known = await self.rows.ensure(request_id, [(f.pointer, f.url) for f in found])
         todo = [f for f in found if known[f.pointer].state is MediaState.PENDING]
         if todo:
@@ -105,8 +112,20 @@ class Archiver:
                     MediaFailure.UNAVAILABLE,
                     f"{len(errors)} of {len(found)} files not archived yet: {errors[0]}",
                 )
-        items = await self.rows.items(request_id)
-        return dataclasses.replace(delivery, media=tuple(items))
+        items = tuple(await self.rows.items(request_id))
+        await self._purge(request_id, items)
+        return dataclasses.replace(delivery, media=items)
+
+    async def _purge(self, request_id: str, items: tuple[MediaItem, ...]) -> None:
+        """Delete fal's copy (FALHOOK_FAL_PURGE) once, and only when every file is archived."""
+        if self.purger is None or any(i.state is not MediaState.ARCHIVED for i in items):
+            return
+        if await self.rows.purge_state(request_id) == "purged":
+            return
+        done, status, error = await self.purger.purge(request_id)
+        state = "purged" if done else "failed"
+        await self.rows.record_purge(request_id, state, status_code=status, error=error)
+        self._observe("purged" if done else "purge_failed", 0)
 
     async def _file(self, request_id: str, found: FoundUrl, last_attempt: bool) -> None:
         try:

@@ -15,12 +15,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from falhook.receiver.archive.media import MediaItem, MediaState
 from falhook.receiver.errors import StoreUnavailableError
-from falhook.receiver.models import MediaRow
+from falhook.receiver.models import MediaPurgeRow, MediaRow
 
 __all__ = ["MediaCounts", "MediaRows"]
 
 _T = TypeVar("_T")
 MEDIA: sa.Table = MediaRow.__table__  # type: ignore[attr-defined]
+PURGES: sa.Table = MediaPurgeRow.__table__  # type: ignore[attr-defined]
 _ITEM_COLUMNS = (
     "pointer",
     "source_url",
@@ -134,6 +135,53 @@ class MediaRows:
     async def items(self, request_id: str) -> list[MediaItem]:
         """A delivery's files, in payload order."""
         return await self._arun(lambda conn: _select(conn, request_id))
+
+    async def purge_state(self, request_id: str) -> str | None:
+        """``purged`` or ``failed`` once a purge at fal was tried for the delivery."""
+        query = sa.select(PURGES.c.state).where(PURGES.c.request_id == request_id)
+        return await self._arun(lambda conn: conn.execute(query).scalar())
+
+    async def record_purge(
+        self, request_id: str, state: str, *, status_code: int | None, error: str | None
+    ) -> None:
+        """Write a purge's outcome (one row per delivery, its attempts counted)."""
+        now = time.time()
+
+        def work(conn: sa.Connection) -> None:
+            changed = conn.execute(
+                PURGES.update()
+                .where(PURGES.c.request_id == request_id)
+                .values(
+                    state=state,
+                    status_code=status_code,
+                    error=error,
+                    attempts=PURGES.c.attempts + 1,
+                    updated_at=now,
+                )
+            ).rowcount
+            if not changed:
+                conn.execute(
+                    PURGES.insert().values(
+                        request_id=request_id,
+                        state=state,
+                        status_code=status_code,
+                        error=error,
+                        attempts=1,
+                        updated_at=now,
+                    )
+                )
+
+        await self._arun(work)
+
+    def purge(self, request_id: str) -> tuple[str, str | None] | None:
+        """(state, error) of the delivery's purge at fal, or None if none was tried."""
+        query = sa.select(PURGES.c.state, PURGES.c.error).where(PURGES.c.request_id == request_id)
+
+        def work(conn: sa.Connection) -> tuple[str, str | None] | None:
+            row = conn.execute(query).first()
+            return None if row is None else (row[0], row[1])
+
+        return self._run(work)
 
     # -- what operators do (CLI, console, metrics) -------------------------------------
 

@@ -353,16 +353,19 @@ def run_show(args: argparse.Namespace) -> int:
     # The archived files (FALHOOK_ARCHIVE_URL): SQLAlchemy Core on the media table.
     with media_rows(_database_url(args)) as rows:
         files = rows.get(args.request_id)
+        purge = rows.purge(args.request_id)
     history = [_attempt(a) for a in attempts]
     document = summary(delivery) | {
         "attempt_history": history,
         "media": [item_document(item) for item in files],
+        # FALHOOK_FAL_PURGE: fal's copy deleted once every file was archived.
+        "fal_purge": None if purge is None else {"state": purge[0], "error": purge[1]},
         "body": _body(delivery),
     }
     if args.json:
         _out(json.dumps(document, indent=2))
         return 0
-    skip = ("body", "attempt_history", "media")
+    skip = ("body", "attempt_history", "media", "fal_purge")
     fields = [(k, v) for k, v in document.items() if k not in skip and v not in (None, [])]
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
@@ -372,6 +375,8 @@ def run_show(args: argparse.Namespace) -> int:
     if files:
         _out("files:")
         _out(render_table(media_cells([(args.request_id, i) for i in files], with_request=False)))
+    if purge is not None:
+        _out(f"purged at fal: {purge[0]}" + (f" ({purge[1]})" if purge[1] else ""))
     body = document["body"]
     _out("body:")
     _out(json.dumps(body, indent=2) if not isinstance(body, str) else body)

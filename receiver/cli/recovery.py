@@ -106,6 +106,13 @@ def add_parser(subparsers: Any) -> None:
         metavar="'NAME: VALUE'",
         help="an extra header for fal (e.g. 'X-Fal-Store-IO: 0'); repeatable",
     )
+    submit.add_argument(
+        "--media-expiration",
+        type=positive_int,
+        metavar="SECONDS",
+        help="fal deletes the request's media files this long after it is made "
+        "(X-Fal-Object-Lifecycle-Preference; default FALHOOK_FAL_MEDIA_EXPIRATION_SECONDS)",
+    )
     submit.add_argument("--json", action="store_true", help="print fal's answer as JSON")
     add_settings_flags(submit, only=_RECOVERY_FLAGS)
     submit.set_defaults(func=run_submit)
@@ -248,6 +255,7 @@ def run_submit(args: argparse.Namespace) -> int:
             start_timeout=args.start_timeout,
             hint=args.hint,
             headers=dict(args.headers or ()),
+            media_expiration=args.media_expiration,
         )
     except QueueError as exc:
         print(f"falhook submit: {exc}", file=sys.stderr)  # noqa: T201

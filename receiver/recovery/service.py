@@ -168,8 +168,20 @@ class Recovery:
         start_timeout: float | None,
         hint: str | None,
         headers: Mapping[str, str] | None,
+        media_expiration: int | None = None,
     ) -> dict[str, str]:
         sent = dict(headers or {})
+        expiration = media_expiration
+        if expiration is None:
+            expiration = self.settings.fal_media_expiration_seconds
+        if expiration is not None:
+            if not (isinstance(expiration, int) and expiration > 0):
+                raise InvalidRequestError("media_expiration must be a whole number of seconds")
+            # fal deletes the request's media this long after it is made (its default is
+            # at least 7 days): shorter, for privacy and cost, once the archive keeps them.
+            sent["X-Fal-Object-Lifecycle-Preference"] = json.dumps(
+                {"expiration_duration_seconds": expiration}
+            )
         if priority is not None:
             if priority not in _PRIORITIES:
                 raise InvalidRequestError(f"priority must be normal or low, not {priority!r}")
@@ -215,11 +227,12 @@ class Recovery:
         start_timeout: float | None = None,
         hint: str | None = None,
         headers: Mapping[str, str] | None = None,
+        media_expiration: int | None = None,
     ) -> dict[str, Any]:
         """Submit to fal's queue with the webhook URL, expect the result, return fal's
         answer (``request_id`` first). Raises QueueError if fal did not take it."""
         self.new_expectation("-", endpoint_id)  # validate before calling fal
-        sent = self._headers(priority, start_timeout, hint, headers)
+        sent = self._headers(priority, start_timeout, hint, headers, media_expiration)
         answer = await self.client.submit(
             endpoint_id, arguments, webhook_url=self.webhook_url, headers=sent
         )
@@ -239,10 +252,11 @@ class Recovery:
         start_timeout: float | None = None,
         hint: str | None = None,
         headers: Mapping[str, str] | None = None,
+        media_expiration: int | None = None,
     ) -> dict[str, Any]:
         """`submit` for code without an event loop."""
         self.new_expectation("-", endpoint_id)
-        sent = self._headers(priority, start_timeout, hint, headers)
+        sent = self._headers(priority, start_timeout, hint, headers, media_expiration)
         answer = self.client.submit_sync(
             endpoint_id, arguments, webhook_url=self.webhook_url, headers=sent
         )

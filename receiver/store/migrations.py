@@ -321,6 +321,17 @@ def _v9_media(conn: sa.Connection) -> None:
         sa.Column("finished_at", sa.Float, nullable=True),
         sa.Index("ix_falhook_media_state_created", "state", "created_at"),
     )
+    # FALHOOK_FAL_PURGE: each delivery's purge at fal, once its files are archived.
+    sa.Table(
+        "falhook_media_purges",
+        metadata,
+        sa.Column("request_id", sa.String(255), primary_key=True),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("status_code", sa.Integer, nullable=True),
+        sa.Column("error", sa.String, nullable=True),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+    )
     metadata.create_all(conn)
 
 
@@ -335,7 +346,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "attempts: every dispatch attempt of a delivery", _v6_attempts),
     Migration(7, "signed_at: the timestamp fal signed a delivery with", _v7_signed_at),
     Migration(8, "rearm: a duplicate came while the delivery was in flight", _v8_rearm),
-    Migration(9, "media: the files of each delivery and where they are archived", _v9_media),
+    Migration(
+        9, "media: each delivery's files, where they are archived, its purge at fal", _v9_media
+    ),
 )
 
 

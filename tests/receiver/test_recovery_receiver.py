@@ -430,3 +430,22 @@ def test_a_models_error_fetched_as_a_result_counts_as_an_answer_not_a_failure(
     # Its first poll says so in the log, as every change of an expectation does.
     polling = [r for r in caplog.records if r.getMessage().startswith("expectation polling")]
     assert [getattr(r, "request_id", None) for r in polling] == [rid]
+
+
+def test_media_expiration_asks_fal_to_delete_the_media_sooner(
+    fast: Settings, fake: FakeFalQueue
+) -> None:
+    hooks = WebhookReceiver(fast)
+    answer = hooks.submit_sync(ENDPOINT, {"prompt": "cat"}, media_expiration=3600)
+    preference = fake.get(answer["request_id"]).platform_headers
+    assert json.loads(preference["x-fal-object-lifecycle-preference"]) == {
+        "expiration_duration_seconds": 3600
+    }
+    by_setting = WebhookReceiver(fast.replace(fal_media_expiration_seconds=600))
+    answer = by_setting.submit_sync(ENDPOINT, {"prompt": "dog"})
+    preference = fake.get(answer["request_id"]).platform_headers
+    assert preference["x-fal-object-lifecycle-preference"] == '{"expiration_duration_seconds": 600}'
+    plain = hooks.submit_sync(ENDPOINT, {"prompt": "owl"})
+    assert "x-fal-object-lifecycle-preference" not in fake.get(plain["request_id"]).platform_headers
+    with pytest.raises(InvalidRequestError, match="media_expiration"):
+        hooks.submit_sync(ENDPOINT, {}, media_expiration=-1)
