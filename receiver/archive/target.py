@@ -8,7 +8,7 @@ renamed onto the key at the end — so no partial object is ever visible at a fi
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,11 @@ class Target:
         """The object's URL in the archive's own scheme (``file:///…``, ``s3://bucket/key``)."""
         return f"{self._base}/{key}"
 
+    def key_of(self, stored_url: str) -> str | None:
+        """The key of an object this archive named `stored_url` (None if not one of its)."""
+        prefix = self._base + "/"
+        return stored_url[len(prefix) :] if stored_url.startswith(prefix) else None
+
     def path(self, key: str) -> Path | None:
         """The file of `key` in a folder archive (None for object storage)."""
         if not self.local:
@@ -88,7 +93,7 @@ class Target:
                 MediaFailure.STORAGE, f"the archive did not take {key}: {exc}"
             ) from exc
 
-    async def read(self, key: str) -> tuple[AsyncIterable[bytes], int]:
+    async def read(self, key: str) -> tuple[AsyncIterator[bytes], int]:
         """The object's bytes as a stream, and its size (the console's thumbnails)."""
         import obstore
 
@@ -96,4 +101,5 @@ class Target:
             result = await obstore.get_async(self._store, key)
         except Exception as exc:
             raise ArchiveError(MediaFailure.STORAGE, f"cannot read {key}: {exc}") from exc
-        return result.stream(), int(result.meta["size"])
+        stream: AsyncIterator[bytes] = result.stream()
+        return stream, int(result.meta["size"])

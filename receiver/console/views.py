@@ -11,14 +11,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 import sqlalchemy as sa
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -32,9 +32,14 @@ from falhook.receiver.store.attempts import StoredAttempt
 from falhook.receiver.store.control import DispatchControl
 from falhook.receiver.store.expectations import Expectation, Expectations
 
+if TYPE_CHECKING:
+    from falhook.receiver.archive import Archiver, MediaItem
+
 
 class Operated(Protocol):
     """What the console needs of the receiver (it never imports the app: no cycle)."""
+
+    archiver: Archiver | None  # the media archive (FALHOOK_ARCHIVE_URL), when on
 
     @property
     def store(self) -> Store: ...
@@ -250,6 +255,8 @@ class Console:
         request_id = request.path_params["request_id"]
         store = self.receiver.store
 
+        archiver = self.receiver.archiver
+
         def read() -> tuple[StoredDelivery | None, Expectation | None, list[StoredAttempt]]:
             found = store.get(request_id)
             if found is None:
@@ -258,6 +265,9 @@ class Console:
             return found, expected, store.attempts(request_id)
 
         delivery, expectation, attempts = await asyncio.to_thread(read)
+        files: list[MediaItem] = []
+        if archiver is not None and delivery is not None:
+            files = await asyncio.to_thread(archiver.rows.get, request_id)
         if delivery is None:
             counters = await self._counters()
             return self.page(
@@ -278,8 +288,42 @@ class Console:
             "media": render.find_media(parsed),
             "attempts": attempts,
             "expectation": expectation,
+            "files": files,
         }
         return await self._signed_in_page(request, session, "delivery.html", context, 200)
+
+    async def archived(self, request: Request, session: Session) -> Response:
+        """One archived file, streamed from the archive (so it shows after fal's copy is
+        gone). Served inline only as an image, video or audio type, never as a page."""
+        archiver = self.receiver.archiver
+        request_id = request.path_params["request_id"]
+        pointer = request.query_params.get("pointer", "")
+        if archiver is None:
+            return self.error(request, 404, "Not found", "The media archive is off.")
+        files = await asyncio.to_thread(archiver.rows.get, request_id)
+        item = next((f for f in files if f.pointer == pointer), None)
+        key = archiver.target.key_of(item.stored_url) if item and item.stored_url else None
+        if item is None or key is None:
+            return self.error(request, 404, "Not found", "No such archived file.")
+        try:
+            stream, size = await archiver.target.read(key)
+        except ReceiverError as exc:
+            return self.error(request, 503, "Unavailable", str(exc))
+        kind = item.content_type or ""
+        inline = kind.split("/")[0] in ("image", "video", "audio") and "svg" not in kind
+        headers = {
+            "Content-Length": str(size),
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+            "Cache-Control": "private, max-age=3600",
+        }
+        if not inline:
+            headers["Content-Disposition"] = "attachment"
+        return StreamingResponse(
+            stream,
+            media_type=kind if inline else "application/octet-stream",
+            headers=headers,
+        )
 
     def _expectations(self, store: Store) -> Expectations:
         # One per store: it migrates (a no-op on a current store) on its first use only.
@@ -504,6 +548,7 @@ def build_console(receiver: Operated, token: str) -> ASGIApp:
         Route(
             "/deliveries/{request_id:path}", g(console.delivery), methods=["GET"], name="delivery"
         ),
+        Route("/archived/{request_id:path}", g(console.archived), methods=["GET"], name="archived"),
         Route("/replay", g(console.replay_one), methods=["POST"], name="replay"),
         Route("/replay-dead", g(console.replay_dead), methods=["POST"], name="replay_dead"),
         Route("/pause", g(console.pause), methods=["POST"], name="pause"),
