@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import socket
 import sys
@@ -69,6 +70,7 @@ def _quiet_logs() -> Iterator[None]:
 class _Demo:
     def __init__(self, out: TextIO, timeout: float) -> None:
         self.out = out
+        self.cdn: str | None = None  # the stand-in for fal's media CDN, when archiving
         self.deadline = time.monotonic() + timeout
         self.ok_seen = asyncio.Event()
         self.recovered = asyncio.Event()
@@ -102,6 +104,12 @@ class _Demo:
             f"   callback on_ok({delivery.request_id}): status OK, {images} image(s), "
             f"attempt {delivery.attempt}, source {delivery.source}"
         )
+        for item in delivery.media:
+            where = item.stored_url or item.error
+            self.heard.append(
+                f"     its file {item.pointer}: {item.state} → {where}"
+                + (f" ({item.size} bytes, sha256 {item.sha256[:12]}…)" if item.sha256 else "")
+            )
         if delivery.source == "queue":
             self.recovered.set()
         else:
@@ -150,8 +158,13 @@ class _Demo:
         say = self.say
         attacker = generate_keypair()
         ok_body = fal_body(OK_ID)
+        if self.cdn is not None:
+            image = {"url": f"{self.cdn}/files/dog.png", "content_type": "image/png"}
+            ok_body = fal_body(OK_ID, payload={"images": [image], "prompt": "dog"})
         async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
             say("1. A successful result (status OK), signed the way fal signs it")
+            if self.cdn is not None:
+                say("   (its image is kept in your archive before the callback runs)")
             await self.post(client, url, ok_body, OK_ID, keypair=keypair)
             await self.wait(self.ok_seen, "the OK callback")
             say()
@@ -287,6 +300,14 @@ async def _main(out: TextIO, seconds: float) -> int:
             recover_poll_seconds=0.2,
             recover_grace_seconds=0.3,
         )
+        if importlib.util.find_spec("obstore") is not None:  # the archive extra
+            # Keep the media: files on the stand-in CDN, archived to a folder of the
+            # temporary directory.
+            demo.cdn = queue_url
+            settings = settings.replace(
+                archive_url=str(Path(tmp) / "media"),
+                archive_hosts=(queue_url.removeprefix("http://"),),
+            )
         hooks = WebhookReceiver(settings)
         hooks.on_ok(demo.on_ok)
         hooks.on_error(demo.on_error)
@@ -318,6 +339,8 @@ async def _main(out: TextIO, seconds: float) -> int:
             demo.say(f"   store     {settings.database_url} (deleted afterwards)")
             demo.say(f"   keys      {jwks.url} (a fresh key standing in for fal's)")
             demo.say(f"   fal queue {queue_url} (a local stand-in for queue.fal.run)")
+            if settings.archive_url is not None:
+                demo.say(f"   archive   {settings.archive_url} (fal's media files kept here)")
             demo.say()
             await demo.story(url, hooks, keypair)
         except DemoFailedError as exc:

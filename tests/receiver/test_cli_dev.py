@@ -386,6 +386,8 @@ def test_demo_runs_offline_and_explains_rejections(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "callback on_ok(demo-ok-1)" in out
+    # Keep the media: the OK result's image was archived before its callback ran.
+    assert "its file /images/0/url: archived → file:///" in out and "dog.png" in out
     assert "attempt 2 — succeeded" in out  # the failing callback was retried
     assert "200 duplicate" in out and "on_ok ran 1 time(s)" in out
     assert "401 rejected: invalid_signature" in out  # the forged delivery, and why
@@ -394,6 +396,7 @@ def test_demo_runs_offline_and_explains_rejections(tmp_path: Path) -> None:
     # Step 8: a submitted request whose webhook never came is recovered from the queue.
     assert "source queue" in out and ": recovered (fetched from fal's queue" in out
     assert out.count("on_ok ran 1 time(s)") == 2  # the late webhook was a duplicate
+    assert "lighthouse.png" in out and out.count(": archived → file:///") == 2
     assert result.stderr == ""  # no log noise
     assert list(tmp_path.iterdir()) == []
     assert time.monotonic() - started < 30
