@@ -11,7 +11,7 @@ COPY pyproject.toml README.md ./
 COPY falhook ./falhook
 COPY verify ./verify
 COPY receiver ./receiver
-RUN /opt/falhook/bin/pip install '.[postgres]'
+RUN /opt/falhook/bin/pip install '.[postgres,archive]'
 
 FROM python:3.11-slim
 ENV PATH=/opt/falhook/bin:$PATH \

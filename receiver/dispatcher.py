@@ -259,26 +259,11 @@ class Dispatcher:
             record = AttemptRecord(claim.attempt, started_at, 0.0, unreadable)
             return _Attempt(False, unreadable, (), None, None, record)
         self._held[claim.request_id] = (claim, time.monotonic())
-        # Steps before the callbacks, each of which may fail the attempt (to be retried
-        # like a failed callback). fal could not send the payload: recovery fetches it
-        # from the queue first, so the callbacks see the whole result (receiver/recovery/).
-        # Then the archive keeps the payload's files (receiver/archive/).
-        steps: list[tuple[Prepare, str]] = []
-        if self.prepare is not None and delivery.payload is None and delivery.payload_error:
-            steps.append((self.prepare, "payload not fetched from fal's queue yet"))
-        if self.archive is not None:
-            steps.append((self.archive, "files not archived yet"))
-        for step, not_yet in steps:
-            try:
-                delivery = await step(claim, delivery, self.policy.gives_up_after(claim.attempt))
-            except Exception as exc:
-                self._held.pop(claim.request_id, None)
-                why = f"{not_yet}: {_describe(exc)}"
-                lease_ends = time.monotonic() + self.lease_seconds
-                record = AttemptRecord(
-                    claim.attempt, started_at, time.perf_counter() - began, _trace(exc)
-                )
-                return _Attempt(False, why, claim.completed_callbacks, None, lease_ends, record)
+        if self.prepare is not None or self.archive is not None:
+            ready = await self._before_callbacks(claim, delivery, started_at, began)
+            if isinstance(ready, _Attempt):
+                return ready
+            delivery = ready
         try:
             self.observer.started(delivery)
             completed, error = await self.registry.run(
@@ -302,6 +287,35 @@ class Dispatcher:
             None if error is None else _trace(error),
         )
         return _Attempt(error is None, description, completed, retry_after, lease_ends, record)
+
+    async def _before_callbacks(
+        self, claim: Claim, delivery: Delivery, started_at: float, began: float
+    ) -> Delivery | _Attempt:
+        """The steps before the callbacks: the delivery they get, or the failed attempt.
+
+        fal could not send the payload: recovery fetches it from the queue first, so the
+        callbacks see the whole result (receiver/recovery/). Then the archive keeps the
+        payload's files (receiver/archive/). A step that cannot finish now fails the
+        attempt, to be retried like a failed callback.
+        """
+        last = self.policy.gives_up_after(claim.attempt)
+        steps: list[tuple[Prepare, str]] = []
+        if self.prepare is not None and delivery.payload is None and delivery.payload_error:
+            steps.append((self.prepare, "payload not fetched from fal's queue yet"))
+        if self.archive is not None:
+            steps.append((self.archive, "files not archived yet"))
+        for step, not_yet in steps:
+            try:
+                delivery = await step(claim, delivery, last)
+            except Exception as exc:
+                self._held.pop(claim.request_id, None)
+                why = f"{not_yet}: {_describe(exc)}"
+                lease_ends = time.monotonic() + self.lease_seconds
+                record = AttemptRecord(
+                    claim.attempt, started_at, time.perf_counter() - began, _trace(exc)
+                )
+                return _Attempt(False, why, claim.completed_callbacks, None, lease_ends, record)
+        return delivery
 
     def _timed_out(self, claim: Claim, name: str, thread: RunningCall | None) -> None:
         self.observer.timed_out(name)
