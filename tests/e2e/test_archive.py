@@ -4,6 +4,8 @@ restart, and a large file streamed without growing the process's peak memory."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,9 @@ import pytest
 from tests.e2e.conftest import SpawnServer
 from tests.e2e.server import Sender, ServerProcess, wait_for
 from tests.fakes.media_origin import MediaOrigin, content, sha256_of
+from tests.fakes.s3 import s3_bucket, s3_server
+
+__all__ = ["s3_bucket", "s3_server"]  # fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +69,23 @@ def test_files_are_archived_before_the_callback_and_a_duplicate_fetches_nothing(
 
     again = sender.post(client, server.webhook_url, "arch-1", payload=payload)
     assert again.json()["duplicate"] is True
+    assert origin.count("/files/one.png") == 1 and origin.count("/files/two.mp4") == 1
+
+    # A replay runs the callback again, with the files where they were: nothing fetched.
+    replay = subprocess.run(
+        [sys.executable, "-m", "falhook.receiver", "deliveries", "replay", "arch-1"],
+        env=server.env,
+        cwd=server.workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert replay.returncode == 0, replay.stderr
+    server.wait_records(
+        lambda rs: sum(r["request_id"] == "arch-1" and r["phase"] == "done" for r in rs) == 2,
+        timeout=60,
+    )
+    assert _media(server, "arch-1") == media
     assert origin.count("/files/one.png") == 1 and origin.count("/files/two.mp4") == 1
 
 
@@ -123,3 +145,27 @@ def test_a_large_file_is_streamed_without_growing_peak_memory(
         if line.startswith("falhook_media_archived_bytes_total ")
     )
     assert float(archived) == size + 1000  # this file and the warm-up's
+
+
+def test_files_are_archived_to_s3_by_a_real_serve(
+    spawn: SpawnServer,
+    sender: Sender,
+    client: httpx.Client,
+    origin: MediaOrigin,
+    s3_bucket: str,
+    s3_server: str,
+) -> None:
+    import boto3
+
+    # The AWS_* variables (set by the fixture) reach the server's environment.
+    server = spawn(
+        env={"FALHOOK_ARCHIVE_URL": f"s3://{s3_bucket}/fal", "FALHOOK_ARCHIVE_HOSTS": origin.host}
+    )
+    payload = {"audio": {"url": f"{origin.url}/files/voice.mp3?size=6000000"}}
+    assert sender.post(client, server.webhook_url, "arch-s3", payload=payload).status_code == 200
+    media = _media(server, "arch-s3")
+    assert media[0]["state"] == "archived"
+    assert media[0]["stored_url"] == f"s3://{s3_bucket}/fal/arch-s3/audio-url/voice.mp3"
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    head = s3.head_object(Bucket=s3_bucket, Key="fal/arch-s3/audio-url/voice.mp3")
+    assert (head["ContentLength"], head["ContentType"]) == (6000000, "audio/mpeg")
