@@ -169,3 +169,40 @@ def test_files_are_archived_to_s3_by_a_real_serve(
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     head = s3.head_object(Bucket=s3_bucket, Key="fal/arch-s3/audio-url/voice.mp3")
     assert (head["ContentLength"], head["ContentType"]) == (6000000, "audio/mpeg")
+
+
+def test_files_are_archived_before_a_forward(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client, origin: MediaOrigin, tmp_path: Path
+) -> None:
+    import http.server
+    import threading
+
+    folder = tmp_path / "media"
+    kept = folder / "arch-fwd" / "image-url" / "f.png"
+    seen: list[bool] = []  # whether the file was whole in the archive when the forward came
+
+    class App(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            seen.append(kept.exists() and kept.stat().st_size == 30000)
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), App)
+    threading.Thread(target=app.serve_forever, daemon=True).start()
+    try:
+        forward = f"http://127.0.0.1:{app.server_address[1]}/hook"
+        server = spawn(env=_archive_env(origin, folder), args=["--forward-to", forward])
+        payload = {"image": {"url": f"{origin.url}/files/f.png?size=30000"}}
+        assert (
+            sender.post(client, server.webhook_url, "arch-fwd", payload=payload).status_code == 200
+        )
+        wait_for(lambda: seen, timeout=30, what="the forward")
+        assert seen == [True]
+    finally:
+        app.shutdown()
+        app.server_close()
