@@ -74,10 +74,11 @@ async def _falhook(url: str, folder: Path, host: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.archive", description=__doc__)
     parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--size-kib", type=int, help="the file's size in KiB instead")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    size = args.size_mib * 1024 * 1024
+    size = args.size_kib * 1024 if args.size_kib else args.size_mib * 1024 * 1024
     if args.serve:
         _serve(args.serve, size)
         return 0

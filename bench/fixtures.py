@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import random
 import time
 import uuid
@@ -81,7 +82,10 @@ def _payload_template(target_bytes: int) -> tuple[str, str]:
                 "file_name": "image.png",
                 "file_size": 1824075,
                 "height": 1024,
-                "url": "https://v3.fal.media/files/bench/" + "a" * 40 + ".png",
+                # BENCH_MEDIA_URL: a loopback origin's file, for measuring the archive.
+                "url": os.environ.get(
+                    "BENCH_MEDIA_URL", "https://v3.fal.media/files/bench/" + "a" * 40 + ".png"
+                ),
                 "width": 1024,
             }
         ],
