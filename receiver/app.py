@@ -218,8 +218,9 @@ class WebhookReceiver:
             raise
 
     async def _start_parts(self, parts: contextlib.AsyncExitStack) -> None:
-        """Start each part in order; each pushes onto `parts` what stops it, so that
-        closing `parts` (stop, or a part failing to start) stops them in reverse."""
+        """Start each part in order, pushing onto `parts` what stops it first (a part's stop
+        undoes a start that failed halfway too): closing `parts` (stop, or a part failing
+        to start) stops them all, in reverse."""
         settings = self.settings
         parts.callback(self._forget_parts)  # last of all: the receiver is stopped
         watchdog = LoopWatchdog(
@@ -228,8 +229,8 @@ class WebhookReceiver:
             on_lag=self.metrics.loop_lag.observe,
             on_blocked=lambda callback: self.metrics.loop_blocked.labels(callback).inc(),
         )
-        watchdog.start()
         parts.callback(watchdog.stop)
+        watchdog.start()
         parts.callback(self.trimmer.close)  # a trim due later is not started
         keys = self._keys = KeySource(
             settings.jwks_url,
@@ -246,26 +247,26 @@ class WebhookReceiver:
         warm_keys = asyncio.create_task(_warm_keys(keys), name="falhook-keys")
         parts.push_async_callback(_cancel, warm_keys)
         store = self._store = Store(settings.database_url, on_due=self._wake)
-        store.start()
         parts.push_async_callback(store.stop)
+        store.start()
         try:
             await store.ping()  # create or upgrade the schema now, not on the first delivery
         except StoreUnavailableError as exc:
             log.warning("store unavailable at start (will keep trying): %s", exc)
         dispatcher = self._dispatcher = self._new_dispatcher(store)
         pause = self._pause = PauseWatcher(store, self._apply_pause)
-        await pause.start()
         parts.push_async_callback(pause.stop)
+        await pause.start()
         if store.dialect == "postgresql":
             # Wake-ups from the other replicas' inserts, and changes of the pause switch.
             listener = Listener(
                 settings.database_url, self._wake, also={CONTROL_CHANNEL: pause.poke}
             )
-            listener.start()
             parts.push_async_callback(listener.stop)
+            listener.start()
         if dispatcher is not None:
-            dispatcher.start()
             parts.push_async_callback(self._drain, dispatcher)
+            dispatcher.start()
         else:
             log.warning(
                 "no callbacks registered: deliveries are stored and stay pending until a "
@@ -282,12 +283,12 @@ class WebhookReceiver:
         parts.callback(self._refuse_deliveries)
         if settings.retention > 0:
             pruner = Pruner(store, settings.retention)
-            pruner.start()
             parts.push_async_callback(pruner.stop)
+            pruner.start()
         if self.recovery is not None:
             self._expectations = Expectations(store)
-            self.recovery.start(store)
             parts.push_async_callback(self.recovery.stop)
+            self.recovery.start(store)
             if settings.public_url is None:
                 log.warning(
                     "FALHOOK_PUBLIC_URL is not set: hooks.submit sends no webhook URL to fal, "

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -254,14 +255,17 @@ def _falhook_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("falhook-")}
 
 
+@pytest.mark.parametrize("after", [False, True], ids=["instead", "after"])
 @pytest.mark.parametrize(("cls", "step"), _START_STEPS, ids=lambda v: getattr(v, "__name__", v))
 def test_a_failed_start_stops_what_it_started_and_a_later_start_works(
     store_url: str,
     jwks_file: Path,
     cls: type,
     step: str,
+    after: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The step fails instead of running, or once it ran (a part that fails halfway).
     if cls is Listener and not store_url.startswith("postgresql"):
         pytest.skip("the listener runs only on PostgreSQL")
     settings = Settings(
@@ -275,13 +279,18 @@ def test_a_failed_start_stops_what_it_started_and_a_later_start_works(
     before = _falhook_threads()
     hooks = WebhookReceiver(settings)
 
-    def fail(*args: object, **kwargs: object) -> None:
+    original = getattr(cls, step)
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        if after:
+            original(*args, **kwargs)
         raise _InjectedError(f"{cls.__name__}.{step}")
 
-    async def fail_async(*args: object, **kwargs: object) -> None:
-        fail()
+    async def fail_async(*args: Any, **kwargs: Any) -> None:
+        if after:
+            await original(*args, **kwargs)
+        raise _InjectedError(f"{cls.__name__}.{step}")
 
-    original = getattr(cls, step)
     monkeypatch.setattr(cls, step, fail_async if inspect.iscoroutinefunction(original) else fail)
 
     async def main() -> None:
