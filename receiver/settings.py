@@ -279,7 +279,8 @@ def _show_duration(seconds: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything the receiver can be told. Build with `Settings.from_env()`; never mutate."""
+    """Everything the receiver can be told. Build with `Settings.from_env()` (or in code:
+    every value is checked the same way, raising SettingsError); never mutate."""
 
     database_url: str = _setting(
         DEFAULT_DATABASE_URL,
