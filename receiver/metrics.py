@@ -309,6 +309,19 @@ class Metrics:
         )
         self.registry.register(_ExpectationsCollector(counts))
 
+    def enable_notifications(self) -> None:
+        """FALHOOK_NOTIFY_URL is set: count the notifications sent, retried and dropped."""
+        self.notifications = Counter(
+            "falhook_notifications",
+            "Notifications POSTed to FALHOOK_NOTIFY_URL, by kind and outcome (sent, retried, "
+            "failed at stop, dropped after retrying until the next batch was due)",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+
+    def notification(self, kind: str, outcome: str) -> None:
+        self.notifications.labels(kind, outcome).inc()
+
     def queue_request(self, outcome: str) -> None:
         self.queue_requests.labels(outcome).inc()
 
