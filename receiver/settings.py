@@ -365,7 +365,7 @@ class Settings:
         None,
         _forward_url,
         "NOTIFY_URL",
-        "POST {\"text\": …} here (Slack, Discord) when a delivery goes dead, an expectation "
+        'POST {"text": …} here (Slack, Discord) when a delivery goes dead, an expectation '
         "fails or expires, or a file cannot be archived; batched, at most one a minute per kind",
     )
     console_token: str | None = _setting(
