@@ -451,6 +451,7 @@ def test_an_attempts_traceback_starts_with_the_users_code(db_url: str) -> None:
             await store.insert(_new("folded"))
             await _until(lambda: _state(store, "folded") is State.DEAD)
             first, second = store.attempts("folded")
+        assert first.error is not None
         frames = [line for line in first.error.splitlines() if line.startswith('  File "')]
         assert frames and all(__file__ in frame for frame in frames)  # only the user's frames
         assert "in broken" in frames[0] and "in deep" in frames[-1]
