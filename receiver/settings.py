@@ -376,6 +376,13 @@ class Settings:
     shutdown_timeout_seconds: float = _setting(
         30.0, _non_negative_float, "SHUTDOWN_TIMEOUT_SECONDS", "wait for running callbacks"
     )
+    notify_url: str | None = _setting(
+        None,
+        _forward_url,
+        "NOTIFY_URL",
+        'POST {"text": …} here (Slack, Discord) when a delivery goes dead, an expectation '
+        "fails or expires, or a file cannot be archived; batched, at most one a minute per kind",
+    )
     console_token: str | None = _setting(
         None,
         _optional_str,
