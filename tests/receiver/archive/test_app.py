@@ -51,10 +51,12 @@ def test_files_are_archived_before_the_callbacks(
             async with hooks:
                 payload = {"image": {"url": f"{origin.url}/files/x.png?size=64"}}
                 body, headers = signer("app-1", payload=payload)
-                checked = hooks.check_headers(
+                intake = hooks.app.endpoint.intake
+                assert intake is not None
+                checked = intake.keys.check_headers(
                     [(k.lower().encode(), v.encode()) for k, v in headers.items()]
                 )
-                await hooks.accept(body, checked)
+                await intake.accept(body, checked)
                 await asyncio.to_thread(wait_for, lambda: seen, timeout=20, what="callback")
 
         asyncio.run(main())
@@ -77,10 +79,12 @@ def test_with_no_callback_the_archive_still_runs(
             hooks = WebhookReceiver(settings)
             async with hooks:
                 body, headers = signer("app-2", payload=[f"{origin.url}/files/y.webp"])
-                checked = hooks.check_headers(
+                intake = hooks.app.endpoint.intake
+                assert intake is not None
+                checked = intake.keys.check_headers(
                     [(k.lower().encode(), v.encode()) for k, v in headers.items()]
                 )
-                await hooks.accept(body, checked)
+                await intake.accept(body, checked)
 
                 def done() -> bool:
                     row = hooks.store.get("app-2")
