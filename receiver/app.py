@@ -44,11 +44,13 @@ from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
 from falhook.receiver.store.dbapi import sqlite_file
 from falhook.receiver.store.expectations import Expectations, ExpectationState
 from falhook.receiver.store.listener import Listener
+from falhook.receiver.tracing import resolve as resolve_tracing
 from falhook.receiver.watchdog import LoopWatchdog
 from falhook.verify import KeysUnavailableError, WebhookHeaders
 
 if TYPE_CHECKING:
     from falhook.receiver.recovery import Recovery
+    from falhook.receiver.tracing.spans import Tracing
 
 __all__ = ["WebhookReceiver", "create_app"]
 
@@ -120,6 +122,10 @@ class WebhookReceiver:
 
     Starting (its lifespan, or ``async with hooks:``) opens the store and starts the
     dispatcher; a delivery that arrives before that gets a 503 ``receiver_not_started``.
+
+    With OpenTelemetry installed (``falhook[otel]``), spans are recorded with
+    `tracer_provider`, else with the global provider if one was set up before the
+    receiver started; never a provider of falhook's own over the host's.
     """
 
     def __init__(
@@ -128,8 +134,11 @@ class WebhookReceiver:
         *,
         callbacks: Iterable[Callback] = (),
         listen: str | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings.from_env()
+        self.tracer_provider = tracer_provider
+        self.tracing: Tracing | None = None  # decided at start (receiver/tracing/)
         self.listen = listen  # where `falhook serve` listens, for the startup log line
         self.registry = CallbackRegistry()
         self.registry.add_specs(self.settings.callbacks)
@@ -254,6 +263,7 @@ class WebhookReceiver:
         if self._starts > 1:
             return
         settings = self.settings
+        self._trace(resolve_tracing(self.tracer_provider))
         self._watchdog = LoopWatchdog(
             asyncio.get_running_loop(),
             self.registry.on_loop,
@@ -295,6 +305,7 @@ class WebhookReceiver:
                 deadlines=self.deadlines,
                 observer=_Observer(self.metrics, self.trimmer),
                 prepare=self.recovery.prepare if self.recovery is not None else None,
+                tracing=self.tracing,
             )
             # Held until the store's pause switch has been read: a replica starting while
             # dispatch is paused must not claim a batch first.
@@ -321,6 +332,7 @@ class WebhookReceiver:
             lease_seconds=settings.lease_seconds,
             store_timeout=settings.store_timeout_seconds,
             deadlines=self.deadlines,
+            tracing=self.tracing,
         )
         if settings.retention > 0:
             self._pruner = Pruner(store, settings.retention)
@@ -335,6 +347,14 @@ class WebhookReceiver:
                 )
         self._started_at = time.monotonic()
         self._log_started()
+
+    def _trace(self, tracing: Tracing | None) -> None:
+        """Record spans with `tracing` (None: off) wherever they start."""
+        self.tracing = self.app.endpoint.tracing = tracing
+        if self._forwarder is not None:
+            self._forwarder.tracing = tracing
+        if self.recovery is not None:
+            self.recovery.trace(tracing)
 
     def _log_started(self) -> None:
         """One line with everything an operator checks first: what runs, where, with what."""
@@ -359,6 +379,7 @@ class WebhookReceiver:
             "concurrency": settings.concurrency,
             "recovery": settings.queue_url if self.recovery is not None else None,
             "console": console,
+            "tracing": self.tracing is not None,
         }
         targets = list(fields["callbacks"])
         if settings.forward_to:
@@ -432,6 +453,7 @@ class WebhookReceiver:
             await self._forwarder.aclose()
         if self._keys is not None:
             await self._keys.aclose()
+        self._trace(None)
         log.info(
             "falhook stopped after %.0f s: %d deliveries in flight finished, %d cancelled "
             "(retaken when their leases expire); the store's queued writes were committed",
@@ -519,7 +541,7 @@ class WebhookReceiver:
 
         Raises RecoveryDisabledError without a fal key, QueueError if fal refused it.
         """
-        return await self._recovery().submit(
+        return await self._submitter().submit(
             endpoint_id,
             arguments,
             priority=priority,
@@ -539,7 +561,7 @@ class WebhookReceiver:
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """`submit` for code without an event loop."""
-        return self._recovery().submit_sync(
+        return self._submitter().submit_sync(
             endpoint_id,
             arguments,
             priority=priority,
@@ -574,6 +596,12 @@ class WebhookReceiver:
         return self._recovery().expect_sync(
             request_id, endpoint_id, status_url=status_url, response_url=response_url
         )
+
+    def _submitter(self) -> Recovery:
+        recovery = self._recovery()
+        if not self.started:  # traced as a started receiver would (a script, a worker)
+            recovery.trace(resolve_tracing(self.tracer_provider))
+        return recovery
 
     def _expectation_counts(self) -> dict[ExpectationState, int]:
         if self._expectations is None:
@@ -677,7 +705,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    settings: Settings | None = None, *, callbacks: Iterable[Callback] = ()
+    settings: Settings | None = None,
+    *,
+    callbacks: Iterable[Callback] = (),
+    tracer_provider: Any = None,
 ) -> ReceiverApp:
     """Build a receiver and return its ASGI app (the receiver is ``app.state.falhook``)."""
-    return WebhookReceiver(settings, callbacks=callbacks).app
+    return WebhookReceiver(settings, callbacks=callbacks, tracer_provider=tracer_provider).app
