@@ -74,7 +74,8 @@ def _one(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
 
 def _span_id(span: ReadableSpan) -> int:
     assert span.context is not None
-    return span.context.span_id
+    span_id: int = span.context.span_id
+    return span_id
 
 
 def _all_values(exporter: InMemorySpanExporter) -> str:
@@ -140,7 +141,7 @@ def test_received_stored_processed(
     assert process.attributes["falhook.outcome"] == "done"
     [link] = process.links
     assert link.context.span_id == _span_id(first)
-    assert link.context.trace_id == first.context.trace_id  # type: ignore[union-attr]
+    assert link.context.trace_id == first.context.trace_id
     assert link.attributes == {"falhook.link": "received"}
     user = _one(exporter, "user work")
     assert user.parent is not None and user.parent.span_id == _span_id(process)
