@@ -104,7 +104,7 @@ class Dispatcher:
         # slot until its callback returns, so their number stays bounded.
         self._abandoned = 0
         # Plain `def` callbacks: one thread hand-off per batch of deliveries, not per call.
-        self._sync_runner = SyncRunner(2 * concurrency)
+        self._sync_runner = SyncRunner(2 * concurrency, carry_context=tracing is not None)
 
     # -- lifecycle ---------------------------------------------------------------------
 

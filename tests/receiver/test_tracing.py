@@ -98,6 +98,11 @@ def test_received_stored_processed(
         with provider.get_tracer("user").start_as_current_span("user work"):
             pass
 
+    @hooks.on_ok
+    def save_in_a_thread(delivery: Delivery) -> None:  # a `def` callback: in a thread
+        with provider.get_tracer("user").start_as_current_span("user work in a thread"):
+            pass
+
     body, headers = signer("trace-1")
     headers = {name.lower(): value for name, value in headers.items()}
     with TestClient(hooks.app) as client:
@@ -143,8 +148,9 @@ def test_received_stored_processed(
     assert link.context.span_id == _span_id(first)
     assert link.context.trace_id == first.context.trace_id
     assert link.attributes == {"falhook.link": "received"}
-    user = _one(exporter, "user work")
-    assert user.parent is not None and user.parent.span_id == _span_id(process)
+    for name in ("user work", "user work in a thread"):
+        user = _one(exporter, name)
+        assert user.parent is not None and user.parent.span_id == _span_id(process)
 
     # The signature headers are never recorded.
     recorded = _all_values(exporter)
