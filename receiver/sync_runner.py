@@ -75,6 +75,10 @@ class SyncCall:
 _CALLBACKS_LOCK = threading.Lock()
 
 
+def _run_in(context: contextvars.Context, fn: Callable[[Any], Any], arg: Any) -> Any:
+    return context.run(fn, arg)
+
+
 class SyncRunner:
     """Runs sync functions in up to ``workers`` threads; `run` awaits one call's result."""
 
@@ -129,7 +133,7 @@ class SyncRunner:
             loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self.carry_context:
-            fn = functools.partial(contextvars.copy_context().run, fn)
+            fn = functools.partial(_run_in, contextvars.copy_context(), fn)
         call = SyncCall(future, fn, arg, time.monotonic())
         if calls is not None:
             calls.append(call)
