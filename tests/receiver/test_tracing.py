@@ -5,6 +5,7 @@ linked to its submit; a host's own provider; nothing at all when tracing is off.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import subprocess
 import sys
@@ -28,11 +29,18 @@ from starlette.testclient import TestClient
 from falhook.receiver import Delivery, Settings, WebhookReceiver
 from falhook.receiver.errors import SettingsError
 from falhook.receiver.forward import Forwarder, ForwardError
+from falhook.receiver.store import Store
+from falhook.receiver.store.expectations import Expectations, NewExpectation
 from falhook.receiver.tracing import resolve
 from falhook.receiver.tracing.setup import provider_from_environ, wanted
 from falhook.receiver.tracing.spans import Tracing, parse_links
 from tests.fakes.fal_queue import FakeFalQueue
+from tests.receiver import store_fixtures
 from tests.receiver.conftest import Signer
+from tests.receiver.store_fixtures import delivery
+
+store_url = store_fixtures.store_url
+pg_schema_url = store_fixtures.pg_schema_url
 
 KEY = "fal-test-key"
 ENDPOINT = "fal-ai/flux/dev"
@@ -446,3 +454,31 @@ def test_serve_refuses_an_exporter_it_does_not_have() -> None:
             {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}
         )
     assert provider_from_environ({}) is None
+
+
+RECEIVED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+SUBMITTED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_the_store_keeps_where_a_delivery_was_received_and_submitted(store_url: str) -> None:
+    async def body() -> None:
+        store = Store(store_url)
+        store.start()
+        try:
+            expectations = Expectations(store)
+            for request_id in ("claimed", "pending"):
+                new = NewExpectation(request_id, ENDPOINT, trace_context=SUBMITTED)
+                await expectations.run(expectations.op_add(new, recover_after=60, ttl=600))
+            traced = dataclasses.replace(delivery("claimed"), trace_context=RECEIVED)
+            claim = await store.insert_claimed(traced, "claim-1", lease_seconds=30, parsed=None)
+            assert claim is not None and claim.trace_context == f"{RECEIVED} {SUBMITTED}"
+            traced = dataclasses.replace(delivery("pending"), trace_context=RECEIVED)
+            assert await store.insert(traced)
+            assert await store.insert(delivery("untraced"))  # tracing off: nothing looked up
+            claims = {c.request_id: c for c in (await store.claim(10, 30)).claims}
+            assert claims["pending"].trace_context == f"{RECEIVED} {SUBMITTED}"
+            assert claims["untraced"].trace_context is None
+        finally:
+            await store.stop()
+
+    asyncio.run(body())
