@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # SQLModel and SQLAlchemy: imported when started, not for sub
     from falhook.receiver.models import Delivery
     from falhook.receiver.recovery.poller import Poller
     from falhook.receiver.store import Claim, Store
-    from falhook.receiver.tracing.spans import Tracing
+    from falhook.receiver.tracing.spans import Submission, Tracing
 
 __all__ = ["WEBHOOK_PATH", "Recovery"]
 
@@ -201,7 +201,9 @@ class Recovery:
                 )
         return sent
 
-    def _submitted(self, endpoint_id: str, answer: dict[str, Any], span: Any) -> NewExpectation:
+    def _submitted(
+        self, endpoint_id: str, answer: dict[str, Any], span: Submission | None
+    ) -> NewExpectation:
         def fal_url(name: str) -> str | None:
             url = answer.get(name)
             # Only URLs on the queue's own host are kept (the key goes with every poll).
@@ -271,7 +273,7 @@ class Recovery:
                 raise _unrecorded(new, exc) from exc
         return answer
 
-    def _submitting(self, endpoint_id: str) -> contextlib.AbstractContextManager[Any]:
+    def _submitting(self, endpoint_id: str) -> contextlib.AbstractContextManager[Submission | None]:
         """The submit's span (tracing on), in the caller's trace; else nothing."""
         if self.tracing is None:
             return contextlib.nullcontext()
