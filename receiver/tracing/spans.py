@@ -122,18 +122,22 @@ class Receiving:
         reason: str | None = None,
     ) -> None:
         span = self._span
-        span.set_attribute("http.response.status_code", status)
+        if not span.is_recording():  # not sampled
+            return
+        # One call: the SDK checks and copies each attribute under a lock, per call.
+        attributes: dict[str, Any] = {"http.response.status_code": status}
         if request_id is not None:
-            span.set_attribute("messaging.message.id", request_id)
+            attributes["messaging.message.id"] = request_id
         if duplicate is not None:
-            span.set_attribute("falhook.verdict", "duplicate" if duplicate else "accepted")
-            span.set_attribute("falhook.duplicate", duplicate)
+            attributes["falhook.verdict"] = "duplicate" if duplicate else "accepted"
+            attributes["falhook.duplicate"] = duplicate
         else:
-            span.set_attribute("falhook.verdict", "rejected")
-            span.set_attribute("falhook.rejection.reason", reason or "unknown")
+            attributes["falhook.verdict"] = "rejected"
+            attributes["falhook.rejection.reason"] = reason or "unknown"
             if status >= 500:
-                span.set_attribute("error.type", reason or str(status))
+                attributes["error.type"] = reason or str(status)
                 span.set_status(Status(StatusCode.ERROR, reason))
+        span.set_attributes(attributes)
 
     def end(self) -> None:
         otel_context.detach(self._token)
@@ -167,7 +171,8 @@ class Tracing:
         host = trace.get_current_span()
         nested = host.get_span_context().is_valid and not host.get_span_context().is_remote
         parent = None
-        if not nested:
+        if not nested and any(name == b"traceparent" for name, _ in scope["headers"]):
+            # A traced proxy in front: continue its trace (fal itself sends no context).
             carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             parent = propagate.extract(carrier)
         start = time.time_ns() - int((time.perf_counter() - started) * 1e9)
