@@ -47,7 +47,10 @@ class Forwarder:
     ):
         self.url = url
         self._signer = Webhook(secret) if secret else None
-        self._client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=False)
+        self._timeout = timeout
+        # Opened on first use, closed by `aclose` (the receiver's stop): a later start opens
+        # a new one.
+        self._client = client
         # Set when the receiver starts with tracing on: each POST is a CLIENT span, and the
         # app gets its `traceparent`, so it continues the trace.
         self.tracing: Tracing | None = None
@@ -83,7 +86,7 @@ class Forwarder:
 
     async def _post(self, delivery: Delivery, headers: dict[str, str]) -> int:
         try:
-            response = await self._client.post(self.url, content=delivery.raw_body, headers=headers)
+            response = await self._http().post(self.url, content=delivery.raw_body, headers=headers)
         except httpx.HTTPError as exc:
             raise ForwardError(f"POST {self.url} failed: {exc!r}") from exc
         return response.status_code
@@ -101,5 +104,12 @@ class Forwarder:
             "webhook-signature": signature,
         }
 
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
+        return self._client
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()

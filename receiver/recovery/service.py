@@ -31,6 +31,7 @@ from falhook.receiver.recovery.client import QueueClient, outcome_of
 from falhook.receiver.recovery.urls import request_urls, same_origin
 from falhook.receiver.settings import WEBHOOK_PATH, Settings
 from falhook.receiver.store.expectations import Expectations, ExpectationState, NewExpectation
+from falhook.receiver.tracing import resolve as resolve_tracing
 
 if TYPE_CHECKING:  # SQLModel and SQLAlchemy: imported when started, not for submit
     from falhook.receiver.models import Delivery
@@ -57,9 +58,12 @@ class Recovery:
         observe_call: Callable[[str], None] | None = None,
         on_recovered: Callable[[], None] = lambda: None,
         migrate: bool = True,
+        tracer_provider: Any = None,
     ) -> None:
         """`migrate`: an unstarted receiver's sync writes may create or upgrade the schema
-        (its own start would); the CLI's may not (only `falhook serve` migrates)."""
+        (its own start would); the CLI's may not (only `falhook serve` migrates).
+        `tracer_provider`: the receiver's (see `WebhookReceiver`), for a submit made
+        before it started."""
         if settings.fal_key is None:
             raise RecoveryDisabledError()
         self.settings = settings
@@ -68,10 +72,13 @@ class Recovery:
         self._migrate = migrate
         self._expectations: Expectations | None = None
         self._poller: Poller | None = None
+        self._tracer_provider = tracer_provider
         self.tracing: Tracing | None = None
+        self._traced = False  # tracing decided (by the receiver's start, or a first submit)
 
     def trace(self, tracing: Tracing | None) -> None:
         """Record spans (submit, calls to fal's queue, recoveries) with `tracing`."""
+        self._traced = True
         self.tracing = self.client.tracing = tracing
         if self._poller is not None:
             self._poller.tracing = tracing
@@ -275,6 +282,8 @@ class Recovery:
 
     def _submitting(self, endpoint_id: str) -> contextlib.AbstractContextManager[Submission | None]:
         """The submit's span (tracing on), in the caller's trace; else nothing."""
+        if not self._traced:  # a script's submit, before (or without) the receiver's start
+            self.trace(resolve_tracing(self._tracer_provider))
         if self.tracing is None:
             return contextlib.nullcontext()
         return self.tracing.submitting(endpoint_id)
