@@ -482,3 +482,21 @@ def test_the_store_keeps_where_a_delivery_was_received_and_submitted(store_url: 
             await store.stop()
 
     asyncio.run(body())
+
+
+def test_a_submit_before_the_receiver_starts_is_traced_too(
+    settings: Settings, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    with FakeFalQueue(api_key=KEY) as fake:
+        hooks = WebhookReceiver(
+            settings.replace(fal_key=KEY, queue_url=fake.url), tracer_provider=provider
+        )
+        request_id = hooks.submit_sync(ENDPOINT, {"prompt": "cat"})["request_id"]
+    submit = _one(exporter, f"submit {ENDPOINT}")
+    assert submit.attributes is not None
+    assert submit.attributes["messaging.message.id"] == request_id
+    path = settings.database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:
+        [(stored,)] = db.execute("SELECT trace_context FROM falhook_expectations").fetchall()
+    assert submit.context is not None
+    assert stored.split("-")[2] == f"{submit.context.span_id:016x}"
