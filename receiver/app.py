@@ -29,7 +29,6 @@ from falhook.receiver.errors import (
 from falhook.receiver.forward import Forwarder
 from falhook.receiver.intake import Accepted, Intake
 from falhook.receiver.keysource import KeySource
-from falhook.receiver.logs import delivery_log
 from falhook.receiver.memtrim import MemoryTrimmer
 from falhook.receiver.metrics import Metrics
 from falhook.receiver.models import Delivery
@@ -53,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["WebhookReceiver", "create_app"]
 
 log = logging.getLogger("falhook.receiver")
+delivery_log = logging.getLogger("falhook.deliveries")  # one line per delivery outcome
 _READY_TIMEOUT = 1.5  # seconds for the store to answer /readyz
 _RECENT_FAILURE = 5.0  # seconds /readyz stays 503 after a delivery could not be stored
 
@@ -101,7 +101,7 @@ class _Observer(DispatchObserver):
                 fields["next_attempt_at"] = format_time(next_attempt_at)
                 fields["retry_in_seconds"] = round(max(0.0, next_attempt_at - time.time()), 3)
                 message += f" (next attempt at {fields['next_attempt_at']})"
-            delivery_log.log(level, message, outcome, fields)
+            delivery_log.log(level, message, outcome, extra=fields)
 
 
 class WebhookReceiver:

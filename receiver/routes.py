@@ -30,7 +30,6 @@ from falhook.receiver.errors import (
     StoreUnavailableError,
 )
 from falhook.receiver.intake import Accepted
-from falhook.receiver.logs import delivery_log
 from falhook.receiver.memtrim import MemoryTrimmer
 from falhook.receiver.metrics import CONTENT_TYPE, Metrics
 from falhook.verify import KeysUnavailableError, WebhookHeaders, WebhookVerificationError
@@ -38,6 +37,7 @@ from falhook.verify import KeysUnavailableError, WebhookHeaders, WebhookVerifica
 __all__ = ["Receiving", "WebhookEndpoint", "healthz", "metrics", "not_found", "readyz"]
 
 log = logging.getLogger("falhook.receiver")
+delivery_log = logging.getLogger("falhook.deliveries")  # one line per delivery outcome
 _JSON = (b"content-type", b"application/json")
 _ARRIVED = "falhook.arrived"  # set by falhook.receiver.protocol (not imported: uvicorn)
 
@@ -159,7 +159,7 @@ class WebhookEndpoint:
             fields = {"request_id": request_id, "outcome": "duplicate" if duplicate else "accepted"}
             if self.log_payloads:  # off by default: payloads may hold users' data
                 fields["body"] = body.decode("utf-8", "replace")
-            delivery_log.log(logging.INFO, "delivery %s", fields["outcome"], fields)
+            delivery_log.info("delivery %s", fields["outcome"], extra=fields)
         await _send_json(
             send,
             200,
@@ -248,11 +248,10 @@ class WebhookEndpoint:
 
     def _rejected(self, rejection: _Reject, request_id: str | None, scope: Scope) -> None:
         self.metrics.rejected(rejection.error)
-        delivery_log.log(
-            logging.INFO,
+        delivery_log.info(
             "delivery rejected: %s",
             rejection.error,
-            {
+            extra={
                 "outcome": "rejected",
                 "status": rejection.status,
                 "reason": rejection.error,
