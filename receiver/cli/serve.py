@@ -9,7 +9,6 @@ is not refused: it may come back, and the receiver recovers by itself.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import faulthandler
 import gc
@@ -19,48 +18,22 @@ import sys
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from falhook.receiver.cli.common import EXIT_CANNOT_LISTEN, EXIT_STORE, CommandError
+from falhook.receiver.cli.common import (
+    EXIT_CANNOT_LISTEN,
+    EXIT_STORE,
+    CommandError,
+    add_settings_flags,
+    settings_from_args,
+)
 from falhook.receiver.errors import ReceiverError, SettingsError
-from falhook.receiver.settings import ENV_PREFIX, Settings, shown_default
+from falhook.receiver.settings import ENV_PREFIX, Settings
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from falhook.receiver.logs import LogPipeline
 
-__all__ = ["add_parser", "add_settings_flags", "settings_from_args"]
-
-# Flags with a shape of their own; every other setting gets a plain --name VALUE flag.
-_SPECIAL = {"callbacks", "forward_to"}
-
-
-def add_settings_flags(parser: argparse.ArgumentParser, *, only: set[str] | None = None) -> None:
-    """One flag per setting (``--lease-seconds``…); each defaults to its env var."""
-    for field in dataclasses.fields(Settings):
-        if field.name in _SPECIAL or (only is not None and field.name not in only):
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        env = ENV_PREFIX + field.metadata["env"]
-        parser.add_argument(
-            flag,
-            dest=field.name,
-            metavar="VALUE",
-            help=f"{field.metadata['help']} (env {env}; default {shown_default(field)})",
-        )
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Env first, then every flag given on the command line (flags win)."""
-    overrides: dict[str, Any] = {}
-    for field in dataclasses.fields(Settings):
-        raw = getattr(args, field.name, None)
-        if raw is None:
-            continue
-        if field.name == "callbacks":
-            overrides["callbacks"] = tuple(raw)
-        else:
-            overrides[field.name] = Settings.parse_value(field.name, raw)
-    return Settings.from_env(**overrides)
+__all__ = ["add_parser"]
 
 
 def _port(text: str) -> int:

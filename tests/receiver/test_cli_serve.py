@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from falhook.receiver.cli import build_parser, main
-from falhook.receiver.cli.serve import settings_from_args
+from falhook.receiver.cli.common import settings_from_args
 
 
 def _parse(*argv: str) -> argparse.Namespace:
