@@ -14,7 +14,13 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from falhook.receiver.errors import SettingsError, StoreSchemaError, StoreUnavailableError
-from falhook.receiver.settings import ENV_PREFIX, Settings, shown_default
+from falhook.receiver.settings import (
+    ENV_PREFIX,
+    GROUPS,
+    Settings,
+    shown_default,
+    shown_metavar,
+)
 
 if TYPE_CHECKING:
     from falhook.receiver.store.admin import Admin
@@ -35,6 +41,7 @@ __all__ = [
     "out",
     "positive_int",
     "settings_from_args",
+    "settings_groups",
     "suggest",
 ]
 
@@ -155,17 +162,38 @@ class Parser(argparse.ArgumentParser):
 _SPECIAL = {"callbacks", "forward_to"}
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, *, only: set[str] | None = None) -> None:
-    """One flag per setting (``--lease-seconds``…); each defaults to its env var."""
+def settings_groups(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """One argument group per topic of the settings (listening, store, keys…), in order:
+    --help shows each setting's flag under its topic."""
+    return {title: parser.add_argument_group(title) for title in GROUPS}
+
+
+def add_settings_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    only: set[str] | None = None,
+    groups: dict[str, Any] | None = None,
+) -> None:
+    """One flag per setting (``--lease-seconds SECONDS``…); each defaults to its env var.
+
+    With `groups` (`settings_groups`), each flag goes in its setting's topic; a command
+    taking a few settings (`only`) lists them with its other options.
+    """
     for field in dataclasses.fields(Settings):
         if field.name in _SPECIAL or (only is not None and field.name not in only):
             continue
         flag = "--" + field.name.replace("_", "-")
         env = ENV_PREFIX + field.metadata["env"]
-        parser.add_argument(
+        where: Any = parser
+        if groups is not None:
+            topic = field.metadata["group"] or "other settings"
+            if topic not in groups:
+                groups[topic] = parser.add_argument_group(topic)
+            where = groups[topic]
+        where.add_argument(
             flag,
             dest=field.name,
-            metavar="VALUE",
+            metavar=shown_metavar(field),
             help=f"{field.metadata['help']} (env {env}; default {shown_default(field)})",
         )
 

@@ -24,6 +24,7 @@ from falhook.receiver.cli.common import (
     CommandError,
     add_settings_flags,
     settings_from_args,
+    settings_groups,
 )
 from falhook.receiver.errors import ReceiverError, SettingsError
 from falhook.receiver.settings import ENV_PREFIX, Settings
@@ -50,6 +51,8 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="run the receiver",
+        # Each flag is shown with its topic below: the usage line names only the common ones.
+        usage="%(prog)s [--host HOST] [--port PORT] [--callback MODULE:FUNCTION] [OPTION ...]",
         description=(
             "Receive fal webhooks on POST /webhooks/fal and dispatch them to callbacks. "
             "Every setting is also an environment variable (shown with each flag); a flag "
@@ -57,32 +60,34 @@ def add_parser(subparsers: Any) -> None:
             "--shutdown-timeout-seconds to finish."
         ),
     )
-    parser.add_argument(
+    groups = settings_groups(parser)
+    listening, callbacks = groups["listening"], groups["callbacks"]
+    listening.add_argument(
         "--host",
         metavar="HOST",
         help=f"address to listen on; 0.0.0.0 for every interface "
         f"(env {ENV_PREFIX}HOST; default 127.0.0.1)",
     )
-    parser.add_argument(
+    listening.add_argument(
         "--port",
         type=_port,
         metavar="PORT",
         help=f"TCP port to listen on (env {ENV_PREFIX}PORT; default 8000)",
     )
-    parser.add_argument(
+    callbacks.add_argument(
         "--callback",
         dest="callbacks",
         action="append",
         metavar="MODULE:FUNCTION",
         help=f"call this for every delivery; repeatable (env {ENV_PREFIX}CALLBACK, comma list)",
     )
-    parser.add_argument(
+    callbacks.add_argument(
         "--forward-to",
         dest="forward_to",
         metavar="URL",
         help=f"sidecar mode: POST each delivery to URL (env {ENV_PREFIX}FORWARD_TO)",
     )
-    add_settings_flags(parser)
+    add_settings_flags(parser, groups=groups)
     parser.set_defaults(func=run)
 
 
