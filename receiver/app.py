@@ -36,7 +36,7 @@ from falhook.receiver.pause import PauseWatcher
 from falhook.receiver.pruner import Pruner
 from falhook.receiver.registry import Callback, CallbackRegistry
 from falhook.receiver.retry import RetryPolicy
-from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
+from falhook.receiver.routes import NotFound, WebhookEndpoint, healthz, metrics, readyz
 from falhook.receiver.settings import WEBHOOK_PATH, Settings, without_password
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
@@ -620,7 +620,7 @@ class WebhookReceiver:
         )
         router: Router = app.router
         router.redirect_slashes = False
-        router.default = not_found
+        router.default = NotFound(self.metrics)
         app.state.falhook = self
         return ReceiverApp(app, endpoint)
 
