@@ -330,7 +330,13 @@ def _request(handler: NotFound, path: str) -> None:
     async def send(message: dict[str, Any]) -> None:
         return None
 
-    scope = {"type": "http", "method": "GET", "path": path, "headers": [], "client": None}
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "headers": [],
+        "client": None,
+    }
     asyncio.run(handler(scope, receive, send))  # type: ignore[arg-type]
 
 
