@@ -122,7 +122,7 @@ def test_serve_help_groups_the_flags_by_topic_in_order() -> None:
     topics = [title for title in sections if title not in ("options", "usage")]
     # archive has no setting yet: an empty topic is not shown
     expected = ["listening", "store", "keys", "callbacks", "limits", "recovery", "console"]
-    assert topics == [*expected, "logging"]
+    assert topics == [*expected, "notifications", "logging"]
     assert sections["listening"][:2] == ["--host HOST", "--port PORT"]
     assert "--callback MODULE:FUNCTION" in sections["callbacks"]
     assert "--forward-to URL" in sections["callbacks"]
