@@ -38,16 +38,23 @@ _MAX_ERROR_CHARS = 4000
 
 
 def _describe(exc: BaseException) -> str:
+    """A delivery's last error, in one line; a callback's Retry says what it asked for."""
+    if isinstance(exc, Retry):
+        return _scheduled(exc)
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     return text[:_MAX_ERROR_CHARS]
+
+
+def _scheduled(exc: Retry) -> str:
+    after = "" if exc.after is None else f", after {exc.after:g} s"
+    return f"retry asked by the callback{after}: {exc}"[:_MAX_ERROR_CHARS]
 
 
 def _trace(exc: BaseException) -> str:
     """What an attempt records: a scheduled retry in one line (it is not an error), else
     the traceback with falhook's own frames folded."""
     if isinstance(exc, Retry):
-        after = "" if exc.after is None else f", after {exc.after:g} s"
-        return f"retry asked by the callback{after}: {exc}"
+        return _scheduled(exc)
     return attempt_error(exc)
 
 
