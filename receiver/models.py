@@ -107,6 +107,8 @@ class DeliveryRow(SQLModel, table=True):
     signed_at: int | None = Field(default=None, sa_type=sa.BigInteger)
     # 1: a duplicate came while pending or running; giving up then re-arms instead
     rearm: int = Field(default=0)
+    # The traceparent it was received in, then its submit's (receiver/tracing/); or None
+    trace_context: str | None = Field(default=None)
 
 
 class BodyRow(SQLModel, table=True):
@@ -155,11 +157,12 @@ class ExpectationRow(SQLModel, table=True):
     claim_id: str | None = Field(default=None)
     updated_at: float
     finished_at: float | None = Field(default=None)
+    trace_context: str | None = Field(default=None)  # the traceparent of its submit
 
 
 class MediaRow(SQLModel, table=True):
     """One file found in an OK delivery's payload and its archiving (receiver/archive/),
-    as migration 9 creates it; keyed by (request_id, the JSON pointer of its URL)."""
+    as migration 10 creates it; keyed by (request_id, the JSON pointer of its URL)."""
 
     __tablename__ = "falhook_media"
     __table_args__ = (sa.Index("ix_falhook_media_state_created", "state", "created_at"),)
@@ -180,7 +183,7 @@ class MediaRow(SQLModel, table=True):
 
 
 class MediaPurgeRow(SQLModel, table=True):
-    """A delivery's purge at fal (FALHOOK_FAL_PURGE), as migration 9 creates it."""
+    """A delivery's purge at fal (FALHOOK_FAL_PURGE), as migration 10 creates it."""
 
     __tablename__ = "falhook_media_purges"
 

@@ -12,10 +12,13 @@ before a byte of the body is read, so an unauthenticated client cannot make us b
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import logging
 import time
-from typing import Protocol
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -29,14 +32,19 @@ from falhook.receiver.errors import (
     StoreUnavailableError,
 )
 from falhook.receiver.intake import Accepted, Intake
-from falhook.receiver.logs import delivery_log
 from falhook.receiver.memtrim import MemoryTrimmer
 from falhook.receiver.metrics import CONTENT_TYPE, Metrics
+from falhook.receiver.settings import WEBHOOK_PATH
 from falhook.verify import KeysUnavailableError, WebhookHeaders, WebhookVerificationError
 
-__all__ = ["Receiving", "WebhookEndpoint", "healthz", "metrics", "not_found", "readyz"]
+if TYPE_CHECKING:
+    from falhook.receiver.tracing.spans import Receiving as Traced
+    from falhook.receiver.tracing.spans import Tracing
+
+__all__ = ["NotFound", "Receiving", "WebhookEndpoint", "healthz", "metrics", "readyz"]
 
 log = logging.getLogger("falhook.receiver")
+delivery_log = logging.getLogger("falhook.deliveries")  # one line per delivery outcome
 _JSON = (b"content-type", b"application/json")
 _ARRIVED = "falhook.arrived"  # set by falhook.receiver.protocol (not imported: uvicorn)
 
@@ -102,18 +110,30 @@ class WebhookEndpoint:
         # Body bytes held by requests in flight, across all of them (one event loop: a
         # plain int is enough).
         self.buffered = 0
+        # Set when the receiver starts with tracing on (receiver/tracing/).
+        self.tracing: Tracing | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         held = [0]  # this request's share of `buffered`
+        tracing = self.tracing
+        traced = None
         try:
-            await self._handle(scope, receive, send, held)
+            if tracing is None:
+                await self._handle(scope, receive, send, held, None)
+            else:
+                traced = tracing.receiving(scope, scope.get(_ARRIVED) or time.perf_counter())
+                await self._handle(scope, receive, send, held, traced)
         finally:
+            if traced is not None:
+                traced.end()
             if held[0]:  # given back once answered, whatever happened
                 self.buffered -= held[0]
                 if self.trimmer is not None:
                     self.trimmer.released(self.buffered)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, held: list[int]) -> None:
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, held: list[int], traced: Traced | None
+    ) -> None:
         # From the request's arrival in the kernel when `falhook serve` runs us (see
         # protocol.py), else from now.
         started = scope.get(_ARRIVED) or time.perf_counter()
@@ -134,6 +154,12 @@ class WebhookEndpoint:
             request_id, duplicate = await self._accept(intake, body, checked)
         except _Reject as rejection:
             self._rejected(rejection, request_id, scope)
+            if traced is not None:
+                traced.answered(
+                    rejection.status,
+                    request_id=request_id or _header(scope, b"x-fal-webhook-request-id"),
+                    reason=rejection.error,
+                )
             extra = [(b"allow", b"POST")] if rejection.status == 405 else []
             if not body_read:
                 # The rest of the body is still on the wire: close the connection after
@@ -148,16 +174,20 @@ class WebhookEndpoint:
             # delivery: answer 503 so fal retries, and log it loudly.
             log.exception("unexpected error handling a delivery")
             self.metrics.rejected("internal_error")
+            if traced is not None:
+                traced.answered(503, reason="internal_error")
             await _send_json(send, 503, _error_body("internal_error", "please retry"))
             return
         metrics = self.metrics
+        if traced is not None:
+            traced.answered(200, request_id=request_id, duplicate=duplicate)
         (metrics.duplicate if duplicate else metrics.accepted).inc()
         metrics.ack_latency.observe(time.perf_counter() - started)
         if delivery_log.isEnabledFor(logging.INFO):
             fields = {"request_id": request_id, "outcome": "duplicate" if duplicate else "accepted"}
             if self.log_payloads:  # off by default: payloads may hold users' data
                 fields["body"] = body.decode("utf-8", "replace")
-            delivery_log.log(logging.INFO, "delivery %s", fields["outcome"], fields)
+            delivery_log.info("delivery %s", fields["outcome"], extra=fields)
         await _send_json(
             send,
             200,
@@ -242,11 +272,10 @@ class WebhookEndpoint:
 
     def _rejected(self, rejection: _Reject, request_id: str | None, scope: Scope) -> None:
         self.metrics.rejected(rejection.error)
-        delivery_log.log(
-            logging.INFO,
+        delivery_log.info(
             "delivery rejected: %s",
             rejection.error,
-            {
+            extra={
                 "outcome": "rejected",
                 "status": rejection.status,
                 "reason": rejection.error,
@@ -305,6 +334,81 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE)
 
 
-async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
-    """Unknown paths: a JSON 404 (never a redirect)."""
-    await _send_json(send, 404, _error_body("not_found", "no such route"))
+class NotFound:
+    """Unknown paths: a JSON 404 (never a redirect), counted, and logged at most once a
+    minute per path, with a hint when the path looks like a mistyped webhook path.
+
+    A mistyped webhook URL given to fal loses every result sent to it, and fal's retries
+    only repeat the 404: the count (``falhook_unknown_path_requests_total``) and the line
+    are how an operator finds out. The paths remembered for the once-a-minute rule are
+    bounded (`tracked`): when every one of them was logged within the minute (a scanner),
+    a new path is counted but not logged.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        window: float = 60.0,
+        tracked: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._near = metrics.unknown_paths.labels("webhook_path")
+        self._other = metrics.unknown_paths.labels("other")
+        self._window = window
+        self._tracked = tracked
+        self._clock = clock
+        self._logged: OrderedDict[str, float] = OrderedDict()  # path -> when last logged
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self._note(scope)
+        await _send_json(send, 404, _error_body("not_found", "no such route"))
+
+    def _note(self, scope: Scope) -> None:
+        path: str = scope["path"][:256]
+        webhook = scope.get("root_path", "") + WEBHOOK_PATH
+        near = _near(path, webhook)
+        (self._near if near else self._other).inc()
+        if not self._should_log(path):
+            return
+        fields: dict[str, Any] = {
+            "method": scope["method"],
+            "path": path,
+            "status": 404,
+            "client": _client(scope),
+        }
+        if near:
+            fields["hint"] = f"the webhook path is {webhook}: is fal given a mistyped URL?"
+        log.log(
+            logging.WARNING if near else logging.INFO,
+            "request to an unknown path: %s %s",
+            scope["method"],
+            path,
+            extra=fields,
+        )
+
+    def _should_log(self, path: str) -> bool:
+        now = self._clock()
+        logged = self._logged
+        last = logged.get(path)
+        if last is not None:
+            if now - last < self._window:
+                return False
+            logged.move_to_end(path)
+        elif len(logged) >= self._tracked:
+            if now - next(iter(logged.values())) < self._window:
+                return False  # every remembered path was logged within the minute
+            logged.popitem(last=False)
+        logged[path] = now
+        return True
+
+
+def _near(path: str, webhook: str) -> bool:
+    """A path that looks like the webhook path mistyped: /webhook/fal, /webhooks,
+    /webhooks/fal/x, /api/webhooks/fal, /webhooks/fla…"""
+    lowered = path.lower()
+    return (
+        "webhook" in lowered
+        or difflib.SequenceMatcher(None, lowered, webhook.lower()).ratio() >= 0.75
+    )

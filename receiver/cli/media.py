@@ -15,11 +15,20 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from falhook.receiver.cli.common import EXIT_NEGATIVE, CommandError, positive_int
+from falhook.receiver.cli.common import (
+    EXIT_NEGATIVE,
+    CommandError,
+    add_settings_flags,
+    database_url,
+    guarded,
+    open_store,
+    out,
+    positive_int,
+    settings_from_args,
+)
 from falhook.receiver.cli.media_view import item_document, media_cells, media_rows
-from falhook.receiver.cli.ops import _database_url, _guarded, _store, render_table
-from falhook.receiver.cli.serve import add_settings_flags, settings_from_args
 from falhook.receiver.errors import SettingsError
+from falhook.receiver.tables import render_table
 
 if TYPE_CHECKING:  # SQLAlchemy and the archive are imported only when a command runs
     from falhook.receiver.archive import MediaItem
@@ -66,31 +75,27 @@ def add_parser(subparsers: Any) -> None:
     retry.set_defaults(func=run_retry)
 
 
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
-
-
-@_guarded
+@guarded
 def run_list(args: argparse.Namespace) -> int:
     """``falhook media list``."""
     from falhook.receiver.archive import MediaState
 
     state = MediaState(args.state) if args.state else None
-    with _store(args), media_rows(_database_url(args)) as rows:
+    with open_store(args), media_rows(database_url(args)) as rows:
         found = rows.find(request_id=args.request_id, state=state, limit=args.limit)
     if args.json:
-        _out(json.dumps([item_document(item, rid) for rid, item in found], indent=2))
+        out(json.dumps([item_document(item, rid) for rid, item in found], indent=2))
         return 0
     if not found:
-        _out("no files match")
+        out("no files match")
         return 0
-    _out(render_table(media_cells(found)))
+    out(render_table(media_cells(found)))
     if len(found) == args.limit:
-        _out(f"(first {args.limit}; --limit N shows more)")
+        out(f"(first {args.limit}; --limit N shows more)")
     return 0
 
 
-@_guarded
+@guarded
 def run_retry(args: argparse.Namespace) -> int:
     """``falhook media retry REQUEST_ID``."""
     import asyncio
@@ -101,7 +106,7 @@ def run_retry(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     if settings.archive_url is None:
         raise CommandError("the archive is off: set FALHOOK_ARCHIVE_URL (or --archive-url)")
-    with _store(args) as store:
+    with open_store(args) as store:
         stored = store.get(args.request_id)
     if stored is None:
         print(f"falhook media retry: no delivery {args.request_id!r}", file=sys.stderr)  # noqa: T201
@@ -124,10 +129,10 @@ def run_retry(args: argparse.Namespace) -> int:
 
         media = asyncio.run(archive())
     if args.json:
-        _out(json.dumps([item_document(item, args.request_id) for item in media], indent=2))
+        out(json.dumps([item_document(item, args.request_id) for item in media], indent=2))
     elif not media:
-        _out(f"no files in {args.request_id}")
+        out(f"no files in {args.request_id}")
     else:
         cells = media_cells([(args.request_id, item) for item in media], with_request=False)
-        _out(render_table(cells))
+        out(render_table(cells))
     return 0 if all(item.state is MediaState.ARCHIVED for item in media) else EXIT_NEGATIVE
