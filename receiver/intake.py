@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any, NamedTuple
 
@@ -15,10 +16,12 @@ from falhook.receiver.deadlines import Deadlines
 from falhook.receiver.dispatcher import Dispatcher
 from falhook.receiver.errors import MalformedDeliveryError, Reason, StoreUnavailableError
 from falhook.receiver.keysource import KeySource
-from falhook.receiver.store import NewDelivery, Store
+from falhook.receiver.store import Claim, NewDelivery, Store
 from falhook.verify import WebhookHeaders
 
 __all__ = ["MAX_REQUEST_ID_CHARS", "Accepted", "Intake"]
+
+log = logging.getLogger("falhook.receiver")
 
 MAX_REQUEST_ID_CHARS = 255  # fal's are UUIDs; anything longer is not fal's
 
@@ -102,7 +105,11 @@ class Intake:
                 # Stored already claimed by a slot we hold: dispatched as soon as committed,
                 # without a claim round trip or a second parse of the body.
                 claim = await self.store.insert_claimed(
-                    new, claim_id, lease_seconds=self.lease_seconds, parsed=data
+                    new,
+                    claim_id,
+                    lease_seconds=self.lease_seconds,
+                    parsed=data,
+                    on_late=self._committed_late,
                 )
                 if claim is not None:
                     # Before `finally` gives the reservation back: adopting takes it over,
@@ -120,6 +127,17 @@ class Intake:
             if claim_id is not None:
                 dispatcher.release(claim_id)  # type: ignore[union-attr]  # no-op once adopted
         return Accepted(request_id, claim is None)
+
+    def _committed_late(self, claim: Claim | None) -> None:
+        """An insert whose request stopped waiting (503 after the store timeout, or the
+        client gone) committed after all: its callbacks run now, not once its lease ends."""
+        if claim is None or self.dispatcher is None:
+            return  # not stored (a duplicate, a failure): fal's retry brings it again
+        log.warning(
+            "delivery committed after its 503 (or its client left): dispatched now",
+            extra={"request_id": claim.request_id},
+        )
+        self.dispatcher.adopt(claim)
 
 
 async def _parse(body: bytes) -> dict[str, Any]:

@@ -60,7 +60,12 @@ class Recovery:
         if settings.fal_key is None:
             raise RecoveryDisabledError()
         self.settings = settings
-        self.client = QueueClient(settings.queue_url, settings.fal_key, observe=observe_call)
+        self.client = QueueClient(
+            settings.queue_url,
+            settings.fal_key,
+            observe=observe_call,
+            max_answer_bytes=settings.max_body_bytes,
+        )
         self._on_recovered = on_recovered
         self._migrate = migrate
         self._expectations: Expectations | None = None
@@ -287,7 +292,7 @@ class Recovery:
                 raise  # this attempt fails; the retry asks the queue again
             log.warning("payload_error: %s; delivered without its payload", exc, extra=fields)
             return delivery
-        if failure is not None or answer.body is None:
+        if failure is not None or not isinstance(answer.body, dict):
             log.warning(
                 "payload_error: fal's queue answered %s for the result; delivered without it",
                 answer.status_code,

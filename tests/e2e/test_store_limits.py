@@ -277,3 +277,31 @@ def test_immutable_database_files_get_503_not_a_crash(
         timeout=10,
         what="a 200 once the files are writable again",
     )
+
+
+def test_a_delivery_answered_503_but_committed_late_is_dispatched_at_once(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client
+) -> None:
+    # The lease is a minute: without a dispatch at once, the callback would wait for it.
+    server = spawn(env={**FAST, "FALHOOK_LEASE_SECONDS": "60"})
+    assert sender.post(client, server.webhook_url, "before-late").status_code == 200
+    holder = sqlite3.connect(server.db_path, timeout=5, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the writer waits for the lock (up to 5 s)...
+        response = sender.post(client, server.webhook_url, "late")
+        assert response.status_code == 503, response.text  # ... past the 1 s store timeout
+    finally:
+        holder.rollback()  # ... and then commits: fal was told 503, the row is stored
+        holder.close()
+    records = server.wait_records(
+        lambda rs: any(r["request_id"] == "late" and r["phase"] == "done" for r in rs),
+        timeout=15,
+    )
+    assert [r["attempt"] for r in records if r["request_id"] == "late"] == [1]
+    wait_for(
+        lambda: (server.row("late") or {}).get("state") == "done", timeout=10, what="late done"
+    )
+    # fal's retry of the 503 is a duplicate: the callback does not run twice.
+    retry = sender.post(client, server.webhook_url, "late")
+    assert retry.status_code == 200 and retry.json()["duplicate"] is True
+    server.wait_for_log("committed after its 503")
