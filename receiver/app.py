@@ -35,6 +35,7 @@ from falhook.receiver.metrics import Metrics
 from falhook.receiver.models import Delivery
 from falhook.receiver.pause import PauseWatcher
 from falhook.receiver.pruner import Pruner
+from falhook.receiver.readiness import StoreProbe
 from falhook.receiver.registry import Callback, CallbackRegistry
 from falhook.receiver.retry import RetryPolicy
 from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
@@ -53,8 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["WebhookReceiver", "create_app"]
 
 log = logging.getLogger("falhook.receiver")
-_READY_TIMEOUT = 1.5  # seconds for the store to answer /readyz
-_RECENT_FAILURE = 5.0  # seconds /readyz stays 503 after a delivery could not be stored
+_READY_TIMEOUT = 1.5  # seconds for the keys to answer /readyz
 
 
 class _Observer(DispatchObserver):
@@ -159,6 +159,7 @@ class WebhookReceiver:
         self._watchdog: LoopWatchdog | None = None
         self._pruner: Pruner | None = None
         self._intake: Intake | None = None
+        self._store_probe: StoreProbe | None = None  # made by `ready`, for this store
         self._warm_keys_task: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
         self._pause: PauseWatcher | None = None
@@ -207,19 +208,12 @@ class WebhookReceiver:
 
     async def ready(self) -> None:
         """Raise unless deliveries can be accepted now: started, store and keys reachable."""
-        intake = self._intake
-        if intake is None:
+        if self._intake is None:
             raise NotStartedError()
-        try:
-            # A probe must get its answer quickly, even when the store waits on a lock.
-            async with asyncio.timeout(_READY_TIMEOUT):
-                await self.store.ping()  # a write: a full disk fails it
-        except TimeoutError:
-            raise StoreUnavailableError(f"no answer within {_READY_TIMEOUT:g} s") from None
-        # The probe's one-row write may still fit where a delivery no longer does (a full
-        # disk with room left in the WAL): a delivery that could not be stored counts.
-        if time.monotonic() - intake.store_failed_at < _RECENT_FAILURE:
-            raise StoreUnavailableError("a delivery could not be stored in the last few seconds")
+        store = self.store
+        if self._store_probe is None or self._store_probe.store is not store:
+            self._store_probe = StoreProbe(store)
+        await self._store_probe.check()  # could a delivery be stored now (cached, quick)
         try:
             # A slow JWKS (a fetch may take FALHOOK_JWKS_TIMEOUT_SECONDS) must not hold the
             # probe either; the fetch goes on for the deliveries that wait for it.

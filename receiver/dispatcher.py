@@ -25,6 +25,7 @@ from falhook.receiver.registry import CallbackRegistry, RunningCall
 from falhook.receiver.retry import Backoff, Retry, RetryPolicy
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.attempts import AttemptRecord
+from falhook.receiver.store.records import column_text
 from falhook.receiver.sync_runner import SyncRunner
 
 __all__ = ["Dispatcher", "Drained"]
@@ -36,12 +37,12 @@ _MAX_TRACE_CHARS = 8000
 
 def _describe(exc: BaseException) -> str:
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    return text[:_MAX_ERROR_CHARS]
+    return column_text(text[:_MAX_ERROR_CHARS])  # a message may quote a body's NUL
 
 
 def _trace(exc: BaseException) -> str:
     """The traceback, truncated from the top: its end names the error and where it was."""
-    text = "".join(traceback.format_exception(exc)).strip()
+    text = column_text("".join(traceback.format_exception(exc)).strip())
     if len(text) <= _MAX_TRACE_CHARS:
         return text
     return "… (truncated)\n" + text[-_MAX_TRACE_CHARS:]

@@ -17,6 +17,7 @@ from falhook.receiver.dispatcher import Dispatcher
 from falhook.receiver.errors import MalformedDeliveryError, Reason, StoreUnavailableError
 from falhook.receiver.keysource import KeySource
 from falhook.receiver.store import Claim, NewDelivery, Store
+from falhook.receiver.store.records import column_text
 from falhook.verify import WebhookHeaders
 
 __all__ = ["MAX_REQUEST_ID_CHARS", "Accepted", "Intake"]
@@ -54,8 +55,6 @@ class Intake:
         self.lease_seconds = lease_seconds
         self.store_timeout = store_timeout
         self.deadlines = deadlines or Deadlines()
-        # When a delivery last could not be stored (time.monotonic), for readiness.
-        self.store_failed_at = float("-inf")
 
     async def accept(self, body: bytes, checked: WebhookHeaders) -> Accepted:
         """Verify ``body`` against headers `check_headers` passed, parse it and durably
@@ -116,13 +115,9 @@ class Intake:
                     # so the slot is never counted free while the callbacks start.
                     dispatcher.adopt(claim)  # type: ignore[union-attr]
         except TimeoutError:
-            self.store_failed_at = time.monotonic()
             raise StoreUnavailableError(
                 f"no commit within {self.store_timeout:g} s (FALHOOK_STORE_TIMEOUT_SECONDS)"
             ) from None
-        except StoreUnavailableError:
-            self.store_failed_at = time.monotonic()
-            raise
         finally:
             if claim_id is not None:
                 dispatcher.release(claim_id)  # type: ignore[union-attr]  # no-op once adopted
@@ -178,14 +173,6 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        return json.dumps(value)
-    if value.isascii():
-        return value
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        # A lone surrogate ("\ud800" in the JSON, which JSON.stringify can emit): no
-        # database takes it as text. The column gets U+FFFD instead (pairs are joined);
-        # the raw body keeps the original.
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return value
+        return json.dumps(value)  # escapes NUL and lone surrogates
+    # NUL or a lone surrogate: the column gets U+FFFD; the raw body keeps the original.
+    return column_text(value)

@@ -29,6 +29,7 @@ import httpx
 
 from falhook.receiver.errors import QueueError, QueueFailure
 from falhook.receiver.recovery.urls import same_origin, submit_url
+from falhook.receiver.store.records import column_text
 
 __all__ = ["MAX_ANSWER_BYTES", "QueueAnswer", "QueueClient", "outcome_of", "retry_after_seconds"]
 
@@ -70,7 +71,8 @@ class QueueAnswer:
         if isinstance(body, dict) and "detail" in body:
             body = body["detail"]
         text = body if isinstance(body, str) else json.dumps(body)
-        return text[:_MAX_DETAIL]
+        # Kept in a text column (an expectation's reason): no NUL, no lone surrogate.
+        return column_text(text[:_MAX_DETAIL])
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -46,6 +46,7 @@ from falhook.receiver.store.expectations import (
     Expectations,
     ExpectationState,
 )
+from falhook.receiver.store.records import column_text
 
 __all__ = ["Poller"]
 
@@ -283,7 +284,7 @@ class Poller:
             request_id=request_id,
             gateway_request_id=request_id,
             status=body.status,
-            error=body.error,
+            error=None if body.error is None else column_text(body.error),
             payload_error=None,
             user_id=None,
             body=body.body,
