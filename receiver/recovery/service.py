@@ -12,7 +12,6 @@ fetches a payload: ``falhook submit`` needs only httpx and expect.py.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from falhook.receiver.errors import (
 )
 from falhook.receiver.recovery import expect
 from falhook.receiver.recovery.client import QueueClient, outcome_of
+from falhook.receiver.recovery.transitions import body_with_payload
 from falhook.receiver.recovery.urls import request_urls, same_origin
 from falhook.receiver.settings import WEBHOOK_PATH, Settings
 from falhook.receiver.store.expectations import Expectations, ExpectationState, NewExpectation
@@ -301,7 +301,7 @@ class Recovery:
             return delivery
         data = delivery.json()
         data["payload"] = answer.body  # payload_error stays: the callback sees what happened
-        body = json.dumps(data, sort_keys=True).encode()
+        body = body_with_payload(data, answer.raw)
         await expectations.run(expectations.op_fill_body(delivery.request_id, claim.claim_id, body))
         await expectations.run(
             expectations.op_mark(

@@ -22,6 +22,7 @@ __all__ = [
     "COMPLETED",
     "QueueStatus",
     "RecoveredBody",
+    "body_with_payload",
     "delivery_body",
     "error_note",
     "poll_delay",
@@ -176,17 +177,20 @@ def _body(
     }
     if error_type is not None:
         data["error_type"] = error_type
+    return RecoveredBody(body_with_payload(data, raw), status, error)
+
+
+def body_with_payload(data: dict[str, Any], raw: bytes | None) -> bytes:
+    """`data` (its ``payload`` included) written as fal writes a webhook body: sorted, with
+    fal's separators. `raw`, the payload's bytes as fal's queue sent them, is spliced in
+    when known: a result of megabytes is not written out again from what was parsed to
+    check it (and keeps fal's exact text)."""
     if raw is None:
-        # Sorted, with fal's separators: the same shape as a webhook body fal sends.
-        return RecoveredBody(json.dumps(data, sort_keys=True).encode(), status, error)
-    # The same, with fal's own bytes as the payload: a result of megabytes is not
-    # written out again (on the loop) from what was parsed to check it.
-    del data["payload"]
-    fields = sorted(data.items())
-    before = json.dumps(dict(f for f in fields if f[0] < "payload"))[1:-1]
-    after = json.dumps(dict(f for f in fields if f[0] > "payload"))[1:-1]
-    body = b"".join((b"{", before.encode(), b', "payload": ', raw, b", ", after.encode(), b"}"))
-    return RecoveredBody(body, status, error)
+        return json.dumps(data, sort_keys=True).encode()
+    fields = sorted((k, v) for k, v in data.items() if k != "payload")
+    before = json.dumps(dict(f for f in fields if f[0] < "payload"))[1:-1].encode()
+    after = json.dumps(dict(f for f in fields if f[0] > "payload"))[1:-1].encode()
+    return b"{" + b", ".join(p for p in (before, b'"payload": ' + raw, after) if p) + b"}"
 
 
 def _text(value: Any) -> str | None:

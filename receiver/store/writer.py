@@ -103,7 +103,7 @@ def failure(exc: BaseException) -> Outcome:
     return (False, wrapped)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per delivery, and frozen costs a µs
 class Landed:
     """An operation whose outcome matters even once nobody awaits it: when its request
     was cancelled (a timeout, the client gone) before the outcome came, `on_late` gets

@@ -14,6 +14,7 @@ from falhook.receiver.recovery.client import QueueAnswer, retry_after_seconds
 from falhook.receiver.recovery.transitions import (
     QueueStatus,
     RecoveredBody,
+    body_with_payload,
     delivery_body,
     poll_delay,
     read_status,
@@ -168,6 +169,14 @@ def test_a_result_kept_as_fal_sent_it_has_the_shape_of_one_written_out() -> None
     assert kept.body == written.body.replace(
         b'{"b": 1, "images": [], "seed": 18446744073709551615}', raw
     )
+
+
+def test_a_payload_spliced_into_any_body_keeps_its_shape() -> None:
+    raw = rb'{"z": [1, 2], "a": "\u00e9"}'
+    for data in ({"request_id": "r", "status": "OK"}, {"a": 1}, {"z": None}, {}):
+        spliced = body_with_payload({**data, "payload": json.loads(raw)}, raw)
+        assert json.loads(spliced) == {**data, "payload": json.loads(raw)}
+        assert raw in spliced
 
 
 @pytest.mark.parametrize("text", ["<html>Bad gateway</html>", '{"images": [', "done", None])
