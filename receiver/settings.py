@@ -291,7 +291,12 @@ class Settings:
     tolerance_seconds: float = _setting(
         300.0, _non_negative_float, "TOLERANCE_SECONDS", "timestamp tolerance in seconds"
     )
-    max_body_bytes: int = _setting(16 * _MiB, _positive_int, "MAX_BODY_BYTES", "body limit")
+    max_body_bytes: int = _setting(
+        16 * _MiB,
+        _positive_int,
+        "MAX_BODY_BYTES",
+        "body limit (a webhook's, and a result recovered from fal's queue)",
+    )
     max_buffered_bytes: int = _setting(
         64 * _MiB,
         _positive_int,
