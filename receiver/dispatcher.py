@@ -27,12 +27,12 @@ from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.attempts import AttemptRecord
 from falhook.receiver.store.records import column_text
 from falhook.receiver.sync_runner import SyncRunner
+from falhook.receiver.tracebacks import attempt_error
 
 __all__ = ["Dispatcher", "Drained"]
 
 log = logging.getLogger("falhook.dispatcher")
 _MAX_ERROR_CHARS = 4000
-_MAX_TRACE_CHARS = 8000
 
 
 def _describe(exc: BaseException) -> str:
@@ -41,11 +41,12 @@ def _describe(exc: BaseException) -> str:
 
 
 def _trace(exc: BaseException) -> str:
-    """The traceback, truncated from the top: its end names the error and where it was."""
-    text = column_text("".join(traceback.format_exception(exc)).strip())
-    if len(text) <= _MAX_TRACE_CHARS:
-        return text
-    return "… (truncated)\n" + text[-_MAX_TRACE_CHARS:]
+    """What an attempt records: a scheduled retry in one line (it is not an error), else
+    the traceback with falhook's own frames folded."""
+    if isinstance(exc, Retry):
+        after = "" if exc.after is None else f", after {exc.after:g} s"
+        return column_text(f"retry asked by the callback{after}: {exc}")
+    return column_text(attempt_error(exc))  # a message may quote a body's NUL
 
 
 class Dispatcher:

@@ -31,6 +31,7 @@ from falhook.receiver.store import Store
 from falhook.receiver.store.attempts import StoredAttempt
 from falhook.receiver.store.control import DispatchControl
 from falhook.receiver.store.expectations import Expectation, Expectations
+from falhook.receiver.tracebacks import repeats
 
 
 class Operated(Protocol):
@@ -277,6 +278,11 @@ class Console:
             "body": render.linked_body(render.pretty_body(delivery.body, parsed)),
             "media": render.find_media(parsed),
             "attempts": attempts,
+            # A traceback identical to the one before is shown once: "same as attempt 2".
+            "repeats": [
+                None if i is None else attempts[i].attempt
+                for i in repeats([a.error for a in attempts])
+            ],
             "expectation": expectation,
         }
         return await self._signed_in_page(request, session, "delivery.html", context, 200)

@@ -628,3 +628,29 @@ def test_delivery_page_lists_every_attempt_with_its_error(
     assert "downstream &lt;down&gt; on attempt 1" in section  # escaped, with its traceback
     assert "downstream &lt;down&gt; on attempt 2" in section
     assert "Traceback" in section
+
+
+def test_a_repeated_traceback_is_shown_once(settings: Settings, signer: Signer) -> None:
+    hooks = WebhookReceiver(
+        settings.replace(
+            console_token=TOKEN, callback_max_attempts=3, callback_backoff_seconds=0.01
+        )
+    )
+
+    @hooks.on_delivery
+    def always_down(delivery: Any) -> None:
+        raise RuntimeError("downstream is down")
+
+    with TestClient(hooks.app, follow_redirects=False) as client:
+        body, headers = signer("r-same")
+        assert client.post("/webhooks/fal", content=body, headers=headers).status_code == 200
+        deadline = time.monotonic() + 20
+        while hooks.store.get("r-same").state is not State.DEAD:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "never dead"
+            time.sleep(0.02)
+        assert sign_in(client).status_code == 303
+        page = client.get("/console/deliveries/r-same").text
+    section = page[page.index('class="attempts"') :]
+    assert section.count("RuntimeError: downstream is down") == 1
+    assert section.count("same as attempt 1") == 2
+    assert "frames of falhook&#39;s own folded" in section or "falhook's own folded" in section
