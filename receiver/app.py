@@ -8,7 +8,17 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import MethodType, TracebackType
-from typing import Any, Concatenate, Generic, NoReturn, ParamSpec, Self, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    NoReturn,
+    ParamSpec,
+    Self,
+    TypeVar,
+    overload,
+)
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -22,6 +32,7 @@ from falhook.receiver.deadlines import Deadlines
 from falhook.receiver.dispatcher import Dispatcher, Drained
 from falhook.receiver.errors import (
     NotStartedError,
+    ReceiverError,
     RecoveryDisabledError,
     StoreUnavailableError,
 )
@@ -30,6 +41,7 @@ from falhook.receiver.intake import Intake
 from falhook.receiver.keysource import KeySource
 from falhook.receiver.memtrim import MemoryTrimmer
 from falhook.receiver.metrics import Metrics
+from falhook.receiver.notify import NoticeKind, Notifier
 from falhook.receiver.observer import MetricsObserver
 from falhook.receiver.pause import PauseWatcher
 from falhook.receiver.pruner import Pruner
@@ -39,6 +51,7 @@ from falhook.receiver.registry import Callback, CallbackRegistry
 from falhook.receiver.retry import RetryPolicy
 from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
 from falhook.receiver.settings import WEBHOOK_PATH, Settings, without_password
+from falhook.receiver.state import State
 from falhook.receiver.store import Store
 from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
 from falhook.receiver.store.dbapi import sqlite_file
@@ -46,6 +59,9 @@ from falhook.receiver.store.expectations import Expectations, ExpectationState
 from falhook.receiver.store.listener import Listener
 from falhook.receiver.watchdog import LoopWatchdog
 from falhook.verify import KeysUnavailableError
+
+if TYPE_CHECKING:
+    from falhook.receiver.console.charts import History
 
 __all__ = ["WebhookReceiver", "create_app"]
 
@@ -151,6 +167,12 @@ class WebhookReceiver:
             )
         # Gives freed memory back to the system after large bodies (glibc only).
         self.trimmer = MemoryTrimmer()
+        # FALHOOK_NOTIFY_URL: told when something breaks (the Notifier runs while started).
+        self._notifier: Notifier | None = None
+        if self.settings.notify_url:
+            self.metrics.enable_notifications()
+        # The console's charts: a minute-by-minute history of this process's numbers.
+        self.history: History | None = None
         self.app = self._build_app()
 
     # -- what the routes use -----------------------------------------------------------
@@ -240,6 +262,8 @@ class WebhookReceiver:
         # cached, and a JWKS that cannot be had is a warning at start, not a surprise later.
         warm_keys = asyncio.create_task(_warm_keys(keys), name="falhook-keys")
         parts.push_async_callback(_cancel, warm_keys)
+        if settings.notify_url:
+            await self._start_notifier(parts, settings.notify_url)
         store = self._store = Store(settings.database_url, on_due=self._wake)
         parts.push_async_callback(store.stop)
         store.start()
@@ -275,6 +299,8 @@ class WebhookReceiver:
             deadlines=self.deadlines,
         )
         parts.callback(self._refuse_deliveries)
+        if settings.console_token:
+            await self._start_sampler(parts, store)
         if settings.retention > 0:
             pruner = Pruner(store, settings.retention)
             parts.push_async_callback(pruner.stop)
@@ -288,6 +314,63 @@ class WebhookReceiver:
                     "FALHOOK_PUBLIC_URL is not set: hooks.submit sends no webhook URL to fal, "
                     "so its results arrive only by recovery from the queue"
                 )
+
+    async def _start_notifier(self, parts: contextlib.AsyncExitStack, url: str) -> None:
+        """Notifications run from before the dispatcher to after it drained, so a delivery
+        that goes dead while stopping is still told."""
+        settings = self.settings
+        console = None
+        if settings.console_token and settings.public_url:
+            console = settings.public_url + "/console"
+        notifier = self._notifier = Notifier(
+            url,
+            secret=settings.forward_secret,
+            console_url=console,
+            on_sent=lambda kind, outcome: self.metrics.notification(kind.value, outcome),
+        )
+        task = asyncio.create_task(notifier.run(), name="falhook-notify")
+
+        async def stop() -> None:
+            self._notifier = None
+            await notifier.aclose()
+            await task
+
+        parts.push_async_callback(stop)
+
+    def notify(self, kind: NoticeKind, subject: str, detail: str | None = None) -> None:
+        """Tell FALHOOK_NOTIFY_URL of an event (batched); nothing when it is not set."""
+        if self._notifier is not None:
+            self._notifier.notify(kind, subject, detail)
+
+    async def _start_sampler(self, parts: contextlib.AsyncExitStack, store: Store) -> None:
+        """The console's charts: once a minute, this process's numbers and the backlogs."""
+        from falhook.receiver.console.charts import History, Sampler  # with the console only
+
+        if self.history is None:
+            self.history = History()
+
+        def backlogs() -> dict[str, float]:
+            counts = store.counts()
+            found = {"pending": float(counts[State.PENDING] + counts[State.RUNNING])}
+            if self._expectations is not None:
+                waiting = self._expectations.counts()
+                found["recovery"] = float(
+                    waiting[ExpectationState.WAITING] + waiting[ExpectationState.POLLING]
+                )
+            return found
+
+        sampler = Sampler(self.metrics, backlogs, self.history)
+
+        async def every_minute() -> None:
+            while True:
+                await asyncio.sleep(60.0)  # a clock, not a wait for something
+                try:
+                    await asyncio.to_thread(sampler.sample)
+                except ReceiverError as exc:  # the store is down: a gap in the chart
+                    log.warning("console charts: no sample this minute: %s", exc)
+
+        task = asyncio.create_task(every_minute(), name="falhook-charts")
+        parts.push_async_callback(_cancel, task)
 
     def _new_dispatcher(self, store: Store) -> Dispatcher | None:
         """The dispatcher (None without callbacks), paused until the store's switch is read:
@@ -309,7 +392,7 @@ class WebhookReceiver:
             shutdown_timeout=settings.shutdown_timeout_seconds,
             callback_timeout=settings.callback_timeout_seconds,
             deadlines=self.deadlines,
-            observer=MetricsObserver(self.metrics, self.trimmer),
+            observer=MetricsObserver(self.metrics, self.trimmer, notify=self.notify),
             prepare=self.recovery.prepare if self.recovery is not None else None,
         )
         dispatcher.pause()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from falhook.receiver.dispatcher import DispatchObserver
@@ -12,6 +13,7 @@ from falhook.receiver.logs import delivery_log
 from falhook.receiver.memtrim import MemoryTrimmer
 from falhook.receiver.metrics import Metrics
 from falhook.receiver.models import Delivery
+from falhook.receiver.notify import NoticeKind
 from falhook.receiver.store import Claim
 
 __all__ = ["MetricsObserver"]
@@ -21,9 +23,15 @@ class MetricsObserver(DispatchObserver):
     """The receiver's `DispatchObserver`: counts attempts and outcomes in `metrics`, tells
     `trimmer` when a large body's callbacks are over, and logs each attempt's outcome."""
 
-    def __init__(self, metrics: Metrics, trimmer: MemoryTrimmer) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        trimmer: MemoryTrimmer,
+        notify: Callable[[NoticeKind, str, str | None], None] | None = None,
+    ) -> None:
         self.metrics = metrics
         self.trimmer = trimmer
+        self.notify = notify
 
     def started(self, delivery: Delivery) -> None:
         self.metrics.callback_attempts.inc()
@@ -51,6 +59,8 @@ class MetricsObserver(DispatchObserver):
     ) -> None:
         self.metrics.outcome(outcome)
         self.trimmer.finished(len(claim.body))
+        if outcome == "dead" and self.notify is not None:
+            self.notify(NoticeKind.DELIVERY_DEAD, claim.request_id, error)
         level = logging.INFO if outcome == "done" else logging.WARNING
         if delivery_log.isEnabledFor(level):
             fields: dict[str, Any] = {

@@ -11,8 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from standardwebhooks import Webhook
+from starlette.testclient import TestClient
 
+from falhook.receiver import Settings, WebhookReceiver
 from falhook.receiver.notify import NoticeKind, Notifier
+from tests.receiver.conftest import Signer
 
 SECRET = "whsec_" + "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
 
@@ -167,3 +170,35 @@ def test_pending_events_are_sent_at_close(inbox: Inbox) -> None:
 
     _run(Notifier(inbox.url, interval=3600), body)  # …but stopping sends it
     assert inbox.texts()[1] == "falhook: 1 delivery went dead\n• req-2"
+
+
+def test_a_receiver_tells_when_a_delivery_goes_dead(
+    inbox: Inbox, settings: Settings, signer: Signer
+) -> None:
+    hooks = WebhookReceiver(
+        settings.replace(
+            notify_url=inbox.url,
+            callback_max_attempts=1,
+            console_token="t" * 32,
+            public_url="https://hooks.example",
+        )
+    )
+
+    @hooks.on_delivery
+    def broken(delivery: object) -> None:
+        raise RuntimeError("downstream is down")
+
+    with TestClient(hooks.app) as client:
+        body, headers = signer("r-dead")
+        assert client.post("/webhooks/fal", content=body, headers=headers).status_code == 200
+        deadline = time.monotonic() + 20
+        while not inbox.posts:
+            assert time.monotonic() < deadline, "no notification"
+            time.sleep(0.02)
+        metrics = client.get("/metrics").text
+    [text] = inbox.texts()
+    assert text.startswith("falhook: 1 delivery went dead\n")
+    assert (
+        "r-dead https://hooks.example/console/deliveries/r-dead: RuntimeError: downstream" in text
+    )
+    assert 'falhook_notifications_total{kind="delivery_dead",outcome="sent"} 1.0' in metrics
