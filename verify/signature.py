@@ -122,7 +122,7 @@ def verify_signature(
     local = _keys_from_source(source)
     if local is not None:
         return check(prepared, local)
-    return get_jwks_client(source).check(prepared)
+    return get_jwks_client(source).check(prepared, now)
 
 
 async def verify_signature_async(
@@ -148,7 +148,7 @@ async def verify_signature_async(
     local = _keys_from_source(source)
     if local is not None:
         return check(prepared, local)  # a small file, cached: nothing to await
-    return await get_async_jwks_client(source).check(prepared)
+    return await get_async_jwks_client(source).check(prepared, now)
 
 
 def verify_body(body: bytes, checked: WebhookHeaders, keys: KeysLike) -> VerifiedWebhook:
