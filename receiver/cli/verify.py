@@ -133,10 +133,11 @@ def run(args: argparse.Namespace) -> int:
     except KeysUnavailableError as exc:
         document = {
             "authentic": None,
-            "reason": "keys_unavailable",
+            "reason": exc.reason.value,  # keys_unavailable or key_refresh_pending
             "message": str(exc),
         }
-        _emit(args, document, f"keys unavailable, cannot decide: {exc}", err=True)
+        said = exc.reason.value.replace("_", " ")
+        _emit(args, document, f"{said}, cannot decide: {exc}", err=True)
         return EXIT_KEYS_UNAVAILABLE
     except ValueError as exc:  # e.g. a negative --tolerance
         raise CommandError(str(exc)) from exc
