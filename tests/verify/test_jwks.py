@@ -20,6 +20,7 @@ from falhook.verify import (
     KeyRefreshPendingError,
     KeysUnavailableError,
     Reason,
+    VerifyError,
     WebhookVerificationError,
     get_async_jwks_client,
     get_jwks_client,
@@ -379,31 +380,29 @@ def test_a_rate_limited_refresh_is_key_refresh_pending(
     reason — not keys_unavailable, which is kept for a JWKS that cannot be fetched."""
     fake = FakeJWKS(keypair)
     with fake.client(clock, min_refresh_interval=10) as client:
-        body, headers = _delivery(other_keypair)
-        with pytest.raises(WebhookVerificationError):  # fetch, refresh at once: final
-            client.verify(body, headers, now=NOW)
+
+        def verdict(second: int) -> VerifyError:
+            """A delivery signed by a key not in the JWKS and checked at NOW + second."""
+            body, headers = sign_at(other_keypair, NOW + second)
+            with pytest.raises(VerifyError) as info:
+                client.verify(body, headers, now=NOW + second)
+            return info.value
+
+        assert verdict(0).reason is Reason.INVALID_SIGNATURE  # fetch, refresh at once: final
         clock.advance(1)
-        body, headers = sign_at(other_keypair, NOW + 1)
-        with pytest.raises(KeyRefreshPendingError) as info:
-            client.verify(body, headers, now=NOW + 1)
-        assert info.value.reason is Reason.KEY_REFRESH_PENDING
-        assert "retry shortly" in str(info.value)
-        assert "raw request bytes" in str(info.value)
+        pending = verdict(1)
+        assert isinstance(pending, KeyRefreshPendingError)
+        assert pending.reason is Reason.KEY_REFRESH_PENDING
+        assert "retry shortly" in str(pending) and "raw request bytes" in str(pending)
         assert fake.requests == 2
         # The interval passed and the JWKS is down: that is keys_unavailable, named.
         fake.status = 503
         clock.advance(10)
-        body, headers = sign_at(other_keypair, NOW + 11)
-        with pytest.raises(KeysUnavailableError) as down:
-            client.verify(body, headers, now=NOW + 11)
-        assert down.value.reason is Reason.KEYS_UNAVAILABLE
-        assert "HTTP 503" in str(down.value)
+        down = verdict(11)
+        assert down.reason is Reason.KEYS_UNAVAILABLE and "HTTP 503" in str(down)
         # Still down, now rate-limited too: the outage, not a pending refresh, is the cause.
         clock.advance(1)
-        body, headers = sign_at(other_keypair, NOW + 12)
-        with pytest.raises(KeysUnavailableError) as still:
-            client.verify(body, headers, now=NOW + 12)
-        assert still.value.reason is Reason.KEYS_UNAVAILABLE
+        assert verdict(12).reason is Reason.KEYS_UNAVAILABLE
 
 
 def test_async_client_verdicts(keypair: KeyPair, other_keypair: KeyPair, clock: FakeClock) -> None:
