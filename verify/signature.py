@@ -96,7 +96,10 @@ def verify_signature(
     """Verify a fal webhook delivery and return what it proves.
 
     :param body: the raw request body, exactly as received (bytes-like; anything else is
-        a programming error and raises TypeError).
+        a programming error and raises TypeError). Not JSON parsed and written again:
+        ``json.dumps(json.loads(body))`` gives other bytes (so ``invalid_signature``)
+        unless the body was laid out as ``json.dumps`` writes it; `falhook.verify.testing`
+        says exactly when.
     :param headers: a mapping (any casing) or (name, value) pairs of str or bytes, such as
         an ASGI ``scope["headers"]``.
     :param jwks_url: where to fetch keys (cached per URL in the process); defaults to
