@@ -96,6 +96,20 @@ def test_cache_policy_is_pure(clock: FakeClock) -> None:
     assert (cache.fetches, cache.fetch_failures) == (2, 1)
 
 
+def test_fetched_after_compares_the_ages_of_keys_and_delivery(clock: FakeClock) -> None:
+    """Keys fetched more than CLOCK_SKEW_ALLOWANCE after the signed timestamp; the cache's
+    clock is monotonic, so the delivery's age (wall clock) is set against the keys' age."""
+    cache = KeyCache(clock=clock)
+    assert not cache.fetched_after(NOW - 600, NOW)  # nothing fetched yet
+    cache.begin(clock())
+    clock.advance(3)  # a slow fetch: its start is what counts
+    cache.succeed((), clock())
+    clock.advance(60)
+    assert cache.fetched_after(NOW - 69, NOW)  # signed 6 s before the fetch began
+    assert not cache.fetched_after(NOW - 68, NOW)  # 5 s before: within the allowance
+    assert not cache.fetched_after(NOW - 10, NOW)  # signed after the fetch
+
+
 def test_ttl_is_clamped_to_24_hours(clock: FakeClock) -> None:
     """fal: never cache longer than 24 h."""
     assert KeyCache(ttl=7 * 86400).ttl == MAX_TTL == 86400
@@ -366,6 +380,11 @@ def test_keys_fetched_after_the_signature_decide_at_once(
             assert "verify the raw request bytes, not re-serialized JSON" in str(info.value)
             clock.advance(1)
         assert fake.requests == 1  # the first fetch only: no refresh could change it
+        fake.status = 503  # an outage changes nothing: the keys it needs are cached
+        with pytest.raises(WebhookVerificationError):
+            client.verify(body, headers, now=NOW + 30)
+        assert fake.requests == 1
+        fake.status = 200
         # Within the clock-skew allowance the refresh still runs (a key fal published then).
         body, headers = _delivery(other_keypair, "req-2")
         with pytest.raises(WebhookVerificationError):
