@@ -55,14 +55,16 @@ USER_ID = "user-packaging"
 pytestmark = pytest.mark.slow
 
 
-def _check(command: list[str], cwd: Path | None = None) -> str:
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+def _check(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
 
 @dataclass(frozen=True)
 class Dists:
+    """What the build made."""
+
     sdist: Path
     wheel: Path  # built from the sdist, as `python -m build` does
     tree_wheel: Path  # built straight from the source tree
@@ -120,13 +122,13 @@ def _runtime_distributions(wheel: Path) -> list[importlib.metadata.Distribution]
         if requirement.marker and not requirement.marker.evaluate({"extra": extra}):
             continue
         name = canonicalize_name(requirement.name)
-        extras = sorted(requirement.extras)
-        if {(name, e) for e in ["", *extras]} <= done:
+        new = [e for e in ["", *sorted(requirement.extras)] if (name, e) not in done]
+        if not new:
             continue
         dist = importlib.metadata.distribution(name)
         assert requirement.specifier.contains(dist.version, prereleases=True), requirement
         found[name] = dist
-        for wanted in ["", *extras]:
+        for wanted in new:
             done.add((name, wanted))
             pending += [(Requirement(text), wanted) for text in dist.requires or []]
     return list(found.values())
@@ -134,7 +136,8 @@ def _runtime_distributions(wheel: Path) -> list[importlib.metadata.Distribution]
 
 @pytest.fixture(scope="module")
 def wheel_env(dists: Dists, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A venv with only the built falhook wheel installed; returns its bin directory."""
+    """A fresh venv with the built wheel installed and, through a path file, only the
+    runtime dependencies it declares; returns its bin directory."""
     root = tmp_path_factory.mktemp("wheel")
     deps = root / "deps"
     deps.mkdir()
@@ -148,8 +151,8 @@ def wheel_env(dists: Dists, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     bin_dir = env_dir / "bin"
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     target = _check([str(bin_dir / "python"), "-c", purelib]).strip()
-    # A plain path entry: the folder's own .pth files (an editable install's finder among
-    # them, in a dev environment) are not run, so only the wheel can provide `falhook`.
+    # The dev environment's own falhook (an editable install) is not among the linked
+    # distributions, so only the wheel can provide `falhook` here.
     Path(target, "deps.pth").write_text(f"{deps}\n")
     # No --no-deps: pip checks, offline, that what the wheel requires is there.
     pip = [sys.executable, "-m", "pip", "--python", str(bin_dir / "python")]
