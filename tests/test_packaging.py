@@ -206,6 +206,18 @@ def test_the_wheel_is_typed_and_described(dists: Dists) -> None:
     assert metadata["License-Expression"] == "MIT"
 
 
+def test_the_changelog_keeps_its_format() -> None:
+    """Keep a Changelog: "Unreleased" first, then versions newest first, each change
+    under one of its six kinds."""
+    text = (REPO_ROOT / "CHANGELOG.md").read_text()
+    versions = re.findall(r"^## \[([^\]]+)\]", text, re.MULTILINE)
+    assert versions and versions[0] == "Unreleased", versions
+    released = [tuple(int(p) for p in v.split(".")) for v in versions[1:]]
+    assert released == sorted(released, reverse=True)
+    kinds = set(re.findall(r"^### (.+)$", text, re.MULTILINE))
+    assert kinds <= {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}, kinds
+
+
 def test_the_wheel_needs_only_its_declared_dependencies(wheel_env: Path, tmp_path: Path) -> None:
     """The venv sees falhook's runtime dependencies and nothing of the dev tools."""
     result = _run(wheel_env, "import pytest", tmp_path)
