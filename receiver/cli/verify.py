@@ -1,6 +1,7 @@
 """``falhook verify``: check a captured delivery (headers file + body file) offline.
 
-Exit codes: 0 authentic, 1 not authentic, 2 usage error, 3 keys unavailable.
+Exit codes: 0 authentic, 1 not authentic, 2 usage error, 3 cannot decide (keys unavailable,
+or a key refresh pending).
 """
 
 from __future__ import annotations
