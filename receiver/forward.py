@@ -10,6 +10,7 @@ what the app checks is what we sign, by construction.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import httpx
@@ -17,8 +18,14 @@ from standardwebhooks import Webhook
 
 from falhook.receiver.errors import ForwardError
 from falhook.receiver.models import Delivery
+from falhook.receiver.redact import shown_url
 
-__all__ = ["ForwardError", "Forwarder"]
+__all__ = ["MAX_ANSWER_BYTES", "ForwardError", "Forwarder"]
+
+# The most of an answer's body read: its status is what counts. A small answer is read
+# whole (the connection is kept for the next forward); a bigger one is cut off and its
+# connection closed, so a target answering a gigabyte costs a few kilobytes.
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 class Forwarder:
@@ -27,6 +34,10 @@ class Forwarder:
     The body is forwarded byte for byte — re-serialising would change large integers and
     key order — so the app receives exactly what fal sent, already verified and deduped.
     Anything but a 2xx answer, and any connection error, is a failure to be retried.
+    Of the answer's body at most `MAX_ANSWER_BYTES` are read.
+
+    The URL may carry credentials (``https://user:password@…``, ``?api_key=…``): they are
+    sent, and `shown` — the URL with them masked — is what errors and names use.
 
     ``webhook-id`` is the delivery's request_id: the same on every retry, so the app can
     deduplicate by it, as Standard Webhooks intends; ``webhook-timestamp`` is the time of
@@ -42,6 +53,7 @@ class Forwarder:
         client: httpx.AsyncClient | None = None,
     ):
         self.url = url
+        self.shown = shown_url(url)
         self._signer = Webhook(secret) if secret else None
         self._client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=False)
 
@@ -66,11 +78,28 @@ class Forwarder:
         if self._signer is not None:
             headers.update(self._signature(delivery))
         try:
-            response = await self._client.post(self.url, content=delivery.raw_body, headers=headers)
+            request = self._client.stream(
+                "POST", self.url, content=delivery.raw_body, headers=headers
+            )
+            async with request as response:
+                # Raw bytes (nothing decompressed: no gzip bomb), only up to the cap; leaving
+                # the block before the end closes the connection instead of draining it.
+                # (An answer already in memory, as a test transport's, has nothing to read.)
+                read = 0
+                chunks = response.aiter_raw() if not response.is_stream_consumed else _nothing()
+                async for chunk in chunks:
+                    read += len(chunk)
+                    if read > MAX_ANSWER_BYTES:
+                        break
         except httpx.HTTPError as exc:
-            raise ForwardError(f"POST {self.url} failed: {exc!r}") from exc
+            # Not chained: the error and its traceback are stored and shown, and an httpx
+            # error's text may hold the URL as given.
+            detail = str(exc).replace(self.url, self.shown) or "no detail"
+            raise ForwardError(
+                f"POST {self.shown} failed: {type(exc).__name__}: {detail}"
+            ) from None
         if not response.is_success:
-            raise ForwardError(f"POST {self.url} answered {response.status_code}")
+            raise ForwardError(f"POST {self.shown} answered {response.status_code}")
 
     def _signature(self, delivery: Delivery) -> dict[str, str]:
         assert self._signer is not None
@@ -87,3 +116,8 @@ class Forwarder:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator that yields nothing

@@ -14,6 +14,7 @@ from typing import Any
 
 from falhook.receiver.durations import format_duration, parse_duration
 from falhook.receiver.errors import SettingsError
+from falhook.receiver.redact import shown_url
 from falhook.verify.message import DEFAULT_JWKS_URL
 from falhook.verify.sources import jwks_file
 
@@ -438,7 +439,8 @@ class Settings:
                 try:
                     parse(value)
                 except ValueError as exc:
-                    raise SettingsError(f"{name}={without_password(value)!r}: {exc}") from exc
+                    shown = shown_url(value) if name == "forward_to" else without_password(value)
+                    raise SettingsError(f"{name}={shown!r}: {exc}") from exc
         if self.max_buffered_bytes < self.max_body_bytes:
             # A body the budget can never hold would get 503 forever (fal retries for hours).
             raise SettingsError(
@@ -519,7 +521,8 @@ def _parse(f: dataclasses.Field[Any], raw: str, name: str) -> Any:
     try:
         return f.metadata["parse"](raw)
     except ValueError as exc:
-        shown = "…" if f.metadata.get("secret") else repr(without_password(raw))
+        mask = shown_url if f.name == "forward_to" else without_password
+        shown = "…" if f.metadata.get("secret") else repr(mask(raw))
         # "--concurrency 'lots': wants a whole number…" for a flag, NAME='…': for a variable.
         shown = f"{name} {shown}" if name.startswith("--") else f"{name}={shown}"
         raise SettingsError(f"{shown}: {exc}") from exc
