@@ -27,6 +27,7 @@ from falhook.receiver.console import queries, render
 from falhook.receiver.console.auth import Auth, Session, SigninThrottle
 from falhook.receiver.errors import ReceiverError
 from falhook.receiver.models import State, StoredDelivery
+from falhook.receiver.protocol import PEER
 from falhook.receiver.store import Store
 from falhook.receiver.store.attempts import StoredAttempt
 from falhook.receiver.store.control import DispatchControl
@@ -190,12 +191,17 @@ class Console:
         expected = self.auth.csrf_for(nonce, "signin")
         if new or not self.auth.csrf_matches(_field(form, "csrf"), expected):
             return self._signin(request, "The form was stale: try again.", 403)
-        client = _client(request)
-        if self.throttle.blocked(client):
+        # Counted by the address a proxy claims and by the connection's own: behind a
+        # trusted proxy (or from one) a new X-Forwarded-For each time does not reset it.
+        client, peer = _client(request), _peer(request)
+        addresses = (client,) if peer == client else (client, peer)
+        if any(self.throttle.blocked(address) for address in addresses):
             return self._signin(request, "Too many wrong tokens: wait a minute.", 429)
         if not self.auth.token_ok(_field(form, "token")):
-            self.throttle.failed(client)
-            log.warning("console: a sign-in with a wrong token from %s", client)
+            for address in addresses:
+                self.throttle.failed(address)
+            via = f" (via {peer})" if peer != client else ""
+            log.warning("console: a sign-in with a wrong token from %s%s", client, via)
             return self._signin(request, "Wrong token.", 401)
         response = RedirectResponse(request.url_for("list"), status_code=303)
         self.auth.start_session(response, request)
@@ -470,7 +476,14 @@ def _field(form: Form, name: str) -> str:
 
 
 def _client(request: Request) -> str:
+    """The client's address (a trusted proxy's X-Forwarded-For already applied)."""
     return request.client.host if request.client else "?"
+
+
+def _peer(request: Request) -> str:
+    """The address of the connection itself (`falhook serve` notes it; mounted in another
+    server, the client's address is all there is)."""
+    return str(request.scope.get(PEER) or _client(request))
 
 
 def _unavailable(exc: Exception) -> ReceiverError:
