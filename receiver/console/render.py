@@ -2,7 +2,8 @@
 
 Everything here returns plain text; the templates escape it (autoescape is on). The one
 exception is `linked_body`, which builds markup itself, escaping every piece it emits.
-A payload is attacker-influenced text: only http(s) URLs ever become links or images.
+A payload is attacker-influenced text: only http(s) URLs ever become links, and only
+`thumbnail` decides which become images the operator's browser fetches by itself.
 """
 
 from __future__ import annotations
@@ -16,8 +17,25 @@ from urllib.parse import quote, urlsplit
 
 from markupsafe import Markup, escape
 
-__all__ = ["Media", "find_media", "linked_body", "one_line", "path_segment", "pretty_body", "utc"]
+__all__ = [
+    "IMG_SRC",
+    "THUMBNAIL_HOSTS",
+    "Media",
+    "find_media",
+    "linked_body",
+    "one_line",
+    "path_segment",
+    "pretty_body",
+    "thumbnail",
+    "utc",
+]
 
+# Where a payload's image may be shown as a thumbnail: fal's media hosts (and their
+# subdomains, v3.fal.media…), over https. Any other URL a payload names is a plain link,
+# so opening a delivery makes the browser contact no host the payload chose.
+THUMBNAIL_HOSTS = ("fal.media",)
+# The console's CSP img-src: the same hosts, so the browser enforces the rule too.
+IMG_SRC = " ".join(["'self'", *(f"https://{host} https://*.{host}" for host in THUMBNAIL_HOSTS)])
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".avif", ".bmp")
 _MAX_MEDIA = 50
 _URL = re.compile(r"https?://[^\s\"'<>\\]+")
@@ -98,11 +116,30 @@ def linked_body(text: str) -> Markup:
     return Markup("".join(out))
 
 
+def thumbnail(url: str) -> str | None:
+    """The image source to show for the image at `url`, or None for a plain link.
+
+    The one rule for what the operator's browser fetches by itself: https on one of
+    `THUMBNAIL_HOSTS`, on the default port, with no user info.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    if parts.scheme.lower() != "https" or "@" in parts.netloc or port not in (None, 443):
+        return None
+    if not any(host == h or host.endswith("." + h) for h in THUMBNAIL_HOSTS):
+        return None
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class Media:
     path: str  # where in the body: payload.images[0].url
     url: str
-    image: bool  # shown as a thumbnail
+    thumbnail: str | None  # the image's source when it is shown (see `thumbnail`)
 
 
 def find_media(parsed: Any) -> list[Media]:
@@ -123,7 +160,7 @@ def find_media(parsed: Any) -> list[Media]:
             image = content_type.startswith("image/") or (
                 not content_type and urlsplit(url).path.lower().endswith(_IMAGE_SUFFIXES)
             )
-            found.append(Media(path, url, image))
+            found.append(Media(path, url, thumbnail(url) if image else None))
 
     walk(parsed, "", None)
     return found

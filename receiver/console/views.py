@@ -56,9 +56,10 @@ _MAX_REASON = 500
 _MAX_FORM_BYTES = 64 * 1024
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _SECURITY_HEADERS = {
-    # No script at all; styles only from us; images may come from fal's media hosts.
+    # No script at all; styles only from us; images only from fal's media hosts (the
+    # thumbnail rule's hosts: render.thumbnail).
     "content-security-policy": (
-        "default-src 'none'; style-src 'self'; img-src 'self' http: https:; "
+        f"default-src 'none'; style-src 'self'; img-src {render.IMG_SRC}; "
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "x-frame-options": "DENY",

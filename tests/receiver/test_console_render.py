@@ -1,0 +1,48 @@
+"""The console's thumbnail rule: which payload URLs the operator's browser fetches."""
+
+from __future__ import annotations
+
+import pytest
+
+from falhook.receiver.console.render import IMG_SRC, find_media, thumbnail
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://fal.media/files/a.png", "https://v3.fal.media/files/a.png", "https://V3.FAL.MEDIA/a"],
+)
+def test_https_on_fal_media_is_a_thumbnail(url: str) -> None:
+    assert thumbnail(url) == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://v3.fal.media/files/a.png",  # not https
+        "https://user:pw@v3.fal.media/a.png",  # user info
+        "https://v3.fal.media:8443/a.png",  # another port
+        "https://evilfal.media/a.png",  # not a subdomain
+        "https://fal.media.evil.example/a.png",
+        "https://127.0.0.1/a.png",
+        "https://v3.fal.media:bad/a.png",  # a port that cannot be read
+    ],
+)
+def test_anything_else_is_a_plain_link(url: str) -> None:
+    assert thumbnail(url) is None
+
+
+def test_media_found_in_a_body_carry_the_rule() -> None:
+    body = {
+        "images": [
+            {"url": "https://v3.fal.media/x.png", "content_type": "image/png"},
+            {"url": "http://cdn.example/y.png", "content_type": "image/png"},
+        ],
+        "video": {"url": "https://v3.fal.media/z.mp4", "content_type": "video/mp4"},
+    }
+    shown = {m.url: m.thumbnail for m in find_media(body)}
+    assert shown == {
+        "https://v3.fal.media/x.png": "https://v3.fal.media/x.png",
+        "http://cdn.example/y.png": None,
+        "https://v3.fal.media/z.mp4": None,  # not an image
+    }
+    assert IMG_SRC == "'self' https://fal.media https://*.fal.media"
