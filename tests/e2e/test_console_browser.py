@@ -22,13 +22,16 @@ import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
 from tests.e2e.conftest import SpawnServer
 from tests.e2e.server import Sender, wait_for
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Playwright
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +142,7 @@ def fal_media(tmp_path: Path) -> Iterator[ImageHost]:
         host.stop()
 
 
-def _launch(p: Any, fal_media: ImageHost | None = None) -> Any:
+def _launch(p: Playwright, fal_media: ImageHost | None = None) -> Browser:
     args = ["--no-sandbox"]
     if fal_media is not None:
         where = f"127.0.0.1:{fal_media.port}"
