@@ -19,13 +19,17 @@ from markupsafe import Markup, escape
 
 __all__ = [
     "IMG_SRC",
+    "MAX_SHOWN_BYTES",
     "THUMBNAIL_HOSTS",
+    "BodyView",
     "Media",
+    "body_view",
     "find_media",
     "linked_body",
     "one_line",
     "path_segment",
     "pretty_body",
+    "size",
     "thumbnail",
     "utc",
 ]
@@ -36,6 +40,10 @@ __all__ = [
 THUMBNAIL_HOSTS = ("fal.media",)
 # The console's CSP img-src: the same hosts, so the browser enforces the rule too.
 IMG_SRC = " ".join(["'self'", *(f"https://{host} https://*.{host}" for host in THUMBNAIL_HOSTS)])
+# The most of a body the delivery page shows (pretty-printed, its URLs links, its media
+# listed): making the page of a bigger one took seconds of CPU. A bigger body is shown as
+# its first part, as received, with a link to the whole of it.
+MAX_SHOWN_BYTES = 256 * 1024
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".avif", ".bmp")
 _MAX_MEDIA = 50
 _URL = re.compile(r"https?://[^\s\"'<>\\]+")
@@ -59,6 +67,15 @@ def one_line(text: str | None, width: int = 120) -> str:
         return ""
     line = " ".join(text.split())
     return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def size(n: int) -> str:
+    """A byte count for people: 812 bytes, 256 KiB, 15.3 MiB."""
+    if n < 1024:
+        return f"{n} bytes"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.0f} KiB"
+    return f"{n / 1024 / 1024:.1f} MiB"
 
 
 def age(seconds: float) -> str:
@@ -164,3 +181,29 @@ def find_media(parsed: Any) -> list[Media]:
 
     walk(parsed, "", None)
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class BodyView:
+    """What the delivery page shows of a body."""
+
+    html: Markup  # the body (or its first `shown` bytes), escaped, URLs linked
+    media: list[Media]
+    size: int  # the whole body's bytes
+    shown: int  # how many of them are shown
+
+    @property
+    def truncated(self) -> bool:
+        return self.shown < self.size
+
+
+def body_view(body: bytes, limit: int = MAX_SHOWN_BYTES) -> BodyView:
+    """The page's view of `body`: whole and pretty up to `limit` bytes; beyond, its first
+    `limit` bytes as received (not parsed, no media list). CPU-bound: the page runs it in
+    a thread, and the bound keeps what it holds the GIL for short."""
+    if len(body) > limit:
+        text = body[:limit].decode("utf-8", errors="replace")  # a cut character: one �
+        return BodyView(linked_body(text), [], len(body), limit)
+    parsed = parse_body(body)
+    html = linked_body(pretty_body(body, parsed))
+    return BodyView(html, find_media(parsed), len(body), len(body))

@@ -71,6 +71,12 @@ _SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 
+# A raw body: attacker-influenced bytes, shown as text in a sandbox.
+_RAW_HEADERS = {
+    **_SECURITY_HEADERS,
+    "content-security-policy": "default-src 'none'; sandbox; frame-ancestors 'none'",
+}
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -96,6 +102,7 @@ class Console:
         env.filters["utc"] = render.utc
         env.filters["oneline"] = render.one_line
         env.filters["segment"] = render.path_segment
+        env.filters["size"] = render.size
         self.templates = Jinja2Templates(env=env)
         self.css = (
             resources.files("falhook.receiver.console").joinpath("static/console.css").read_bytes()
@@ -278,15 +285,23 @@ class Console:
                 },
                 404,
             )
-        parsed = render.parse_body(delivery.body)
+        # Off the loop (a big body's page is CPU work), and bounded (render.MAX_SHOWN_BYTES).
+        view = await asyncio.to_thread(render.body_view, delivery.body)
         context = {
             "d": delivery,
-            "body": render.linked_body(render.pretty_body(delivery.body, parsed)),
-            "media": render.find_media(parsed),
+            "view": view,
             "attempts": attempts,
             "expectation": expectation,
         }
         return await self._signed_in_page(request, session, "delivery.html", context, 200)
+
+    async def raw(self, request: Request, session: Session) -> Response:
+        """A delivery's body exactly as stored, as plain text the browser runs nothing of."""
+        request_id = request.path_params["request_id"]
+        delivery = await asyncio.to_thread(self.receiver.store.get, request_id)
+        if delivery is None:
+            return self.error(request, 404, "Not found", f"No delivery {request_id!r} is stored.")
+        return Response(delivery.body, media_type="text/plain; charset=utf-8", headers=_RAW_HEADERS)
 
     def _expectations(self, store: Store) -> Expectations:
         # One per store: it migrates (a no-op on a current store) on its first use only.
@@ -518,6 +533,7 @@ def build_console(receiver: Operated, token: str) -> ASGIApp:
         Route(
             "/deliveries/{request_id:path}", g(console.delivery), methods=["GET"], name="delivery"
         ),
+        Route("/raw/{request_id:path}", g(console.raw), methods=["GET"], name="raw"),
         Route("/replay", g(console.replay_one), methods=["POST"], name="replay"),
         Route("/replay-dead", g(console.replay_dead), methods=["POST"], name="replay_dead"),
         Route("/pause", g(console.pause), methods=["POST"], name="pause"),
