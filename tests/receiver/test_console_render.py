@@ -46,3 +46,16 @@ def test_media_found_in_a_body_carry_the_rule() -> None:
         "https://v3.fal.media/z.mp4": None,  # not an image
     }
     assert IMG_SRC == "'self' https://fal.media https://*.fal.media"
+
+
+def test_a_big_body_is_shown_as_its_start_as_received() -> None:
+    from falhook.receiver.console.render import body_view
+
+    small = b'{"request_id": "r", "payload": {"url": "https://v3.fal.media/a.png"}}'
+    view = body_view(small, limit=1024)
+    assert not view.truncated and view.size == view.shown == len(small)
+    assert "&#34;request_id&#34;: &#34;r&#34;" in str(view.html) and len(view.media) == 1
+    big = b'{"text": "' + "é".encode() * 1000 + b'"}'
+    view = body_view(big, limit=1001)  # cuts an é in half
+    assert view.truncated and view.size == len(big) and view.shown == 1001
+    assert view.media == [] and str(view.html).endswith("\ufffd")
