@@ -44,6 +44,7 @@ IMG_SRC = " ".join(["'self'", *(f"https://{host} https://*.{host}" for host in T
 # listed): making the page of a bigger one took seconds of CPU. A bigger body is shown as
 # its first part, as received, with a link to the whole of it.
 MAX_SHOWN_BYTES = 256 * 1024
+_HOSTNAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".avif", ".bmp")
 _MAX_MEDIA = 50
 _URL = re.compile(r"https?://[^\s\"'<>\\]+")
@@ -147,6 +148,8 @@ def thumbnail(url: str) -> str | None:
     host = (parts.hostname or "").lower()
     if parts.scheme.lower() != "https" or "@" in parts.netloc or port not in (None, 443):
         return None
+    if not _HOSTNAME.fullmatch(host):
+        return None  # e.g. "evil.example\.fal.media": a browser reads "\" as "/"
     if not any(host == h or host.endswith("." + h) for h in THUMBNAIL_HOSTS):
         return None
     return url

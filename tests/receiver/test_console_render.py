@@ -25,6 +25,8 @@ def test_https_on_fal_media_is_a_thumbnail(url: str) -> None:
         "https://fal.media.evil.example/a.png",
         "https://127.0.0.1/a.png",
         "https://v3.fal.media:bad/a.png",  # a port that cannot be read
+        "https://evil.example\\.fal.media/a.png",  # a browser's host: evil.example
+        "https://evil.example%2f.fal.media/a.png",
     ],
 )
 def test_anything_else_is_a_plain_link(url: str) -> None:
