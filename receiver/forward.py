@@ -10,7 +10,6 @@ what the app checks is what we sign, by construction.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import httpx
@@ -18,7 +17,7 @@ from standardwebhooks import Webhook
 
 from falhook.receiver.errors import ForwardError
 from falhook.receiver.models import Delivery
-from falhook.receiver.redact import shown_url
+from falhook.receiver.redact import shown_url, shown_urls_in
 
 __all__ = ["MAX_ANSWER_BYTES", "ForwardError", "Forwarder"]
 
@@ -85,16 +84,16 @@ class Forwarder:
                 # Raw bytes (nothing decompressed: no gzip bomb), only up to the cap; leaving
                 # the block before the end closes the connection instead of draining it.
                 # (An answer already in memory, as a test transport's, has nothing to read.)
-                read = 0
-                chunks = response.aiter_raw() if not response.is_stream_consumed else _nothing()
-                async for chunk in chunks:
-                    read += len(chunk)
-                    if read > MAX_ANSWER_BYTES:
-                        break
+                if not response.is_stream_consumed:
+                    read = 0
+                    async for chunk in response.aiter_raw():
+                        read += len(chunk)
+                        if read > MAX_ANSWER_BYTES:
+                            break
         except httpx.HTTPError as exc:
             # Not chained: the error and its traceback are stored and shown, and an httpx
             # error's text may hold the URL as given.
-            detail = str(exc).replace(self.url, self.shown) or "no detail"
+            detail = shown_urls_in(str(exc)) or "no detail"
             raise ForwardError(
                 f"POST {self.shown} failed: {type(exc).__name__}: {detail}"
             ) from None
@@ -116,8 +115,3 @@ class Forwarder:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-async def _nothing() -> AsyncIterator[bytes]:
-    return
-    yield b""  # an async generator that yields nothing

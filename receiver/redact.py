@@ -12,10 +12,11 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["MASK", "shown_url"]
+__all__ = ["MASK", "shown_url", "shown_urls_in"]
 
 MASK = "***"
 _USERINFO = re.compile(r"://[^/?#]*@")
+_ANY_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
 def shown_url(url: str) -> str:
@@ -31,6 +32,11 @@ def shown_url(url: str) -> str:
     query = "&".join(_masked_pair(pair) for pair in parts.query.split("&")) if parts.query else ""
     fragment = MASK if parts.fragment else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+
+
+def shown_urls_in(text: str) -> str:
+    """`text` (an error message) with every URL in it shown as `shown_url` shows it."""
+    return _ANY_URL.sub(lambda match: shown_url(match.group(0)), text)
 
 
 def _masked_pair(pair: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from falhook.receiver.redact import shown_url
+from falhook.receiver.redact import shown_url, shown_urls_in
 
 
 @pytest.mark.parametrize(
@@ -35,3 +35,10 @@ def test_a_bad_forward_url_is_named_without_its_secrets() -> None:
     with pytest.raises(SettingsError) as info:
         Settings(forward_to="ftp://u:PW@host/in?key=PW")
     assert "PW" not in str(info.value) and "ftp://***@host" in str(info.value)
+
+
+def test_every_url_in_an_error_message_is_masked() -> None:
+    text = "Invalid URL 'http://u:PW@host/x?k=PW': bad, see https://T@docs/y."
+    assert (
+        shown_urls_in(text) == "Invalid URL 'http://***@host/x?k=***': bad, see https://***@docs/y."
+    )
