@@ -16,7 +16,6 @@ import os
 import shutil
 import ssl
 import struct
-import subprocess
 import threading
 import zlib
 from collections.abc import Iterator
@@ -94,16 +93,7 @@ class ImageHost:
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         if tls_dir is not None:
-            cert, key = tls_dir / "cert.pem", tls_dir / "key.pem"
-            subprocess.run(
-                [
-                    *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-                    *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=fal.media"),
-                    *("-addext", "subjectAltName=DNS:fal.media,DNS:*.fal.media"),
-                ],
-                check=True,
-                capture_output=True,
-            )
+            cert, key = _self_signed(tls_dir)
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(cert, key)
             self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
@@ -114,6 +104,44 @@ class ImageHost:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for fal.media and *.fal.media (the browser is told to accept it)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fal.media")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("fal.media"), x509.DNSName("*.fal.media")]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
 
 
 @pytest.fixture
@@ -131,8 +159,6 @@ def fal_media(tmp_path: Path) -> Iterator[ImageHost]:
     """A loopback stand-in for fal's media host: the browser resolves v3.fal.media and
     fal.media to it (Chromium's --host-resolver-rules) and accepts its self-signed
     certificate; nothing leaves the machine."""
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl to make the stand-in's certificate")
     tls_dir = tmp_path / "tls"
     tls_dir.mkdir()
     host = ImageHost(tls_dir)
