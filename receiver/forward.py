@@ -54,7 +54,10 @@ class Forwarder:
         self.url = url
         self.shown = shown_url(url)
         self._signer = Webhook(secret) if secret else None
-        self._client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=False)
+        self._timeout = timeout
+        # Opened on first use, closed by `aclose` (the receiver's stop): a later start opens
+        # a new one.
+        self._client = client
 
     @property
     def signed(self) -> bool:
@@ -77,7 +80,7 @@ class Forwarder:
         if self._signer is not None:
             headers.update(self._signature(delivery))
         try:
-            request = self._client.stream(
+            request = self._http().stream(
                 "POST", self.url, content=delivery.raw_body, headers=headers
             )
             async with request as response:
@@ -113,5 +116,12 @@ class Forwarder:
             "webhook-signature": signature,
         }
 
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
+        return self._client
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
