@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import httpx
 from standardwebhooks import Webhook
@@ -18,6 +19,9 @@ from standardwebhooks import Webhook
 from falhook.receiver.errors import ForwardError
 from falhook.receiver.models import Delivery
 from falhook.receiver.redact import shown_url, shown_urls_in
+
+if TYPE_CHECKING:
+    from falhook.receiver.tracing.spans import Tracing
 
 __all__ = ["MAX_ANSWER_BYTES", "ForwardError", "Forwarder"]
 
@@ -58,6 +62,9 @@ class Forwarder:
         # Opened on first use, closed by `aclose` (the receiver's stop): a later start opens
         # a new one.
         self._client = client
+        # Set when the receiver starts with tracing on: each POST is a CLIENT span, and the
+        # app gets its `traceparent`, so it continues the trace.
+        self.tracing: Tracing | None = None
 
     @property
     def signed(self) -> bool:
@@ -79,6 +86,16 @@ class Forwarder:
             headers["x-fal-webhook-timestamp"] = str(delivery.signed_at)
         if self._signer is not None:
             headers.update(self._signature(delivery))
+        if self.tracing is None:
+            status = await self._post(delivery, headers)
+        else:
+            with self.tracing.calling("POST", self.url, headers) as call:
+                status = await self._post(delivery, headers)
+                call.answered(status)
+        if not 200 <= status < 300:
+            raise ForwardError(f"POST {self.shown} answered {status}")
+
+    async def _post(self, delivery: Delivery, headers: dict[str, str]) -> int:
         try:
             request = self._http().stream(
                 "POST", self.url, content=delivery.raw_body, headers=headers
@@ -100,8 +117,7 @@ class Forwarder:
             raise ForwardError(
                 f"POST {self.shown} failed: {type(exc).__name__}: {detail}"
             ) from None
-        if not response.is_success:
-            raise ForwardError(f"POST {self.shown} answered {response.status_code}")
+        return response.status_code
 
     def _signature(self, delivery: Delivery) -> dict[str, str]:
         assert self._signer is not None
