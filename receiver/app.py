@@ -45,6 +45,7 @@ from falhook.receiver.notify import NoticeKind, Notifier
 from falhook.receiver.observer import MetricsObserver
 from falhook.receiver.pause import PauseWatcher
 from falhook.receiver.pruner import Pruner
+from falhook.receiver.readiness import StoreProbe
 from falhook.receiver.recovery.service import Recovery
 from falhook.receiver.registry import Callback, CallbackRegistry
 from falhook.receiver.retry import RetryPolicy
@@ -56,17 +57,18 @@ from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
 from falhook.receiver.store.dbapi import sqlite_file
 from falhook.receiver.store.expectations import Expectations, ExpectationState
 from falhook.receiver.store.listener import Listener
+from falhook.receiver.tracing import resolve as resolve_tracing
 from falhook.receiver.watchdog import LoopWatchdog
 from falhook.verify import KeysUnavailableError
 
 if TYPE_CHECKING:
     from falhook.receiver.console.charts import History
+    from falhook.receiver.tracing.spans import Tracing
 
 __all__ = ["WebhookReceiver", "create_app"]
 
 log = logging.getLogger("falhook.receiver")
-_READY_TIMEOUT = 1.5  # seconds for the store to answer /readyz
-_RECENT_FAILURE = 5.0  # seconds /readyz stays 503 after a delivery could not be stored
+_READY_TIMEOUT = 1.5  # seconds for the keys to answer /readyz
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -113,6 +115,10 @@ class WebhookReceiver:
 
     Starting (its lifespan, or ``async with hooks:``) opens the store and starts the
     dispatcher; a delivery that arrives before that gets a 503 ``receiver_not_started``.
+
+    With OpenTelemetry installed (``falhook[otel]``), spans are recorded with
+    `tracer_provider`, else with the global provider if one was set up before the
+    receiver started; never a provider of falhook's own over the host's.
     """
 
     def __init__(
@@ -121,8 +127,11 @@ class WebhookReceiver:
         *,
         callbacks: Iterable[Callback] = (),
         listen: str | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings.from_env()
+        self.tracer_provider = tracer_provider
+        self.tracing: Tracing | None = None  # decided at each start (receiver/tracing/)
         self.listen = listen  # where `falhook serve` listens, for the startup log line
         self.registry = CallbackRegistry()
         self.registry.add_specs(self.settings.callbacks)
@@ -150,6 +159,7 @@ class WebhookReceiver:
         self._keys: KeySource | None = None
         self._dispatcher: Dispatcher | None = None
         self._pause: PauseWatcher | None = None
+        self._store_probe: StoreProbe | None = None  # made by `ready`, for this store
         self._expectations: Expectations | None = None
         self._running: contextlib.AsyncExitStack | None = None  # what stop() closes
         self._drained = Drained(0, 0)
@@ -163,6 +173,7 @@ class WebhookReceiver:
                 self.settings,
                 observe_call=self.metrics.queue_request,
                 on_recovered=self.metrics.recovered.inc,
+                tracer_provider=tracer_provider,
             )
         # Gives freed memory back to the system after large bodies (glibc only).
         self.trimmer = MemoryTrimmer()
@@ -182,19 +193,12 @@ class WebhookReceiver:
 
     async def ready(self) -> None:
         """Raise unless deliveries can be accepted now: started, store and keys reachable."""
-        intake = self.app.endpoint.intake
-        if intake is None:
+        if self.app.endpoint.intake is None:
             raise NotStartedError()
-        try:
-            # A probe must get its answer quickly, even when the store waits on a lock.
-            async with asyncio.timeout(_READY_TIMEOUT):
-                await self.store.ping()  # a write: a full disk fails it
-        except TimeoutError:
-            raise StoreUnavailableError(f"no answer within {_READY_TIMEOUT:g} s") from None
-        # The probe's one-row write may still fit where a delivery no longer does (a full
-        # disk with room left in the WAL): a delivery that could not be stored counts.
-        if time.monotonic() - intake.store_failed_at < _RECENT_FAILURE:
-            raise StoreUnavailableError("a delivery could not be stored in the last few seconds")
+        store = self.store
+        if self._store_probe is None or self._store_probe.store is not store:
+            self._store_probe = StoreProbe(store)
+        await self._store_probe.check()  # could a delivery be stored now (cached, quick)
         try:
             # A slow JWKS (a fetch may take FALHOOK_JWKS_TIMEOUT_SECONDS) must not hold the
             # probe either; the fetch goes on for the deliveries that wait for it.
@@ -245,6 +249,7 @@ class WebhookReceiver:
         to start) stops them all, in reverse."""
         settings = self.settings
         parts.callback(self._forget_parts)  # last of all: the receiver is stopped
+        self._trace(resolve_tracing(self.tracer_provider))
         watchdog = LoopWatchdog(
             asyncio.get_running_loop(),
             self.registry.on_loop,
@@ -303,6 +308,7 @@ class WebhookReceiver:
             lease_seconds=settings.lease_seconds,
             store_timeout=settings.store_timeout_seconds,
             deadlines=self.deadlines,
+            tracing=self.tracing,
         )
         parts.callback(self._refuse_deliveries)
         if settings.console_token:
@@ -400,6 +406,7 @@ class WebhookReceiver:
             deadlines=self.deadlines,
             observer=MetricsObserver(self.metrics, self.trimmer, notify=self.notify),
             prepare=self.recovery.prepare if self.recovery is not None else None,
+            tracing=self.tracing,
         )
         dispatcher.pause()
         return dispatcher
@@ -415,6 +422,14 @@ class WebhookReceiver:
         self._store = self._keys = self._dispatcher = None
         self._pause = None
         self._expectations = None
+
+    def _trace(self, tracing: Tracing | None) -> None:
+        """Record spans with `tracing` (None: off) wherever they start."""
+        self.tracing = self.app.endpoint.tracing = tracing
+        if self._forwarder is not None:
+            self._forwarder.tracing = tracing
+        if self.recovery is not None:
+            self.recovery.trace(tracing)
 
     def _log_started(self) -> None:
         """One line with everything an operator checks first: what runs, where, with what."""
@@ -439,6 +454,7 @@ class WebhookReceiver:
             "concurrency": settings.concurrency,
             "recovery": settings.queue_url if self.recovery is not None else None,
             "console": console,
+            "tracing": self.tracing is not None,
         }
         targets = list(fields["callbacks"])
         if settings.forward_to:
@@ -664,7 +680,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    settings: Settings | None = None, *, callbacks: Iterable[Callback] = ()
+    settings: Settings | None = None,
+    *,
+    callbacks: Iterable[Callback] = (),
+    tracer_provider: Any = None,
 ) -> ReceiverApp:
     """Build a receiver and return its ASGI app (the receiver is ``app.state.falhook``)."""
-    return WebhookReceiver(settings, callbacks=callbacks).app
+    return WebhookReceiver(settings, callbacks=callbacks, tracer_provider=tracer_provider).app

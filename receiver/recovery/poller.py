@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from falhook.receiver.errors import QueueError, QueueFailure, StoreUnavailableError
 from falhook.receiver.models import SOURCE_QUEUE
@@ -47,6 +46,7 @@ from falhook.receiver.store.expectations import (
     Expectations,
     ExpectationState,
 )
+from falhook.receiver.store.records import column_text
 
 __all__ = ["Poller"]
 
@@ -63,6 +63,9 @@ STOP_SECONDS = 5.0  # on shutdown, let the round under way finish for this long
 TTL_REASON = "ttl: no result within FALHOOK_EXPECT_TTL_SECONDS"
 S = ExpectationState
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from falhook.receiver.tracing.spans import Tracing
 
 
 class Poller:
@@ -94,6 +97,7 @@ class Poller:
         self._working: set[asyncio.Task[None]] = set()  # one per claimed expectation
         # request_id -> claim_id while worked on; a cancelled one stays, to be released
         self._held: dict[str, str] = {}
+        self.tracing: Tracing | None = None  # set by Recovery with tracing on
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="falhook-recovery")
@@ -273,31 +277,42 @@ class Poller:
 
     async def _fetch(self, claim: ExpectationClaim, queue_error: str | None) -> None:
         request_id = claim.request_id
+        received_in = None
         try:
-            body = await self._ask(
-                self._urls(claim)[1], lambda answer: delivery_body(request_id, queue_error, answer)
-            )
+            if self.tracing is None:
+                body = await self._ask(
+                    self._urls(claim)[1],
+                    lambda answer: delivery_body(request_id, queue_error, answer),
+                )
+            else:
+                # A message received: its processing links to this span.
+                with self.tracing.recovering(request_id, claim.expectation.endpoint_id) as span:
+                    body = await self._ask(
+                        self._urls(claim)[1],
+                        lambda answer: delivery_body(request_id, queue_error, answer),
+                    )
+                    received_in = span.context
         except QueueError as exc:
             await self._call_failed(claim, exc, gone_means=QueueFailure.RESULT_GONE)
             return
-        data = json.loads(body)
         new = NewDelivery(
             request_id=request_id,
             gateway_request_id=request_id,
-            status=data["status"],
-            error=data["error"],
+            status=body.status,
+            error=None if body.error is None else column_text(body.error),
             payload_error=None,
             user_id=None,
-            body=body,
+            body=body.body,
             received_at=time.time(),
             source=SOURCE_QUEUE,
+            trace_context=received_in,
         )
         # The webhook's own insert: a delivery already stored makes this a duplicate (the
         # webhook won the race), and a webhook after this one is the duplicate.
         is_new = await self.store.insert(new)
         if is_new:
             self._on_recovered()
-        reason = f"fetched from fal's queue ({data['status']})" if is_new else None
+        reason = f"fetched from fal's queue ({body.status})" if is_new else None
         state = await self.expectations.run(
             self.expectations.op_settle_delivered(claim, reason=reason)
         )

@@ -98,6 +98,7 @@ class NewExpectation:
     status_url: str | None = None
     response_url: str | None = None
     origin: str = "expect"
+    trace_context: str | None = None  # the traceparent of the submit (tracing on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,8 +187,8 @@ class Expectations:
         due at once: expecting it again is how an operator retries it (a wrong key fixed)."""
         now = time.time()
         insert = sql_for(
-            f"INSERT INTO {TABLE_NAME} ({_SELECT}) "
-            "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, 0, NULL, NULL, NULL, NULL, ?, NULL) "
+            f"INSERT INTO {TABLE_NAME} ({_SELECT}, trace_context) "
+            "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, 0, NULL, NULL, NULL, NULL, ?, NULL, ?) "
             "ON CONFLICT (request_id) DO NOTHING",
             self.dialect,
         )
@@ -220,6 +221,7 @@ class Expectations:
                     now + ttl,
                     now + recover_after,
                     now,
+                    new.trace_context,
                 ),
             )
             if cur.rowcount == 1:

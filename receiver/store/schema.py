@@ -10,7 +10,7 @@ __all__ = ["SCHEMA_VERSION", "VERSION_TABLE", "check_version", "schema_version"]
 
 # The version this falhook writes: the last of migrations.MIGRATIONS (a test holds the two
 # together). A constant, so checking a store does not import the migrations (SQLAlchemy).
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 VERSION_TABLE = "falhook_schema_version"
 
 _HAS_TABLE = {

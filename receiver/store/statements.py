@@ -15,13 +15,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from falhook.receiver.models import BodyRow, DeliveryRow, State
+from falhook.receiver.models import BodyRow, DeliveryRow, ExpectationRow, State
 from falhook.receiver.store.dbapi import NOTIFY_CHANNEL
 
 __all__ = ["ACTIVE_PREDICATE", "BODIES", "NOTIFY_CHANNEL", "TABLE", "Compiled", "Statements"]
 
 TABLE: sa.Table = DeliveryRow.__table__  # type: ignore[attr-defined]
 BODIES: sa.Table = BodyRow.__table__  # type: ignore[attr-defined]
+EXPECTATIONS: sa.Table = ExpectationRow.__table__  # type: ignore[attr-defined]
 # The active-state predicate, spelled with literals exactly as the partial index
 # ix_falhook_deliveries_active_due (migration 2) states it: a planner can only match a
 # partial index whose predicate the query implies, and a bound parameter implies nothing.
@@ -102,6 +103,7 @@ class Statements:
                 "received_at",
                 "source",
                 "signed_at",
+                "trace_context",
             )
         }
         row["updated_at"] = bp("received_at")
@@ -212,8 +214,13 @@ class Statements:
                 c.completed_callbacks,
                 c.source,
                 c.signed_at,
+                c.trace_context,
             )
         )
+        # Tracing only: the context an expected request was submitted in, stored with the
+        # delivery so that its processing links to the submit (operations._traced).
+        e = EXPECTATIONS.c
+        self.submitted_in = text(sa.select(e.trace_context).where(e.request_id == bp("request_id")))
         self.next_due = text(sa.select(sa.func.min(c.due_at)).where(active))
         mine = (
             c.request_id == bp("request_id"),
