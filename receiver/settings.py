@@ -29,6 +29,7 @@ from typing import Any
 
 from falhook.receiver.durations import format_duration, parse_duration
 from falhook.receiver.errors import SettingsError
+from falhook.receiver.redact import shown_url
 from falhook.verify.message import DEFAULT_JWKS_URL
 from falhook.verify.sources import jwks_file
 
@@ -711,7 +712,12 @@ def _parse(f: dataclasses.Field[Any], raw: str, name: str, *, shown: Any = None)
         return f.metadata["parse"](raw)
     except ValueError as exc:
         given = raw if shown is None else shown
-        value = "…" if f.metadata.get("secret") else without_password(repr(given))
+        if f.metadata.get("secret"):
+            value = "…"
+        elif f.name == "forward_to" and isinstance(given, str):
+            value = repr(shown_url(given))  # user info and query values masked
+        else:
+            value = without_password(repr(given))
         # --concurrency 'lots': …; FALHOOK_CONCURRENCY='lots': …; concurrency=0: … (code)
         where = f"{name} {value}" if name.startswith("--") else f"{name}={value}"
         raise SettingsError(f"{where}: {exc}") from exc
