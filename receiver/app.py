@@ -253,6 +253,7 @@ class WebhookReceiver:
         to start) stops them all, in reverse."""
         settings = self.settings
         parts.callback(self._forget_parts)  # last of all: the receiver is stopped
+        parts.callback(self._trace, None)  # spans stop with the receiver
         self._trace(resolve_tracing(self.tracer_provider))
         watchdog = LoopWatchdog(
             asyncio.get_running_loop(),

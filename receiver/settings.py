@@ -16,6 +16,7 @@ not today). The dataclass below does it in fewer lines, with no new dependency.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import importlib.util
 import ipaddress
@@ -824,6 +825,8 @@ def without_password(text: str) -> str:
 
 def _as_typed(f: dataclasses.Field[Any], value: Any) -> str:
     """`value` written as an operator would type it, for its field's parser."""
+    if isinstance(value, str):
+        return value  # as typed already: Settings(retention="36h") reads as the env does
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -831,7 +834,8 @@ def _as_typed(f: dataclasses.Field[Any], value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)  # "inf", "nan": refused by every parser, in its own words
     if f.metadata["show"] is not None:
-        return str(f.metadata["show"](value))
+        with contextlib.suppress(TypeError):  # not its type: the parser says what it wants
+            return str(f.metadata["show"](value))
     if isinstance(value, float):
         return repr(value)  # exact, unlike :g
     if isinstance(value, (tuple, list)):
