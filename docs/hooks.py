@@ -28,10 +28,11 @@ def _cell(text: str) -> str:
 def settings_table() -> str:
     from falhook.receiver.settings import Settings
 
-    rows = ["| variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    rows = ["| setting | meaning |", "| --- | --- |"]
     for env, default, help_text in Settings.env_table():
         flag = "--" + env.removeprefix("FALHOOK_").lower().replace("_", "-")
-        rows.append(f"| `{env}` | `{flag}` | `{_cell(default)}` | {_cell(help_text)} |")
+        name = f"`{env}`<br>`{flag}`<br>default `{_cell(default)}`"
+        rows.append(f"| {name} | {_cell(help_text)} |")
     return "\n".join(rows)
 
 
