@@ -4,7 +4,8 @@ A page that holds a marker comment gets it replaced at build time:
 
 - ``<!-- falhook:settings -->``: every setting (`Settings.env_table`), its flag and default;
 - ``<!-- falhook:cli -->``: every command's ``--help``, from the parser itself;
-- ``<!-- falhook:metrics -->``: every metric the receiver can export, from its registry.
+- ``<!-- falhook:metrics -->``: every metric the receiver can export, from its registry;
+- ``<!-- falhook:exit-codes -->``: the exit codes, as ``falhook --help`` ends with them.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ def _cell(text: str) -> str:
 def settings_table() -> str:
     from falhook.receiver.settings import Settings
 
-    rows = ["| variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    rows = ["| setting | meaning |", "| --- | --- |"]
     for env, default, help_text in Settings.env_table():
         flag = "--" + env.removeprefix("FALHOOK_").lower().replace("_", "-")
-        rows.append(f"| `{env}` | `{flag}` | `{_cell(default)}` | {_cell(help_text)} |")
+        name = f"`{env}`<br>`{flag}`<br>default `{_cell(default)}`"
+        rows.append(f"| {name} | {_cell(help_text)} |")
     return "\n".join(rows)
 
 
@@ -72,4 +74,15 @@ def metrics_table() -> str:
     return "\n".join(rows)
 
 
-_GENERATORS = {"settings": settings_table, "cli": cli_reference, "metrics": metrics_table}
+def exit_codes() -> str:
+    from falhook.receiver.cli.common import EXIT_CODES_HELP
+
+    return f"```text\n{EXIT_CODES_HELP.rstrip()}\n```"
+
+
+_GENERATORS = {
+    "settings": settings_table,
+    "cli": cli_reference,
+    "metrics": metrics_table,
+    "exit-codes": exit_codes,
+}

@@ -45,7 +45,7 @@ __all__ = [
     "suggest",
 ]
 
-# One table of exit codes for every command: `falhook --help` shows it, the README repeats it.
+# One table of exit codes for every command: `falhook --help` shows it, the docs include it.
 EXIT_NEGATIVE = 1  # a negative answer: not authentic, not found, no 2xx, a demo step missing
 EXIT_USAGE = 2  # bad arguments or settings, unusable input (one line on stderr)
 EXIT_STORE = 3  # the store cannot be used: unreachable, missing, or its schema is not current
