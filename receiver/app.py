@@ -41,7 +41,7 @@ from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found
 from falhook.receiver.settings import WEBHOOK_PATH, Settings, without_password
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
-from falhook.receiver.store.dbapi import sqlite_file
+from falhook.receiver.store.engine import sqlite_file
 from falhook.receiver.store.expectations import Expectations, ExpectationState
 from falhook.receiver.store.listener import Listener
 from falhook.receiver.watchdog import LoopWatchdog

@@ -217,7 +217,7 @@ def _store(args: argparse.Namespace) -> Iterator[Admin]:
     """
     # imported late: keeps `falhook --help` fast
     from falhook.receiver.store.admin import Admin
-    from falhook.receiver.store.dbapi import sqlite_file
+    from falhook.receiver.store.engine import sqlite_file
 
     url = _database_url(args)
     path = sqlite_file(url)

@@ -170,7 +170,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise CommandError(str(exc)) from exc
     if not settings.recovery_enabled:
         raise CommandError(_NO_KEY)
-    from falhook.receiver.store.dbapi import sqlite_file  # imported late: --help stays fast
+    from falhook.receiver.store.engine import sqlite_file  # imported late: --help stays fast
 
     path = sqlite_file(url)
     if path is not None and not path.exists():

@@ -155,7 +155,7 @@ def _check_store(settings: Settings, args: argparse.Namespace) -> None:
     A database server that is down is different: it may come back, so serve starts anyway,
     answers 503 and recovers by itself.
     """
-    from falhook.receiver.store.dbapi import sqlite_file
+    from falhook.receiver.store.engine import sqlite_file
 
     path = sqlite_file(settings.database_url)
     if path is not None and not path.parent.is_dir():

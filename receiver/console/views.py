@@ -26,11 +26,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from falhook.receiver.console import queries, render
 from falhook.receiver.console.auth import Auth, Session, SigninThrottle
 from falhook.receiver.errors import ReceiverError
-from falhook.receiver.models import State, StoredDelivery
+from falhook.receiver.models import State
 from falhook.receiver.store import Store
 from falhook.receiver.store.attempts import StoredAttempt
 from falhook.receiver.store.control import DispatchControl
 from falhook.receiver.store.expectations import Expectation, Expectations
+from falhook.receiver.store.records import StoredDelivery
 
 
 class Operated(Protocol):
@@ -475,7 +476,7 @@ def _client(request: Request) -> str:
 
 def _unavailable(exc: Exception) -> ReceiverError:
     from falhook.receiver.errors import StoreUnavailableError
-    from falhook.receiver.store.writer import brief
+    from falhook.receiver.store.engine import brief
 
     return StoreUnavailableError(brief(exc))
 

@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from falhook.receiver.store.fileguard import FileGuard
-from falhook.receiver.store.writer import brief
+from falhook.receiver.store.engine import brief
 
 __all__ = ["Checkpointer"]
 

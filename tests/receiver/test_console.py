@@ -19,9 +19,9 @@ from falhook.receiver import Settings, WebhookReceiver
 from falhook.receiver.console import queries
 from falhook.receiver.console.auth import SESSION_COOKIE, Auth, SigninThrottle
 from falhook.receiver.console.queries import PAGE_SIZE, Cursor, Filters, page_statement, sql_for
-from falhook.receiver.models import State
+from falhook.receiver.models import BODIES, State
+from falhook.receiver.models import DELIVERIES as TABLE
 from falhook.receiver.store import Store
-from falhook.receiver.store.statements import BODIES, TABLE
 from tests.receiver import store_fixtures
 from tests.receiver.conftest import Signer
 
