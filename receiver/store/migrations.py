@@ -25,6 +25,7 @@ __all__ = [
     "VERSIONS",
     "VERSION_TABLE",
     "Migration",
+    "check_not_newer",
     "check_version",
     "current_version",
     "upgrade",
@@ -358,10 +359,11 @@ def check_version(version: int, known: int = SCHEMA_VERSION) -> None:
             f"the store's schema is version {version}, this falhook needs {known}: "
             "start this version's `falhook serve` once (it upgrades the schema), then retry"
         )
-    _not_newer(version, known)
+    check_not_newer(version, known)
 
 
-def _not_newer(version: int, known: int) -> None:
+def check_not_newer(version: int, known: int = SCHEMA_VERSION) -> None:
+    """StoreSchemaError if a later falhook wrote the store (this one would misread it)."""
     if version > known:
         raise StoreSchemaError(
             f"the store's schema is version {version}, newer than this falhook knows "
@@ -396,7 +398,7 @@ def _upgrade(engine: sa.Engine, migrations: tuple[Migration, ...]) -> int:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         VERSIONS.create(conn, checkfirst=True)
         version = current_version(conn)
-        _not_newer(version, migrations[-1].version)
+        check_not_newer(version, migrations[-1].version)
         for migration in migrations:
             if migration.version <= version:
                 continue

@@ -20,7 +20,7 @@ from falhook.receiver.store import Store
 from falhook.receiver.store.attempts import AttemptRecord
 from falhook.receiver.store.engine import make_engine
 from falhook.receiver.store.expectations import Expectations, ExpectationState
-from falhook.receiver.store.migrations import MIGRATIONS, upgrade
+from falhook.receiver.store.migrations import MIGRATIONS, VERSIONS, upgrade
 from falhook.verify.testing import generate_keypair, jwks_document
 from tests.fakes.fal_queue import FakeFalQueue
 from tests.receiver import store_fixtures
@@ -193,6 +193,32 @@ def test_serve_refuses_a_sqlite_file_whose_directory_does_not_exist(
         env={"FALHOOK_JWKS_URL": str(jwks_file)},
     )
     one_line(result, EXIT_STORE, str(path), "does not exist")
+
+
+def test_serve_refuses_a_store_newer_than_it_knows(
+    tmp_path: Path, jwks_file: Path, store_url: str
+) -> None:
+    # A later falhook migrated this store: this one would misread it, so it does not start.
+    engine = make_engine(store_url)
+    try:
+        latest = upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(VERSIONS.insert().values(version=latest + 1, description="from later"))
+    finally:
+        engine.dispose()
+    result = falhook_cli(
+        "serve",
+        "--database-url",
+        store_url,
+        cwd=tmp_path,
+        env={"FALHOOK_JWKS_URL": str(jwks_file)},
+    )
+    one_line(
+        result,
+        EXIT_USAGE,
+        "falhook serve: ",
+        f"schema is version {latest + 1}, newer than this falhook knows ({latest})",
+    )
 
 
 # -- keys --------------------------------------------------------------------------------
