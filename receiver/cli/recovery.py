@@ -9,9 +9,9 @@ Exit codes: 0 success; 1 fal's queue refused the request or could not be reached
 (``submit``); 2 bad arguments, unreadable input, or no fal key; 3 the store cannot be
 used: unreachable, missing, or its schema is not current (one line on stderr).
 
-Like the store commands, neither imports SQLAlchemy, SQLModel or pydantic: ``expect``
-records its row through recovery/expect.py on the driver's own connection (an `Admin`);
-``submit`` adds only httpx (`Recovery`, unstarted). Only ``falhook serve`` migrates.
+Like the store commands, ``expect`` records its row through recovery/expect.py on an
+`Admin` of its own; ``submit`` adds httpx (`Recovery`, unstarted). Only ``falhook serve``
+migrates.
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def run_submit(args: argparse.Namespace) -> int:
 @_guarded
 def run_expect(args: argparse.Namespace) -> int:
     """``falhook expect``."""
-    # What Recovery.expect_sync runs, without building a Recovery (httpx, SQLModel).
+    # What Recovery.expect_sync runs, without building a Recovery (httpx).
     from falhook.receiver.recovery.expect import new_expectation, record_sync
 
     settings = _settings(args)

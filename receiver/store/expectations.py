@@ -155,6 +155,8 @@ _DELIVERED = (
 _SETTLED_STATE = sa.case(
     (_DELIVERED == SOURCE_QUEUE, "recovered"), else_="arrived"
 )  # ExpectationState.RECOVERED / ARRIVED
+
+
 def _insert(dialect: str) -> Callable[[sa.Table], Any]:
     """The dialect's INSERT construct, which has ON CONFLICT DO NOTHING (imported when
     used: the PostgreSQL dialect's package costs a store command on SQLite ~0.1 s)."""
