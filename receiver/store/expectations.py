@@ -27,7 +27,6 @@ webhook's hot path.
 from __future__ import annotations
 
 import builtins
-import importlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from falhook.receiver.models import (
     BODIES,
@@ -157,12 +157,11 @@ _SETTLED_STATE = sa.case(
 )  # ExpectationState.RECOVERED / ARRIVED
 
 
-def _insert(dialect: str) -> Callable[[sa.Table], Any]:
-    """The dialect's INSERT construct, which has ON CONFLICT DO NOTHING (imported when
-    used: the PostgreSQL dialect's package costs a store command on SQLite ~0.1 s)."""
-    module = importlib.import_module(f"sqlalchemy.dialects.{dialect}")
-    insert: Callable[[sa.Table], Any] = module.insert
-    return insert
+# INSERT … ON CONFLICT DO NOTHING: each dialect has its own construct for it.
+_INSERTS: dict[str, Callable[[sa.Table], Any]] = {
+    "sqlite": sqlite.insert,
+    "postgresql": postgresql.insert,
+}
 
 
 def _mine(claim: ExpectationClaim) -> tuple[Any, ...]:
@@ -209,7 +208,7 @@ class Expectations:
         now = time.time()
 
         def op(conn: sa.Connection) -> bool:
-            insert = _insert(conn.dialect.name)(EXPECTATIONS).values(
+            insert = _INSERTS[conn.dialect.name](EXPECTATIONS).values(
                 request_id=new.request_id,
                 endpoint_id=new.endpoint_id,
                 status_url=new.status_url,
