@@ -183,8 +183,6 @@ class Changes(TypedDict, total=False):
 class Runner(Protocol):
     """What runs the operations: an `Admin` (the store commands) or a `Store`."""
 
-    dialect: str
-
     async def run(self, op: SyncOp) -> Any: ...
 
     def run_sync(self, op: SyncOp) -> Any: ...
@@ -196,7 +194,6 @@ class Expectations:
 
     def __init__(self, store: Runner) -> None:
         self.store = store
-        self.dialect = store.dialect
 
     # -- operations (functions of a connection) ------------------------------------------
 
