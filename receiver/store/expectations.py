@@ -263,7 +263,8 @@ class Expectations:
         the delivery came from the queue), then expire those past their TTL.
 
         With `since`, only deliveries received since then are looked at (cheap: the
-        received_at index); without, every active expectation is checked (at start).
+        received_at index); without, every active expectation is checked (at start). One
+        claimed by a poller is left to it until its lease expires.
         """
         if since is None:
             which: Any = sa.exists().where(d.request_id == e.request_id)
@@ -272,9 +273,12 @@ class Expectations:
 
         def op(conn: sa.Connection) -> Swept:
             now = time.time()
+            # One claimed under a live lease is its claimant's to settle (with what it
+            # did: "fetched from fal's queue"), as it would be once the lease expired.
+            unclaimed = sa.or_(e.claim_id.is_(None), e.due_at <= now)
             settle = (
                 sa.update(EXPECTATIONS)
-                .where(_ACTIVE, which)
+                .where(_ACTIVE, unclaimed, which)
                 .values(state=_SETTLED_STATE, claim_id=None, finished_at=now, updated_at=now)
                 .returning(e.request_id, e.state)
             )
