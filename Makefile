@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-runtime demo test lint typecheck pytest bench clean
+.PHONY: install install-runtime demo test lint typecheck pytest bench docs clean
 
 install: $(STAMP)
 
@@ -27,7 +27,7 @@ $(RUNTIME_STAMP): pyproject.toml
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,docs]'
 	touch $(STAMP) $(RUNTIME_STAMP)
 
 demo: install-runtime
@@ -48,5 +48,9 @@ test: lint typecheck pytest
 bench: install
 	$(BIN)/python -m bench
 
+# The documentation site, into site/ (the test suite builds it too, strictly).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site

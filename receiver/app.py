@@ -6,9 +6,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Iterable
+from types import MethodType, TracebackType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    NoReturn,
+    ParamSpec,
+    Self,
+    TypeVar,
+    overload,
+)
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,89 +29,72 @@ from starlette.types import Receive, Scope, Send
 
 from falhook import __version__
 from falhook.receiver.deadlines import Deadlines
-from falhook.receiver.dispatcher import Dispatcher, DispatchObserver, Drained
-from falhook.receiver.durations import format_time
+from falhook.receiver.dispatcher import Dispatcher, Drained
 from falhook.receiver.errors import (
     NotStartedError,
+    ReceiverError,
     RecoveryDisabledError,
     StoreUnavailableError,
 )
 from falhook.receiver.forward import Forwarder
-from falhook.receiver.intake import Accepted, Intake
+from falhook.receiver.intake import Intake
 from falhook.receiver.keysource import KeySource
-from falhook.receiver.logs import delivery_log
 from falhook.receiver.memtrim import MemoryTrimmer
 from falhook.receiver.metrics import Metrics
-from falhook.receiver.models import Delivery
+from falhook.receiver.notify import NoticeKind, Notifier
+from falhook.receiver.observer import MetricsObserver
 from falhook.receiver.pause import PauseWatcher
 from falhook.receiver.pruner import Pruner
+from falhook.receiver.recovery.service import Recovery
 from falhook.receiver.registry import Callback, CallbackRegistry
 from falhook.receiver.retry import RetryPolicy
 from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
 from falhook.receiver.settings import WEBHOOK_PATH, Settings, without_password
-from falhook.receiver.store import Claim, Store
+from falhook.receiver.state import State
+from falhook.receiver.store import Store
 from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
 from falhook.receiver.store.engine import sqlite_file
 from falhook.receiver.store.expectations import Expectations, ExpectationState
 from falhook.receiver.store.listener import Listener
 from falhook.receiver.watchdog import LoopWatchdog
-from falhook.verify import KeysUnavailableError, WebhookHeaders
+from falhook.verify import KeysUnavailableError
 
 if TYPE_CHECKING:
-    from falhook.receiver.recovery import Recovery
+    from falhook.receiver.console.charts import History
 
 __all__ = ["WebhookReceiver", "create_app"]
 
 log = logging.getLogger("falhook.receiver")
 _READY_TIMEOUT = 1.5  # seconds for the store to answer /readyz
 _RECENT_FAILURE = 5.0  # seconds /readyz stays 503 after a delivery could not be stored
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-class _Observer(DispatchObserver):
-    def __init__(self, metrics: Metrics, trimmer: MemoryTrimmer) -> None:
-        self.metrics = metrics
-        self.trimmer = trimmer
+class _RecoveryMethod(Generic[_P, _R]):
+    """A method of the receiver's `Recovery`, read as the receiver's own: ``hooks.submit``
+    is ``hooks.recovery.submit``; without a fal key, calling it raises
+    RecoveryDisabledError."""
 
-    def started(self, delivery: Delivery) -> None:
-        self.metrics.callback_attempts.inc()
-        if delivery.attempt == 1:
-            self.metrics.dispatch_latency.observe(
-                max(0.0, time.time() - delivery.received_at.timestamp())
-            )
+    def __init__(self, method: Callable[Concatenate[Recovery, _P], _R]) -> None:
+        self.method = method
+        self.__doc__ = method.__doc__
 
-    def timed_out(self, callback: str) -> None:
-        self.metrics.callback_timeouts.labels(callback).inc()
+    @overload
+    def __get__(self, hooks: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(self, hooks: WebhookReceiver, owner: type[Any]) -> Callable[_P, _R]: ...
+    def __get__(self, hooks: WebhookReceiver | None, owner: type[Any]) -> Self | Callable[_P, _R]:
+        if hooks is None:
+            return self
+        if hooks.recovery is None:
+            return _recovery_disabled
+        bound: Callable[_P, _R] = MethodType(self.method, hooks.recovery)
+        return bound
 
-    def called(self, callback: str, seconds: float, outcome: str) -> None:
-        self.metrics.called(callback, seconds, outcome)
 
-    def abandoned(self, threads: int) -> None:
-        self.metrics.callback_threads_abandoned.set(threads)
-
-    def finished(
-        self,
-        claim: Claim,
-        outcome: str,
-        error: str | None,
-        *,
-        next_attempt_at: float | None = None,
-    ) -> None:
-        self.metrics.outcome(outcome)
-        self.trimmer.finished(len(claim.body))
-        level = logging.INFO if outcome == "done" else logging.WARNING
-        if delivery_log.isEnabledFor(level):
-            fields: dict[str, Any] = {
-                "request_id": claim.request_id,
-                "outcome": outcome,
-                "attempt": claim.attempt,
-                "error": error,
-            }
-            message = "callbacks %s"
-            if next_attempt_at is not None:
-                fields["next_attempt_at"] = format_time(next_attempt_at)
-                fields["retry_in_seconds"] = round(max(0.0, next_attempt_at - time.time()), 3)
-                message += f" (next attempt at {fields['next_attempt_at']})"
-            delivery_log.log(level, message, outcome, fields)
+def _recovery_disabled(*args: Any, **kwargs: Any) -> NoReturn:
+    raise RecoveryDisabledError()
 
 
 class WebhookReceiver:
@@ -152,23 +145,19 @@ class WebhookReceiver:
             lambda: self.store.oldest_pending_age(),
             lambda: (self.keys.fetches, self.keys.fetch_failures) if self._keys else (0, 0),
         )
+        # What a start opens; None while stopped (`store`, `keys` then raise NotStartedError).
         self._store: Store | None = None
         self._keys: KeySource | None = None
         self._dispatcher: Dispatcher | None = None
-        self._listener: Listener | None = None
-        self._watchdog: LoopWatchdog | None = None
-        self._pruner: Pruner | None = None
-        self._intake: Intake | None = None
-        self._warm_keys_task: asyncio.Task[None] | None = None
-        self._started_at = time.monotonic()
         self._pause: PauseWatcher | None = None
+        self._expectations: Expectations | None = None
+        self._running: contextlib.AsyncExitStack | None = None  # what stop() closes
+        self._drained = Drained(0, 0)
+        self._started_at = time.monotonic()
         self._starts = 0
         # Recovery from fal's queue (submit, expect, the poller): only with a fal key.
         self.recovery: Recovery | None = None
-        self._expectations: Expectations | None = None
         if self.settings.recovery_enabled:
-            from falhook.receiver.recovery import Recovery
-
             self.metrics.enable_recovery(self._expectation_counts)
             self.recovery = Recovery(
                 self.settings,
@@ -177,6 +166,12 @@ class WebhookReceiver:
             )
         # Gives freed memory back to the system after large bodies (glibc only).
         self.trimmer = MemoryTrimmer()
+        # FALHOOK_NOTIFY_URL: told when something breaks (the Notifier runs while started).
+        self._notifier: Notifier | None = None
+        if self.settings.notify_url:
+            self.metrics.enable_notifications()
+        # The console's charts: a minute-by-minute history of this process's numbers.
+        self.history: History | None = None
         self.app = self._build_app()
 
     # -- what the routes use -----------------------------------------------------------
@@ -185,29 +180,9 @@ class WebhookReceiver:
     def started(self) -> bool:
         return self._starts > 0
 
-    def check_headers(self, headers: Iterable[tuple[bytes, bytes]]) -> WebhookHeaders:
-        """Everything a delivery's headers alone decide, before its body is read.
-
-        `headers` are the request's (name, value) byte pairs, names lowercase (ASGI's).
-        :raises WebhookVerificationError: inauthentic (401).
-        :raises NotStartedError: before `start()` (503).
-        """
-        if self._intake is None:
-            raise NotStartedError()
-        return self._intake.keys.check_headers(headers)
-
-    async def accept(self, body: bytes, checked: WebhookHeaders) -> Accepted:
-        """Verify, parse and durably store one delivery whose headers `check_headers`
-        passed; it is then dispatched from the store. Raises what `Intake.accept` raises,
-        or `NotStartedError` before `start()`."""
-        intake = self._intake
-        if intake is None:
-            raise NotStartedError()
-        return await intake.accept(body, checked)
-
     async def ready(self) -> None:
         """Raise unless deliveries can be accepted now: started, store and keys reachable."""
-        intake = self._intake
+        intake = self.app.endpoint.intake
         if intake is None:
             raise NotStartedError()
         try:
@@ -249,92 +224,197 @@ class WebhookReceiver:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the store and start the dispatcher. Nested starts are counted."""
+        """Open the store and start the dispatcher (nested starts are counted). If a part
+        fails to start, those already started are stopped, in reverse, and it raises."""
         self._starts += 1
         if self._starts > 1:
             return
+        try:
+            async with contextlib.AsyncExitStack() as parts:
+                await self._start_parts(parts)
+                self._started_at = time.monotonic()
+                self._log_started()
+                self._running = parts.pop_all()
+        except BaseException:
+            self._starts = 0
+            raise
+
+    async def _start_parts(self, parts: contextlib.AsyncExitStack) -> None:
+        """Start each part in order, pushing onto `parts` what stops it first (a part's stop
+        undoes a start that failed halfway too): closing `parts` (stop, or a part failing
+        to start) stops them all, in reverse."""
         settings = self.settings
-        self._watchdog = LoopWatchdog(
+        parts.callback(self._forget_parts)  # last of all: the receiver is stopped
+        watchdog = LoopWatchdog(
             asyncio.get_running_loop(),
             self.registry.on_loop,
             on_lag=self.metrics.loop_lag.observe,
             on_blocked=lambda callback: self.metrics.loop_blocked.labels(callback).inc(),
         )
-        self._watchdog.start()
-        self._keys = KeySource(
+        parts.callback(watchdog.stop)
+        watchdog.start()
+        parts.callback(self.trimmer.close)  # a trim due later is not started
+        keys = self._keys = KeySource(
             settings.jwks_url,
             user_id=settings.user_id,
             tolerance=settings.tolerance_seconds,
             timeout=settings.jwks_timeout_seconds,
             min_refresh_interval=settings.jwks_refresh_seconds,
         )
+        parts.push_async_callback(keys.aclose)
+        if self._forwarder is not None:  # closed once the callbacks using it are over
+            parts.push_async_callback(self._forwarder.aclose)
         # Load the keys now, beside the rest of start-up: the first delivery then finds them
         # cached, and a JWKS that cannot be had is a warning at start, not a surprise later.
-        self._warm_keys_task = asyncio.create_task(self._warm_keys(), name="falhook-keys")
-        store = Store(settings.database_url, on_due=self._wake)
+        warm_keys = asyncio.create_task(_warm_keys(keys), name="falhook-keys")
+        parts.push_async_callback(_cancel, warm_keys)
+        if settings.notify_url:
+            await self._start_notifier(parts, settings.notify_url)
+        store = self._store = Store(settings.database_url, on_due=self._wake)
+        parts.push_async_callback(store.stop)
         store.start()
-        self._store = store
         try:
             await store.ping()  # create or upgrade the schema now, not on the first delivery
         except StoreUnavailableError as exc:
             log.warning("store unavailable at start (will keep trying): %s", exc)
-        if len(self.registry):
-            self._dispatcher = Dispatcher(
-                store,
-                self.registry,
-                policy=RetryPolicy(
-                    max_attempts=settings.callback_max_attempts,
-                    base_delay=settings.callback_backoff_seconds,
-                    max_delay=settings.callback_backoff_max_seconds,
-                ),
-                lease_seconds=settings.lease_seconds,
-                concurrency=settings.concurrency,
-                poll_seconds=settings.poll_seconds,
-                shutdown_timeout=settings.shutdown_timeout_seconds,
-                callback_timeout=settings.callback_timeout_seconds,
-                deadlines=self.deadlines,
-                observer=_Observer(self.metrics, self.trimmer),
-                prepare=self.recovery.prepare if self.recovery is not None else None,
-            )
-            # Held until the store's pause switch has been read: a replica starting while
-            # dispatch is paused must not claim a batch first.
-            self._dispatcher.pause()
-        self._pause = PauseWatcher(store, self._apply_pause)
-        await self._pause.start()
+        dispatcher = self._dispatcher = self._new_dispatcher(store)
+        pause = self._pause = PauseWatcher(store, self._apply_pause)
+        parts.push_async_callback(pause.stop)
+        await pause.start()
         if store.dialect == "postgresql":
             # Wake-ups from the other replicas' inserts, and changes of the pause switch.
-            self._listener = Listener(
-                settings.database_url, self._wake, also={CONTROL_CHANNEL: self._pause.poke}
+            listener = Listener(
+                settings.database_url, self._wake, also={CONTROL_CHANNEL: pause.poke}
             )
-            self._listener.start()
-        if self._dispatcher is not None:
-            self._dispatcher.start()
+            parts.push_async_callback(listener.stop)
+            listener.start()
+        if dispatcher is not None:
+            parts.push_async_callback(self._drain, dispatcher)
+            dispatcher.start()
         else:
             log.warning(
                 "no callbacks registered: deliveries are stored and stay pending until a "
                 "receiver with callbacks runs"
             )
-        self._intake = Intake(
-            self._keys,
+        self.app.endpoint.intake = Intake(
+            keys,
             store,
-            self._dispatcher,
+            dispatcher,
             lease_seconds=settings.lease_seconds,
             store_timeout=settings.store_timeout_seconds,
             deadlines=self.deadlines,
         )
+        parts.callback(self._refuse_deliveries)
+        if settings.console_token:
+            await self._start_sampler(parts, store)
         if settings.retention > 0:
-            self._pruner = Pruner(store, settings.retention)
-            self._pruner.start()
+            pruner = Pruner(store, settings.retention)
+            parts.push_async_callback(pruner.stop)
+            pruner.start()
         if self.recovery is not None:
             self._expectations = Expectations(store)
+            parts.push_async_callback(self.recovery.stop)
             self.recovery.start(store)
             if settings.public_url is None:
                 log.warning(
                     "FALHOOK_PUBLIC_URL is not set: hooks.submit sends no webhook URL to fal, "
                     "so its results arrive only by recovery from the queue"
                 )
-        self._started_at = time.monotonic()
-        self._log_started()
+
+    async def _start_notifier(self, parts: contextlib.AsyncExitStack, url: str) -> None:
+        """Notifications run from before the dispatcher to after it drained, so a delivery
+        that goes dead while stopping is still told."""
+        settings = self.settings
+        console = None
+        if settings.console_token and settings.public_url:
+            console = settings.public_url + "/console"
+        notifier = self._notifier = Notifier(
+            url,
+            secret=settings.forward_secret,
+            console_url=console,
+            on_sent=lambda kind, outcome: self.metrics.notification(kind.value, outcome),
+        )
+        task = asyncio.create_task(notifier.run(), name="falhook-notify")
+
+        async def stop() -> None:
+            self._notifier = None
+            await notifier.aclose()
+            await task
+
+        parts.push_async_callback(stop)
+
+    def notify(self, kind: NoticeKind, subject: str, detail: str | None = None) -> None:
+        """Tell FALHOOK_NOTIFY_URL of an event (batched); nothing when it is not set."""
+        if self._notifier is not None:
+            self._notifier.notify(kind, subject, detail)
+
+    async def _start_sampler(self, parts: contextlib.AsyncExitStack, store: Store) -> None:
+        """The console's charts: once a minute, this process's numbers and the backlogs."""
+        from falhook.receiver.console.charts import History, Sampler  # with the console only
+
+        if self.history is None:
+            self.history = History()
+
+        def backlogs() -> dict[str, float]:
+            counts = store.counts()
+            found = {"pending": float(counts[State.PENDING] + counts[State.RUNNING])}
+            if self._expectations is not None:
+                waiting = self._expectations.counts()
+                found["recovery"] = float(
+                    waiting[ExpectationState.WAITING] + waiting[ExpectationState.POLLING]
+                )
+            return found
+
+        sampler = Sampler(self.metrics, backlogs, self.history)
+
+        async def every_minute() -> None:
+            while True:
+                await asyncio.sleep(60.0)  # a clock, not a wait for something
+                try:
+                    await asyncio.to_thread(sampler.sample)
+                except ReceiverError as exc:  # the store is down: a gap in the chart
+                    log.warning("console charts: no sample this minute: %s", exc)
+
+        task = asyncio.create_task(every_minute(), name="falhook-charts")
+        parts.push_async_callback(_cancel, task)
+
+    def _new_dispatcher(self, store: Store) -> Dispatcher | None:
+        """The dispatcher (None without callbacks), paused until the store's switch is read:
+        a replica starting while dispatch is paused must not claim a batch first."""
+        if not len(self.registry):
+            return None
+        settings = self.settings
+        dispatcher = Dispatcher(
+            store,
+            self.registry,
+            policy=RetryPolicy(
+                max_attempts=settings.callback_max_attempts,
+                base_delay=settings.callback_backoff_seconds,
+                max_delay=settings.callback_backoff_max_seconds,
+            ),
+            lease_seconds=settings.lease_seconds,
+            concurrency=settings.concurrency,
+            poll_seconds=settings.poll_seconds,
+            shutdown_timeout=settings.shutdown_timeout_seconds,
+            callback_timeout=settings.callback_timeout_seconds,
+            deadlines=self.deadlines,
+            observer=MetricsObserver(self.metrics, self.trimmer, notify=self.notify),
+            prepare=self.recovery.prepare if self.recovery is not None else None,
+        )
+        dispatcher.pause()
+        return dispatcher
+
+    async def _drain(self, dispatcher: Dispatcher) -> None:
+        self._drained = await dispatcher.stop()
+
+    def _refuse_deliveries(self) -> None:
+        # From here on a delivery is answered 503 receiver_not_started: fal retries it.
+        self.app.endpoint.intake = None
+
+    def _forget_parts(self) -> None:
+        self._store = self._keys = self._dispatcher = None
+        self._pause = None
+        self._expectations = None
 
     def _log_started(self) -> None:
         """One line with everything an operator checks first: what runs, where, with what."""
@@ -382,63 +462,25 @@ class WebhookReceiver:
                 "accepted; set it to your fal user id"
             )
 
-    async def _warm_keys(self) -> None:
-        try:
-            await self.keys.ready()
-        except KeysUnavailableError as exc:
-            log.warning(
-                "keys unavailable at start (deliveries are answered 503 until they load; "
-                "fetched again as deliveries arrive): %s",
-                exc,
-            )
-
     async def stop(self) -> None:
-        """Stop claiming, let running callbacks finish (up to the timeout), close the store."""
+        """Stop claiming, let running callbacks finish (up to the timeout), close the store:
+        every part started, in reverse."""
         if self._starts == 0:
             return
         self._starts -= 1
         if self._starts > 0:
             return
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog = None
-        self.trimmer.close()
-        if self._pruner is not None:
-            await self._pruner.stop()
-            self._pruner = None
-        self._intake = None
-        if self._warm_keys_task is not None:
-            self._warm_keys_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._warm_keys_task
-            self._warm_keys_task = None
-        if self.recovery is not None:
-            await self.recovery.stop()
-            self._expectations = None
-        if self._listener is not None:
-            await self._listener.stop()
-            self._listener = None
-        drained = Drained(0, 0)
-        if self._pause is not None:
-            await self._pause.stop()
-            self._pause = None
-        if self._dispatcher is not None:
-            drained = await self._dispatcher.stop()
-            self._dispatcher = None
-        if self._store is not None:
-            await self._store.stop()
-            self._store = None
-        if self._forwarder is not None:
-            await self._forwarder.aclose()
-        if self._keys is not None:
-            await self._keys.aclose()
+        running, self._running = self._running, None
+        self._drained = Drained(0, 0)
+        if running is not None:
+            await running.aclose()
         log.info(
             "falhook stopped after %.0f s: %d deliveries in flight finished, %d cancelled "
             "(retaken when their leases expire); the store's queued writes were committed",
             time.monotonic() - self._started_at,
-            drained.finished,
-            drained.cancelled,
-            extra={"finished": drained.finished, "cancelled": drained.cancelled},
+            self._drained.finished,
+            self._drained.cancelled,
+            extra={"finished": self._drained.finished, "cancelled": self._drained.cancelled},
         )
 
     async def __aenter__(self) -> WebhookReceiver:
@@ -497,83 +539,13 @@ class WebhookReceiver:
                 self._dispatcher.resume()
 
     # -- recovery from fal's queue (with a fal key) -------------------------------------
+    # hooks.submit(...) is hooks.recovery.submit(...), and so on: the one implementation is
+    # Recovery's (RecoveryDisabledError without a fal key).
 
-    def _recovery(self) -> Recovery:
-        if self.recovery is None:
-            raise RecoveryDisabledError()
-        return self.recovery
-
-    async def submit(
-        self,
-        endpoint_id: str,
-        arguments: Any,
-        *,
-        priority: str | None = None,
-        start_timeout: float | None = None,
-        hint: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """Submit a request to fal's queue with this receiver's webhook URL
-        (FALHOOK_PUBLIC_URL + /webhooks/fal), and expect its result: if no webhook brings
-        it, it is fetched from the queue. Returns fal's answer, ``request_id`` first.
-
-        Raises RecoveryDisabledError without a fal key, QueueError if fal refused it.
-        """
-        return await self._recovery().submit(
-            endpoint_id,
-            arguments,
-            priority=priority,
-            start_timeout=start_timeout,
-            hint=hint,
-            headers=headers,
-        )
-
-    def submit_sync(
-        self,
-        endpoint_id: str,
-        arguments: Any,
-        *,
-        priority: str | None = None,
-        start_timeout: float | None = None,
-        hint: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """`submit` for code without an event loop."""
-        return self._recovery().submit_sync(
-            endpoint_id,
-            arguments,
-            priority=priority,
-            start_timeout=start_timeout,
-            hint=hint,
-            headers=headers,
-        )
-
-    async def expect(
-        self,
-        request_id: str,
-        endpoint_id: str,
-        *,
-        status_url: str | None = None,
-        response_url: str | None = None,
-    ) -> bool:
-        """Expect the result of a request submitted elsewhere: if no delivery comes, it is
-        fetched from fal's queue. True if newly recorded."""
-        return await self._recovery().expect(
-            request_id, endpoint_id, status_url=status_url, response_url=response_url
-        )
-
-    def expect_sync(
-        self,
-        request_id: str,
-        endpoint_id: str,
-        *,
-        status_url: str | None = None,
-        response_url: str | None = None,
-    ) -> bool:
-        """`expect` for code without an event loop."""
-        return self._recovery().expect_sync(
-            request_id, endpoint_id, status_url=status_url, response_url=response_url
-        )
+    submit = _RecoveryMethod(Recovery.submit)
+    submit_sync = _RecoveryMethod(Recovery.submit_sync)
+    expect = _RecoveryMethod(Recovery.expect)
+    expect_sync = _RecoveryMethod(Recovery.expect_sync)
 
     def _expectation_counts(self) -> dict[ExpectationState, int]:
         if self._expectations is None:
@@ -587,8 +559,6 @@ class WebhookReceiver:
     def _build_app(self) -> ReceiverApp:
         settings = self.settings
         endpoint = WebhookEndpoint(
-            self.check_headers,
-            self.accept,
             self.metrics,
             max_body=settings.max_body_bytes,
             max_buffered=settings.max_buffered_bytes,
@@ -662,6 +632,23 @@ def _route_path(scope: Scope) -> str:
     ):
         return path[len(root_path) :]
     return path
+
+
+async def _warm_keys(keys: KeySource) -> None:
+    try:
+        await keys.ready()
+    except KeysUnavailableError as exc:
+        log.warning(
+            "keys unavailable at start (deliveries are answered 503 until they load; "
+            "fetched again as deliveries arrive): %s",
+            exc,
+        )
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _to_console(request: Request) -> Response:

@@ -26,12 +26,12 @@ from falhook.receiver.retry import Backoff, Retry, RetryPolicy
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.attempts import AttemptRecord
 from falhook.receiver.sync_runner import SyncRunner
+from falhook.receiver.tracebacks import attempt_error
 
 __all__ = ["Dispatcher", "Drained"]
 
 log = logging.getLogger("falhook.dispatcher")
 _MAX_ERROR_CHARS = 4000
-_MAX_TRACE_CHARS = 8000
 
 
 def _describe(exc: BaseException) -> str:
@@ -40,11 +40,12 @@ def _describe(exc: BaseException) -> str:
 
 
 def _trace(exc: BaseException) -> str:
-    """The traceback, truncated from the top: its end names the error and where it was."""
-    text = "".join(traceback.format_exception(exc)).strip()
-    if len(text) <= _MAX_TRACE_CHARS:
-        return text
-    return "… (truncated)\n" + text[-_MAX_TRACE_CHARS:]
+    """What an attempt records: a scheduled retry in one line (it is not an error), else
+    the traceback with falhook's own frames folded."""
+    if isinstance(exc, Retry):
+        after = "" if exc.after is None else f", after {exc.after:g} s"
+        return f"retry asked by the callback{after}: {exc}"
+    return attempt_error(exc)
 
 
 class Dispatcher:

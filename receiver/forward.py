@@ -43,7 +43,10 @@ class Forwarder:
     ):
         self.url = url
         self._signer = Webhook(secret) if secret else None
-        self._client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=False)
+        self._timeout = timeout
+        # Opened on first use, closed by `aclose` (the receiver's stop): a later start opens
+        # a new one.
+        self._client = client
 
     @property
     def signed(self) -> bool:
@@ -66,7 +69,7 @@ class Forwarder:
         if self._signer is not None:
             headers.update(self._signature(delivery))
         try:
-            response = await self._client.post(self.url, content=delivery.raw_body, headers=headers)
+            response = await self._http().post(self.url, content=delivery.raw_body, headers=headers)
         except httpx.HTTPError as exc:
             raise ForwardError(f"POST {self.url} failed: {exc!r}") from exc
         if not response.is_success:
@@ -85,5 +88,12 @@ class Forwarder:
             "webhook-signature": signature,
         }
 
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
+        return self._client
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()

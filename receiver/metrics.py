@@ -309,6 +309,19 @@ class Metrics:
         )
         self.registry.register(_ExpectationsCollector(counts))
 
+    def enable_notifications(self) -> None:
+        """FALHOOK_NOTIFY_URL is set: count the notifications sent, retried and dropped."""
+        self.notifications = Counter(
+            "falhook_notifications",
+            "Notifications POSTed to FALHOOK_NOTIFY_URL, by kind and outcome (sent, retried, "
+            "failed at stop, dropped after retrying until the next batch was due)",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+
+    def notification(self, kind: str, outcome: str) -> None:
+        self.notifications.labels(kind, outcome).inc()
+
     def queue_request(self, outcome: str) -> None:
         self.queue_requests.labels(outcome).inc()
 
@@ -335,3 +348,30 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(_WithoutCreated(self.registry))
+
+    @classmethod
+    def reference(cls) -> list[tuple[str, str, tuple[str, ...], str]]:
+        """(name as scraped, type, labels, help) of every metric falhook can export, with
+        every optional part on: for the generated reference page and its test."""
+        metrics = cls()
+        metrics.enable_recovery(dict)
+        metrics.enable_notifications()
+        metrics.watch_store(dict, lambda: 0.0, lambda: (0, 0))
+        labels: dict[str, tuple[str, ...]] = {}
+        # Label names of metrics that have no child yet are known only to their objects
+        # (prometheus_client keeps them private); the rest come from their families.
+        for collector, names in list(metrics.registry._collector_to_names.items()):
+            for family in getattr(collector, "_families", ()):
+                labels[family.name] = tuple(family.labelnames)
+            for name in names:
+                labels.setdefault(name, tuple(getattr(collector, "_labelnames", ())))
+        rows = []
+        for family in _WithoutCreated(metrics.registry).collect():
+            suffix = "_total" if family.type == "counter" else ""
+            found = (
+                labels.get(family.name)
+                or labels.get(family.name + suffix)
+                or tuple(getattr(family, "_labelnames", ()))  # a custom collector's family
+            )
+            rows.append((family.name + suffix, family.type, found, family.documentation))
+        return sorted(rows)

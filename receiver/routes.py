@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 from starlette.requests import Request
@@ -29,7 +28,7 @@ from falhook.receiver.errors import (
     ReceiverError,
     StoreUnavailableError,
 )
-from falhook.receiver.intake import Accepted
+from falhook.receiver.intake import Accepted, Intake
 from falhook.receiver.logs import delivery_log
 from falhook.receiver.memtrim import MemoryTrimmer
 from falhook.receiver.metrics import CONTENT_TYPE, Metrics
@@ -40,10 +39,6 @@ __all__ = ["Receiving", "WebhookEndpoint", "healthz", "metrics", "not_found", "r
 log = logging.getLogger("falhook.receiver")
 _JSON = (b"content-type", b"application/json")
 _ARRIVED = "falhook.arrived"  # set by falhook.receiver.protocol (not imported: uvicorn)
-
-HeaderPairs = Iterable[tuple[bytes, bytes]]
-CheckHeaders = Callable[[HeaderPairs], WebhookHeaders]
-Accept = Callable[[bytes, WebhookHeaders], Awaitable[Accepted]]
 
 
 class Receiving(Protocol):
@@ -78,15 +73,16 @@ def _error_body(error: str, detail: str) -> bytes:
 
 
 class WebhookEndpoint:
-    """``POST /webhooks/fal`` (and with a trailing slash): HTTP around the receiver's
-    `check_headers` (before the body is read) and `accept` (after)."""
+    """``POST /webhooks/fal`` (and with a trailing slash): HTTP around the started
+    receiver's `Intake`: its key source's `check_headers` (before the body is read), then
+    `Intake.accept`. Without an intake (not started, or stopping) a delivery gets 503
+    ``receiver_not_started``."""
 
     def __init__(
         self,
-        check_headers: CheckHeaders,
-        accept: Accept,
         metrics: Metrics,
         *,
+        intake: Intake | None = None,
         max_body: int,
         max_buffered: int,
         body_timeout: float,
@@ -94,8 +90,7 @@ class WebhookEndpoint:
         deadlines: Deadlines | None = None,
         trimmer: MemoryTrimmer | None = None,
     ) -> None:
-        self.check_headers = check_headers
-        self.accept = accept
+        self.intake = intake  # set while the receiver is started
         self.metrics = metrics
         self.max_body = max_body
         self.max_buffered = max_buffered
@@ -128,12 +123,15 @@ class WebhookEndpoint:
             if scope["method"] != "POST":
                 raise _Reject(405, "method_not_allowed", "use POST")
             self._check_declared_length(scope)
-            checked = self._check_headers(scope)
+            intake = self.intake
+            if intake is None:
+                raise _not_started()
+            checked = self._check_headers(intake, scope)
             body = await self._read_body(receive, held)
             if body is None:
                 return  # the client went away; there is nobody to answer
             body_read = True
-            request_id, duplicate = await self._accept(body, checked)
+            request_id, duplicate = await self._accept(intake, body, checked)
         except _Reject as rejection:
             self._rejected(rejection, request_id, scope)
             extra = [(b"allow", b"POST")] if rejection.status == 405 else []
@@ -167,13 +165,11 @@ class WebhookEndpoint:
             % (json.dumps(request_id).encode(), b"true" if duplicate else b"false"),
         )
 
-    def _check_headers(self, scope: Scope) -> WebhookHeaders:
+    def _check_headers(self, intake: Intake, scope: Scope) -> WebhookHeaders:
         try:
-            return self.check_headers(scope["headers"])
+            return intake.keys.check_headers(scope["headers"])
         except WebhookVerificationError as exc:
             raise _Reject(401, exc.reason.value, str(exc)) from None
-        except NotStartedError as exc:
-            raise _not_started(exc) from None
 
     def _check_declared_length(self, scope: Scope) -> None:
         """413 when Content-Length is over the cap (before reading a byte of the body)."""
@@ -230,18 +226,16 @@ class WebhookEndpoint:
     def _too_large(self) -> _Reject:
         return _Reject(413, "body_too_large", f"body exceeds {self.max_body} bytes")
 
-    async def _accept(self, body: bytes, checked: WebhookHeaders) -> Accepted:
-        """`accept`, with each way it can fail mapped to its HTTP answer."""
+    async def _accept(self, intake: Intake, body: bytes, checked: WebhookHeaders) -> Accepted:
+        """`Intake.accept`, with each way it can fail mapped to its HTTP answer."""
         try:
-            return await self.accept(body, checked)
+            return await intake.accept(body, checked)
         except WebhookVerificationError as exc:
             raise _Reject(401, exc.reason.value, str(exc)) from None
         except KeysUnavailableError as exc:
             raise _Reject(503, exc.reason.value, str(exc)) from None
         except MalformedDeliveryError as exc:
             raise _Reject(400, exc.reason.value, str(exc)) from None
-        except NotStartedError as exc:
-            raise _not_started(exc) from None
         except StoreUnavailableError as exc:
             log.warning("cannot store %s: %s", checked.request_id, exc)
             raise _Reject(503, exc.reason.value, "the store cannot commit right now") from None
@@ -263,12 +257,12 @@ class WebhookEndpoint:
         )
 
 
-def _not_started(exc: NotStartedError) -> _Reject:
+def _not_started() -> _Reject:
     log.error(
         "a delivery arrived but the receiver was never started: run its lifespan "
         "(lifespan=hooks.lifespan, or `async with hooks:` in the host's lifespan)"
     )
-    return _Reject(503, exc.reason.value, "the receiver's lifespan has not run")
+    return _Reject(503, NotStartedError.reason.value, "the receiver's lifespan has not run")
 
 
 def _client(scope: Scope) -> str | None:

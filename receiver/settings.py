@@ -1,4 +1,17 @@
-"""Settings: one frozen object, built once (from the environment, then flags) and passed down."""
+"""Settings: one frozen object, built once (from the environment, then flags) and passed down.
+
+A setting is one field, ``_setting(default, parser, "ENV", "help")``: env FALHOOK_ENV, flag
+--field-name (the flag wins), and `parser` (text -> value, ValueError saying what it wants)
+is its one rule, applied however a Settings is built (see ``__post_init__``).
+
+Why not pydantic-settings: the rules and their one-line messages would stay ours (pydantic's
+own are multi-line, ``1 validation error for Settings …``), each parser then wrapped as a
+validator and each error translated back; flags, the FAL_KEY fallback, a comma list in an
+env variable (pydantic-settings reads one as JSON) and defaults shown as typed (``7d``) each
+want configuration of their own; ``model_copy(update=…)`` does not validate; and every
+command would import pydantic (0.3-0.6 s here; `falhook verify`, `keygen` and `submit` do
+not today). The dataclass below does it in fewer lines, with no new dependency.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +19,7 @@ import base64
 import dataclasses
 import importlib.util
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -266,7 +280,8 @@ def _show_duration(seconds: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything the receiver can be told. Build with `Settings.from_env()`; never mutate."""
+    """Everything the receiver can be told. Build with `Settings.from_env()` (or in code:
+    every value is checked the same way, raising SettingsError); never mutate."""
 
     database_url: str = _setting(
         DEFAULT_DATABASE_URL,
@@ -362,6 +377,13 @@ class Settings:
     shutdown_timeout_seconds: float = _setting(
         30.0, _non_negative_float, "SHUTDOWN_TIMEOUT_SECONDS", "wait for running callbacks"
     )
+    notify_url: str | None = _setting(
+        None,
+        _forward_url,
+        "NOTIFY_URL",
+        'POST {"text": …} here (Slack, Discord) when a delivery goes dead, an expectation '
+        "fails or expires, or a file cannot be archived; batched, at most one a minute per kind",
+    )
     console_token: str | None = _setting(
         None,
         _optional_str,
@@ -431,15 +453,15 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        # from_env and parse_value have checked these already, naming the variable or flag;
-        # this catches a Settings built directly in code.
-        for name, parse in (("database_url", _database_url), ("forward_to", _forward_url)):
-            value = getattr(self, name)
-            if value is not None:
-                try:
-                    parse(value)
-                except ValueError as exc:
-                    raise SettingsError(f"{name}={without_password(value)!r}: {exc}") from exc
+        # However it was built (from_env, flags, Settings(...), replace()), every value is
+        # checked by its field's parser: written as an operator would type it and parsed
+        # again, so the rules and the one-line messages are the ones from_env gives (it has
+        # named the variable or flag already; a value given in code is named by its field).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            checked = _parse(f, _as_typed(f, value), f.name, shown=value)
+            if checked != value or type(checked) is not type(value):
+                object.__setattr__(self, f.name, checked)  # e.g. "7d" -> 604800.0, 5 -> 5.0
         if self.max_buffered_bytes < self.max_body_bytes:
             # A body the budget can never hold would get 503 forever (fal retries for hours).
             raise SettingsError(
@@ -516,11 +538,31 @@ def without_password(text: str) -> str:
     return _PASSWORD.sub(r"\1***@", text)
 
 
-def _parse(f: dataclasses.Field[Any], raw: str, name: str) -> Any:
+def _as_typed(f: dataclasses.Field[Any], value: Any) -> str:
+    """`value` written as an operator would type it, for its field's parser."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # "inf", "nan": refused by every parser, in its own words
+    if f.metadata["show"] is not None:
+        return str(f.metadata["show"](value))
+    if isinstance(value, float):
+        return repr(value)  # exact, unlike :g
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str, name: str, *, shown: Any = None) -> Any:
+    """`raw` parsed for `f`; a SettingsError names `name`: an env variable (NAME='…'), a
+    flag (--name '…') or a field (name=…, showing `shown`, the value given in code)."""
     try:
         return f.metadata["parse"](raw)
     except ValueError as exc:
-        shown = "…" if f.metadata.get("secret") else repr(without_password(raw))
-        # "--concurrency 'lots': wants a whole number…" for a flag, NAME='…': for a variable.
-        shown = f"{name} {shown}" if name.startswith("--") else f"{name}={shown}"
-        raise SettingsError(f"{shown}: {exc}") from exc
+        given = raw if shown is None else shown
+        value = "…" if f.metadata.get("secret") else without_password(repr(given))
+        # --concurrency 'lots': …; FALHOOK_CONCURRENCY='lots': …; concurrency=0: … (code)
+        where = f"{name} {value}" if name.startswith("--") else f"{name}={value}"
+        raise SettingsError(f"{where}: {exc}") from exc

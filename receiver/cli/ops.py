@@ -23,6 +23,7 @@ from falhook.receiver.durations import format_duration, format_time, parse_durat
 from falhook.receiver.errors import SettingsError, StoreSchemaError, StoreUnavailableError
 from falhook.receiver.settings import ENV_PREFIX, Settings
 from falhook.receiver.state import State
+from falhook.receiver.tracebacks import repeats
 
 if TYPE_CHECKING:
     from falhook.receiver.store.admin import Admin
@@ -394,9 +395,11 @@ def _out_attempts(history: list[dict[str, Any]]) -> None:
             f"{a['duration_seconds']:.3f} s",
             a["outcome"],
             a["next_attempt_at"] or "-",
-            _one_line(_last_line(a["error"]), _LAST_ERROR_WIDTH),
+            f"same as attempt {history[same]['attempt']}"
+            if same is not None
+            else _one_line(_last_line(a["error"]), _LAST_ERROR_WIDTH),
         ]
-        for a in history
+        for a, same in zip(history, repeats([a["error"] for a in history]), strict=True)
     ]
     _out("attempts:")
     _out(render_table(rows))

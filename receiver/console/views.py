@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import sqlalchemy as sa
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from falhook.receiver.console import queries, render
 from falhook.receiver.console.auth import Auth, Session, SigninThrottle
+from falhook.receiver.console.charts import History, charts, svg_chart
 from falhook.receiver.errors import ReceiverError
 from falhook.receiver.models import State
 from falhook.receiver.store import Store
@@ -32,6 +34,7 @@ from falhook.receiver.store.attempts import StoredAttempt
 from falhook.receiver.store.control import DispatchControl
 from falhook.receiver.store.expectations import Expectation, Expectations
 from falhook.receiver.store.records import StoredDelivery
+from falhook.receiver.tracebacks import repeats
 
 
 class Operated(Protocol):
@@ -42,6 +45,9 @@ class Operated(Protocol):
 
     @property
     def dispatch_paused(self) -> bool | None: ...
+
+    @property
+    def history(self) -> History | None: ...
 
     async def pause(self, reason: str | None = None, *, by: str = "api") -> DispatchControl: ...
 
@@ -71,6 +77,16 @@ _SECURITY_HEADERS = {
 }
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _refresh(value: str) -> int | None:
+    """``?refresh=30``: the home page reloads itself every so many seconds (10 to 3600);
+    anything else, no reload."""
+    try:
+        seconds = int(value)
+    except ValueError:
+        return None
+    return seconds if 10 <= seconds <= 3600 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +249,16 @@ class Console:
             if next_cursor
             else ""
         )
+        history = self.receiver.history
         context = {
+            # The home page's charts: only on the unfiltered first page, where one looks
+            # at the whole; the list below them is what the filters are for.
+            "charts": (
+                [Markup(svg_chart(chart)) for chart in charts(history)]
+                if history is not None and not query and cursor is None
+                else []
+            ),
+            "refresh": _refresh(params.get("refresh", "")),
             "rows": rows,
             "filters": {"state": raw["state"], "status": raw["status"].upper()},
             "raw": raw,
@@ -278,6 +303,11 @@ class Console:
             "body": render.linked_body(render.pretty_body(delivery.body, parsed)),
             "media": render.find_media(parsed),
             "attempts": attempts,
+            # A traceback identical to the one before is shown once: "same as attempt 2".
+            "repeats": [
+                None if i is None else attempts[i].attempt
+                for i in repeats([a.error for a in attempts])
+            ],
             "expectation": expectation,
         }
         return await self._signed_in_page(request, session, "delivery.html", context, 200)

@@ -232,6 +232,20 @@ def test_operator_replays_a_dead_delivery_and_pauses_dispatch(
             box = page.locator("header.top button").last.bounding_box()
             assert box is not None and box["x"] + box["width"] <= 360, box
             page.screenshot(path=str(screenshots / "console-phone.png"), full_page=True)
+            # At 390 px each row of the list stays on one line, the 255-character id too.
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.goto(base)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            heights = page.locator("table.deliveries tbody tr").evaluate_all(
+                "rows => rows.map(r => r.getBoundingClientRect().height)"
+            )
+            line = page.locator("table.deliveries tbody td.time").first.evaluate(
+                "td => parseFloat(getComputedStyle(td).lineHeight)"
+            )
+            assert len(heights) == 6 and max(heights) < 2.5 * line, (heights, line)
+            page.goto(base + "deliveries/" + dead_id)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            page.screenshot(path=str(screenshots / "console-phone-delivery.png"), full_page=True)
         finally:
             browser.close()
     assert dead_id in server.done_ids()

@@ -4,19 +4,35 @@ arrives when it never ran gets a loud 503 receiver_not_started."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from falhook.receiver import Delivery, NotStartedError, Settings, WebhookReceiver, create_app
+from falhook.receiver.dispatcher import Dispatcher
+from falhook.receiver.intake import Intake
+from falhook.receiver.keysource import KeySource
+from falhook.receiver.pause import PauseWatcher
+from falhook.receiver.pruner import Pruner
+from falhook.receiver.recovery import Recovery
+from falhook.receiver.store import Store
+from falhook.receiver.store.listener import Listener
+from falhook.receiver.watchdog import LoopWatchdog
+from tests.receiver import store_fixtures
 from tests.receiver.conftest import Signer
+
+pg_schema_url = store_fixtures.pg_schema_url
+store_url = store_fixtures.store_url
 
 
 def _wait(received: list[Delivery]) -> None:
@@ -203,3 +219,94 @@ def test_the_startup_line_names_a_relative_store_file_and_the_console(
     assert started.store == f"sqlite:///./here.db ({tmp_path.resolve() / 'here.db'})"  # type: ignore[attr-defined]
     assert started.console == "http://127.0.0.1:8000/console/"  # type: ignore[attr-defined]
     assert started.getMessage().endswith(", console http://127.0.0.1:8000/console/")
+
+
+class _InjectedError(Exception):
+    pass
+
+
+# Every step of start, in order (the listener only on PostgreSQL); the startup line last.
+_START_STEPS = [
+    (LoopWatchdog, "start"),
+    (KeySource, "__init__"),
+    (Store, "start"),
+    (Store, "ping"),
+    (PauseWatcher, "start"),
+    (Listener, "start"),
+    (Dispatcher, "start"),
+    (Intake, "__init__"),
+    (Pruner, "start"),
+    (Recovery, "start"),
+    (WebhookReceiver, "_log_started"),
+]
+
+
+async def _no_thread_left_but(before: set[threading.Thread]) -> None:
+    # Checked while the loop still runs: a thread bound to it would otherwise end with it.
+    # A stopped thread may take a moment to end (the watchdog notices within a probe).
+    for thread in _falhook_threads() - before:
+        await asyncio.to_thread(thread.join, 10)
+    left = _falhook_threads() - before
+    assert not left, sorted(t.name for t in left)
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+def _falhook_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("falhook-")}
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["instead", "after"])
+@pytest.mark.parametrize(("cls", "step"), _START_STEPS, ids=lambda v: getattr(v, "__name__", v))
+def test_a_failed_start_stops_what_it_started_and_a_later_start_works(
+    store_url: str,
+    jwks_file: Path,
+    cls: type,
+    step: str,
+    after: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The step fails instead of running, or once it ran (a part that fails halfway).
+    if cls is Listener and not store_url.startswith("postgresql"):
+        pytest.skip("the listener runs only on PostgreSQL")
+    settings = Settings(
+        database_url=store_url,
+        jwks_url=str(jwks_file),
+        forward_to="http://127.0.0.1:9/in",  # a callback: the dispatcher runs
+        fal_key="key",  # recovery runs (nothing is expected: it calls nobody)
+        queue_url="http://127.0.0.1:9",
+        shutdown_timeout_seconds=1.0,
+    )
+    before = _falhook_threads()
+    hooks = WebhookReceiver(settings)
+
+    original = getattr(cls, step)
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        if after:
+            original(*args, **kwargs)
+        raise _InjectedError(f"{cls.__name__}.{step}")
+
+    async def fail_async(*args: Any, **kwargs: Any) -> None:
+        if after:
+            await original(*args, **kwargs)
+        raise _InjectedError(f"{cls.__name__}.{step}")
+
+    monkeypatch.setattr(cls, step, fail_async if inspect.iscoroutinefunction(original) else fail)
+
+    async def main() -> None:
+        with pytest.raises(_InjectedError):
+            await hooks.start()
+        assert not hooks.started
+        await _no_thread_left_but(before)
+        with pytest.raises(NotStartedError):
+            _ = hooks.store
+        assert hooks.app.endpoint.intake is None  # deliveries get 503 receiver_not_started
+        monkeypatch.setattr(cls, step, original)
+        async with hooks:  # a later start works
+            assert hooks.started and hooks.dispatcher is not None
+            await hooks.store.ping()
+            assert (await hooks.pause("test")).paused
+        assert not hooks.started
+        await _no_thread_left_but(before)
+
+    asyncio.run(main())

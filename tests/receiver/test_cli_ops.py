@@ -420,6 +420,7 @@ def test_show_lists_every_attempt_and_the_latest_traceback(run: Run, db: str) ->
     lines = table.splitlines()[2:]
     assert lines[0].split()[0] == "1" and "1.500 s" in lines[0] and "retry" in lines[0]
     assert lines[1].split()[0] == "2" and "dead" in lines[1]
+    assert "same as attempt 1" in lines[1]  # the same traceback is shown once
     assert "RuntimeError: downstream is down" in lines[0]
     assert 'File "myapp.py", line 4, in handle' in out
     code, out, _ = run("deliveries", "show", "r-hist", "--json")

@@ -677,3 +677,50 @@ def test_delivery_page_lists_every_attempt_with_its_error(
     assert "downstream &lt;down&gt; on attempt 1" in section  # escaped, with its traceback
     assert "downstream &lt;down&gt; on attempt 2" in section
     assert "Traceback" in section
+
+
+def test_a_repeated_traceback_is_shown_once(settings: Settings, signer: Signer) -> None:
+    hooks = WebhookReceiver(
+        settings.replace(
+            console_token=TOKEN, callback_max_attempts=3, callback_backoff_seconds=0.01
+        )
+    )
+
+    @hooks.on_delivery
+    def always_down(delivery: Any) -> None:
+        raise RuntimeError("downstream is down")
+
+    with TestClient(hooks.app, follow_redirects=False) as client:
+        body, headers = signer("r-same")
+        assert client.post("/webhooks/fal", content=body, headers=headers).status_code == 200
+        deadline = time.monotonic() + 20
+        while hooks.store.get("r-same").state is not State.DEAD:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "never dead"
+            time.sleep(0.02)
+        assert sign_in(client).status_code == 303
+        page = client.get("/console/deliveries/r-same").text
+    section = page[page.index('class="attempts"') :]
+    assert section.count("RuntimeError: downstream is down") == 1
+    assert section.count("same as attempt 1") == 2
+    assert "frames of falhook&#39;s own folded" in section or "falhook's own folded" in section
+
+
+def test_the_home_page_charts_the_last_day(
+    hooks: WebhookReceiver, signed_in: TestClient, signer: Signer
+) -> None:
+    from falhook.receiver.console.charts import Sampler
+
+    assert hooks.history is not None and not hooks.history.samples
+    page = signed_in.get("/console/").text
+    assert page.count('<svg class="chart"') == 4 and "no data yet" in page
+    sampler = Sampler(hooks.metrics, lambda: {"pending": 2.0}, hooks.history)
+    body, headers = signer("r-chart")
+    assert signed_in.post("/webhooks/fal", content=body, headers=headers).status_code == 200
+    sampler.sample()
+    page = signed_in.get("/console/").text
+    assert "received 1" in page and "pending 2" in page
+    assert '<meta http-equiv="refresh"' not in page
+    assert '<meta http-equiv="refresh" content="30">' in signed_in.get("/console/?refresh=30").text
+    assert '<meta http-equiv="refresh"' not in signed_in.get("/console/?refresh=1").text
+    filtered = signed_in.get("/console/?state=dead").text
+    assert '<svg class="chart"' not in filtered  # charts on the home page only

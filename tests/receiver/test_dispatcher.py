@@ -433,3 +433,48 @@ def test_an_outcome_is_recorded_once_the_store_is_back_within_the_lease(
                 assert time.monotonic() - started < 15
 
         asyncio.run(body())
+
+
+def test_an_attempts_traceback_starts_with_the_users_code(db_url: str) -> None:
+    registry = CallbackRegistry()
+
+    def deep(delivery: Delivery) -> None:
+        raise ValueError("bad input")
+
+    @registry.on_delivery
+    def broken(delivery: Delivery) -> None:  # a `def`: run through falhook's thread runner
+        deep(delivery)
+
+    async def main() -> None:
+        policy = RetryPolicy(max_attempts=2, base_delay=0.02)
+        async with _running(db_url, registry, policy=policy) as (store, _):
+            await store.insert(_new("folded"))
+            await _until(lambda: _state(store, "folded") is State.DEAD)
+            first, second = store.attempts("folded")
+        assert first.error is not None
+        frames = [line for line in first.error.splitlines() if line.startswith('  File "')]
+        assert frames and all(__file__ in frame for frame in frames)  # only the user's frames
+        assert "in broken" in frames[0] and "in deep" in frames[-1]
+        assert first.error.endswith("of falhook's own folded)")
+        assert "ValueError: bad input" in first.error
+        assert second.error == first.error  # identical: shown once, "same as attempt 1"
+
+    asyncio.run(main())
+
+
+def test_a_retry_the_callback_asked_for_is_recorded_as_a_schedule(db_url: str) -> None:
+    registry = CallbackRegistry()
+
+    @registry.on_delivery
+    async def later(delivery: Delivery) -> None:
+        raise Retry(after=900, message="rate limited upstream")
+
+    async def main() -> None:
+        async with _running(db_url, registry) as (store, _):
+            await store.insert(_new("scheduled"))
+            await _until(lambda: store.attempts("scheduled"))
+            [attempt] = store.attempts("scheduled")
+        assert attempt.outcome == "retry"
+        assert attempt.error == "retry asked by the callback, after 900 s: rate limited upstream"
+
+    asyncio.run(main())

@@ -107,6 +107,16 @@ def test_sync_twins_work_without_a_running_receiver(fast: Settings, fake: FakeFa
     assert stored(fast.database_url, "elsewhere-1").origin == "expect"
 
 
+def test_submit_and_expect_are_the_recoverys_own_methods(fast: Settings) -> None:
+    hooks = WebhookReceiver(fast)
+    assert hooks.recovery is not None
+    assert hooks.submit == hooks.recovery.submit
+    assert hooks.submit_sync == hooks.recovery.submit_sync
+    assert hooks.expect == hooks.recovery.expect
+    assert hooks.expect_sync == hooks.recovery.expect_sync
+    assert WebhookReceiver.submit.__doc__ == type(hooks.recovery).submit.__doc__
+
+
 def test_without_a_key_the_receiver_is_as_before(settings: Settings) -> None:
     hooks = WebhookReceiver(settings)
     assert hooks.recovery is None

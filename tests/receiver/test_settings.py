@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -191,3 +192,64 @@ def test_a_fal_key_that_cannot_be_sent_is_refused_without_showing_it(key: str) -
         Settings.from_env({"FALHOOK_FAL_KEY": key})
     assert key not in str(info.value)
     assert Settings.from_env({"FALHOOK_FAL_KEY": " abc:123-XYZ_z "}).fal_key == "abc:123-XYZ_z"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "typed"),
+    [
+        ("lease_seconds", -5.0, "-5"),
+        ("lease_seconds", float("inf"), "inf"),
+        ("concurrency", 0, "0"),
+        ("callback_max_attempts", 2.5, "2.5"),
+        ("tolerance_seconds", -1.0, "-1"),
+        ("log_level", "loud", "loud"),
+        ("forwarded_allow_ips", "proxy.internal", "proxy.internal"),
+        ("public_url", "https://hooks.example.com?x=1", "https://hooks.example.com?x=1"),
+        ("jwks_url", "ftp://example.com/jwks.json", "ftp://example.com/jwks.json"),
+    ],
+)
+def test_a_settings_built_in_code_is_checked_as_the_cli_checks_it(
+    field: str, value: Any, typed: str
+) -> None:
+    # An idle receiver with lease_seconds=-5 would spin a core: refused however it is built.
+    env = "FALHOOK_" + field.upper()
+    with pytest.raises(SettingsError) as from_cli:
+        Settings.from_env({env: typed})
+    wanted = str(from_cli.value).removeprefix(f"{env}={typed!r}: ")
+    for build in (
+        lambda: Settings(**{field: value}),
+        lambda: Settings.from_env({}, **{field: value}),
+        lambda: Settings().replace(**{field: value}),
+    ):
+        with pytest.raises(SettingsError) as in_code:
+            build()
+        assert str(in_code.value) == f"{field}={value!r}: {wanted}"
+        assert "\n" not in str(in_code.value)
+
+
+def test_a_settings_built_in_code_is_read_as_from_env() -> None:
+    s = Settings(
+        lease_seconds=5,
+        retention=0,
+        callbacks=["a:b"],  # type: ignore[arg-type]
+        user_id="  ",
+        log_level="debug",
+    )
+    assert s == Settings.from_env(
+        {
+            "FALHOOK_LEASE_SECONDS": "5",
+            "FALHOOK_RETENTION": "0",
+            "FALHOOK_CALLBACK": "a:b",
+            "FALHOOK_LOG_LEVEL": "debug",
+        }
+    )
+    assert type(s.lease_seconds) is float and s.callbacks == ("a:b",) and s.user_id is None
+    assert Settings(retention=36 * 3600.0).retention == 36 * 3600.0
+    assert Settings() == Settings.from_env({})  # every default passes its own check
+
+
+def test_a_secret_given_in_code_is_not_shown_when_refused() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings(fal_key="key with spaces")
+    assert "key with spaces" not in str(info.value)
+    assert str(info.value).startswith("fal_key=…: wants")
