@@ -48,7 +48,7 @@ from falhook.receiver.pruner import Pruner
 from falhook.receiver.recovery.service import Recovery
 from falhook.receiver.registry import Callback, CallbackRegistry
 from falhook.receiver.retry import RetryPolicy
-from falhook.receiver.routes import WebhookEndpoint, healthz, metrics, not_found, readyz
+from falhook.receiver.routes import NotFound, WebhookEndpoint, healthz, metrics, readyz
 from falhook.receiver.settings import WEBHOOK_PATH, Settings, without_password
 from falhook.receiver.state import State
 from falhook.receiver.store import Store
@@ -590,7 +590,7 @@ class WebhookReceiver:
         )
         router: Router = app.router
         router.redirect_slashes = False
-        router.default = not_found
+        router.default = NotFound(self.metrics)
         app.state.falhook = self
         return ReceiverApp(app, endpoint)
 

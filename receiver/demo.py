@@ -25,11 +25,11 @@ from typing import Any, Literal, TextIO
 import httpx
 
 from falhook.receiver.app import WebhookReceiver
-from falhook.receiver.cli.ops import render_table
 from falhook.receiver.demo_queue import DemoQueue
 from falhook.receiver.durations import format_time
 from falhook.receiver.models import Delivery, State
 from falhook.receiver.settings import WEBHOOK_PATH, Settings
+from falhook.receiver.tables import render_table
 from falhook.verify.testing import JWKSServer, KeyPair, fal_body, generate_keypair, sign
 
 __all__ = ["run"]

@@ -1,11 +1,11 @@
-"""Structured logs: one JSON line per delivery outcome, written off the event loop.
+"""Structured logs for ``falhook serve``: one JSON object per line, written off the event loop.
 
-Everything here is plain stdlib ``logging``. A host app that mounts the receiver configures
-its own logging and never calls `configure_logging`; ``falhook serve`` calls it once. It
-puts a `QueueHandler` on the ``falhook`` logger, so the event loop only builds a record and
-appends it to a queue (a few microseconds); a writer thread, woken once per burst rather
-than once per record, formats the records in order and writes each burst with one write.
-`LogPipeline.stop` drains the queue, so a clean shutdown loses no line.
+Plain stdlib ``logging``. A host app that mounts the receiver configures its own logging and
+never calls `configure_logging`; ``falhook serve`` calls it once. It puts a
+`logging.handlers.QueueHandler` on the ``falhook`` logger, so the event loop only builds a
+record and queues it; a `logging.handlers.QueueListener` thread formats the records in order
+and writes each burst with one write. `LogPipeline.stop` drains the queue, so a clean
+shutdown loses no line.
 """
 
 from __future__ import annotations
@@ -16,85 +16,36 @@ import logging
 import sys
 import threading
 import time
+from collections import deque
 from json.encoder import encode_basestring_ascii as _quote
-from logging.handlers import QueueHandler
+from logging.handlers import QueueHandler, QueueListener
 from typing import IO, Any
 
-__all__ = ["DeliveryLog", "JsonFormatter", "LogPipeline", "configure_logging", "delivery_log"]
-
-
-class DeliveryLog:
-    """The per-delivery lines (two a delivery), at about half of `Logger.log`'s cost.
-
-    Under `configure_logging` (``falhook serve``: the stock record factory, no caller,
-    thread, process or task lookups) a record is a copy of a prepared one with the time,
-    message and fields filled in, handed to `Logger.handle`: the same `LogRecord`, the
-    same filters and handlers. Under any other logging configuration (a host app that
-    mounts the receiver) it is plain `Logger.log`.
-    """
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self.logger = logger
-        self._templates: dict[int, dict[str, Any]] = {}
-
-    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging's own name
-        return self.logger.isEnabledFor(level)
-
-    def log(self, level: int, msg: str, arg: object, fields: dict[str, Any]) -> None:
-        """``logger.log(level, msg, arg, extra=fields)``."""
-        logger = self.logger
-        if not logger.isEnabledFor(level):
-            return
-        if (
-            logging.getLogRecordFactory() is not logging.LogRecord
-            or logging.logThreads
-            or logging.logProcesses
-            or logging.logMultiprocessing
-            or getattr(logging, "logAsyncioTasks", False)
-            or logging._srcfile is not None
-        ):
-            logger.log(level, msg, arg, extra=fields)
-            return
-        template = self._templates.get(level)
-        if template is None:
-            template = self._templates[level] = dict(
-                logger.makeRecord(
-                    logger.name, level, "(unknown file)", 0, "", (), None, "(unknown function)"
-                ).__dict__
-            )
-        record = logging.LogRecord.__new__(logging.LogRecord)
-        attributes = record.__dict__
-        attributes.update(template)
-        now = time.time()
-        attributes["created"] = now
-        attributes["msecs"] = int((now - int(now)) * 1000) + 0.0
-        attributes["relativeCreated"] = (now - _STARTED) * 1000
-        attributes["msg"] = msg
-        attributes["args"] = (arg,)
-        attributes.update(fields)
-        logger.handle(record)
-
-
-_STARTED: float = getattr(logging, "_startTime", time.time())
-delivery_log = DeliveryLog(logging.getLogger("falhook.deliveries"))
+__all__ = ["JsonFormatter", "LogPipeline", "configure_logging"]
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
     "taskName",  # Python 3.12+
     "color_message",  # uvicorn's own lines carry a copy of the message with ANSI colours
 }
+_LEVELS = {
+    logging.DEBUG: '"debug"',
+    logging.INFO: '"info"',
+    logging.WARNING: '"warning"',
+    logging.ERROR: '"error"',
+    logging.CRITICAL: '"critical"',
+}
 # One encoder, built once: json.dumps(default=...) builds a new one on every call.
 _ENCODER = json.JSONEncoder(default=str)
-# How long the writer waits after the first record of a burst before writing the batch.
+# How long the listener waits after the first record of a burst before taking the burst.
 _LINGER_SECONDS = 0.02
 
 
 class JsonFormatter(logging.Formatter):
-    """Render a record as one JSON object: time, level, logger, message, and its extras.
+    """A record as one JSON object: ts, level, logger, msg, its extra fields, and exc.
 
-    Written out piece by piece rather than built as a dict and encoded whole: strings go
-    through the json module's C string encoder, other values through the full encoder.
-    Same output, less than half the time, and this runs for every delivery twice.
+    Written piece by piece (strings through the json module's C string encoder) rather than
+    as a dict encoded whole: the same text in less than half the time, twice per delivery.
     """
 
     def __init__(self) -> None:
@@ -115,21 +66,12 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and key[0] != "_":
                 parts.append(f", {_quote(key)}: {_value(value)}")
-        if record.exc_info:
-            parts.append(f', "exc": {_quote(self.formatException(record.exc_info))}')
-        elif record.exc_text:
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
             parts.append(f', "exc": {_quote(record.exc_text)}')
         parts.append("}")
         return "".join(parts)
-
-
-_LEVELS = {
-    logging.DEBUG: '"debug"',
-    logging.INFO: '"info"',
-    logging.WARNING: '"warning"',
-    logging.ERROR: '"error"',
-    logging.CRITICAL: '"critical"',
-}
 
 
 def _value(value: Any) -> str:
@@ -145,148 +87,133 @@ def _value(value: Any) -> str:
     return _ENCODER.encode(value)
 
 
-class _EnqueueHandler(QueueHandler):
-    """Hands the record to the listener as it is: formatting happens in the listener thread.
+class _Bursts:
+    """The queue between `QueueHandler` and `QueueListener`, waking the listener once a burst.
 
-    The stock `QueueHandler.prepare` formats and copies each record on the caller's thread,
-    which is the cost this exists to move. falhook's log arguments are immutable values
-    (strings, numbers), so rendering them a moment later renders the same text. A traceback
-    is rendered here, while its frames are as they were when it was logged.
+    A `queue.SimpleQueue` wakes the listener for every record, and on a busy receiver each
+    wake-up took the GIL from the event loop (bench/README, "Design figures"). Here only the
+    first record after the queue ran dry wakes it; it then lingers a moment so the rest of
+    the burst is taken with it.
     """
 
+    def __init__(self, linger: float) -> None:
+        self._lock = threading.Lock()
+        self._queued: list[Any] = []
+        self._taken: deque[Any] = deque()  # the listener's side: its thread only
+        self._ready = threading.Event()
+        self._linger = linger
+
+    def put_nowait(self, record: Any) -> None:
+        with self._lock:  # uncontended almost always: the listener holds it for a swap only
+            self._queued.append(record)
+            if len(self._queued) == 1:
+                self._ready.set()
+
+    def get(self, block: bool = True) -> Any:
+        """The next record, in order (`QueueListener`'s one reader)."""
+        if not self._taken:
+            threading.current_thread().name = "falhook-logs"  # QueueListener's thread
+            self._ready.wait()
+            time.sleep(self._linger)
+            self._taken.extend(self.take())
+        return self._taken.popleft()
+
+    def take(self) -> list[Any]:
+        with self._lock:
+            records, self._queued = self._queued, []
+            self._ready.clear()
+        return records
+
+    def empty(self) -> bool:
+        """Nothing taken is left to hand out: the end of a burst."""
+        return not self._taken
+
+
+class _Enqueue(QueueHandler):
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        if record.exc_info:
-            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
-            record.exc_info = None
+        # The stock prepare formats the message and copies the record on the caller's
+        # thread (the event loop): the cost this queue exists to move. falhook's log
+        # arguments are immutable values, so formatting them a moment later gives the same.
         return record
 
-    after_stop: logging.Handler | None = None  # writes directly once the listener is gone
 
-    def handle(self, record: logging.LogRecord) -> bool:
-        # No handler lock: the queue's put is thread-safe on its own.
-        if not self.filter(record):
-            return False
-        if self.after_stop is not None:
-            return bool(self.after_stop.handle(record))
+class _BurstWriter(logging.StreamHandler):  # type: ignore[type-arg]
+    """The listener's handler: formats each record, writes a whole burst with one write."""
+
+    def __init__(self, stream: IO[str], queue: _Bursts) -> None:
+        super().__init__(stream)
+        self.setFormatter(JsonFormatter())
+        self._queue = queue
+        self._lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.queue.put_nowait(self.prepare(record))
+            self._lines.append(self.format(record))
         except Exception:
             self.handleError(record)
-        return True
+        if self._queue.empty():
+            self.flush()
 
-
-_TRACEBACKS = logging.Formatter()
-
-
-class _LineWriter(logging.Handler):
-    """Formats records and writes them as whole lines, one write per batch (writer thread)."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        super().__init__()
-        self.stream = stream
-
-    def write_batch(self, records: list[logging.LogRecord]) -> None:
-        # The writer thread is this handler's only caller: no lock needed per record.
-        lines = []
-        for record in records:
-            try:
-                lines.append(self.format(record))
-            except Exception:
-                self.handleError(record)
-        if not lines:
+    def flush(self) -> None:
+        if not self._lines:
             return
-        lines.append("")
+        text = "\n".join(self._lines) + "\n"
+        self._lines.clear()
         try:
-            self.stream.write("\n".join(lines))
+            self.stream.write(text)
             self.stream.flush()
-        except Exception:  # a closed or full stream: say so once, like logging does
+        except Exception:  # a closed or full stream: say so, like logging does
             self.handleError(logging.makeLogRecord({"msg": "cannot write falhook logs"}))
-
-    def emit(self, record: logging.LogRecord) -> None:  # pragma: no cover - write_batch is used
-        self.write_batch([record])
-
-
-class _Batches:
-    """The queue between loggers and the writer thread, woken once per batch, not per record.
-
-    `queue.SimpleQueue` (what `QueueListener` reads) wakes the listener for every record,
-    and on a busy receiver each wake-up took the GIL away from the event loop: two lines a
-    delivery cost the loop more than the rest of logging did (bench/README, "Design
-    figures"). Here the first record after the queue ran dry wakes the writer, which then
-    lingers a moment so the rest of the burst joins the same batch.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._records: list[logging.LogRecord] = []
-        self.ready = threading.Event()
-
-    def put_nowait(self, record: logging.LogRecord) -> None:
-        with self._lock:  # uncontended almost always: the writer holds it for a swap only
-            self._records.append(record)
-            if len(self._records) == 1:
-                self.ready.set()
-
-    def take(self) -> list[logging.LogRecord]:
-        """Every record queued so far, in order; the queue is empty afterwards."""
-        with self._lock:
-            records, self._records = self._records, []
-            self.ready.clear()
-        return records
 
 
 class LogPipeline:
-    """The queue between the loggers and the writing thread; `stop` drains it.
+    """A `QueueHandler` for loggers to use, and the `QueueListener` thread that writes.
 
     Records are written in the order they were queued (per thread, in the order logged),
-    at most `linger` seconds after the first of a burst was logged.
+    at most ``linger`` seconds after the first of a burst. `stop` writes every record
+    queued so far; loggers it serves then write directly.
     """
 
     def __init__(self, stream: IO[str], *, linger: float = _LINGER_SECONDS) -> None:
-        self.queue = _Batches()
-        self.handler = _EnqueueHandler(self.queue)  # type: ignore[arg-type]  # put_nowait only
-        self.writer = _LineWriter(stream)
-        self.writer.setFormatter(JsonFormatter())
-        self.linger = linger
+        self.queue = _Bursts(linger)
+        self.handler = _Enqueue(self.queue)
+        self.writer = _BurstWriter(stream, self.queue)
+        self._listener = QueueListener(self.queue, self.writer)
+        self._loggers: list[logging.Logger] = []
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._state = "new"
 
     def route(self, name: str) -> None:
-        """Write another library's logger (uvicorn's) through this pipeline as well: the
-        same JSON lines, in the same stream, instead of that library's own format."""
+        """Write this logger's records (e.g. uvicorn's) through the pipeline: the same JSON
+        lines in the same stream, instead of its own handlers and format."""
         logger = logging.getLogger(name)
         logger.handlers[:] = [self.handler]
         logger.propagate = False
+        self._loggers.append(logger)
 
     def start(self) -> None:
         with self._lock:
-            if self._thread is None and not self._stopping.is_set():
-                self._thread = threading.Thread(target=self._run, name="falhook-logs", daemon=True)
-                self._thread.start()
-
-    def _run(self) -> None:
-        batches, stopping = self.queue, self._stopping
-        while not stopping.is_set():
-            batches.ready.wait()
-            stopping.wait(self.linger)  # let the rest of the burst join this batch
-            self.writer.write_batch(batches.take())
-        self.writer.write_batch(batches.take())
+            if self._state == "new":
+                self._state = "running"
+                self._listener.start()
 
     def stop(self) -> None:
-        """Write every record logged so far, then stop the thread (idempotent)."""
+        """Write every record logged so far, stop the thread (idempotent)."""
         with self._lock:
-            thread = self._thread
-            if thread is None or self._stopping.is_set():
+            if self._state != "running":
                 return
-            self._stopping.set()
-            self.queue.ready.set()
-            thread.join()
-            self.writer.write_batch(self.queue.take())  # logged while the thread finished
+            self._state = "stopped"
+            self._listener.stop()
             # Anything logged from now on (late shutdown messages) is written at once.
             direct = logging.StreamHandler(self.writer.stream)
             direct.setFormatter(self.writer.formatter)
-            self.handler.after_stop = direct
+            for logger in self._loggers:
+                if self.handler in logger.handlers:
+                    logger.handlers[:] = [direct]
+            for record in self.queue.take():  # logged while the listener stopped
+                if record is not None:  # QueueListener's end-of-queue sentinel
+                    self.writer.handle(record)
+            self.writer.flush()
 
 
 def configure_logging(level: str = "INFO", stream: IO[str] | None = None) -> LogPipeline:
@@ -305,10 +232,8 @@ def configure_logging(level: str = "INFO", stream: IO[str] | None = None) -> Log
     if hasattr(logging, "logAsyncioTasks"):  # Python 3.12+
         logging.logAsyncioTasks = False
     pipeline = LogPipeline(stream if stream is not None else sys.stderr)
-    logger = logging.getLogger("falhook")
-    logger.handlers[:] = [pipeline.handler]
-    logger.setLevel(level)
-    logger.propagate = False
+    pipeline.route("falhook")
+    logging.getLogger("falhook").setLevel(level)
     pipeline.start()
     atexit.register(pipeline.stop)
     return pipeline

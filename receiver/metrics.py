@@ -286,6 +286,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.unknown_paths = Counter(
+            "falhook_unknown_path_requests",
+            "Requests to a path the receiver does not serve (404), by kind: webhook_path "
+            "(looks like a mistyped webhook path: is fal given the wrong URL?) or other",
+            ["kind"],
+            registry=self.registry,
+        )
         self.dispatch_paused = Gauge(
             "falhook_dispatch_paused",
             "1 while dispatch is paused store-wide (no new callbacks start), else 0",

@@ -9,7 +9,6 @@ from typing import Any
 
 from falhook.receiver.dispatcher import DispatchObserver
 from falhook.receiver.durations import format_time
-from falhook.receiver.logs import delivery_log
 from falhook.receiver.memtrim import MemoryTrimmer
 from falhook.receiver.metrics import Metrics
 from falhook.receiver.models import Delivery
@@ -17,6 +16,8 @@ from falhook.receiver.notify import NoticeKind
 from falhook.receiver.store import Claim
 
 __all__ = ["MetricsObserver"]
+
+delivery_log = logging.getLogger("falhook.deliveries")  # one line per delivery outcome
 
 
 class MetricsObserver(DispatchObserver):
@@ -74,4 +75,4 @@ class MetricsObserver(DispatchObserver):
                 fields["next_attempt_at"] = format_time(next_attempt_at)
                 fields["retry_in_seconds"] = round(max(0.0, next_attempt_at - time.time()), 3)
                 message += f" (next attempt at {fields['next_attempt_at']})"
-            delivery_log.log(level, message, outcome, fields)
+            delivery_log.log(level, message, outcome, extra=fields)

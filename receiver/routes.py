@@ -12,10 +12,13 @@ before a byte of the body is read, so an unauthenticated client cannot make us b
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import logging
 import time
-from typing import Protocol
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -29,14 +32,15 @@ from falhook.receiver.errors import (
     StoreUnavailableError,
 )
 from falhook.receiver.intake import Accepted, Intake
-from falhook.receiver.logs import delivery_log
 from falhook.receiver.memtrim import MemoryTrimmer
 from falhook.receiver.metrics import CONTENT_TYPE, Metrics
+from falhook.receiver.settings import WEBHOOK_PATH
 from falhook.verify import KeysUnavailableError, WebhookHeaders, WebhookVerificationError
 
-__all__ = ["Receiving", "WebhookEndpoint", "healthz", "metrics", "not_found", "readyz"]
+__all__ = ["NotFound", "Receiving", "WebhookEndpoint", "healthz", "metrics", "readyz"]
 
 log = logging.getLogger("falhook.receiver")
+delivery_log = logging.getLogger("falhook.deliveries")  # one line per delivery outcome
 _JSON = (b"content-type", b"application/json")
 _ARRIVED = "falhook.arrived"  # set by falhook.receiver.protocol (not imported: uvicorn)
 
@@ -157,7 +161,7 @@ class WebhookEndpoint:
             fields = {"request_id": request_id, "outcome": "duplicate" if duplicate else "accepted"}
             if self.log_payloads:  # off by default: payloads may hold users' data
                 fields["body"] = body.decode("utf-8", "replace")
-            delivery_log.log(logging.INFO, "delivery %s", fields["outcome"], fields)
+            delivery_log.info("delivery %s", fields["outcome"], extra=fields)
         await _send_json(
             send,
             200,
@@ -242,11 +246,10 @@ class WebhookEndpoint:
 
     def _rejected(self, rejection: _Reject, request_id: str | None, scope: Scope) -> None:
         self.metrics.rejected(rejection.error)
-        delivery_log.log(
-            logging.INFO,
+        delivery_log.info(
             "delivery rejected: %s",
             rejection.error,
-            {
+            extra={
                 "outcome": "rejected",
                 "status": rejection.status,
                 "reason": rejection.error,
@@ -305,6 +308,81 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE)
 
 
-async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
-    """Unknown paths: a JSON 404 (never a redirect)."""
-    await _send_json(send, 404, _error_body("not_found", "no such route"))
+class NotFound:
+    """Unknown paths: a JSON 404 (never a redirect), counted, and logged at most once a
+    minute per path, with a hint when the path looks like a mistyped webhook path.
+
+    A mistyped webhook URL given to fal loses every result sent to it, and fal's retries
+    only repeat the 404: the count (``falhook_unknown_path_requests_total``) and the line
+    are how an operator finds out. The paths remembered for the once-a-minute rule are
+    bounded (`tracked`): when every one of them was logged within the minute (a scanner),
+    a new path is counted but not logged.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        window: float = 60.0,
+        tracked: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._near = metrics.unknown_paths.labels("webhook_path")
+        self._other = metrics.unknown_paths.labels("other")
+        self._window = window
+        self._tracked = tracked
+        self._clock = clock
+        self._logged: OrderedDict[str, float] = OrderedDict()  # path -> when last logged
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self._note(scope)
+        await _send_json(send, 404, _error_body("not_found", "no such route"))
+
+    def _note(self, scope: Scope) -> None:
+        path: str = scope["path"][:256]
+        webhook = scope.get("root_path", "") + WEBHOOK_PATH
+        near = _near(path, webhook)
+        (self._near if near else self._other).inc()
+        if not self._should_log(path):
+            return
+        fields: dict[str, Any] = {
+            "method": scope["method"],
+            "path": path,
+            "status": 404,
+            "client": _client(scope),
+        }
+        if near:
+            fields["hint"] = f"the webhook path is {webhook}: is fal given a mistyped URL?"
+        log.log(
+            logging.WARNING if near else logging.INFO,
+            "request to an unknown path: %s %s",
+            scope["method"],
+            path,
+            extra=fields,
+        )
+
+    def _should_log(self, path: str) -> bool:
+        now = self._clock()
+        logged = self._logged
+        last = logged.get(path)
+        if last is not None:
+            if now - last < self._window:
+                return False
+            logged.move_to_end(path)
+        elif len(logged) >= self._tracked:
+            if now - next(iter(logged.values())) < self._window:
+                return False  # every remembered path was logged within the minute
+            logged.popitem(last=False)
+        logged[path] = now
+        return True
+
+
+def _near(path: str, webhook: str) -> bool:
+    """A path that looks like the webhook path mistyped: /webhook/fal, /webhooks,
+    /webhooks/fal/x, /api/webhooks/fal, /webhooks/fla…"""
+    lowered = path.lower()
+    return (
+        "webhook" in lowered
+        or difflib.SequenceMatcher(None, lowered, webhook.lower()).ratio() >= 0.75
+    )

@@ -264,13 +264,25 @@ def _setting(
     *,
     secret: bool = False,
     show: Callable[[Any], str] | None = None,
+    group: str | None = None,
+    metavar: str | None = None,
 ) -> Any:
     # A secret (the fal key) stays out of repr(), so it never reaches a log line. `show`
     # writes the default as an operator types it, where str() would not (a duration).
+    # `group` (one of GROUPS) and `metavar` (what the value is, when its name does not say:
+    # see `shown_metavar`) place and label the flag in `falhook serve --help`.
     return field(
         default=default,
         repr=not secret,
-        metadata={"parse": parse, "env": env, "help": help, "secret": secret, "show": show},
+        metadata={
+            "parse": parse,
+            "env": env,
+            "help": help,
+            "secret": secret,
+            "show": show,
+            "group": group,
+            "metavar": metavar,
+        },
     )
 
 
@@ -288,43 +300,75 @@ class Settings:
         _database_url,
         "DATABASE_URL",
         "store: sqlite:///… or postgresql+psycopg://…",
+        group="store",
     )
     jwks_url: str = _setting(
-        DEFAULT_JWKS_URL, _jwks_source, "JWKS_URL", "JWKS URL, or a local JWKS file path"
+        DEFAULT_JWKS_URL,
+        _jwks_source,
+        "JWKS_URL",
+        "JWKS URL, or a local JWKS file path",
+        group="keys",
+        metavar="URL|FILE",
     )
     jwks_timeout_seconds: float = _setting(
-        5.0, _positive_float, "JWKS_TIMEOUT_SECONDS", "deadline for a whole JWKS fetch"
+        5.0,
+        _positive_float,
+        "JWKS_TIMEOUT_SECONDS",
+        "deadline for a whole JWKS fetch",
+        group="keys",
     )
     jwks_refresh_seconds: float = _setting(
         10.0,
         _non_negative_float,
         "JWKS_REFRESH_SECONDS",
         "at most one JWKS fetch per this interval (unknown key meanwhile: 503)",
+        group="keys",
     )
     user_id: str | None = _setting(
-        None, _optional_str, "USER_ID", "accept only deliveries signed for this fal user id"
+        None,
+        _optional_str,
+        "USER_ID",
+        "accept only deliveries signed for this fal user id",
+        group="keys",
+        metavar="ID",
     )
     tolerance_seconds: float = _setting(
-        300.0, _non_negative_float, "TOLERANCE_SECONDS", "timestamp tolerance in seconds"
+        300.0,
+        _non_negative_float,
+        "TOLERANCE_SECONDS",
+        "timestamp tolerance in seconds",
+        group="keys",
     )
-    max_body_bytes: int = _setting(16 * _MiB, _positive_int, "MAX_BODY_BYTES", "body limit")
+    max_body_bytes: int = _setting(
+        16 * _MiB, _positive_int, "MAX_BODY_BYTES", "body limit", group="limits"
+    )
     max_buffered_bytes: int = _setting(
         64 * _MiB,
         _positive_int,
         "MAX_BUFFERED_BYTES",
         "request body bytes held at once across all requests (beyond: 503)",
+        group="limits",
     )
     body_timeout_seconds: float = _setting(
-        10.0, _positive_float, "BODY_TIMEOUT_SECONDS", "deadline to receive a body (beyond: 408)"
+        10.0,
+        _positive_float,
+        "BODY_TIMEOUT_SECONDS",
+        "deadline to receive a body (beyond: 408)",
+        group="limits",
     )
     header_timeout_seconds: float = _setting(
         10.0,
         _positive_float,
         "HEADER_TIMEOUT_SECONDS",
         "serve: close a connection whose request head takes longer",
+        group="limits",
     )
     max_connections: int = _setting(
-        512, _positive_int, "MAX_CONNECTIONS", "serve: open connections (beyond: 503)"
+        512,
+        _positive_int,
+        "MAX_CONNECTIONS",
+        "serve: open connections (beyond: 503)",
+        group="limits",
     )
     forwarded_allow_ips: str = _setting(
         "127.0.0.1",
@@ -332,36 +376,65 @@ class Settings:
         "FORWARDED_ALLOW_IPS",
         "serve: proxies (comma-separated addresses or networks, * for any) whose "
         "X-Forwarded-For gives the client address in logs, as uvicorn's flag of that name",
+        group="listening",
+        metavar="ADDRESSES",
     )
     callbacks: tuple[str, ...] = _setting(
-        (), _callbacks, "CALLBACK", "module:function callbacks, comma-separated"
+        (),
+        _callbacks,
+        "CALLBACK",
+        "module:function callbacks, comma-separated",
+        group="callbacks",
+        metavar="MODULE:FUNCTION",
     )
     callback_max_attempts: int = _setting(
-        10, _positive_int, "CALLBACK_MAX_ATTEMPTS", "attempts before a delivery is dead"
+        10,
+        _positive_int,
+        "CALLBACK_MAX_ATTEMPTS",
+        "attempts before a delivery is dead",
+        group="callbacks",
     )
     callback_backoff_seconds: float = _setting(
-        2.0, _positive_float, "CALLBACK_BACKOFF_SECONDS", "first retry delay (doubles, jittered)"
+        2.0,
+        _positive_float,
+        "CALLBACK_BACKOFF_SECONDS",
+        "first retry delay (doubles, jittered)",
+        group="callbacks",
     )
     callback_backoff_max_seconds: float = _setting(
-        3600.0, _positive_float, "CALLBACK_BACKOFF_MAX_SECONDS", "retry delay cap"
+        3600.0,
+        _positive_float,
+        "CALLBACK_BACKOFF_MAX_SECONDS",
+        "retry delay cap",
+        group="callbacks",
     )
     store_timeout_seconds: float = _setting(
         10.0,
         _positive_float,
         "STORE_TIMEOUT_SECONDS",
         "a delivery not committed within this gets 503 (fal retries)",
+        group="store",
     )
     callback_timeout_seconds: float = _setting(
         300.0,
         _positive_float,
         "CALLBACK_TIMEOUT_SECONDS",
         "an attempt's callback is abandoned after this long (a failed attempt)",
+        group="callbacks",
     )
     lease_seconds: float = _setting(
-        60.0, _positive_float, "LEASE_SECONDS", "claim lease, renewed while a callback runs"
+        60.0,
+        _positive_float,
+        "LEASE_SECONDS",
+        "claim lease, renewed while a callback runs",
+        group="callbacks",
     )
     forward_to: str | None = _setting(
-        None, _forward_url, "FORWARD_TO", "POST each delivery to this URL (sidecar mode)"
+        None,
+        _forward_url,
+        "FORWARD_TO",
+        "POST each delivery to this URL (sidecar mode)",
+        group="callbacks",
     )
     forward_secret: str | None = _setting(
         None,
@@ -369,13 +442,25 @@ class Settings:
         "FORWARD_SECRET",
         "sign each forward with this Standard Webhooks secret (whsec_…); prefer the env var",
         secret=True,
+        group="callbacks",
+        metavar="SECRET",
     )
-    concurrency: int = _setting(64, _positive_int, "CONCURRENCY", "callbacks run at once")
+    concurrency: int = _setting(
+        64, _positive_int, "CONCURRENCY", "callbacks run at once", group="callbacks"
+    )
     poll_seconds: float = _setting(
-        5.0, _positive_float, "POLL_SECONDS", "dispatcher poll fallback interval"
+        5.0,
+        _positive_float,
+        "POLL_SECONDS",
+        "dispatcher poll fallback interval",
+        group="store",
     )
     shutdown_timeout_seconds: float = _setting(
-        30.0, _non_negative_float, "SHUTDOWN_TIMEOUT_SECONDS", "wait for running callbacks"
+        30.0,
+        _non_negative_float,
+        "SHUTDOWN_TIMEOUT_SECONDS",
+        "wait for running callbacks",
+        group="callbacks",
     )
     notify_url: str | None = _setting(
         None,
@@ -383,6 +468,7 @@ class Settings:
         "NOTIFY_URL",
         'POST {"text": …} here (Slack, Discord) when a delivery goes dead, an expectation '
         "fails or expires, or a file cannot be archived; batched, at most one a minute per kind",
+        group="notifications",
     )
     console_token: str | None = _setting(
         None,
@@ -390,6 +476,8 @@ class Settings:
         "CONSOLE_TOKEN",
         "serve the operator's console under /console/, signed in with this token",
         secret=True,
+        group="console",
+        metavar="TOKEN",
     )
     retention: float = _setting(
         7 * 24 * 3600.0,
@@ -397,10 +485,18 @@ class Settings:
         "RETENTION",
         "serve prunes done deliveries older than this (7d, 36h…; 0 = off)",
         show=_show_duration,
+        group="store",
+        metavar="DURATION",
     )
-    log_level: str = _setting("INFO", _log_level, "LOG_LEVEL", "log level")
+    log_level: str = _setting(
+        "INFO", _log_level, "LOG_LEVEL", "log level", group="logging", metavar="LEVEL"
+    )
     log_payloads: bool = _setting(
-        False, _bool, "LOG_PAYLOADS", "include payloads in delivery log lines"
+        False,
+        _bool,
+        "LOG_PAYLOADS",
+        "include payloads in delivery log lines",
+        group="logging",
     )
     # -- recovery from fal's queue (receiver/recovery/): off unless a fal key is set ------
     fal_key: str | None = _setting(
@@ -409,15 +505,22 @@ class Settings:
         "FAL_KEY",
         "fal API key for submit, expect and recovery from fal's queue (falls back to FAL_KEY)",
         secret=True,
+        group="recovery",
+        metavar="KEY",
     )
     queue_url: str = _setting(
         DEFAULT_QUEUE_URL,
         _required_http_url,
         "QUEUE_URL",
         "fal's queue (http:// accepted for tests)",
+        group="recovery",
     )
     public_url: str | None = _setting(
-        None, _public_url, "PUBLIC_URL", "base URL fal calls: the webhook is this + /webhooks/fal"
+        None,
+        _public_url,
+        "PUBLIC_URL",
+        "base URL fal calls: the webhook is this + /webhooks/fal",
+        group="recovery",
     )
     # fal keeps a result for about 6 minutes after completion when it is 10 KB or more
     # (about 1 hour otherwise), and stops retrying the webhook when it expires. With these
@@ -430,6 +533,7 @@ class Settings:
         "RECOVER_AFTER_SECONDS",
         "no delivery this long after submit/expect: start polling fal's status (60 s: most "
         "requests' webhooks have come by then, so most are never polled)",
+        group="recovery",
     )
     recover_poll_seconds: float = _setting(
         30.0,
@@ -437,6 +541,7 @@ class Settings:
         "RECOVER_POLL_SECONDS",
         "status poll interval cap; polls back off from 1 s to this (30 s: a completion is "
         "seen within 30 s, and a thousand running requests cost ~33 status calls a second)",
+        group="recovery",
     )
     recover_grace_seconds: float = _setting(
         30.0,
@@ -444,12 +549,14 @@ class Settings:
         "RECOVER_GRACE_SECONDS",
         "after fal says COMPLETED, wait this for the webhook before fetching the result "
         "(30 s: covers fal's first 15 s delivery attempt twice over)",
+        group="recovery",
     )
     expect_ttl_seconds: float = _setting(
         86400.0,
         _positive_float,
         "EXPECT_TTL_SECONDS",
         "give up on an expectation this long after it was recorded (state expired)",
+        group="recovery",
     )
 
     def __post_init__(self) -> None:
@@ -508,6 +615,41 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` applied (settings stay immutable)."""
         return dataclasses.replace(self, **changes)
+
+
+# The topics of `falhook serve --help`, in its order; each setting names one (`group=`).
+GROUPS = (
+    "listening",
+    "store",
+    "keys",
+    "callbacks",
+    "limits",
+    "recovery",
+    "archive",
+    "console",
+    "notifications",
+    "logging",
+)
+
+
+def shown_metavar(f: dataclasses.Field[Any]) -> str:
+    """What a setting's flag takes, for --help: its declared ``metavar``, else what its name
+    or parser says (``SECONDS``, ``BYTES``, ``URL``, ``N``, ``BOOL``)."""
+    declared: str | None = f.metadata.get("metavar")
+    if declared:
+        return declared
+    parse = f.metadata["parse"]
+    if f.name.endswith("_seconds"):
+        return "SECONDS"
+    if f.name.endswith("_bytes"):
+        return "BYTES"
+    if f.name.endswith(("_url", "_to")):
+        return "URL"
+    if parse is _positive_int:
+        return "N"
+    if parse is _bool:
+        return "BOOL"
+    return "VALUE"
 
 
 def shown_default(f: dataclasses.Field[Any]) -> str:

@@ -78,3 +78,39 @@ def test_every_module_is_found() -> None:
     modules = _modules()
     assert {"falhook.verify.signature", "falhook.receiver.store.store"} <= modules.keys()
     assert "falhook.receiver.cli.main" in modules
+
+
+def test_the_cli_is_on_top_nothing_below_imports_it() -> None:
+    """The command line uses the receiver; no receiver module uses the command line."""
+    modules = _modules()
+    top = ("falhook.receiver.cli", "falhook.receiver.__main__")
+    for name, path in modules.items():
+        if name == top[0] or name.startswith(top[0] + ".") or name == top[1]:
+            continue
+        below = [dep for dep in _imports(path, modules) if dep.startswith(top[0])]
+        assert below == [], f"{name} imports {below}: the CLI sits above it"
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A name shared between modules is public (no leading underscore) where it lives."""
+    modules = _modules()
+    found = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("falhook."):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        found.append(f"{name}: from {node.module} import {alias.name}")
+    assert found == []
+
+
+def test_every_module_is_on_the_architecture_map() -> None:
+    """Internal modules are listed in ARCHITECTURE.md (the public API is the packages'
+    ``__init__``): a new module is added to the map, or it is not found there."""
+    text = (REPO / "ARCHITECTURE.md").read_text()
+    missing = [
+        f"{path.relative_to(REPO)}"
+        for path in _modules().values()
+        if path.name not in ("__init__.py", "__main__.py") and path.name not in text
+    ]
+    assert missing == []

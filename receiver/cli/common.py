@@ -1,12 +1,29 @@
-"""What every command shares: exit codes, the user-error exception, argument types, the parser."""
+"""What every command shares: exit codes, the user-error exception, argument types, the
+parser, the settings flags, the store a store command opens, and printing."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import os
 import re
-from collections.abc import Sequence
-from typing import NoReturn
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from falhook.receiver.errors import SettingsError, StoreSchemaError, StoreUnavailableError
+from falhook.receiver.settings import (
+    ENV_PREFIX,
+    GROUPS,
+    Settings,
+    shown_default,
+    shown_metavar,
+)
+
+if TYPE_CHECKING:
+    from falhook.receiver.store.admin import Admin
 
 __all__ = [
     "EXIT_CANNOT_LISTEN",
@@ -17,7 +34,14 @@ __all__ = [
     "EXIT_USAGE",
     "CommandError",
     "Parser",
+    "add_settings_flags",
+    "database_url",
+    "guarded",
+    "open_store",
+    "out",
     "positive_int",
+    "settings_from_args",
+    "settings_groups",
     "suggest",
 ]
 
@@ -130,3 +154,131 @@ class Parser(argparse.ArgumentParser):
         # One line, named like every other error. argparse's default adds the whole usage
         # (a screenful for `serve`), which buries the one line that matters.
         self.exit(EXIT_USAGE, f"{self.prog}: {message}\n")
+
+
+# -- settings flags --------------------------------------------------------------------
+
+# Flags with a shape of their own; every other setting gets a plain --name VALUE flag.
+_SPECIAL = {"callbacks", "forward_to"}
+
+
+def settings_groups(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """One argument group per topic of the settings (listening, store, keys…), in order:
+    --help shows each setting's flag under its topic."""
+    return {title: parser.add_argument_group(title) for title in GROUPS}
+
+
+def add_settings_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    only: set[str] | None = None,
+    groups: dict[str, Any] | None = None,
+) -> None:
+    """One flag per setting (``--lease-seconds SECONDS``…); each defaults to its env var.
+
+    With `groups` (`settings_groups`), each flag goes in its setting's topic; a command
+    taking a few settings (`only`) lists them with its other options.
+    """
+    for field in dataclasses.fields(Settings):
+        if field.name in _SPECIAL or (only is not None and field.name not in only):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        env = ENV_PREFIX + field.metadata["env"]
+        where: Any = parser
+        if groups is not None:
+            topic = field.metadata["group"] or "other settings"
+            if topic not in groups:
+                groups[topic] = parser.add_argument_group(topic)
+            where = groups[topic]
+        where.add_argument(
+            flag,
+            dest=field.name,
+            metavar=shown_metavar(field),
+            help=f"{field.metadata['help']} (env {env}; default {shown_default(field)})",
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Env first, then every flag given on the command line (flags win)."""
+    overrides: dict[str, Any] = {}
+    for field in dataclasses.fields(Settings):
+        raw = getattr(args, field.name, None)
+        if raw is None:
+            continue
+        if field.name == "callbacks":
+            overrides["callbacks"] = tuple(raw)
+        else:
+            overrides[field.name] = Settings.parse_value(field.name, raw)
+    return Settings.from_env(**overrides)
+
+
+# -- the store a store command opens -----------------------------------------------------
+
+_URL_ENV = ENV_PREFIX + "DATABASE_URL"
+
+
+def database_url(args: argparse.Namespace) -> str:
+    """The flag, else FALHOOK_DATABASE_URL, else the default — validated like `serve`,
+    and named in an error as the user gave it (the flag, or the variable)."""
+    raw = getattr(args, "database_url", None)
+    try:
+        if raw is not None:
+            url: str = Settings.parse_value("database_url", raw)
+            return url
+        return Settings.from_env(
+            {k: v for k, v in os.environ.items() if k == _URL_ENV}
+        ).database_url
+    except SettingsError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+@contextmanager
+def open_store(args: argparse.Namespace) -> Iterator[Admin]:
+    """The store named by the arguments; StoreUnavailableError if it cannot be opened.
+
+    A SQLite file that does not exist is an error, not an empty store: creating one
+    would hide a wrong --database-url behind "no deliveries". Nor is a schema created or
+    upgraded here: only `falhook serve` migrates, so a store command run against the wrong
+    database, or beside an older receiver, changes nothing and says so.
+
+    An `Admin` (an engine of its own), not a `Store`: no writer to start, no migration.
+    """
+    # imported late: keeps `falhook --help` fast
+    from falhook.receiver.store.admin import Admin
+    from falhook.receiver.store.engine import sqlite_file
+
+    url = database_url(args)
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise StoreUnavailableError(
+            f"no database at {path} (set --database-url or {ENV_PREFIX}DATABASE_URL)"
+        )
+    admin = Admin.open(url)
+    try:
+        admin.check_schema()
+        yield admin
+    finally:
+        admin.close()
+
+
+def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report an unreachable store, or one without a current schema, as one line, exit 3."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
+        try:
+            return run(args)
+        except StoreUnavailableError as exc:
+            print(f"falhook {name}: store unavailable: {exc}", file=sys.stderr)  # noqa: T201
+        except StoreSchemaError as exc:
+            print(f"falhook {name}: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_STORE
+
+    wrapper.__name__ = run.__name__
+    wrapper.__doc__ = run.__doc__
+    return wrapper
+
+
+def out(text: str) -> None:
+    """Print one line of a command's output."""
+    sys.stdout.write(text + "\n")

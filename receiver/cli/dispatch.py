@@ -14,8 +14,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from falhook.receiver.cli.ops import _guarded, _store
-from falhook.receiver.cli.serve import add_settings_flags
+from falhook.receiver.cli.common import add_settings_flags, guarded, open_store
 from falhook.receiver.durations import format_time
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) is imported only when a command runs
@@ -74,29 +73,29 @@ def _print(args: argparse.Namespace, control: DispatchControl) -> None:
     sys.stdout.write(text + "\n")
 
 
-@_guarded
+@guarded
 def run_pause(args: argparse.Namespace) -> int:
     """``falhook dispatch pause [--reason TEXT]``."""
     reason = " ".join((args.reason or "").split())[:_MAX_REASON] or None
-    with _store(args) as store:
+    with open_store(args) as store:
         control = store.set_dispatch_paused(True, reason=reason, by="cli")
     _print(args, control)
     return 0
 
 
-@_guarded
+@guarded
 def run_resume(args: argparse.Namespace) -> int:
     """``falhook dispatch resume``."""
-    with _store(args) as store:
+    with open_store(args) as store:
         control = store.set_dispatch_paused(False, by="cli")
     _print(args, control)
     return 0
 
 
-@_guarded
+@guarded
 def run_status(args: argparse.Namespace) -> int:
     """``falhook dispatch status``."""
-    with _store(args) as store:
+    with open_store(args) as store:
         control = store.dispatch_control()
     _print(args, control)
     return 0

@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from falhook.receiver.cli.common import EXIT_STORE, CommandError, positive_int
-from falhook.receiver.cli.serve import add_settings_flags
+from falhook.receiver.cli.common import (
+    EXIT_STORE,
+    CommandError,
+    add_settings_flags,
+    guarded,
+    open_store,
+    out,
+    positive_int,
+)
 from falhook.receiver.durations import format_duration, format_time, parse_duration, parse_since
-from falhook.receiver.errors import SettingsError, StoreSchemaError, StoreUnavailableError
-from falhook.receiver.settings import ENV_PREFIX, Settings
+from falhook.receiver.settings import ENV_PREFIX
 from falhook.receiver.state import State
+from falhook.receiver.tables import render_table
 from falhook.receiver.tracebacks import repeats
 
 if TYPE_CHECKING:
-    from falhook.receiver.store.admin import Admin
     from falhook.receiver.store.attempts import StoredAttempt
     from falhook.receiver.store.records import StoredDelivery
 
@@ -47,7 +50,6 @@ EXIT_STORE_UNAVAILABLE = EXIT_STORE
 DEFAULT_RETENTION = "7d"
 MIN_RETENTION_SECONDS = 3 * 3600.0
 _LAST_ERROR_WIDTH = 60
-_URL_ENV = ENV_PREFIX + "DATABASE_URL"
 _REPLAY_HINT = (
     "a running `falhook serve` dispatches replayed deliveries at its next poll "
     f"({ENV_PREFIX}POLL_SECONDS, default 5 s), or at once on PostgreSQL"
@@ -186,71 +188,6 @@ def add_parser(subparsers: Any) -> None:
     prune.set_defaults(func=run_prune)
 
 
-# -- the store -------------------------------------------------------------------------
-
-
-def _database_url(args: argparse.Namespace) -> str:
-    """The flag, else FALHOOK_DATABASE_URL, else the default — validated like `serve`,
-    and named in an error as the user gave it (the flag, or the variable)."""
-    raw = getattr(args, "database_url", None)
-    try:
-        if raw is not None:
-            url: str = Settings.parse_value("database_url", raw)
-            return url
-        return Settings.from_env(
-            {k: v for k, v in os.environ.items() if k == _URL_ENV}
-        ).database_url
-    except SettingsError as exc:
-        raise CommandError(str(exc)) from exc
-
-
-@contextmanager
-def _store(args: argparse.Namespace) -> Iterator[Admin]:
-    """The store named by the arguments; StoreUnavailableError if it cannot be opened.
-
-    A SQLite file that does not exist is an error, not an empty store: creating one
-    would hide a wrong --database-url behind "no deliveries". Nor is a schema created or
-    upgraded here: only `falhook serve` migrates, so a store command run against the wrong
-    database, or beside an older receiver, changes nothing and says so.
-
-    An `Admin` (an engine of its own), not a `Store`: no writer to start, no migration.
-    """
-    # imported late: keeps `falhook --help` fast
-    from falhook.receiver.store.admin import Admin
-    from falhook.receiver.store.engine import sqlite_file
-
-    url = _database_url(args)
-    path = sqlite_file(url)
-    if path is not None and not path.exists():
-        raise StoreUnavailableError(
-            f"no database at {path} (set --database-url or {ENV_PREFIX}DATABASE_URL)"
-        )
-    admin = Admin.open(url)
-    try:
-        admin.check_schema()
-        yield admin
-    finally:
-        admin.close()
-
-
-def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Report an unreachable store, or one without a current schema, as one line, exit 3."""
-
-    def wrapper(args: argparse.Namespace) -> int:
-        name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
-        try:
-            return run(args)
-        except StoreUnavailableError as exc:
-            print(f"falhook {name}: store unavailable: {exc}", file=sys.stderr)  # noqa: T201
-        except StoreSchemaError as exc:
-            print(f"falhook {name}: {exc}", file=sys.stderr)  # noqa: T201
-        return EXIT_STORE_UNAVAILABLE
-
-    wrapper.__name__ = run.__name__
-    wrapper.__doc__ = run.__doc__
-    return wrapper
-
-
 # -- rendering -------------------------------------------------------------------------
 
 
@@ -293,33 +230,20 @@ def _one_line(text: str | None, width: int) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
-def render_table(rows: list[list[str]]) -> str:
-    """Left-aligned columns, two spaces apart; the first row is the header."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
-
-
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
-
-
 # -- commands --------------------------------------------------------------------------
 
 
-@_guarded
+@guarded
 def run_list(args: argparse.Namespace) -> int:
     """``falhook deliveries list``."""
     states = [State(s) for s in args.states or ()]
-    with _store(args) as store:
+    with open_store(args) as store:
         found = store.list(states=states, since=args.since, limit=args.limit)
     if args.json:
-        _out(json.dumps([summary(d) for d in found], indent=2))
+        out(json.dumps([summary(d) for d in found], indent=2))
         return 0
     if not found:
-        _out("no deliveries match")
+        out("no deliveries match")
         return 0
     rows = [["REQUEST_ID", "STATE", "STATUS", "ATTEMPTS", "RECEIVED (UTC)", "LAST_ERROR"]]
     rows += [
@@ -333,16 +257,16 @@ def run_list(args: argparse.Namespace) -> int:
         ]
         for d in found
     ]
-    _out(render_table(rows))
+    out(render_table(rows))
     if len(found) == args.limit:
-        _out(f"(first {args.limit}; --limit N shows more)")
+        out(f"(first {args.limit}; --limit N shows more)")
     return 0
 
 
-@_guarded
+@guarded
 def run_show(args: argparse.Namespace) -> int:
     """``falhook deliveries show REQUEST_ID``."""
-    with _store(args) as store:
+    with open_store(args) as store:
         delivery = store.get(args.request_id)
         attempts = store.attempts(args.request_id) if delivery is not None else []
     if delivery is None:
@@ -351,18 +275,18 @@ def run_show(args: argparse.Namespace) -> int:
     history = [_attempt(a) for a in attempts]
     document = summary(delivery) | {"attempt_history": history, "body": _body(delivery)}
     if args.json:
-        _out(json.dumps(document, indent=2))
+        out(json.dumps(document, indent=2))
         return 0
     skip = ("body", "attempt_history")
     fields = [(k, v) for k, v in document.items() if k not in skip and v not in (None, [])]
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         text = ", ".join(value) if isinstance(value, list) else str(value)
-        _out(f"{key.ljust(width)}  {text}")
+        out(f"{key.ljust(width)}  {text}")
     _out_attempts(history)
     body = document["body"]
-    _out("body:")
-    _out(json.dumps(body, indent=2) if not isinstance(body, str) else body)
+    out("body:")
+    out(json.dumps(body, indent=2) if not isinstance(body, str) else body)
     return 0
 
 
@@ -385,7 +309,7 @@ def _last_line(text: str | None) -> str | None:
 def _out_attempts(history: list[dict[str, Any]]) -> None:
     """The attempts as a table (each error's last line), then the latest traceback."""
     if not history:
-        _out("attempts: none recorded yet")
+        out("attempts: none recorded yet")
         return
     rows = [["ATTEMPT", "STARTED (UTC)", "DURATION", "OUTCOME", "NEXT ATTEMPT", "ERROR"]]
     rows += [
@@ -401,15 +325,15 @@ def _out_attempts(history: list[dict[str, Any]]) -> None:
         ]
         for a, same in zip(history, repeats([a["error"] for a in history]), strict=True)
     ]
-    _out("attempts:")
-    _out(render_table(rows))
+    out("attempts:")
+    out(render_table(rows))
     failed = [a for a in history if a["error"]]
     if failed:
-        _out(f"traceback of attempt {failed[-1]['attempt']}:")
-        _out(failed[-1]["error"])
+        out(f"traceback of attempt {failed[-1]['attempt']}:")
+        out(failed[-1]["error"])
 
 
-@_guarded
+@guarded
 def run_replay(args: argparse.Namespace) -> int:
     """``falhook deliveries replay REQUEST_ID… | --state dead [--since WHEN]``."""
     ids = list(dict.fromkeys(args.request_ids))  # once each, in the order given
@@ -422,7 +346,7 @@ def run_replay(args: argparse.Namespace) -> int:
     replayed: list[dict[str, str]] = []
     left_alone: list[dict[str, str]] = []
     not_found: list[str] = []
-    with _store(args) as store:
+    with open_store(args) as store:
         if ids:
             previous = store.replay(ids)
             for request_id in ids:
@@ -439,23 +363,23 @@ def run_replay(args: argparse.Namespace) -> int:
             replayed = [{"request_id": rid, "was": state} for rid, state in previous.items()]
     if args.json:
         document = {"replayed": replayed, "left_alone": left_alone, "not_found": not_found}
-        _out(json.dumps(document, indent=2))
+        out(json.dumps(document, indent=2))
     else:
         for item in replayed:
-            _out(f"replayed {item['request_id']} (was {item['was']})")
+            out(f"replayed {item['request_id']} (was {item['was']})")
         for item in left_alone:
-            _out(f"{item['request_id']}: already {item['state']}, left alone")
+            out(f"{item['request_id']}: already {item['state']}, left alone")
         for request_id in not_found:
-            _out(f"{request_id}: not found")
+            out(f"{request_id}: not found")
         if not ids and not replayed:
             since = f" received since {format_time(args.since)}" if args.since else ""
-            _out(f"nothing to replay: no {' or '.join(args.states)} deliveries{since}")
+            out(f"nothing to replay: no {' or '.join(args.states)} deliveries{since}")
         if replayed:
-            _out(_REPLAY_HINT)
+            out(_REPLAY_HINT)
     return EXIT_NOT_FOUND if not_found else 0
 
 
-@_guarded
+@guarded
 def run_prune(args: argparse.Namespace) -> int:
     """``falhook prune [--older-than DURATION] [--state done|dead]…``."""
     older_than: float = args.older_than
@@ -467,15 +391,15 @@ def run_prune(args: argparse.Namespace) -> int:
             "dispatched again; add --force if you mean it"
         )
     states = [State(s) for s in dict.fromkeys(args.states or [State.DONE.value])]
-    with _store(args) as store:
+    with open_store(args) as store:
         deleted = store.prune(older_than, states=states)
     names = [s.value for s in states]
     if args.json:
         document = {"deleted": deleted, "states": names, "older_than_seconds": older_than}
-        _out(json.dumps(document))
+        out(json.dumps(document))
     else:
         noun = "delivery" if deleted == 1 else "deliveries"
-        _out(
+        out(
             f"pruned {deleted} {'/'.join(names)} {noun} that finished more than "
             f"{format_duration(older_than)} ago"
         )

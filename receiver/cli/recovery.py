@@ -22,9 +22,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from falhook.receiver.cli.common import EXIT_NEGATIVE, CommandError, positive_int
-from falhook.receiver.cli.ops import _database_url, _guarded, _out, render_table
-from falhook.receiver.cli.serve import add_settings_flags
+from falhook.receiver.cli.common import (
+    EXIT_NEGATIVE,
+    CommandError,
+    add_settings_flags,
+    database_url,
+    guarded,
+    out,
+    positive_int,
+)
 from falhook.receiver.durations import format_time
 from falhook.receiver.errors import (
     QueueError,
@@ -34,6 +40,7 @@ from falhook.receiver.errors import (
     StoreUnavailableError,
 )
 from falhook.receiver.settings import ENV_PREFIX, Settings
+from falhook.receiver.tables import render_table
 
 __all__ = ["EXIT_QUEUE", "add_parser"]
 
@@ -161,9 +168,9 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from falhook.receiver.cli.serve import settings_from_args
+    from falhook.receiver.cli.common import settings_from_args
 
-    url = _database_url(args)  # the same checks and message as the other store commands
+    url = database_url(args)  # the same checks and message as the other store commands
     try:
         settings = settings_from_args(args)
     except SettingsError as exc:
@@ -234,7 +241,7 @@ def expectation_summary(e: Any) -> dict[str, Any]:
 # -- commands ----------------------------------------------------------------------------
 
 
-@_guarded
+@guarded
 def run_submit(args: argparse.Namespace) -> int:
     """``falhook submit``."""
     settings = _settings(args)
@@ -253,13 +260,13 @@ def run_submit(args: argparse.Namespace) -> int:
         print(f"falhook submit: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_QUEUE
     except (StoreUnavailableError, StoreSchemaError):
-        raise  # exit 3 (`_guarded`); after fal accepted, the message names the request
+        raise  # exit 3 (`guarded`); after fal accepted, the message names the request
     except ReceiverError as exc:
         raise CommandError(str(exc)) from exc
     if args.json:
-        _out(json.dumps(answer, indent=2))
+        out(json.dumps(answer, indent=2))
     else:
-        _out(answer["request_id"])
+        out(answer["request_id"])
         if recovery.webhook_url is None:
             print(  # noqa: T201
                 f"falhook submit: note: no {ENV_PREFIX}PUBLIC_URL, so fal sends no webhook; "
@@ -269,7 +276,7 @@ def run_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded
+@guarded
 def run_expect(args: argparse.Namespace) -> int:
     """``falhook expect``."""
     # What Recovery.expect_sync runs, without building a Recovery (httpx).
@@ -286,32 +293,32 @@ def run_expect(args: argparse.Namespace) -> int:
         )
         new = record_sync(settings, expected, migrate=False)
     except (StoreUnavailableError, StoreSchemaError):
-        raise  # exit 3 (`_guarded`)
+        raise  # exit 3 (`guarded`)
     except ReceiverError as exc:
         raise CommandError(str(exc)) from exc
     if args.json:
-        _out(json.dumps({"request_id": args.request_id, "recorded": new}))
+        out(json.dumps({"request_id": args.request_id, "recorded": new}))
     elif new:
-        _out(f"expecting {args.request_id} ({args.endpoint})")
+        out(f"expecting {args.request_id} ({args.endpoint})")
     else:
-        _out(f"already expecting {args.request_id}")
+        out(f"already expecting {args.request_id}")
     return 0
 
 
-@_guarded
+@guarded
 def run_list(args: argparse.Namespace) -> int:
     """``falhook expectations list``."""
-    from falhook.receiver.cli.ops import _store
+    from falhook.receiver.cli.common import open_store
     from falhook.receiver.store.expectations import Expectations, ExpectationState
 
     states = [ExpectationState(s) for s in args.states or ()]
-    with _store(args) as store:
+    with open_store(args) as store:
         found = Expectations(store).list(states=states, limit=args.limit)
     if args.json:
-        _out(json.dumps([expectation_summary(e) for e in found], indent=2))
+        out(json.dumps([expectation_summary(e) for e in found], indent=2))
         return 0
     if not found:
-        _out("no expectations match")
+        out("no expectations match")
         return 0
     rows = [["REQUEST_ID", "ENDPOINT", "STATE", "POLLS", "CREATED (UTC)", "REASON"]]
     for e in found:
@@ -328,5 +335,5 @@ def run_list(args: argparse.Namespace) -> int:
                 reason,
             ]
         )
-    _out(render_table(rows))
+    out(render_table(rows))
     return 0

@@ -9,7 +9,6 @@ is not refused: it may come back, and the receiver recovers by itself.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import faulthandler
 import gc
@@ -19,48 +18,23 @@ import sys
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from falhook.receiver.cli.common import EXIT_CANNOT_LISTEN, EXIT_STORE, CommandError
+from falhook.receiver.cli.common import (
+    EXIT_CANNOT_LISTEN,
+    EXIT_STORE,
+    CommandError,
+    add_settings_flags,
+    settings_from_args,
+    settings_groups,
+)
 from falhook.receiver.errors import ReceiverError, SettingsError
-from falhook.receiver.settings import ENV_PREFIX, Settings, shown_default
+from falhook.receiver.settings import ENV_PREFIX, Settings
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from falhook.receiver.logs import LogPipeline
 
-__all__ = ["add_parser", "add_settings_flags", "settings_from_args"]
-
-# Flags with a shape of their own; every other setting gets a plain --name VALUE flag.
-_SPECIAL = {"callbacks", "forward_to"}
-
-
-def add_settings_flags(parser: argparse.ArgumentParser, *, only: set[str] | None = None) -> None:
-    """One flag per setting (``--lease-seconds``…); each defaults to its env var."""
-    for field in dataclasses.fields(Settings):
-        if field.name in _SPECIAL or (only is not None and field.name not in only):
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        env = ENV_PREFIX + field.metadata["env"]
-        parser.add_argument(
-            flag,
-            dest=field.name,
-            metavar="VALUE",
-            help=f"{field.metadata['help']} (env {env}; default {shown_default(field)})",
-        )
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Env first, then every flag given on the command line (flags win)."""
-    overrides: dict[str, Any] = {}
-    for field in dataclasses.fields(Settings):
-        raw = getattr(args, field.name, None)
-        if raw is None:
-            continue
-        if field.name == "callbacks":
-            overrides["callbacks"] = tuple(raw)
-        else:
-            overrides[field.name] = Settings.parse_value(field.name, raw)
-    return Settings.from_env(**overrides)
+__all__ = ["add_parser"]
 
 
 def _port(text: str) -> int:
@@ -77,6 +51,8 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="run the receiver",
+        # Each flag is shown with its topic below: the usage line names only the common ones.
+        usage="%(prog)s [--host HOST] [--port PORT] [--callback MODULE:FUNCTION] [OPTION ...]",
         description=(
             "Receive fal webhooks on POST /webhooks/fal and dispatch them to callbacks. "
             "Every setting is also an environment variable (shown with each flag); a flag "
@@ -84,32 +60,34 @@ def add_parser(subparsers: Any) -> None:
             "--shutdown-timeout-seconds to finish."
         ),
     )
-    parser.add_argument(
+    groups = settings_groups(parser)
+    listening, callbacks = groups["listening"], groups["callbacks"]
+    listening.add_argument(
         "--host",
         metavar="HOST",
         help=f"address to listen on; 0.0.0.0 for every interface "
         f"(env {ENV_PREFIX}HOST; default 127.0.0.1)",
     )
-    parser.add_argument(
+    listening.add_argument(
         "--port",
         type=_port,
         metavar="PORT",
         help=f"TCP port to listen on (env {ENV_PREFIX}PORT; default 8000)",
     )
-    parser.add_argument(
+    callbacks.add_argument(
         "--callback",
         dest="callbacks",
         action="append",
         metavar="MODULE:FUNCTION",
         help=f"call this for every delivery; repeatable (env {ENV_PREFIX}CALLBACK, comma list)",
     )
-    parser.add_argument(
+    callbacks.add_argument(
         "--forward-to",
         dest="forward_to",
         metavar="URL",
         help=f"sidecar mode: POST each delivery to URL (env {ENV_PREFIX}FORWARD_TO)",
     )
-    add_settings_flags(parser)
+    add_settings_flags(parser, groups=groups)
     parser.set_defaults(func=run)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -229,3 +230,35 @@ def test_503_while_jwks_is_down_at_startup_then_200(
         assert response.json() == {"request_id": "http-503", "duplicate": False}
         assert client.get(server.url + "/readyz").status_code == 200
         server.wait_records(lambda rs: any(r["request_id"] == "http-503" for r in rs))
+
+
+def _unknown_count(client: httpx.Client, server: ServerProcess, kind: str) -> float:
+    for line in client.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(f'falhook_unknown_path_requests_total{{kind="{kind}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_an_unknown_path_leaves_a_count_and_one_log_line_with_a_hint(
+    server: ServerProcess, sender: Sender, client: httpx.Client
+) -> None:
+    near, other = (_unknown_count(client, server, k) for k in ("webhook_path", "other"))
+    for _ in range(3):  # fal retrying a delivery sent to a mistyped URL
+        response = sender.post(client, server.url + "/webhook/fal", "typo-1")
+        _error(response, 404, "not_found")
+    _error(client.get(server.url + "/robots.txt"), 404, "not_found")
+    assert _unknown_count(client, server, "webhook_path") == near + 3
+    assert _unknown_count(client, server, "other") == other + 1
+    server.wait_for_log('"path": "/robots.txt"')
+    server.wait_for_log('"path": "/webhook/fal"')
+    lines = [
+        json.loads(line)
+        for line in server.log_path.read_text().splitlines()
+        if line.startswith("{") and '"request to an unknown path' in line
+    ]
+    typo = [line for line in lines if line["path"] == "/webhook/fal"]
+    assert len(typo) == 1, typo  # once a minute per path, however often it comes
+    assert typo[0]["level"] == "warning" and typo[0]["method"] == "POST"
+    assert "/webhooks/fal" in typo[0]["hint"] and typo[0]["status"] == 404
+    (robots,) = [line for line in lines if line["path"] == "/robots.txt"]
+    assert robots["level"] == "info" and "hint" not in robots

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from falhook.receiver.cli import build_parser, main
-from falhook.receiver.cli.serve import settings_from_args
+from falhook.receiver.cli.common import settings_from_args
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -80,3 +80,71 @@ def test_unknown_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["serve", "--no-such-flag"])
     assert info.value.code == 2
     assert "--no-such-flag" in capsys.readouterr().err
+
+
+def _serve_help() -> str:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return str(subparsers.choices["serve"].format_help())
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    """The help's sections (a line ending in ':' at column 0) and the flags listed in each."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            current = sections.setdefault(line[:-1], [])
+        elif current is not None and line.startswith("  --"):
+            current.append(line.split()[0] + " " + line.split()[1])
+    return sections
+
+
+def test_every_setting_declares_a_topic_and_says_what_it_takes() -> None:
+    import dataclasses
+
+    from falhook.receiver.settings import GROUPS, Settings, shown_metavar
+
+    for field in dataclasses.fields(Settings):
+        assert field.metadata["group"] in GROUPS, field.name
+        assert shown_metavar(field) != "VALUE", field.name
+    metavars = {f.name: shown_metavar(f) for f in dataclasses.fields(Settings)}
+    assert metavars["lease_seconds"] == "SECONDS"
+    assert metavars["max_body_bytes"] == "BYTES"
+    assert metavars["queue_url"] == metavars["database_url"] == "URL"
+    assert metavars["concurrency"] == "N"
+    assert metavars["retention"] == "DURATION"
+
+
+def test_serve_help_groups_the_flags_by_topic_in_order() -> None:
+    text = _serve_help()
+    sections = _sections(text)
+    topics = [title for title in sections if title not in ("options", "usage")]
+    # archive has no setting yet: an empty topic is not shown
+    expected = ["listening", "store", "keys", "callbacks", "limits", "recovery", "console"]
+    assert topics == [*expected, "notifications", "logging"]
+    assert sections["listening"][:2] == ["--host HOST", "--port PORT"]
+    assert "--callback MODULE:FUNCTION" in sections["callbacks"]
+    assert "--forward-to URL" in sections["callbacks"]
+    assert "--lease-seconds SECONDS" in sections["callbacks"]
+    assert "--max-body-bytes BYTES" in sections["limits"]
+    assert "--database-url URL" in sections["store"]
+    assert "--jwks-url URL|FILE" in sections["keys"]
+    assert "--log-level LEVEL" in sections["logging"]
+    assert "--console-token TOKEN" in sections["console"]
+    assert "--fal-key KEY" in sections["recovery"]
+    assert "VALUE" not in text
+    assert text.splitlines()[0].startswith("usage: falhook serve [--host HOST]")
+    # Every flag appears once, under one topic.
+    flags = [flag for listed in sections.values() for flag in listed]
+    assert len(flags) == len(set(flags))
+
+
+def test_a_store_command_lists_its_one_setting_with_its_options() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "falhook.receiver", "deliveries", "list", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--database-url URL" in _sections(out)["options"]

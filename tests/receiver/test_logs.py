@@ -13,7 +13,9 @@ from typing import IO, Any
 
 import pytest
 
-from falhook.receiver.logs import JsonFormatter, LogPipeline, configure_logging, delivery_log
+from falhook.receiver.logs import JsonFormatter, LogPipeline, configure_logging
+
+deliveries = logging.getLogger("falhook.deliveries")
 
 
 def test_json_line_carries_message_level_and_extras() -> None:
@@ -112,7 +114,7 @@ def test_every_line_is_written_in_order_by_the_time_stop_returns(
 ) -> None:
     pipeline, path = pipeline_to()
     for i in range(3000):
-        delivery_log.logger.info("delivery %s", "accepted", extra={"request_id": f"r-{i}", "n": i})
+        deliveries.info("delivery %s", "accepted", extra={"request_id": f"r-{i}", "n": i})
     pipeline.stop()
     lines = _lines(path)
     assert [line["n"] for line in lines] == list(range(3000))
@@ -150,7 +152,7 @@ def test_lines_from_several_threads_are_whole_and_each_thread_in_order(
 
     def write(name: str) -> None:
         for i in range(500):
-            delivery_log.logger.info("line", extra={"who": name, "n": i})
+            deliveries.info("line", extra={"who": name, "n": i})
 
     threads = [threading.Thread(target=write, args=(f"t{k}",)) for k in range(4)]
     for thread in threads:
@@ -168,7 +170,7 @@ def test_lines_are_written_without_waiting_for_stop(
     pipeline_to: Callable[[], tuple[LogPipeline, Path]],
 ) -> None:
     _, path = pipeline_to()
-    delivery_log.logger.info("first", extra={"request_id": "r-1"})
+    deliveries.info("first", extra={"request_id": "r-1"})
     deadline = time.monotonic() + 10
     while not path.read_text().endswith("\n"):  # the writer flushes when the queue runs dry
         assert time.monotonic() < deadline, "the line was not written"
@@ -200,52 +202,16 @@ def test_a_host_app_logger_is_left_alone(
     assert (list(other.handlers), list(logging.getLogger().handlers)) == before
 
 
-class _Keep(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def kept() -> Iterator[_Keep]:
-    logger = logging.getLogger("falhook")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    flags = (logging._srcfile, logging.logThreads, logging.logProcesses)
-    handler = _Keep()
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield handler
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
-        logging._srcfile, logging.logThreads, logging.logProcesses = flags
-
-
-def test_delivery_lines_under_serve_are_the_records_logger_log_would_make(kept: _Keep) -> None:
-    logging._srcfile, logging.logThreads, logging.logProcesses = None, False, False
-    fields = {"request_id": "r-1", "outcome": "accepted"}
-    delivery_log.log(logging.INFO, "delivery %s", "accepted", fields)
-    delivery_log.logger.log(logging.INFO, "delivery %s", "accepted", extra=fields)
-    fast, slow = kept.records
-    assert type(fast) is type(slow) is logging.LogRecord
-    assert fast.__dict__.keys() == slow.__dict__.keys()
-    timing = {"created", "msecs", "relativeCreated"}
-    assert {k: v for k, v in fast.__dict__.items() if k not in timing} == {
-        k: v for k, v in slow.__dict__.items() if k not in timing
-    }
-    assert abs(fast.created - slow.created) < 5 and 0 <= fast.msecs < 1000
-    assert fast.getMessage() == "delivery accepted"
-    delivery_log.log(logging.DEBUG, "below the level %s", "x", {})
-    assert len(kept.records) == 2
-
-
-def test_delivery_lines_in_a_host_app_keep_its_logging_settings(kept: _Keep) -> None:
-    logging.logThreads = True  # logging's default: a host app has not turned it off
-    delivery_log.log(logging.WARNING, "callbacks %s", "retry", {"request_id": "r-2"})
-    (record,) = kept.records
-    assert record.threadName == threading.current_thread().name
-    assert record.request_id == "r-2" and record.levelname == "WARNING"  # type: ignore[attr-defined]
+def test_the_listener_thread_is_named_and_a_line_after_stop_is_written_at_once(
+    pipeline_to: Callable[[], tuple[LogPipeline, Path]],
+) -> None:
+    pipeline, path = pipeline_to()
+    deliveries.info("before", extra={"n": 1})
+    deadline = time.monotonic() + 10
+    while "falhook-logs" not in {thread.name for thread in threading.enumerate()}:
+        assert time.monotonic() < deadline, "no falhook-logs thread"
+        time.sleep(0.005)
+    pipeline.stop()
+    assert "falhook-logs" not in {thread.name for thread in threading.enumerate()}
+    deliveries.warning("late shutdown message")
+    assert [line["msg"] for line in _lines(path)] == ["before", "late shutdown message"]

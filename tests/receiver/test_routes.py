@@ -3,10 +3,12 @@ JSON error bodies, and no input — bytes or headers — ever yields a 500."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -15,6 +17,8 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from falhook.receiver import Delivery, Settings, WebhookReceiver
+from falhook.receiver.metrics import Metrics
+from falhook.receiver.routes import NotFound, _near
 from falhook.verify.testing import generate_keypair, sign
 from tests.receiver.conftest import USER_ID, Signer
 
@@ -265,3 +269,123 @@ def test_one_log_line_per_outcome_payload_only_when_asked(
     assert [r.reason for r in rejected] == ["missing_header"]  # type: ignore[attr-defined]
     assert (getattr(accepted[0], "body", None) == body.decode()) is log_payloads
     assert all("prompt text" not in r.getMessage() for r in records)
+
+
+def _unknown_counts(client: TestClient) -> dict[str, float]:
+    counts = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("falhook_unknown_path_requests_total{"):
+            kind = line.split('kind="')[1].split('"')[0]
+            counts[kind] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_unknown_paths_are_counted_and_logged_once_a_minute_with_a_hint(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="falhook.receiver"):
+        for _ in range(3):
+            _assert_error(client.post("/webhook/fal", content=b"{}"), 404, "not_found")
+        _assert_error(client.get("/nope"), 404, "not_found")
+        _assert_error(client.post("/webhooks/fal/x"), 404, "not_found")
+        _assert_error(client.get("/webhooks"), 404, "not_found")
+    lines = [r for r in caplog.records if r.getMessage().startswith("request to an unknown path")]
+    by_path = {r.path: r for r in lines}  # type: ignore[attr-defined]
+    assert [r.path for r in lines] == [  # type: ignore[attr-defined]
+        "/webhook/fal",  # once, though it came three times
+        "/nope",
+        "/webhooks/fal/x",
+        "/webhooks",
+    ]
+    hinted = by_path["/webhook/fal"]
+    assert hinted.levelname == "WARNING" and hinted.method == "POST"  # type: ignore[attr-defined]
+    assert "/webhooks/fal" in hinted.hint  # type: ignore[attr-defined]
+    assert hinted.status == 404  # type: ignore[attr-defined]
+    assert "hint" in by_path["/webhooks"].__dict__ and "hint" in by_path["/webhooks/fal/x"].__dict__
+    assert by_path["/nope"].levelname == "INFO" and "hint" not in by_path["/nope"].__dict__
+    assert _unknown_counts(client) == {"webhook_path": 5.0, "other": 1.0}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _not_found(**kwargs: Any) -> tuple[NotFound, _Clock]:
+    clock = _Clock()
+    return NotFound(Metrics(), clock=clock, **kwargs), clock
+
+
+def _logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.path for r in caplog.records if hasattr(r, "path")]
+
+
+def _request(handler: NotFound, path: str) -> None:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "headers": [],
+        "client": None,
+    }
+    asyncio.run(handler(scope, receive, send))  # type: ignore[arg-type]
+
+
+def test_a_path_is_logged_again_after_the_window(caplog: pytest.LogCaptureFixture) -> None:
+    handler, clock = _not_found(window=60.0)
+    with caplog.at_level("INFO", logger="falhook.receiver"):
+        _request(handler, "/a")
+        clock.now += 59
+        _request(handler, "/a")
+        clock.now += 2
+        _request(handler, "/a")
+    assert _logged(caplog) == ["/a", "/a"]
+
+
+def test_the_paths_remembered_are_bounded_and_a_flood_is_counted_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics()
+    clock = _Clock()
+    handler = NotFound(metrics, window=60.0, tracked=3, clock=clock)
+    with caplog.at_level("INFO", logger="falhook.receiver"):
+        for path in ["/1", "/2", "/3", "/4"]:  # the fourth: all three logged within the minute
+            _request(handler, path)
+        assert _logged(caplog) == ["/1", "/2", "/3"]
+        clock.now += 61
+        _request(handler, "/4")  # the oldest is forgotten to make room for it
+        clock.now += 1
+        _request(handler, "/1")  # forgotten, so logged again
+        _request(handler, "/4")  # remembered: not again within the minute
+    assert _logged(caplog) == ["/1", "/2", "/3", "/4", "/1"]
+    assert len(handler._logged) == 3
+    assert 'falhook_unknown_path_requests_total{kind="other"} 7.0' in metrics.render().decode()
+
+
+@pytest.mark.parametrize(
+    ("path", "near"),
+    [
+        ("/webhook/fal", True),
+        ("/webhooks/fal/x", True),
+        ("/webhooks", True),
+        ("/api/webhooks/fal", True),
+        ("/WEBHOOKS/FAL", True),
+        ("/hooks/fal", True),
+        ("/webhooks/fla", True),
+        ("/", False),
+        ("/wp-login.php", False),
+        ("/favicon.ico", False),
+        ("/metrics/", False),
+    ],
+)
+def test_what_looks_like_a_mistyped_webhook_path(path: str, near: bool) -> None:
+    assert _near(path, "/webhooks/fal") is near
