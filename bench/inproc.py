@@ -26,6 +26,10 @@ from the threads that write logs, commit and run ``def`` callbacks.
 
 ``--tree PATH`` measures another checkout's ``receiver`` (e.g. a ``git worktree``) with
 this checkout's harness.
+
+``--otel`` sets up OpenTelemetry's SDK as the global tracer provider (needs
+``falhook[otel]``): spans are batched and encoded as OTLP protobuf, as the OTLP exporter
+does, then dropped instead of sent — what tracing costs the process, without a network.
 """
 
 from __future__ import annotations
@@ -88,6 +92,37 @@ def start_logs(path: Path) -> Callable[[], None]:
         logger.handlers[:] = []
         logger.propagate = True
         file.close()
+
+    return stop
+
+
+def start_tracing() -> Callable[[], int]:
+    """The SDK as the global provider; spans encoded as OTLP would send them, then dropped.
+    Returns what stops it, and says how many spans were encoded."""
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    encoded = [0]
+
+    class Encoded(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            encode_spans(spans).SerializeToString()
+            encoded[0] += len(spans)
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Encoded()))
+    trace.set_tracer_provider(provider)
+
+    def stop() -> int:
+        provider.shutdown()
+        return encoded[0]
 
     return stop
 
@@ -198,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         help="sys.setswitchinterval, as falhook serve sets it (default 0.0005)",
     )
     p.add_argument("--tree", type=Path, help="measure this checkout's receiver package")
+    p.add_argument("--otel", action="store_true", help="record spans (OTLP-encoded, not sent)")
     args = p.parse_args(argv)
     if args.tree is not None:
         sys.path.insert(0, str(args.tree.resolve()))
@@ -210,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         jwks = write_jwks(key, Path(tmp) / "jwks.json")
         log_path = Path(tmp) / "falhook.log"
         stop_logs = start_logs(log_path) if args.logs else None
+        stop_tracing = start_tracing() if args.otel else None
+        spans = 0
         work = measure(
             deliveries,
             jwks,
@@ -223,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if stop_logs is not None:
                 stop_logs()
+            if stop_tracing is not None:
+                spans = stop_tracing()
         lines = log_path.read_bytes().count(b"\n") if args.logs else 0
     print(
         f"{result.deliveries:,} deliveries: loop CPU {result.loop_cpu_us:.1f} us/delivery, "
         f"process CPU {result.process_cpu_us:.1f} us/delivery, {result.per_second:,.0f}/s"
         + (f", {lines:,} log lines" if args.logs else "")
+        + (f", {spans:,} spans" if args.otel else "")
     )
     return 0
 

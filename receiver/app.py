@@ -56,11 +56,13 @@ from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
 from falhook.receiver.store.engine import sqlite_file
 from falhook.receiver.store.expectations import Expectations, ExpectationState
 from falhook.receiver.store.listener import Listener
+from falhook.receiver.tracing import resolve as resolve_tracing
 from falhook.receiver.watchdog import LoopWatchdog
 from falhook.verify import KeysUnavailableError
 
 if TYPE_CHECKING:
     from falhook.receiver.console.charts import History
+    from falhook.receiver.tracing.spans import Tracing
 
 __all__ = ["WebhookReceiver", "create_app"]
 
@@ -113,6 +115,10 @@ class WebhookReceiver:
 
     Starting (its lifespan, or ``async with hooks:``) opens the store and starts the
     dispatcher; a delivery that arrives before that gets a 503 ``receiver_not_started``.
+
+    With OpenTelemetry installed (``falhook[otel]``), spans are recorded with
+    `tracer_provider`, else with the global provider if one was set up before the
+    receiver started; never a provider of falhook's own over the host's.
     """
 
     def __init__(
@@ -121,8 +127,11 @@ class WebhookReceiver:
         *,
         callbacks: Iterable[Callback] = (),
         listen: str | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings.from_env()
+        self.tracer_provider = tracer_provider
+        self.tracing: Tracing | None = None  # decided at each start (receiver/tracing/)
         self.listen = listen  # where `falhook serve` listens, for the startup log line
         self.registry = CallbackRegistry()
         self.registry.add_specs(self.settings.callbacks)
@@ -163,6 +172,7 @@ class WebhookReceiver:
                 self.settings,
                 observe_call=self.metrics.queue_request,
                 on_recovered=self.metrics.recovered.inc,
+                tracer_provider=tracer_provider,
             )
         # Gives freed memory back to the system after large bodies (glibc only).
         self.trimmer = MemoryTrimmer()
@@ -245,6 +255,7 @@ class WebhookReceiver:
         to start) stops them all, in reverse."""
         settings = self.settings
         parts.callback(self._forget_parts)  # last of all: the receiver is stopped
+        self._trace(resolve_tracing(self.tracer_provider))
         watchdog = LoopWatchdog(
             asyncio.get_running_loop(),
             self.registry.on_loop,
@@ -303,6 +314,7 @@ class WebhookReceiver:
             lease_seconds=settings.lease_seconds,
             store_timeout=settings.store_timeout_seconds,
             deadlines=self.deadlines,
+            tracing=self.tracing,
         )
         parts.callback(self._refuse_deliveries)
         if settings.console_token:
@@ -400,6 +412,7 @@ class WebhookReceiver:
             deadlines=self.deadlines,
             observer=MetricsObserver(self.metrics, self.trimmer, notify=self.notify),
             prepare=self.recovery.prepare if self.recovery is not None else None,
+            tracing=self.tracing,
         )
         dispatcher.pause()
         return dispatcher
@@ -415,6 +428,14 @@ class WebhookReceiver:
         self._store = self._keys = self._dispatcher = None
         self._pause = None
         self._expectations = None
+
+    def _trace(self, tracing: Tracing | None) -> None:
+        """Record spans with `tracing` (None: off) wherever they start."""
+        self.tracing = self.app.endpoint.tracing = tracing
+        if self._forwarder is not None:
+            self._forwarder.tracing = tracing
+        if self.recovery is not None:
+            self.recovery.trace(tracing)
 
     def _log_started(self) -> None:
         """One line with everything an operator checks first: what runs, where, with what."""
@@ -439,6 +460,7 @@ class WebhookReceiver:
             "concurrency": settings.concurrency,
             "recovery": settings.queue_url if self.recovery is not None else None,
             "console": console,
+            "tracing": self.tracing is not None,
         }
         targets = list(fields["callbacks"])
         if settings.forward_to:
@@ -664,7 +686,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    settings: Settings | None = None, *, callbacks: Iterable[Callback] = ()
+    settings: Settings | None = None,
+    *,
+    callbacks: Iterable[Callback] = (),
+    tracer_provider: Any = None,
 ) -> ReceiverApp:
     """Build a receiver and return its ASGI app (the receiver is ``app.state.falhook``)."""
-    return WebhookReceiver(settings, callbacks=callbacks).app
+    return WebhookReceiver(settings, callbacks=callbacks, tracer_provider=tracer_provider).app

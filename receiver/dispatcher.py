@@ -16,7 +16,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from falhook.receiver.deadlines import Deadlines
 from falhook.receiver.errors import StoreUnavailableError
@@ -27,6 +27,9 @@ from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.attempts import AttemptRecord
 from falhook.receiver.sync_runner import SyncRunner
 from falhook.receiver.tracebacks import attempt_error
+
+if TYPE_CHECKING:
+    from falhook.receiver.tracing.spans import Tracing
 
 __all__ = ["Dispatcher", "Drained"]
 
@@ -65,8 +68,10 @@ class Dispatcher:
         deadlines: Deadlines | None = None,
         observer: DispatchObserver | None = None,
         prepare: Prepare | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.store = store
+        self.tracing = tracing
         self.registry = registry
         self.policy = policy
         self.lease_seconds = lease_seconds
@@ -100,7 +105,7 @@ class Dispatcher:
         # slot until its callback returns, so their number stays bounded.
         self._abandoned = 0
         # Plain `def` callbacks: one thread hand-off per batch of deliveries, not per call.
-        self._sync_runner = SyncRunner(2 * concurrency)
+        self._sync_runner = SyncRunner(2 * concurrency, carry_context=tracing is not None)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -233,11 +238,21 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, claim: Claim) -> None:
+        tracing = self.tracing
+        if tracing is None:
+            await self._deliver(claim)
+            return
+        with tracing.processing(
+            claim.request_id, claim.attempt, claim.source, claim.trace_context
+        ) as span:
+            tracing.settled(span, await self._deliver(claim))
+
+    async def _deliver(self, claim: Claim) -> str:
         try:
             attempt = await self._attempt(claim)
         finally:
             self._slot_freed()  # the callbacks are over (or never ran): the slot is free
-        await self._settle(claim, attempt)
+        return await self._settle(claim, attempt)
 
     async def _attempt(self, claim: Claim) -> _Attempt:
         """Run the delivery's callbacks."""
@@ -254,6 +269,7 @@ class Dispatcher:
             )
         except Exception as exc:
             # Bodies were validated before they were stored; this is a corrupt row.
+            self._traced_failure(exc)
             unreadable = f"stored body unreadable: {exc!r}"
             record = AttemptRecord(claim.attempt, started_at, 0.0, unreadable)
             return _Attempt(False, unreadable, (), None, None, record)
@@ -267,6 +283,7 @@ class Dispatcher:
                     claim, delivery, self.policy.gives_up_after(claim.attempt)
                 )
             except Exception as exc:
+                self._traced_failure(exc)
                 self._held.pop(claim.request_id, None)
                 why = f"payload not fetched from fal's queue yet: {_describe(exc)}"
                 lease_ends = time.monotonic() + self.lease_seconds
@@ -289,6 +306,8 @@ class Dispatcher:
             held = self._held.pop(claim.request_id, None)
         retry_after = error.after if isinstance(error, Retry) else None
         description = None if error is None else _describe(error)
+        if error is not None:
+            self._traced_failure(error)
         lease_ends = (held[1] if held else time.monotonic()) + self.lease_seconds
         record = AttemptRecord(
             claim.attempt,
@@ -297,6 +316,10 @@ class Dispatcher:
             None if error is None else _trace(error),
         )
         return _Attempt(error is None, description, completed, retry_after, lease_ends, record)
+
+    def _traced_failure(self, exc: BaseException) -> None:
+        if self.tracing is not None:
+            self.tracing.failed(exc)  # on the attempt's span, current in this task
 
     def _timed_out(self, claim: Claim, name: str, thread: RunningCall | None) -> None:
         self.observer.timed_out(name)
@@ -343,7 +366,7 @@ class Dispatcher:
         self._running -= 1
         self._slot_free.set()
 
-    async def _settle(self, claim: Claim, attempt: _Attempt) -> None:
+    async def _settle(self, claim: Claim, attempt: _Attempt) -> str:
         """Record an attempt's outcome, retrying while our lease still holds.
 
         A store outage of a few seconds (a database restart, a dropped connection) must
@@ -363,7 +386,7 @@ class Dispatcher:
                 if ends is None or time.monotonic() + pause >= ends:
                     log.warning("could not record outcome of %s: %s", claim.request_id, exc)
                     self.observer.finished(claim, "unrecorded", attempt.error)
-                    return
+                    return "unrecorded"
                 await asyncio.sleep(pause)
         if not kept:
             log.warning(
@@ -378,6 +401,7 @@ class Dispatcher:
             # Wake it, so it sees the retry's due time and sleeps only until then.
             self._wake.set()
         self.observer.finished(claim, outcome, attempt.error, next_attempt_at=next_at)
+        return outcome
 
     async def _record(self, claim: Claim, attempt: _Attempt) -> tuple[bool, str, float | None]:
         """Write the outcome, and the attempt with it; (claim kept, outcome, retry due at)."""

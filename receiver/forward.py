@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import httpx
 from standardwebhooks import Webhook
 
 from falhook.receiver.errors import ForwardError
 from falhook.receiver.models import Delivery
+
+if TYPE_CHECKING:
+    from falhook.receiver.tracing.spans import Tracing
 
 __all__ = ["ForwardError", "Forwarder"]
 
@@ -47,6 +51,9 @@ class Forwarder:
         # Opened on first use, closed by `aclose` (the receiver's stop): a later start opens
         # a new one.
         self._client = client
+        # Set when the receiver starts with tracing on: each POST is a CLIENT span, and the
+        # app gets its `traceparent`, so it continues the trace.
+        self.tracing: Tracing | None = None
 
     @property
     def signed(self) -> bool:
@@ -68,12 +75,21 @@ class Forwarder:
             headers["x-fal-webhook-timestamp"] = str(delivery.signed_at)
         if self._signer is not None:
             headers.update(self._signature(delivery))
+        if self.tracing is None:
+            status = await self._post(delivery, headers)
+        else:
+            with self.tracing.calling("POST", self.url, headers) as call:
+                status = await self._post(delivery, headers)
+                call.answered(status)
+        if not 200 <= status < 300:
+            raise ForwardError(f"POST {self.url} answered {status}")
+
+    async def _post(self, delivery: Delivery, headers: dict[str, str]) -> int:
         try:
             response = await self._http().post(self.url, content=delivery.raw_body, headers=headers)
         except httpx.HTTPError as exc:
             raise ForwardError(f"POST {self.url} failed: {exc!r}") from exc
-        if not response.is_success:
-            raise ForwardError(f"POST {self.url} answered {response.status_code}")
+        return response.status_code
 
     def _signature(self, delivery: Delivery) -> dict[str, str]:
         assert self._signer is not None

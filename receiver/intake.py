@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from falhook.receiver.deadlines import Deadlines
 from falhook.receiver.dispatcher import Dispatcher
@@ -17,6 +17,9 @@ from falhook.receiver.errors import MalformedDeliveryError, Reason, StoreUnavail
 from falhook.receiver.keysource import KeySource
 from falhook.receiver.store import NewDelivery, Store
 from falhook.verify import WebhookHeaders
+
+if TYPE_CHECKING:
+    from falhook.receiver.tracing.spans import Tracing
 
 __all__ = ["MAX_REQUEST_ID_CHARS", "Accepted", "Intake"]
 
@@ -44,8 +47,10 @@ class Intake:
         lease_seconds: float,
         store_timeout: float = 10.0,
         deadlines: Deadlines | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.keys = keys
+        self.tracing = tracing
         self.store = store
         self.dispatcher = dispatcher
         self.lease_seconds = lease_seconds
@@ -89,7 +94,19 @@ class Intake:
             signed_at=verified.timestamp,
             body=body,
             received_at=time.time(),
+            # Traced: the request's span, for the processing spans to link to.
+            trace_context=None if self.tracing is None else self.tracing.current_context(),
         )
+        if self.tracing is None:
+            return Accepted(request_id, await self._store(new, data))
+        with self.tracing.storing(self.store.dialect) as span:
+            duplicate = await self._store(new, data)
+            span.set_attribute("falhook.duplicate", duplicate)
+        return Accepted(request_id, duplicate)
+
+    async def _store(self, new: NewDelivery, data: dict[str, Any]) -> bool:
+        """Commit `new`, and hand it to the dispatcher if a slot is free; True for a
+        duplicate."""
         dispatcher = self.dispatcher
         claim_id = dispatcher.reserve() if dispatcher is not None else None
         try:
@@ -98,7 +115,7 @@ class Intake:
             async with self.deadlines.scope(self.store_timeout):
                 if claim_id is None:
                     # No free slot (or no callbacks): stored pending, claimed by whoever is free.
-                    return Accepted(request_id, not await self.store.insert(new))
+                    return not await self.store.insert(new)
                 # Stored already claimed by a slot we hold: dispatched as soon as committed,
                 # without a claim round trip or a second parse of the body.
                 claim = await self.store.insert_claimed(
@@ -119,7 +136,7 @@ class Intake:
         finally:
             if claim_id is not None:
                 dispatcher.release(claim_id)  # type: ignore[union-attr]  # no-op once adopted
-        return Accepted(request_id, claim is None)
+        return claim is None
 
 
 async def _parse(body: bytes) -> dict[str, Any]:

@@ -115,6 +115,8 @@ class DeliveryRow(SQLModel, table=True):
     signed_at: int | None = Field(default=None, sa_type=sa.BigInteger)
     # 1: a duplicate came while pending or running; giving up then re-arms instead
     rearm: int = Field(default=0)
+    # The traceparent it was received in, then its submit's (receiver/tracing/); or None
+    trace_context: str | None = Field(default=None)
 
 
 class BodyRow(SQLModel, table=True):
@@ -163,6 +165,7 @@ class ExpectationRow(SQLModel, table=True):
     claim_id: str | None = Field(default=None)
     updated_at: float
     finished_at: float | None = Field(default=None)
+    trace_context: str | None = Field(default=None)  # the traceparent of its submit
 
 
 class AttemptRow(SQLModel, table=True):

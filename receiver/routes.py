@@ -18,7 +18,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -36,6 +36,10 @@ from falhook.receiver.memtrim import MemoryTrimmer
 from falhook.receiver.metrics import CONTENT_TYPE, Metrics
 from falhook.receiver.settings import WEBHOOK_PATH
 from falhook.verify import KeysUnavailableError, WebhookHeaders, WebhookVerificationError
+
+if TYPE_CHECKING:
+    from falhook.receiver.tracing.spans import Receiving as Traced
+    from falhook.receiver.tracing.spans import Tracing
 
 __all__ = ["NotFound", "Receiving", "WebhookEndpoint", "healthz", "metrics", "readyz"]
 
@@ -106,18 +110,30 @@ class WebhookEndpoint:
         # Body bytes held by requests in flight, across all of them (one event loop: a
         # plain int is enough).
         self.buffered = 0
+        # Set when the receiver starts with tracing on (receiver/tracing/).
+        self.tracing: Tracing | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         held = [0]  # this request's share of `buffered`
+        tracing = self.tracing
+        traced = None
         try:
-            await self._handle(scope, receive, send, held)
+            if tracing is None:
+                await self._handle(scope, receive, send, held, None)
+            else:
+                traced = tracing.receiving(scope, scope.get(_ARRIVED) or time.perf_counter())
+                await self._handle(scope, receive, send, held, traced)
         finally:
+            if traced is not None:
+                traced.end()
             if held[0]:  # given back once answered, whatever happened
                 self.buffered -= held[0]
                 if self.trimmer is not None:
                     self.trimmer.released(self.buffered)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, held: list[int]) -> None:
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, held: list[int], traced: Traced | None
+    ) -> None:
         # From the request's arrival in the kernel when `falhook serve` runs us (see
         # protocol.py), else from now.
         started = scope.get(_ARRIVED) or time.perf_counter()
@@ -138,6 +154,12 @@ class WebhookEndpoint:
             request_id, duplicate = await self._accept(intake, body, checked)
         except _Reject as rejection:
             self._rejected(rejection, request_id, scope)
+            if traced is not None:
+                traced.answered(
+                    rejection.status,
+                    request_id=request_id or _header(scope, b"x-fal-webhook-request-id"),
+                    reason=rejection.error,
+                )
             extra = [(b"allow", b"POST")] if rejection.status == 405 else []
             if not body_read:
                 # The rest of the body is still on the wire: close the connection after
@@ -152,9 +174,13 @@ class WebhookEndpoint:
             # delivery: answer 503 so fal retries, and log it loudly.
             log.exception("unexpected error handling a delivery")
             self.metrics.rejected("internal_error")
+            if traced is not None:
+                traced.answered(503, reason="internal_error")
             await _send_json(send, 503, _error_body("internal_error", "please retry"))
             return
         metrics = self.metrics
+        if traced is not None:
+            traced.answered(200, request_id=request_id, duplicate=duplicate)
         (metrics.duplicate if duplicate else metrics.accepted).inc()
         metrics.ack_latency.observe(time.perf_counter() - started)
         if delivery_log.isEnabledFor(logging.INFO):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
+import functools
 import queue
 import threading
 import time
@@ -73,15 +75,27 @@ class SyncCall:
 _CALLBACKS_LOCK = threading.Lock()
 
 
+def _run_in(context: contextvars.Context, fn: Callable[[Any], Any], arg: Any) -> Any:
+    return context.run(fn, arg)
+
+
 class SyncRunner:
     """Runs sync functions in up to ``workers`` threads; `run` awaits one call's result."""
 
     def __init__(
-        self, workers: int, *, stall_seconds: float = 0.002, name: str = "falhook-callback"
+        self,
+        workers: int,
+        *,
+        stall_seconds: float = 0.002,
+        name: str = "falhook-callback",
+        carry_context: bool = False,
     ) -> None:
+        """`carry_context`: each call runs in a copy of its caller's context variables (for
+        tracing: a callback's spans are children of its delivery's)."""
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.workers = workers
+        self.carry_context = carry_context
         self.stall_seconds = stall_seconds
         self._name = name
         self._pending: collections.deque[SyncCall] = collections.deque()  # thread-safe ends
@@ -118,6 +132,8 @@ class SyncRunner:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        if self.carry_context:
+            fn = functools.partial(_run_in, contextvars.copy_context(), fn)
         call = SyncCall(future, fn, arg, time.monotonic())
         if calls is not None:
             calls.append(call)

@@ -190,11 +190,17 @@ def run(args: argparse.Namespace) -> int:
     host, port = _listen_address(args)
     _check_store(settings, args)
     _check_keys(settings, args)
+    from falhook.receiver.tracing.setup import provider_from_environ
+
     try:
+        # Tracing from the standard OTEL_* variables (None: off, nothing imported).
+        tracer_provider = provider_from_environ(os.environ)
         # imported late: keeps `falhook --help` fast
         from falhook.receiver.app import WebhookReceiver
 
-        receiver = WebhookReceiver(settings, listen=_url(host, port))
+        receiver = WebhookReceiver(
+            settings, listen=_url(host, port), tracer_provider=tracer_provider
+        )
     except ReceiverError as exc:
         raise CommandError(str(exc)) from exc
     sock = _listen(host, port)
@@ -224,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     from falhook.receiver.protocol import http_protocol
 
     config = uvicorn.Config(
-        _DrainLogsAtShutdown(receiver.app, logs),
+        _DrainLogsAtShutdown(receiver.app, logs, tracer_provider),
         interface="asgi3",
         loop="uvloop",
         http=http_protocol(settings.header_timeout_seconds),
@@ -261,9 +267,10 @@ class _DrainLogsAtShutdown:
     go straight to the receiver's app (no extra coroutine frame on the hot path).
     """
 
-    def __init__(self, app: ASGIApp, logs: LogPipeline) -> None:
+    def __init__(self, app: ASGIApp, logs: LogPipeline, tracer_provider: Any = None) -> None:
         self.app = app
         self.logs = logs
+        self.tracer_provider = tracer_provider  # its last spans are exported here too
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] == "lifespan":
@@ -273,6 +280,8 @@ class _DrainLogsAtShutdown:
     def _send_after_drain(self, send: Send) -> Send:
         async def lifespan_send(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                if self.tracer_provider is not None:
+                    self.tracer_provider.force_flush()  # exports the spans still batched
                 self.logs.stop()  # a short join, once, after the last callback has ended
             await send(message)
 

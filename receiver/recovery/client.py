@@ -15,18 +15,22 @@ only to ``FALHOOK_QUEUE_URL``'s own host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from falhook.receiver.errors import QueueError, QueueFailure
 from falhook.receiver.recovery.urls import same_origin, submit_url
+
+if TYPE_CHECKING:
+    from falhook.receiver.tracing.spans import Tracing
 
 __all__ = ["QueueAnswer", "QueueClient", "outcome_of", "retry_after_seconds"]
 
@@ -134,6 +138,8 @@ class QueueClient:
         self._timeout = timeout
         self._deadline = deadline
         self._client: httpx.AsyncClient | None = None
+        # Set by the receiver with tracing on: each call is a CLIENT span.
+        self.tracing: Tracing | None = None
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -165,7 +171,12 @@ class QueueClient:
         """GET a status or result URL. Raises QueueError(unreachable) if no answer came
         (counted); an answer is counted by the caller, once read (`count`)."""
         self._check_target(url)
-        return _answer(await self._send(lambda http: http.get(url, headers=self._headers)))
+        if self.tracing is None:
+            return _answer(await self._send(lambda http: http.get(url, headers=self._headers)))
+        with self.tracing.calling("GET", url) as call:
+            answer = _answer(await self._send(lambda http: http.get(url, headers=self._headers)))
+            call.answered(answer.status_code)
+            return answer
 
     async def _send(
         self, call: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
@@ -194,9 +205,16 @@ class QueueClient:
         """POST a request to the queue; fal's answer (it has ``request_id``, ``status_url``,
         ``response_url``…). Raises QueueError for anything else."""
         url, params, sent = self._submission(endpoint_id, webhook_url, headers)
-        response = await self._send(
-            lambda http: http.post(url, params=params, json=arguments, headers=sent)
-        )
+        with (
+            contextlib.nullcontext()
+            if self.tracing is None
+            else self.tracing.calling("POST", url) as call
+        ):
+            response = await self._send(
+                lambda http: http.post(url, params=params, json=arguments, headers=sent)
+            )
+            if call is not None:
+                call.answered(response.status_code)
         return self._submitted(_answer(response))
 
     def submit_sync(
@@ -210,10 +228,17 @@ class QueueClient:
         """`submit` for code without an event loop (the CLI, a sync web framework)."""
         url, params, sent = self._submission(endpoint_id, webhook_url, headers)
         try:
-            with httpx.Client(
-                timeout=self._timeout, follow_redirects=False, trust_env=False
-            ) as client:
+            with (
+                contextlib.nullcontext()
+                if self.tracing is None
+                else self.tracing.calling("POST", url) as call,
+                httpx.Client(
+                    timeout=self._timeout, follow_redirects=False, trust_env=False
+                ) as client,
+            ):
                 response = client.post(url, params=params, json=arguments, headers=sent)
+                if call is not None:
+                    call.answered(response.status_code)
         except httpx.HTTPError as exc:
             raise self._unreachable(f"is unreachable: {_brief(exc)}") from exc
         return self._submitted(_answer(response))

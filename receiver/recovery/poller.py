@@ -68,6 +68,9 @@ TTL_REASON = "ttl: no result within FALHOOK_EXPECT_TTL_SECONDS"
 S = ExpectationState
 T = TypeVar("T")
 
+if TYPE_CHECKING:
+    from falhook.receiver.tracing.spans import Tracing
+
 
 class Poller:
     """Claims due expectations and recovers their results from fal's queue."""
@@ -98,6 +101,7 @@ class Poller:
         self._working: set[asyncio.Task[None]] = set()  # one per claimed expectation
         # request_id -> claim_id while worked on; a cancelled one stays, to be released
         self._held: dict[str, str] = {}
+        self.tracing: Tracing | None = None  # set by Recovery with tracing on
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="falhook-recovery")
@@ -277,10 +281,21 @@ class Poller:
 
     async def _fetch(self, claim: ExpectationClaim, queue_error: str | None) -> None:
         request_id = claim.request_id
+        received_in = None
         try:
-            body = await self._ask(
-                self._urls(claim)[1], lambda answer: delivery_body(request_id, queue_error, answer)
-            )
+            if self.tracing is None:
+                body = await self._ask(
+                    self._urls(claim)[1],
+                    lambda answer: delivery_body(request_id, queue_error, answer),
+                )
+            else:
+                # A message received: its processing links to this span.
+                with self.tracing.recovering(request_id, claim.expectation.endpoint_id) as span:
+                    body = await self._ask(
+                        self._urls(claim)[1],
+                        lambda answer: delivery_body(request_id, queue_error, answer),
+                    )
+                    received_in = span.context
         except QueueError as exc:
             await self._call_failed(claim, exc, gone_means=QueueFailure.RESULT_GONE)
             return
@@ -295,6 +310,7 @@ class Poller:
             body=body,
             received_at=time.time(),
             source=SOURCE_QUEUE,
+            trace_context=received_in,
         )
         # The webhook's own insert: a delivery already stored makes this a duplicate (the
         # webhook won the race), and a webhook after this one is the duplicate.

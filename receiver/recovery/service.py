@@ -12,6 +12,8 @@ expect.py only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -29,11 +31,13 @@ from falhook.receiver.recovery.client import QueueClient, outcome_of
 from falhook.receiver.recovery.urls import request_urls, same_origin
 from falhook.receiver.settings import WEBHOOK_PATH, Settings
 from falhook.receiver.store.expectations import Expectations, ExpectationState, NewExpectation
+from falhook.receiver.tracing import resolve as resolve_tracing
 
 if TYPE_CHECKING:  # imported when started, not for submit
     from falhook.receiver.models import Delivery
     from falhook.receiver.recovery.poller import Poller
     from falhook.receiver.store import Claim, Store
+    from falhook.receiver.tracing.spans import Submission, Tracing
 
 __all__ = ["WEBHOOK_PATH", "Recovery"]
 
@@ -54,9 +58,12 @@ class Recovery:
         observe_call: Callable[[str], None] | None = None,
         on_recovered: Callable[[], None] = lambda: None,
         migrate: bool = True,
+        tracer_provider: Any = None,
     ) -> None:
         """`migrate`: an unstarted receiver's sync writes may create or upgrade the schema
-        (its own start would); the CLI's may not (only `falhook serve` migrates)."""
+        (its own start would); the CLI's may not (only `falhook serve` migrates).
+        `tracer_provider`: the receiver's (see `WebhookReceiver`), for a submit made
+        before it started."""
         if settings.fal_key is None:
             raise RecoveryDisabledError()
         self.settings = settings
@@ -65,6 +72,16 @@ class Recovery:
         self._migrate = migrate
         self._expectations: Expectations | None = None
         self._poller: Poller | None = None
+        self._tracer_provider = tracer_provider
+        self.tracing: Tracing | None = None
+        self._traced = False  # tracing decided (by the receiver's start, or a first submit)
+
+    def trace(self, tracing: Tracing | None) -> None:
+        """Record spans (submit, calls to fal's queue, recoveries) with `tracing`."""
+        self._traced = True
+        self.tracing = self.client.tracing = tracing
+        if self._poller is not None:
+            self._poller.tracing = tracing
 
     @property
     def webhook_url(self) -> str | None:
@@ -83,6 +100,7 @@ class Recovery:
         self._poller = Poller(
             store, self._expectations, self.client, self.settings, on_recovered=self._on_recovered
         )
+        self._poller.tracing = self.tracing
         self._poller.start()
 
     async def stop(self) -> None:
@@ -190,7 +208,9 @@ class Recovery:
                 )
         return sent
 
-    def _submitted(self, endpoint_id: str, answer: dict[str, Any]) -> NewExpectation:
+    def _submitted(
+        self, endpoint_id: str, answer: dict[str, Any], span: Submission | None
+    ) -> NewExpectation:
         def fal_url(name: str) -> str | None:
             url = answer.get(name)
             # Only URLs on the queue's own host are kept (the key goes with every poll).
@@ -198,13 +218,18 @@ class Recovery:
                 return url
             return None
 
-        return self.new_expectation(
+        new = self.new_expectation(
             answer["request_id"],
             endpoint_id,
             status_url=fal_url("status_url"),
             response_url=fal_url("response_url"),
             origin="submit",
         )
+        if span is None:
+            return new
+        # Its processing, wherever and whenever it runs, links back to this span.
+        span.message(new.request_id)
+        return dataclasses.replace(new, trace_context=span.context)
 
     async def submit(
         self,
@@ -220,14 +245,15 @@ class Recovery:
         answer (``request_id`` first). Raises QueueError if fal did not take it."""
         self.new_expectation("-", endpoint_id)  # validate before calling fal
         sent = self._headers(priority, start_timeout, hint, headers)
-        answer = await self.client.submit(
-            endpoint_id, arguments, webhook_url=self.webhook_url, headers=sent
-        )
-        new = self._submitted(endpoint_id, answer)
-        try:
-            await self._record(new)
-        except StoreUnavailableError as exc:
-            raise _unrecorded(new, exc) from exc
+        with self._submitting(endpoint_id) as span:
+            answer = await self.client.submit(
+                endpoint_id, arguments, webhook_url=self.webhook_url, headers=sent
+            )
+            new = self._submitted(endpoint_id, answer, span)
+            try:
+                await self._record(new)
+            except StoreUnavailableError as exc:
+                raise _unrecorded(new, exc) from exc
         return answer
 
     def submit_sync(
@@ -243,15 +269,24 @@ class Recovery:
         """`submit` for code without an event loop."""
         self.new_expectation("-", endpoint_id)
         sent = self._headers(priority, start_timeout, hint, headers)
-        answer = self.client.submit_sync(
-            endpoint_id, arguments, webhook_url=self.webhook_url, headers=sent
-        )
-        new = self._submitted(endpoint_id, answer)
-        try:
-            self._record_sync(new)
-        except StoreUnavailableError as exc:
-            raise _unrecorded(new, exc) from exc
+        with self._submitting(endpoint_id) as span:
+            answer = self.client.submit_sync(
+                endpoint_id, arguments, webhook_url=self.webhook_url, headers=sent
+            )
+            new = self._submitted(endpoint_id, answer, span)
+            try:
+                self._record_sync(new)
+            except StoreUnavailableError as exc:
+                raise _unrecorded(new, exc) from exc
         return answer
+
+    def _submitting(self, endpoint_id: str) -> contextlib.AbstractContextManager[Submission | None]:
+        """The submit's span (tracing on), in the caller's trace; else nothing."""
+        if not self._traced:  # a script's submit, before (or without) the receiver's start
+            self.trace(resolve_tracing(self._tracer_provider))
+        if self.tracing is None:
+            return contextlib.nullcontext()
+        return self.tracing.submitting(endpoint_id)
 
     # -- payload_error: the payload fal could not send ---------------------------------
 

@@ -85,6 +85,7 @@ class NewExpectation:
     status_url: str | None = None
     response_url: str | None = None
     origin: str = "expect"
+    trace_context: str | None = None  # the traceparent of the submit (tracing on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +218,7 @@ class Expectations:
                 due_at=now + recover_after,
                 polls=0,
                 updated_at=now,
+                trace_context=new.trace_context,
             )
             insert = insert.on_conflict_do_nothing(index_elements=["request_id"])
             if conn.execute(insert.returning(e.request_id)).first() is not None:

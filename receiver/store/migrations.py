@@ -310,6 +310,15 @@ def _v8_rearm(conn: sa.Connection) -> None:
     )
 
 
+def _v9_trace_context(conn: sa.Connection) -> None:
+    # OpenTelemetry (receiver/tracing/): the W3C traceparent a delivery was received in
+    # (then, space-separated, its submit's), and the one an expectation was submitted in,
+    # so that its processing, later or on another replica, links to both. NULL without
+    # tracing.
+    for table in ("falhook_deliveries", "falhook_expectations"):
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN trace_context VARCHAR")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "deliveries table", _v1_deliveries),
     Migration(2, "partial index on due_at for active rows; index on received_at", _v2_indexes),
@@ -321,6 +330,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "attempts: every dispatch attempt of a delivery", _v6_attempts),
     Migration(7, "signed_at: the timestamp fal signed a delivery with", _v7_signed_at),
     Migration(8, "rearm: a duplicate came while the delivery was in flight", _v8_rearm),
+    Migration(9, "trace_context: where deliveries and expectations were traced", _v9_trace_context),
 )
 
 

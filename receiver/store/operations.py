@@ -40,7 +40,17 @@ def _row(new: NewDelivery) -> dict[str, Any]:
         "received_at": new.received_at,
         "source": new.source,
         "signed_at": new.signed_at,
+        "trace_context": new.trace_context,
     }
+
+
+def _traced(tx: Tx, params: dict[str, Any]) -> None:
+    """With tracing (a delivery received in a traced request): its submit's context after
+    its own, when its request was submitted through falhook, for its processing to link."""
+    tx.sql.submitted_in.execute(tx.cur, params)
+    row = tx.cur.fetchone()
+    if row is not None and row[0]:
+        params["trace_context"] = f"{params['trace_context']} {row[0]}"
 
 
 def _duplicate(tx: Tx, request_id: str) -> None:
@@ -58,6 +68,8 @@ def op_insert(new: NewDelivery) -> Op:
     params = _row(new)
 
     def op(tx: Tx) -> bool:
+        if params["trace_context"] is not None:
+            _traced(tx, params)
         if tx.sql.add(tx.cur, tx.sql.insert, params):
             tx.due_now = True
             return True
@@ -80,6 +92,8 @@ def op_insert_claimed(
         # read slowly or a commit queued behind others must not leave a lease that has
         # already run out when the row becomes visible (another replica would retake it).
         params["lease_until"] = time.time() + lease_seconds
+        if params["trace_context"] is not None:
+            _traced(tx, params)
         if tx.sql.add(tx.cur, tx.sql.insert_claimed, params):
             return Claim(
                 request_id=new.request_id,
@@ -93,6 +107,7 @@ def op_insert_claimed(
                 parsed=parsed,
                 source=new.source,
                 signed_at=new.signed_at,
+                trace_context=params["trace_context"],
             )
         _duplicate(tx, new.request_id)
         return None
@@ -135,6 +150,7 @@ def op_claim(claim_id: str, limit: int, lease_seconds: float) -> Op:
                 completed_callbacks=decode_callbacks(r[6]),
                 source=r[7],
                 signed_at=r[8],
+                trace_context=r[9],
             )
             for r in cur.fetchall()
         ]

@@ -28,6 +28,7 @@ class NewDelivery:
     received_at: float
     source: str = SOURCE_WEBHOOK  # or "queue": recovered from fal's queue
     signed_at: int | None = None  # the timestamp fal signed a webhook with
+    trace_context: str | None = None  # the traceparent it was received in (tracing on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,8 @@ class Claim:
     parsed: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     source: str = SOURCE_WEBHOOK
     signed_at: int | None = None
+    # Where it was received, then submitted (W3C traceparents): its processing links there.
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from falhook.receiver.models import ACTIVE_PREDICATE, ATTEMPTS, BODIES, DELIVERIES, State
+from falhook.receiver.models import (
+    ACTIVE_PREDICATE,
+    ATTEMPTS,
+    BODIES,
+    DELIVERIES,
+    EXPECTATIONS,
+    State,
+)
 from falhook.receiver.store.engine import NOTIFY_CHANNEL
 from falhook.receiver.store.migrations import VERSIONS
 
@@ -97,6 +104,7 @@ class Statements:
                 "received_at",
                 "source",
                 "signed_at",
+                "trace_context",
             )
         }
         row["updated_at"] = bp("received_at")
@@ -207,8 +215,13 @@ class Statements:
                 c.completed_callbacks,
                 c.source,
                 c.signed_at,
+                c.trace_context,
             )
         )
+        # Tracing only: the context an expected request was submitted in, stored with the
+        # delivery so that its processing links to the submit (operations._traced).
+        e = EXPECTATIONS.c
+        self.submitted_in = text(sa.select(e.trace_context).where(e.request_id == bp("request_id")))
         self.next_due = text(sa.select(sa.func.min(c.due_at)).where(active))
         mine = (
             c.request_id == bp("request_id"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,14 @@ def test_measure_stores_every_delivery_and_waits_for_dispatch(
 def test_main_prints_the_loop_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert inproc.main(["--deliveries", "60", "--warmup", "20"]) == 0
     assert "60 deliveries: loop CPU" in capsys.readouterr().out
+
+
+def test_otel_records_every_delivery_s_spans() -> None:
+    pytest.importorskip("opentelemetry.sdk", reason="needs the falhook[otel] extra")
+    # In a process of its own: --otel sets the global tracer provider.
+    command = [sys.executable, "-m", "bench.inproc", "--otel", "--deliveries", "60"]
+    out = subprocess.run(
+        [*command, "--warmup", "20"], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    # Each delivery: its request, its commit, its processing.
+    assert "60 deliveries: loop CPU" in out and ", 240 spans" in out
