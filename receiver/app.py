@@ -45,6 +45,7 @@ from falhook.receiver.notify import NoticeKind, Notifier
 from falhook.receiver.observer import MetricsObserver
 from falhook.receiver.pause import PauseWatcher
 from falhook.receiver.pruner import Pruner
+from falhook.receiver.readiness import StoreProbe
 from falhook.receiver.recovery.service import Recovery
 from falhook.receiver.registry import Callback, CallbackRegistry
 from falhook.receiver.retry import RetryPolicy
@@ -67,8 +68,7 @@ if TYPE_CHECKING:
 __all__ = ["WebhookReceiver", "create_app"]
 
 log = logging.getLogger("falhook.receiver")
-_READY_TIMEOUT = 1.5  # seconds for the store to answer /readyz
-_RECENT_FAILURE = 5.0  # seconds /readyz stays 503 after a delivery could not be stored
+_READY_TIMEOUT = 1.5  # seconds for the keys to answer /readyz
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -159,6 +159,7 @@ class WebhookReceiver:
         self._keys: KeySource | None = None
         self._dispatcher: Dispatcher | None = None
         self._pause: PauseWatcher | None = None
+        self._store_probe: StoreProbe | None = None  # made by `ready`, for this store
         self._expectations: Expectations | None = None
         self._running: contextlib.AsyncExitStack | None = None  # what stop() closes
         self._drained = Drained(0, 0)
@@ -192,19 +193,12 @@ class WebhookReceiver:
 
     async def ready(self) -> None:
         """Raise unless deliveries can be accepted now: started, store and keys reachable."""
-        intake = self.app.endpoint.intake
-        if intake is None:
+        if self.app.endpoint.intake is None:
             raise NotStartedError()
-        try:
-            # A probe must get its answer quickly, even when the store waits on a lock.
-            async with asyncio.timeout(_READY_TIMEOUT):
-                await self.store.ping()  # a write: a full disk fails it
-        except TimeoutError:
-            raise StoreUnavailableError(f"no answer within {_READY_TIMEOUT:g} s") from None
-        # The probe's one-row write may still fit where a delivery no longer does (a full
-        # disk with room left in the WAL): a delivery that could not be stored counts.
-        if time.monotonic() - intake.store_failed_at < _RECENT_FAILURE:
-            raise StoreUnavailableError("a delivery could not be stored in the last few seconds")
+        store = self.store
+        if self._store_probe is None or self._store_probe.store is not store:
+            self._store_probe = StoreProbe(store)
+        await self._store_probe.check()  # could a delivery be stored now (cached, quick)
         try:
             # A slow JWKS (a fetch may take FALHOOK_JWKS_TIMEOUT_SECONDS) must not hold the
             # probe either; the fetch goes on for the deliveries that wait for it.

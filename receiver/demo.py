@@ -179,7 +179,7 @@ class _Demo:
 
             say("5. A tampered delivery: genuinely signed, then the body was changed")
             signed = fal_body("demo-tampered-1")
-            changed = signed.replace(b'"prompt": "dog"', b'"prompt": "cat"')
+            changed = signed.replace(b'"dog"', b'"cat"')  # the prompt
             await self.post(
                 client, url, signed, "demo-tampered-1", keypair=keypair, send_body=changed
             )

@@ -25,6 +25,7 @@ from falhook.receiver.registry import CallbackRegistry, RunningCall
 from falhook.receiver.retry import Backoff, Retry, RetryPolicy
 from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.attempts import AttemptRecord
+from falhook.receiver.store.records import column_text
 from falhook.receiver.sync_runner import SyncRunner
 from falhook.receiver.tracebacks import attempt_error
 
@@ -38,17 +39,24 @@ _MAX_ERROR_CHARS = 4000
 
 
 def _describe(exc: BaseException) -> str:
+    """A delivery's last error, in one line; a callback's Retry says what it asked for."""
+    if isinstance(exc, Retry):
+        return _scheduled(exc)
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    return text[:_MAX_ERROR_CHARS]
+    return column_text(text[:_MAX_ERROR_CHARS])  # a message may quote a body's NUL
+
+
+def _scheduled(exc: Retry) -> str:
+    after = "" if exc.after is None else f", after {exc.after:g} s"
+    return column_text(f"retry asked by the callback{after}: {exc}"[:_MAX_ERROR_CHARS])
 
 
 def _trace(exc: BaseException) -> str:
     """What an attempt records: a scheduled retry in one line (it is not an error), else
     the traceback with falhook's own frames folded."""
     if isinstance(exc, Retry):
-        after = "" if exc.after is None else f", after {exc.after:g} s"
-        return f"retry asked by the callback{after}: {exc}"
-    return attempt_error(exc)
+        return _scheduled(exc)
+    return column_text(attempt_error(exc))  # a message may quote a body's NUL
 
 
 class Dispatcher:

@@ -154,6 +154,7 @@ class QueueFailure(StrEnum):
     UNREACHABLE = "unreachable"  # connection refused, timeout, DNS
     BAD_ANSWER = "bad_answer"  # an answer we cannot read (not JSON, no request_id…)
     REJECTED = "rejected"  # another 4xx (e.g. 422 on submit: invalid input)
+    RESULT_TOO_LARGE = "result_too_large"  # an answer over FALHOOK_MAX_BODY_BYTES
 
     @property
     def transient(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -15,13 +16,16 @@ from falhook.receiver.deadlines import Deadlines
 from falhook.receiver.dispatcher import Dispatcher
 from falhook.receiver.errors import MalformedDeliveryError, Reason, StoreUnavailableError
 from falhook.receiver.keysource import KeySource
-from falhook.receiver.store import NewDelivery, Store
+from falhook.receiver.store import Claim, NewDelivery, Store
+from falhook.receiver.store.records import column_text
 from falhook.verify import WebhookHeaders
 
 if TYPE_CHECKING:
     from falhook.receiver.tracing.spans import Tracing
 
 __all__ = ["MAX_REQUEST_ID_CHARS", "Accepted", "Intake"]
+
+log = logging.getLogger("falhook.receiver")
 
 MAX_REQUEST_ID_CHARS = 255  # fal's are UUIDs; anything longer is not fal's
 
@@ -56,8 +60,6 @@ class Intake:
         self.lease_seconds = lease_seconds
         self.store_timeout = store_timeout
         self.deadlines = deadlines or Deadlines()
-        # When a delivery last could not be stored (time.monotonic), for readiness.
-        self.store_failed_at = float("-inf")
 
     async def accept(self, body: bytes, checked: WebhookHeaders) -> Accepted:
         """Verify ``body`` against headers `check_headers` passed, parse it and durably
@@ -119,24 +121,35 @@ class Intake:
                 # Stored already claimed by a slot we hold: dispatched as soon as committed,
                 # without a claim round trip or a second parse of the body.
                 claim = await self.store.insert_claimed(
-                    new, claim_id, lease_seconds=self.lease_seconds, parsed=data
+                    new,
+                    claim_id,
+                    lease_seconds=self.lease_seconds,
+                    parsed=data,
+                    on_late=self._committed_late,
                 )
                 if claim is not None:
                     # Before `finally` gives the reservation back: adopting takes it over,
                     # so the slot is never counted free while the callbacks start.
                     dispatcher.adopt(claim)  # type: ignore[union-attr]
         except TimeoutError:
-            self.store_failed_at = time.monotonic()
             raise StoreUnavailableError(
                 f"no commit within {self.store_timeout:g} s (FALHOOK_STORE_TIMEOUT_SECONDS)"
             ) from None
-        except StoreUnavailableError:
-            self.store_failed_at = time.monotonic()
-            raise
         finally:
             if claim_id is not None:
                 dispatcher.release(claim_id)  # type: ignore[union-attr]  # no-op once adopted
         return claim is None
+
+    def _committed_late(self, claim: Claim | None) -> None:
+        """An insert whose request stopped waiting (503 after the store timeout, or the
+        client gone) committed after all: its callbacks run now, not once its lease ends."""
+        if claim is None or self.dispatcher is None:
+            return  # not stored (a duplicate, a failure): fal's retry brings it again
+        log.warning(
+            "delivery committed after its 503 (or its client left): dispatched now",
+            extra={"request_id": claim.request_id},
+        )
+        self.dispatcher.adopt(claim)
 
 
 async def _parse(body: bytes) -> dict[str, Any]:
@@ -177,14 +190,6 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        return json.dumps(value)
-    if value.isascii():
-        return value
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        # A lone surrogate ("\ud800" in the JSON, which JSON.stringify can emit): no
-        # database takes it as text. The column gets U+FFFD instead (pairs are joined);
-        # the raw body keeps the original.
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return value
+        return json.dumps(value)  # escapes NUL and lone surrogates
+    # NUL or a lone surrogate: the column gets U+FFFD; the raw body keeps the original.
+    return column_text(value)

@@ -340,7 +340,11 @@ class Settings:
         group="keys",
     )
     max_body_bytes: int = _setting(
-        16 * _MiB, _positive_int, "MAX_BODY_BYTES", "body limit", group="limits"
+        16 * _MiB,
+        _positive_int,
+        "MAX_BODY_BYTES",
+        "body limit (a webhook's, and a result recovered from fal's queue)",
+        group="limits",
     )
     max_buffered_bytes: int = _setting(
         64 * _MiB,

@@ -50,9 +50,13 @@ def attempt_error(exc: BaseException) -> str:
         current.stack, n = _fold(current.stack)
         folded += n
         current = current.__cause__ or current.__context__
-    text = "".join(te.format()).strip()
-    if folded:
-        text += f"\n({folded} frame{'' if folded == 1 else 's'} of falhook's own folded)"
+    lines = "".join(te.format()).strip().splitlines()
+    if folded and lines:
+        # Under the heading, not at the end: a traceback's last line names the error, and
+        # the one-line summaries (deliveries list, notifications) show that line.
+        note = f"  ({folded} frame{'' if folded == 1 else 's'} of falhook's own folded)"
+        lines.insert(1, note)
+    text = "\n".join(lines)
     if len(text) <= _MAX_TRACE_CHARS:
         return text
     return "… (truncated)\n" + text[-_MAX_TRACE_CHARS:]

@@ -1,7 +1,8 @@
 """Verify fal.ai webhook deliveries (Ed25519 signatures, keys from fal's JWKS).
 
 Start with `verify_signature` (or `verify_signature_async`); catch
-`WebhookVerificationError` (answer 401) and `KeysUnavailableError` (answer 503).
+`WebhookVerificationError` (answer 401) and `KeysUnavailableError` (answer 503; its
+`KeyRefreshPendingError` means "retry shortly", not an outage).
 
 The names load on first use (PEP 562): importing one submodule, or `falhook.verify.errors`
 alone, does not pull in httpx and PyNaCl.
@@ -14,6 +15,7 @@ from falhook import __version__
 
 if _TYPE_CHECKING:
     from falhook.verify.errors import (
+        KeyRefreshPendingError,
         KeysUnavailableError,
         Reason,
         VerifyError,
@@ -41,6 +43,7 @@ _EXPORTS = {
     "AsyncJWKSClient": "jwks",
     "JWKSClient": "jwks",
     "KeyCache": "jwks",
+    "KeyRefreshPendingError": "errors",
     "KeysUnavailableError": "errors",
     "PublicKey": "keys",
     "Reason": "errors",
@@ -62,6 +65,7 @@ __all__ = [
     "AsyncJWKSClient",
     "JWKSClient",
     "KeyCache",
+    "KeyRefreshPendingError",
     "KeysUnavailableError",
     "PublicKey",
     "Reason",

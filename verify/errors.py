@@ -5,22 +5,32 @@ The tree::
     VerifyError                      root of everything this package raises on purpose
     ├── WebhookVerificationError     the delivery is not authentic (a receiver answers 401)
     └── KeysUnavailableError         no keys could be obtained (a receiver answers 503)
+        └── KeyRefreshPendingError   no cached key verifies and a refresh is rate-limited (503)
 
 `KeysUnavailableError` is deliberately *not* a `WebhookVerificationError`: an outage of
 fal's JWKS (or of our network) says nothing about the sender, so it must never be
 answered as "unauthorized" — fal would not retry and the delivery would be lost.
+`KeyRefreshPendingError` is one of them with its own reason: the keys were fetched, but
+not since the delivery was signed, and may not be fetched again yet (it may carry a key fal
+published since); it is not an outage of the JWKS.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["KeysUnavailableError", "Reason", "VerifyError", "WebhookVerificationError"]
+__all__ = [
+    "KeyRefreshPendingError",
+    "KeysUnavailableError",
+    "Reason",
+    "VerifyError",
+    "WebhookVerificationError",
+]
 
 
 class Reason(StrEnum):
     """Machine-readable reason for a `VerifyError`: why a delivery is not authentic, or
-    that it could not be checked (`KEYS_UNAVAILABLE`)."""
+    that it could not be checked yet (`KEYS_UNAVAILABLE`, `KEY_REFRESH_PENDING`)."""
 
     MISSING_HEADER = "missing_header"
     MALFORMED_HEADER = "malformed_header"
@@ -29,6 +39,7 @@ class Reason(StrEnum):
     USER_MISMATCH = "user_mismatch"
     INVALID_SIGNATURE = "invalid_signature"
     KEYS_UNAVAILABLE = "keys_unavailable"
+    KEY_REFRESH_PENDING = "key_refresh_pending"
 
 
 class VerifyError(Exception):
@@ -57,3 +68,9 @@ class KeysUnavailableError(VerifyError):
     """No verification keys could be obtained (JWKS unreachable or invalid on a cold cache)."""
 
     reason = Reason.KEYS_UNAVAILABLE
+
+
+class KeyRefreshPendingError(KeysUnavailableError):
+    """No cached key verifies the signature, and the keys may not be fetched again yet."""
+
+    reason = Reason.KEY_REFRESH_PENDING

@@ -2,33 +2,43 @@
 
 `KeyCache` holds the policy and no I/O: a TTL (clamped to fal's 24 h maximum), a minimum
 interval between fetches, stale keys served when a refresh fails. `JWKSClient` and
-`AsyncJWKSClient` differ only in how they call httpx and how concurrent callers share one
-in-flight fetch (a `threading.Lock` vs a shared task).
+`AsyncJWKSClient` share a base that holds the settings and every decision; they differ only
+in how they call httpx and how concurrent callers share one in-flight fetch (a
+`threading.Lock` vs a shared task).
 
-When no cached key verifies a signature, the clients refresh — at once after a regular
-fetch, then at most once per ``min_refresh_interval`` — and retry: a rotated key is picked
-up at once, while a flood of forged signatures costs one fetch per interval. While a refresh is
-rate-limited (or fails), a signature no cached key verifies raises `KeysUnavailableError`
-(answer 503: it may be a key published since), not ``invalid_signature``; the cold cache
-is rate-limited too. A fetch has a total deadline (``timeout``) and a size cap
-(`MAX_JWKS_BYTES`); the async client parses the keys in a thread.
+When no cached key verifies a signature:
+
+- if the keys were fetched after the delivery was signed (by more than
+  `CLOCK_SKEW_ALLOWANCE`), the key fal signed with was already published and among them:
+  ``invalid_signature`` at once, with no fetch;
+- else the client refreshes — at once after a regular fetch, then at most once per
+  ``min_refresh_interval`` — and retries: a rotated key is picked up at once, while a flood
+  of forged signatures costs one fetch per interval. While a refresh is rate-limited, the
+  verdict waits: `KeyRefreshPendingError` (``key_refresh_pending``, answer 503: it may be a
+  key published since); while the JWKS cannot be fetched, `KeysUnavailableError`
+  (``keys_unavailable``, 503). The cold cache is rate-limited too.
+
+A fetch has a total deadline (``timeout``) and a size cap (`MAX_JWKS_BYTES`); the async
+client parses the keys in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Generic, TypeVar
 
 import httpx
 
 from falhook.verify._headers import HeadersLike
-from falhook.verify.errors import KeysUnavailableError
+from falhook.verify.errors import KeyRefreshPendingError, KeysUnavailableError
 from falhook.verify.keys import PublicKey, parse_jwks
 from falhook.verify.message import (
     DEFAULT_TOLERANCE,
@@ -42,6 +52,7 @@ from falhook.verify.message import (
 )
 
 __all__ = [
+    "CLOCK_SKEW_ALLOWANCE",
     "DEFAULT_FETCH_TIMEOUT",
     "MAX_JWKS_BYTES",
     "MAX_TTL",
@@ -63,10 +74,16 @@ MAX_JWKS_BYTES = 1024 * 1024
 DEFAULT_FETCH_TIMEOUT = 5.0
 """Seconds for a whole fetch (connect to last byte), well inside fal's 15 s per delivery."""
 
+CLOCK_SKEW_ALLOWANCE = 5.0
+"""Seconds by which keys must have been fetched after a delivery's signed timestamp for
+"no key verifies" to be final at once: the timestamp is whole seconds, and fal's clock and
+ours may differ a little."""
+
 # The errors a fetch can end in; anything else is a bug and propagates.
 _FETCH_ERRORS = (httpx.HTTPError, httpx.InvalidURL, KeysUnavailableError, OSError)
 
 Keys = tuple[PublicKey, ...]
+_Http = TypeVar("_Http", httpx.Client, httpx.AsyncClient)
 
 
 class KeyCache:
@@ -92,6 +109,7 @@ class KeyCache:
         self.keys: Keys | None = None
         self.expires_at = -math.inf
         self.last_attempt: float | None = None
+        self.fetched_at: float | None = None  # (clock) when the cached keys' fetch began
         self.last_refresh = False  # the last fetch was forced by an unverified signature
         self.last_ok = False
         self.last_error: str | None = None
@@ -124,6 +142,15 @@ class KeyCache:
             return False
         return self.fetch_allowed(now)
 
+    def fetched_after(self, timestamp: float, now: float) -> bool:
+        """Whether the cached keys were fetched more than `CLOCK_SKEW_ALLOWANCE` after the
+        Unix time ``timestamp`` (``now``: the current Unix time). Ages are compared, so the
+        cache's own clock may be monotonic."""
+        fetched = self.fetched_at
+        if fetched is None or self.keys is None:
+            return False
+        return (now - timestamp) - (self.clock() - fetched) > CLOCK_SKEW_ALLOWANCE
+
     def begin(self, now: float, *, refresh: bool = False) -> None:
         """Record that a fetch starts now (`refresh`: forced by a signature no key verifies)."""
         self.last_attempt = now
@@ -134,6 +161,7 @@ class KeyCache:
         """Record fetched keys, fresh for ``ttl`` from ``now``."""
         self.keys = keys
         self.expires_at = now + self.ttl
+        self.fetched_at = self.last_attempt
         self.last_ok = True
         self.last_error = None
         self.generation += 1
@@ -163,20 +191,6 @@ class KeyCache:
             return self.keys
         self.require(url)
         return None
-
-
-def _retry_after_miss(prepared: Prepared, old: Keys, new: Keys | None) -> VerifiedWebhook:
-    if new is None:
-        # No fresh key set to decide with (the refresh is rate-limited or failed): the
-        # signer may hold a key published since, so "not authentic" cannot be said yet.
-        raise KeysUnavailableError(
-            "no cached key verifies the signature and the keys cannot be refreshed now; "
-            "retry shortly"
-        )
-    result = first_match(prepared, (k for k in new if k not in old))
-    if result is None:
-        raise no_key_verifies()
-    return result
 
 
 def _too_large(size: int | str) -> KeysUnavailableError:
@@ -230,14 +244,15 @@ class _Capped:
         return b"".join(self.chunks)
 
 
-class JWKSClient:
-    """Keys from a JWKS URL, cached per `KeyCache` rules; thread-safe."""
+class _BaseJWKSClient(Generic[_Http]):
+    """What both clients share: the settings, the cache and every decision; the two
+    subclasses add only the I/O (httpx's sync or async client, a lock or a shared task)."""
 
     def __init__(
         self,
         url: str,
         *,
-        http_client: httpx.Client | None = None,
+        http_client: _Http | None = None,
         ttl: float = 3600,
         min_refresh_interval: float = 10,
         timeout: float = DEFAULT_FETCH_TIMEOUT,
@@ -249,9 +264,12 @@ class JWKSClient:
         self.cache = cache or KeyCache(
             ttl=ttl, min_refresh_interval=min_refresh_interval, clock=clock
         )
-        self._http = http_client
+        self._http: _Http | None = http_client
         self._owns_http = http_client is None
-        self._lock = threading.Lock()
+        self._init_io()
+
+    def _init_io(self) -> None:
+        """Set up what the subclass needs to share one fetch among concurrent callers."""
 
     @property
     def fetches(self) -> int:
@@ -263,16 +281,66 @@ class JWKSClient:
         """Failed fetch attempts so far."""
         return self.cache.fetch_failures
 
-    def _fetch(self, *, refresh: bool = False) -> None:
-        # Called with the lock held.
+    @contextlib.contextmanager
+    def _recording(self, refresh: bool) -> Iterator[None]:
+        """Around one fetch: record its start, and its failure in one line (a fetch ends in
+        `KeyCache.succeed` inside the block)."""
         cache = self.cache
         cache.begin(cache.clock(), refresh=refresh)
+        try:
+            yield
+        except TimeoutError:
+            cache.fail(f"no complete answer within {self.timeout:g} s", self.url)
+        except _FETCH_ERRORS as exc:
+            cache.fail(_fetch_error(exc), self.url)
+
+    def _settled(self, prepared: Prepared, now: float | None) -> None:
+        """Raise ``invalid_signature`` when no refresh could change the verdict: the cached
+        keys were fetched after the delivery was signed, so its key was already among them."""
+        signed = prepared[2].timestamp
+        if self.cache.fetched_after(signed, time.time() if now is None else now):
+            raise no_key_verifies()
+
+    def _after_refresh(self, prepared: Prepared, old: Keys, new: Keys | None) -> VerifiedWebhook:
+        """The verdict once `refresh` answered ``new`` for a signature no key in ``old``
+        verifies."""
+        if new is None:
+            raise self._undecided()
+        result = first_match(prepared, (k for k in new if k not in old))
+        if result is None:
+            raise no_key_verifies()
+        return result
+
+    def _undecided(self) -> KeysUnavailableError:
+        """No fresh key set to decide with: the signer may hold a key published since the
+        last fetch, so "not authentic" cannot be said yet (503, and fal retries)."""
+        cache = self.cache
+        if not cache.last_ok:
+            return KeysUnavailableError(
+                "no cached key verifies the signature and the keys cannot be fetched from "
+                f"{self.url}: {cache.last_error}"
+            )
+        return KeyRefreshPendingError(
+            "no cached key verifies the signature, and the keys were fetched less than "
+            f"{cache.min_refresh_interval:g} s ago: retry shortly, in case the key is new; "
+            "if every delivery gets this, verify the raw request bytes, not re-serialized JSON"
+        )
+
+
+class JWKSClient(_BaseJWKSClient[httpx.Client]):
+    """Keys from a JWKS URL, cached per `KeyCache` rules; thread-safe."""
+
+    def _init_io(self) -> None:
+        self._lock = threading.Lock()
+
+    def _fetch(self, *, refresh: bool = False) -> None:
+        # Called with the lock held.
         if self._http is None:
             self._http = httpx.Client(follow_redirects=True)
         # httpx's timeout is per read: the deadline is checked between chunks, so a
         # source that drips bytes is given up on at most one read past it.
         body = _Capped(time.monotonic() + self.timeout)
-        try:
+        with self._recording(refresh):
             with self._http.stream(
                 "GET", self.url, headers=_IDENTITY, timeout=self.timeout
             ) as response:
@@ -280,14 +348,7 @@ class JWKSClient:
                 _check_head(response)
                 for chunk in response.iter_bytes():
                     body.add(chunk)
-            keys = parse_jwks(body.content())
-        except TimeoutError:
-            cache.fail(f"no complete answer within {self.timeout:g} s", self.url)
-            return
-        except _FETCH_ERRORS as exc:
-            cache.fail(_fetch_error(exc), self.url)
-            return
-        cache.succeed(keys, cache.clock())
+            self.cache.succeed(parse_jwks(body.content()), self.cache.clock())
 
     def get_keys(self) -> Keys:
         """The current keys, fetching when cold or expired; stale keys if a refresh fails.
@@ -322,11 +383,15 @@ class JWKSClient:
                 self._fetch(refresh=True)
             return cache.refreshed(self.url)
 
-    def check(self, prepared: Prepared) -> VerifiedWebhook:
-        """Crypto step of `verify` for an already prepared delivery (internal)."""
+    def check(self, prepared: Prepared, now: float | None = None) -> VerifiedWebhook:
+        """Crypto step of `verify` for an already prepared delivery (internal); ``now`` is
+        the Unix time the delivery's timestamp was checked against."""
         keys = self.cache.fresh() or self.get_keys()
         result = first_match(prepared, keys)
-        return result or _retry_after_miss(prepared, keys, self.refresh())
+        if result is None:
+            self._settled(prepared, now)
+            result = self._after_refresh(prepared, keys, self.refresh())
+        return result
 
     def verify(
         self,
@@ -338,7 +403,8 @@ class JWKSClient:
         now: float | None = None,
     ) -> VerifiedWebhook:
         """`verify_signature` against this client's keys."""
-        return self.check(prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now))
+        prepared = prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now)
+        return self.check(prepared, now)
 
     def verify_body(self, body: bytes, checked: WebhookHeaders) -> VerifiedWebhook:
         """Verify ``body`` against headers `check_headers` passed, with this client's keys."""
@@ -362,51 +428,22 @@ class JWKSClient:
         self.close()
 
 
-class AsyncJWKSClient:
+class AsyncJWKSClient(_BaseJWKSClient[httpx.AsyncClient]):
     """`JWKSClient` for asyncio: concurrent callers await one shared fetch task.
 
     Use one instance per event loop (`get_async_jwks_client` does); the `KeyCache` may be
     shared across loops.
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        http_client: httpx.AsyncClient | None = None,
-        ttl: float = 3600,
-        min_refresh_interval: float = 10,
-        timeout: float = DEFAULT_FETCH_TIMEOUT,
-        clock: Callable[[], float] = time.monotonic,
-        cache: KeyCache | None = None,
-    ) -> None:
-        self.url = url
-        self.timeout = timeout
-        self.cache = cache or KeyCache(
-            ttl=ttl, min_refresh_interval=min_refresh_interval, clock=clock
-        )
-        self._http = http_client
-        self._owns_http = http_client is None
+    def _init_io(self) -> None:
         self._inflight: asyncio.Task[None] | None = None
 
-    @property
-    def fetches(self) -> int:
-        """Fetch attempts so far."""
-        return self.cache.fetches
-
-    @property
-    def fetch_failures(self) -> int:
-        """Failed fetch attempts so far."""
-        return self.cache.fetch_failures
-
     async def _fetch(self, refresh: bool) -> None:
-        cache = self.cache
         try:
-            cache.begin(cache.clock(), refresh=refresh)
             if self._http is None:
                 self._http = httpx.AsyncClient(follow_redirects=True)
             body = _Capped(math.inf)  # the deadline is the asyncio.timeout around it all
-            try:
+            with self._recording(refresh):
                 async with asyncio.timeout(self.timeout):
                     async with self._http.stream(
                         "GET", self.url, headers=_IDENTITY, timeout=self.timeout
@@ -417,13 +454,7 @@ class AsyncJWKSClient:
                             body.add(chunk)
                 # Off the loop: a big key set would stall every acknowledgement meanwhile.
                 keys = await asyncio.to_thread(parse_jwks, body.content())
-            except TimeoutError:
-                cache.fail(f"no complete answer within {self.timeout:g} s", self.url)
-                return
-            except _FETCH_ERRORS as exc:
-                cache.fail(_fetch_error(exc), self.url)
-                return
-            cache.succeed(keys, cache.clock())
+                self.cache.succeed(keys, self.cache.clock())
         finally:
             self._inflight = None
 
@@ -454,11 +485,14 @@ class AsyncJWKSClient:
         await self._shared_fetch(refresh=True)
         return cache.refreshed(self.url)
 
-    async def check(self, prepared: Prepared) -> VerifiedWebhook:
-        """Crypto step of `verify` for an already prepared delivery (internal)."""
+    async def check(self, prepared: Prepared, now: float | None = None) -> VerifiedWebhook:
+        """Async twin of `JWKSClient.check`."""
         keys = self.cache.fresh() or await self.get_keys()
         result = first_match(prepared, keys)
-        return result or _retry_after_miss(prepared, keys, await self.refresh())
+        if result is None:
+            self._settled(prepared, now)
+            result = self._after_refresh(prepared, keys, await self.refresh())
+        return result
 
     async def verify(
         self,
@@ -471,7 +505,7 @@ class AsyncJWKSClient:
     ) -> VerifiedWebhook:
         """`verify_signature_async` against this client's keys."""
         prepared = prepare(body, headers, user_id=user_id, tolerance=tolerance, now=now)
-        return await self.check(prepared)
+        return await self.check(prepared, now)
 
     async def verify_body(self, body: bytes, checked: WebhookHeaders) -> VerifiedWebhook:
         """Verify ``body`` against headers `check_headers` passed, with this client's keys."""

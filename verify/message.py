@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # keys.py loads PyNaCl, which checking headers never needs
 __all__ = [
     "DEFAULT_JWKS_URL",
     "DEFAULT_TOLERANCE",
+    "INVALID_SIGNATURE_MESSAGE",
     "Prepared",
     "VerifiedWebhook",
     "WebhookHeaders",
@@ -155,9 +156,16 @@ def first_match(prepared: Prepared, keys: Iterable[PublicKey]) -> VerifiedWebhoo
     return None
 
 
+INVALID_SIGNATURE_MESSAGE = (
+    "no key verifies the signature; check first that you verify the raw request bytes, "
+    "not re-serialized JSON"
+)
+
+
 def no_key_verifies() -> WebhookVerificationError:
-    """The error for a signature no key verifies."""
-    return WebhookVerificationError(Reason.INVALID_SIGNATURE, "no key verifies the signature")
+    """The error for a signature no key verifies. Its message names the usual cause: a body
+    parsed and written again (``json.dumps(json.loads(body))``) is other bytes."""
+    return WebhookVerificationError(Reason.INVALID_SIGNATURE, INVALID_SIGNATURE_MESSAGE)
 
 
 def check(prepared: Prepared, keys: Iterable[PublicKey]) -> VerifiedWebhook:

@@ -96,7 +96,10 @@ def verify_signature(
     """Verify a fal webhook delivery and return what it proves.
 
     :param body: the raw request body, exactly as received (bytes-like; anything else is
-        a programming error and raises TypeError).
+        a programming error and raises TypeError). Not JSON parsed and written again:
+        ``json.dumps(json.loads(body))`` gives other bytes (so ``invalid_signature``)
+        unless the body was laid out as ``json.dumps`` writes it; `falhook.verify.testing`
+        says exactly when.
     :param headers: a mapping (any casing) or (name, value) pairs of str or bytes, such as
         an ASGI ``scope["headers"]``.
     :param jwks_url: where to fetch keys (cached per URL in the process); defaults to
@@ -122,7 +125,7 @@ def verify_signature(
     local = _keys_from_source(source)
     if local is not None:
         return check(prepared, local)
-    return get_jwks_client(source).check(prepared)
+    return get_jwks_client(source).check(prepared, now)
 
 
 async def verify_signature_async(
@@ -148,7 +151,7 @@ async def verify_signature_async(
     local = _keys_from_source(source)
     if local is not None:
         return check(prepared, local)  # a small file, cached: nothing to await
-    return await get_async_jwks_client(source).check(prepared)
+    return await get_async_jwks_client(source).check(prepared, now)
 
 
 def verify_body(body: bytes, checked: WebhookHeaders, keys: KeysLike) -> VerifiedWebhook:

@@ -6,6 +6,23 @@
     verify_signature(body, headers, keys=kp.public_key)
 
 `JWKSServer` serves a JWKS over loopback HTTP so the real fetching code can be exercised.
+
+Bodies come in two layouts (`fal_body`'s ``layout``), both seen from fal: ``"compact"``
+(the default; fal's documented example: fields in fal's order, no spaces, non-ASCII text as
+raw UTF-8) and ``"python"`` (what Python's ``json.dumps(..., sort_keys=True)`` writes: the
+layout of a delivery captured in 2025). A handler that verifies ``json.dumps(json.loads(body))``
+instead of the raw bytes fails on the compact layout, so your tests catch it.
+
+When does ``json.dumps(json.loads(body))`` give other bytes than fal signed, in Python?
+Whenever the body is not written as ``json.dumps`` writes with its defaults: other
+separators or whitespace (``","``/``":"`` instead of ``", "``/``": "``), non-ASCII text as
+raw UTF-8 (``json.dumps`` writes ``\\u00e9``), escapes written otherwise (``\\u00E9``,
+``\\/``), numbers written otherwise (``1e3``, ``1.50``: it writes ``1000.0``, ``1.5``),
+or a repeated key. Key order is kept by ``json.loads`` and ``json.dumps`` alike, so it
+breaks only when you sort (``sort_keys=True``) a body that was not sorted. Integers above
+2^53 (fal's seeds) come back exactly in Python; they break JavaScript's ``JSON.parse``,
+not Python. So the 2025 capture survives a Python round trip by luck of its layout, and a
+compact body does not: verify the raw bytes.
 """
 
 from __future__ import annotations
@@ -19,14 +36,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from nacl.signing import SigningKey
 
 from falhook.verify._headers import REQUEST_ID, SIGNATURE, TIMESTAMP, USER_ID
 from falhook.verify.keys import PublicKey, b64url_decode, b64url_encode
 
-__all__ = ["JWKSServer", "KeyPair", "fal_body", "generate_keypair", "jwks_document", "sign"]
+__all__ = [
+    "LAYOUTS",
+    "JWKSServer",
+    "KeyPair",
+    "Layout",
+    "fal_body",
+    "generate_keypair",
+    "jwks_document",
+    "sign",
+]
 
 _SEED_BYTES = 32
 
@@ -122,6 +148,12 @@ _DEFAULT_PAYLOAD: dict[str, Any] = {
 }
 
 
+Layout = Literal["compact", "python"]
+LAYOUTS: tuple[Layout, ...] = ("compact", "python")
+"""Every layout `fal_body` writes: run a handler's test on each to be sure it verifies the
+raw bytes (no single re-serialization reproduces both)."""
+
+
 def fal_body(
     request_id: str,
     *,
@@ -130,8 +162,17 @@ def fal_body(
     error: str | None = None,
     payload_error: str | None = None,
     gateway_request_id: str | None = None,
+    layout: Layout = "compact",
 ) -> bytes:
-    """A body shaped like a real delivery: sorted keys, ``", "``/``": "`` separators.
+    """A body shaped like a real delivery, in one of fal's layouts.
+
+    ``"compact"`` (default): fields in fal's order (``request_id``, ``gateway_request_id``,
+    ``status``, ``payload``, ``error``), no spaces, non-ASCII text as raw UTF-8 — Python's
+    ``json.dumps(json.loads(body))`` changes these bytes, so a handler that verifies
+    re-serialized JSON fails its tests. ``"python"``: sorted keys, ``", "``/``": "``
+    separators, ASCII escapes, exactly as ``json.dumps(..., sort_keys=True)`` writes (a
+    delivery captured in 2025); re-serializing with ``json.dumps`` gives it back unchanged,
+    so tests on it alone cannot catch that mistake.
 
     ``"error": null`` is present on OK, as observed; ``payload_error`` only when given.
     """
@@ -144,7 +185,11 @@ def fal_body(
     }
     if payload_error is not None:
         document["payload_error"] = payload_error
-    return json.dumps(document, sort_keys=True).encode()
+    if layout == "compact":
+        return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+    if layout == "python":
+        return json.dumps(document, sort_keys=True).encode()
+    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
 
 
 class JWKSServer:

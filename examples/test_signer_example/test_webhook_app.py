@@ -9,7 +9,15 @@ import pytest
 import webhook_app  # type: ignore[import-not-found]  # (mypy runs from the repo root)
 from starlette.testclient import TestClient
 
-from falhook.verify.testing import JWKSServer, KeyPair, fal_body, generate_keypair, sign
+from falhook.verify.testing import (
+    LAYOUTS,
+    JWKSServer,
+    KeyPair,
+    Layout,
+    fal_body,
+    generate_keypair,
+    sign,
+)
 
 USER_ID = "my-fal-user"
 
@@ -35,6 +43,14 @@ def test_accepts_a_genuine_delivery(client: TestClient, fal_key: KeyPair) -> Non
     body = fal_body("req-1", payload={"images": [{"url": "https://v3.fal.media/x.png"}]})
     assert post(client, body, sign(body, "req-1", USER_ID, keypair=fal_key)) == 200
     assert webhook_app.received["req-1"]["payload"]["images"][0]["url"].endswith("x.png")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_accepts_every_layout(client: TestClient, fal_key: KeyPair, layout: Layout) -> None:
+    # An endpoint that verified re-serialized JSON would fail here on one layout or the other.
+    body = fal_body("req-6", payload={"prompt": "un café"}, layout=layout)
+    assert post(client, body, sign(body, "req-6", USER_ID, keypair=fal_key)) == 200
+    assert webhook_app.received["req-6"]["payload"]["prompt"] == "un café"
 
 
 def test_accepts_an_error_delivery(client: TestClient, fal_key: KeyPair) -> None:

@@ -28,8 +28,8 @@ async def fal_webhook(request: Request) -> JSONResponse:
         )
     except WebhookVerificationError as exc:
         return JSONResponse({"error": exc.reason.value}, status_code=401)
-    except KeysUnavailableError:
-        return JSONResponse({"error": "keys_unavailable"}, status_code=503)  # fal retries
+    except KeysUnavailableError as exc:  # cannot decide yet
+        return JSONResponse({"error": exc.reason.value}, status_code=503)  # fal retries
     delivery = json.loads(body)
     received[verified.request_id] = delivery
     return JSONResponse({"ok": True})

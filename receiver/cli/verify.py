@@ -1,6 +1,7 @@
 """``falhook verify``: check a captured delivery (headers file + body file) offline.
 
-Exit codes: 0 authentic, 1 not authentic, 2 usage error, 3 keys unavailable.
+Exit codes: 0 authentic, 1 not authentic, 2 usage error, 3 cannot decide (keys unavailable,
+or a key refresh pending).
 """
 
 from __future__ import annotations
@@ -133,10 +134,11 @@ def run(args: argparse.Namespace) -> int:
     except KeysUnavailableError as exc:
         document = {
             "authentic": None,
-            "reason": "keys_unavailable",
+            "reason": exc.reason.value,  # keys_unavailable or key_refresh_pending
             "message": str(exc),
         }
-        _emit(args, document, f"keys unavailable, cannot decide: {exc}", err=True)
+        said = exc.reason.value.replace("_", " ")
+        _emit(args, document, f"{said}, cannot decide: {exc}", err=True)
         return EXIT_KEYS_UNAVAILABLE
     except ValueError as exc:  # e.g. a negative --tolerance
         raise CommandError(str(exc)) from exc

@@ -9,7 +9,9 @@ exceptions — while recovery must see the raw answer (401, 403, 404, 429 with R
 three REST calls; the client below is all of it.
 
 Every call is counted in ``falhook_queue_requests_total{outcome}``. The fal key is sent
-only to ``FALHOOK_QUEUE_URL``'s own host.
+only to ``FALHOOK_QUEUE_URL``'s own host. A status or result answer is read as it streams
+in, up to a limit (a delivery's, FALHOOK_MAX_BODY_BYTES): never more is buffered, and a
+larger one is ``result_too_large``. One over 256 KiB is parsed in a thread.
 """
 
 from __future__ import annotations
@@ -22,17 +24,20 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from falhook.receiver.errors import QueueError, QueueFailure
 from falhook.receiver.recovery.urls import same_origin, submit_url
+from falhook.receiver.store.records import column_text
 
 if TYPE_CHECKING:
     from falhook.receiver.tracing.spans import Tracing
 
-__all__ = ["QueueAnswer", "QueueClient", "outcome_of", "retry_after_seconds"]
+__all__ = ["MAX_ANSWER_BYTES", "QueueAnswer", "QueueClient", "outcome_of", "retry_after_seconds"]
+
+R = TypeVar("R")
 
 # Connecting should be quick; a result may be megabytes of JSON.
 TIMEOUT = httpx.Timeout(10.0, read=30.0)
@@ -43,16 +48,22 @@ CALL_DEADLINE = 45.0
 # would let them go. Longer (or unreadable: inf, NaN) ones are read as this.
 MAX_RETRY_AFTER = 60.0
 _MAX_DETAIL = 300
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # the default of FALHOOK_MAX_BODY_BYTES
+_PARSE_IN_THREAD_BYTES = 256 * 1024  # as for a webhook's body (intake.py)
 
 
 @dataclass(frozen=True, slots=True)
 class QueueAnswer:
-    """fal's answer to one call: the HTTP status, the JSON body (None if not JSON)."""
+    """fal's answer to one call: the HTTP status, the JSON body (if not JSON: the start of
+    its text, or None when empty)."""
 
     status_code: int
     body: Any
     error_type: str | None  # the X-Fal-Error-Type header, or the body's error_type
     retry_after: float | None  # seconds, from Retry-After
+    # The answer's bytes when they are UTF-8 JSON (a result is stored from these, not
+    # written out again from `body`); None otherwise.
+    raw: bytes | None = None
 
     @property
     def ok(self) -> bool:
@@ -64,7 +75,8 @@ class QueueAnswer:
         if isinstance(body, dict) and "detail" in body:
             body = body["detail"]
         text = body if isinstance(body, str) else json.dumps(body)
-        return text[:_MAX_DETAIL]
+        # Kept in a text column (an expectation's reason): no NUL, no lone surrogate.
+        return column_text(text[:_MAX_DETAIL])
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -104,11 +116,19 @@ def outcome_of(status_code: int) -> QueueFailure | None:
     return QueueFailure.REJECTED
 
 
-def _answer(response: httpx.Response) -> QueueAnswer:
+def _answer(response: httpx.Response, content: bytes | None = None) -> QueueAnswer:
+    """An answer read: `content` is the body when it was streamed (`QueueClient.get`)."""
+    content = response.content if content is None else content
+    stripped = content.removeprefix(b"\xef\xbb\xbf").strip()  # a BOM is not JSON's
+    raw: bytes | None = stripped
     try:
-        body: Any = response.json()
-    except ValueError:
-        body = response.text[:_MAX_DETAIL] or None
+        body: Any = json.loads(stripped.decode())
+    except (ValueError, RecursionError):
+        raw = None
+        try:
+            body = json.loads(content)  # UTF-16/32, which json detects
+        except (ValueError, RecursionError):
+            body = content[: _MAX_DETAIL * 4].decode(errors="replace")[:_MAX_DETAIL] or None
     error_type = response.headers.get("x-fal-error-type")
     if error_type is None and isinstance(body, dict) and isinstance(body.get("error_type"), str):
         error_type = body["error_type"]
@@ -117,6 +137,7 @@ def _answer(response: httpx.Response) -> QueueAnswer:
         body,
         error_type,
         retry_after_seconds(response.headers.get("retry-after")),
+        raw,
     )
 
 
@@ -131,12 +152,14 @@ class QueueClient:
         observe: Callable[[str], None] | None = None,
         timeout: httpx.Timeout = TIMEOUT,
         deadline: float = CALL_DEADLINE,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self.queue_url = queue_url.rstrip("/")
         self._headers = {"Authorization": f"Key {key}", "Accept": "application/json"}
         self._observe = observe or (lambda outcome: None)
         self._timeout = timeout
         self._deadline = deadline
+        self.max_answer_bytes = max_answer_bytes
         self._client: httpx.AsyncClient | None = None
         # Set by the receiver with tracing on: each call is a CLIENT span.
         self.tracing: Tracing | None = None
@@ -168,19 +191,51 @@ class QueueClient:
             )
 
     async def get(self, url: str) -> QueueAnswer:
-        """GET a status or result URL. Raises QueueError(unreachable) if no answer came
-        (counted); an answer is counted by the caller, once read (`count`)."""
+        """GET a status or result URL. Raises QueueError (counted) if no answer came
+        (unreachable) or it is over `max_answer_bytes` (result_too_large); an answer is
+        counted by the caller, once read (`count`)."""
         self._check_target(url)
+        limit = self.max_answer_bytes
+
+        async def call(http: httpx.AsyncClient) -> tuple[httpx.Response, bytes]:
+            async with http.stream("GET", url, headers=self._headers) as response:
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise self._too_large(int(declared))
+                content = bytearray()
+                async for chunk in response.aiter_bytes():  # decoded: the limit is on JSON
+                    content += chunk
+                    if len(content) > limit:
+                        raise self._too_large(None)
+                return response, bytes(content)
+
         if self.tracing is None:
-            return _answer(await self._send(lambda http: http.get(url, headers=self._headers)))
-        with self.tracing.calling("GET", url) as call:
-            answer = _answer(await self._send(lambda http: http.get(url, headers=self._headers)))
-            call.answered(answer.status_code)
+            return await self._read(call)
+        with self.tracing.calling("GET", url) as span:
+            answer = await self._read(call)
+            span.answered(answer.status_code)
             return answer
 
-    async def _send(
-        self, call: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
-    ) -> httpx.Response:
+    async def _read(
+        self, call: Callable[[httpx.AsyncClient], Awaitable[tuple[httpx.Response, bytes]]]
+    ) -> QueueAnswer:
+        response, content = await self._send(call)
+        if len(content) > _PARSE_IN_THREAD_BYTES:
+            # Megabytes of JSON would stall the loop (a thread still holds the GIL while
+            # it parses, but no longer than the parse itself).
+            return await asyncio.to_thread(_answer, response, content)
+        return _answer(response, content)
+
+    def _too_large(self, declared: int | None) -> QueueError:
+        self.count(QueueFailure.RESULT_TOO_LARGE)
+        size = f"{declared} bytes, more" if declared is not None else "more"
+        return QueueError(
+            QueueFailure.RESULT_TOO_LARGE,
+            f"fal's queue answered {size} than the {self.max_answer_bytes} bytes a delivery "
+            "may have (FALHOOK_MAX_BODY_BYTES)",
+        )
+
+    async def _send(self, call: Callable[[httpx.AsyncClient], Awaitable[R]]) -> R:
         """One call within its deadline; QueueError(unreachable), counted, if no answer."""
         try:
             async with asyncio.timeout(self._deadline):

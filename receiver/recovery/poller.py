@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from falhook.receiver.store.expectations import (
     Expectations,
     ExpectationState,
 )
+from falhook.receiver.store.records import column_text
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -299,15 +299,14 @@ class Poller:
         except QueueError as exc:
             await self._call_failed(claim, exc, gone_means=QueueFailure.RESULT_GONE)
             return
-        data = json.loads(body)
         new = NewDelivery(
             request_id=request_id,
             gateway_request_id=request_id,
-            status=data["status"],
-            error=data["error"],
+            status=body.status,
+            error=None if body.error is None else column_text(body.error),
             payload_error=None,
             user_id=None,
-            body=body,
+            body=body.body,
             received_at=time.time(),
             source=SOURCE_QUEUE,
             trace_context=received_in,
@@ -317,7 +316,7 @@ class Poller:
         is_new = await self.store.insert(new)
         if is_new:
             self._on_recovered()
-        reason = f"fetched from fal's queue ({data['status']})" if is_new else None
+        reason = f"fetched from fal's queue ({body.status})" if is_new else None
         state = await self.expectations.run(
             self.expectations.op_settle_delivered(claim, reason=reason)
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -28,6 +27,7 @@ from falhook.receiver.errors import (
 )
 from falhook.receiver.recovery import expect
 from falhook.receiver.recovery.client import QueueClient, outcome_of
+from falhook.receiver.recovery.transitions import body_with_payload
 from falhook.receiver.recovery.urls import request_urls, same_origin
 from falhook.receiver.settings import WEBHOOK_PATH, Settings
 from falhook.receiver.store.expectations import Expectations, ExpectationState, NewExpectation
@@ -67,7 +67,12 @@ class Recovery:
         if settings.fal_key is None:
             raise RecoveryDisabledError()
         self.settings = settings
-        self.client = QueueClient(settings.queue_url, settings.fal_key, observe=observe_call)
+        self.client = QueueClient(
+            settings.queue_url,
+            settings.fal_key,
+            observe=observe_call,
+            max_answer_bytes=settings.max_body_bytes,
+        )
         self._on_recovered = on_recovered
         self._migrate = migrate
         self._expectations: Expectations | None = None
@@ -322,7 +327,7 @@ class Recovery:
                 raise  # this attempt fails; the retry asks the queue again
             log.warning("payload_error: %s; delivered without its payload", exc, extra=fields)
             return delivery
-        if failure is not None or answer.body is None:
+        if failure is not None or not isinstance(answer.body, dict):
             log.warning(
                 "payload_error: fal's queue answered %s for the result; delivered without it",
                 answer.status_code,
@@ -331,7 +336,7 @@ class Recovery:
             return delivery
         data = delivery.json()
         data["payload"] = answer.body  # payload_error stays: the callback sees what happened
-        body = json.dumps(data, sort_keys=True).encode()
+        body = body_with_payload(data, answer.raw)
         await expectations.run(expectations.op_fill_body(delivery.request_id, claim.claim_id, body))
         await expectations.run(
             expectations.op_mark(

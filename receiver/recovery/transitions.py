@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from falhook.receiver.errors import QueueError, QueueFailure
 from falhook.receiver.recovery.client import QueueAnswer, outcome_of
@@ -21,6 +21,8 @@ from falhook.receiver.recovery.client import QueueAnswer, outcome_of
 __all__ = [
     "COMPLETED",
     "QueueStatus",
+    "RecoveredBody",
+    "body_with_payload",
     "delivery_body",
     "error_note",
     "poll_delay",
@@ -98,7 +100,15 @@ def error_note(queue_error: str | None) -> tuple[str | None, str | None]:
     return _text(data.get("error")), _text(data.get("error_type"))
 
 
-def delivery_body(request_id: str, queue_error: str | None, answer: QueueAnswer) -> bytes:
+class RecoveredBody(NamedTuple):
+    """A delivery made from a result answer: its body and the fields stored beside it."""
+
+    body: bytes
+    status: str
+    error: str | None
+
+
+def delivery_body(request_id: str, queue_error: str | None, answer: QueueAnswer) -> RecoveredBody:
     """The delivery to store for a result answer; raises QueueError when there is none.
 
     `queue_error` is what the status said about a failed request (None if it succeeded).
@@ -113,9 +123,16 @@ def delivery_body(request_id: str, queue_error: str | None, answer: QueueAnswer)
     if failure is None:
         if failed:
             return _body(request_id, "ERROR", answer.body, error, error_type)
-        if answer.body is None:
-            raise QueueError(QueueFailure.BAD_ANSWER, "result answered without a JSON body")
-        return _body(request_id, "OK", answer.body, None, None)
+        if not isinstance(answer.body, dict):
+            # An HTML page from a proxy, JSON cut short, a bare string: not a model's
+            # result. Asked again (until the TTL), never stored: fal's own webhook, if it
+            # comes, must not be taken for a duplicate of it.
+            raise QueueError(
+                QueueFailure.BAD_ANSWER,
+                f"result answered {answer.status_code} without a JSON object: {answer.detail()}",
+                status_code=answer.status_code,
+            )
+        return _body(request_id, "OK", answer.body, None, None, raw=answer.raw)
     if failure in (QueueFailure.UNAUTHORIZED, QueueFailure.FORBIDDEN):
         raise _failure(answer, "result", failure)
     if failure is QueueFailure.RATE_LIMITED:
@@ -142,8 +159,14 @@ def delivery_body(request_id: str, queue_error: str | None, answer: QueueAnswer)
 
 
 def _body(
-    request_id: str, status: str, payload: Any, error: str | None, error_type: str | None
-) -> bytes:
+    request_id: str,
+    status: str,
+    payload: Any,
+    error: str | None,
+    error_type: str | None,
+    *,
+    raw: bytes | None = None,
+) -> RecoveredBody:
     data: dict[str, Any] = {
         "request_id": request_id,
         "gateway_request_id": request_id,
@@ -154,8 +177,20 @@ def _body(
     }
     if error_type is not None:
         data["error_type"] = error_type
-    # Sorted, with fal's separators: the same shape as a webhook body fal sends.
-    return json.dumps(data, sort_keys=True).encode()
+    return RecoveredBody(body_with_payload(data, raw), status, error)
+
+
+def body_with_payload(data: dict[str, Any], raw: bytes | None) -> bytes:
+    """`data` (its ``payload`` included) written as fal writes a webhook body: sorted, with
+    fal's separators. `raw`, the payload's bytes as fal's queue sent them, is spliced in
+    when known: a result of megabytes is not written out again from what was parsed to
+    check it (and keeps fal's exact text)."""
+    if raw is None:
+        return json.dumps(data, sort_keys=True).encode()
+    fields = sorted((k, v) for k, v in data.items() if k != "payload")
+    before = json.dumps(dict(f for f in fields if f[0] < "payload"))[1:-1].encode()
+    after = json.dumps(dict(f for f in fields if f[0] > "payload"))[1:-1].encode()
+    return b"{" + b", ".join(p for p in (before, b'"payload": ' + raw, after) if p) + b"}"
 
 
 def _text(value: Any) -> str | None:

@@ -11,7 +11,29 @@ from typing import Any
 
 from falhook.receiver.state import SOURCE_WEBHOOK, State
 
-__all__ = ["Claim", "ClaimBatch", "NewDelivery", "StoredDelivery", "decode_callbacks"]
+__all__ = [
+    "Claim",
+    "ClaimBatch",
+    "NewDelivery",
+    "StoredDelivery",
+    "column_text",
+    "decode_callbacks",
+]
+
+
+def column_text(value: str) -> str:
+    """`value` as both databases can hold it in a text column: NUL (which PostgreSQL
+    refuses) and lone surrogates (which no UTF-8 column takes; pairs are joined) become
+    U+FFFD. Only for text derived from a body or an error: a raw body is bytes and keeps
+    every character."""
+    if value.isascii():
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800" in JSON, which JSON.stringify can emit).
+        value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value.replace("\x00", "\ufffd")
 
 
 @dataclass(frozen=True, slots=True)

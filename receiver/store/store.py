@@ -38,7 +38,7 @@ from falhook.receiver.store.operations import (
 from falhook.receiver.store.records import Claim, ClaimBatch, NewDelivery
 from falhook.receiver.store.statements import Statements
 from falhook.receiver.store.thread_writer import ThreadWriter
-from falhook.receiver.store.writer import Connection, Op, Writer
+from falhook.receiver.store.writer import Connection, Landed, Op, Writer
 
 __all__ = ["Store"]
 
@@ -142,13 +142,19 @@ class Store(Admin):
         *,
         lease_seconds: float = 60.0,
         parsed: dict[str, Any] | None = None,
+        on_late: Callable[[Claim | None], None] | None = None,
     ) -> Claim | None:
         """Store a delivery durably, already claimed by `claim_id` (running, attempt 1,
         leased for `lease_seconds`): its claim, for the caller to dispatch at once, or
-        None if its request_id was already stored."""
-        result: Claim | None = await self._submit(
-            op_insert_claimed(new, claim_id, lease_seconds, parsed)
-        )
+        None if its request_id was already stored.
+
+        If the caller stops waiting (a timeout, the client gone), the insert still runs:
+        `on_late` then gets its outcome (the claim; None for a duplicate or a failure), so
+        that a row committed after all is not left leased to no one."""
+        op: Op = op_insert_claimed(new, claim_id, lease_seconds, parsed)
+        if on_late is not None:
+            op = Landed(op, on_late)
+        result: Claim | None = await self._submit(op)
         return result
 
     async def claim(self, limit: int, lease_seconds: float) -> ClaimBatch:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.store.engine import brief, pooled_connection
 
-__all__ = ["Connection", "Op", "Tx", "Writer", "WriterBase", "run_ops"]
+__all__ = ["Connection", "Landed", "Op", "Tx", "Writer", "WriterBase", "run_ops"]
 
 log = logging.getLogger("falhook.store")
 
@@ -118,9 +119,27 @@ def failure(exc: BaseException) -> Outcome:
     return (False, wrapped)
 
 
+@dataclass(slots=True)  # not frozen: one is made per delivery, and frozen costs a µs
+class Landed:
+    """An operation whose outcome matters even once nobody awaits it: when its request
+    was cancelled (a timeout, the client gone) before the outcome came, `on_late` gets
+    it (the result, or None if the operation failed)."""
+
+    op: Op
+    on_late: Callable[[Any], None]
+
+    def __call__(self, tx: Tx) -> Any:
+        return self.op(tx)
+
+
 def resolve(batch: Sequence[Job], outcomes: Sequence[Outcome]) -> None:
-    for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+    for (op, future), (ok, value) in zip(batch, outcomes, strict=True):
         if future.done():  # the awaiting request was cancelled (the client went away)
+            if isinstance(op, Landed):
+                try:
+                    op.on_late(value if ok else None)
+                except Exception:
+                    log.exception("handling an operation that finished late failed")
             continue
         if ok:
             future.set_result(value)

@@ -154,4 +154,4 @@ def test_keys_rotated_within_the_refresh_interval_are_503_not_401(
     hostile_jwks.set_keys(again)
     response = Sender(again).post(client, server.webhook_url, "rotated-again")
     assert response.status_code == 503, response.text
-    assert response.json()["error"] == "keys_unavailable"
+    assert response.json()["error"] == "key_refresh_pending"  # not an outage of the JWKS

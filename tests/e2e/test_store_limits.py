@@ -10,6 +10,7 @@ import os
 import sqlite3
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,6 +104,45 @@ def test_lone_surrogates_in_text_fields_are_stored(
     assert row["error"] == "bad \ufffd"
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_nul_in_text_fields_is_stored_and_delivered_as_sent(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client, backend: str
+) -> None:
+    env = {}
+    if backend == "postgresql":
+        if PG_URL is None:
+            pytest.skip("TEST_DATABASE_URL is not set")
+        env = {"FALHOOK_DATABASE_URL": PG_URL}
+    server = spawn(env=env)
+    rid = f"nul-{time.monotonic_ns()}"
+    # PostgreSQL cannot hold NUL in a text column; the body is bytes and keeps it.
+    body = _raw_body(rid, error="a\\u0000b", gateway_request_id="g\\u0000", payload_error="\\u0000")
+    assert json.loads(body)["error"] == "a\x00b"
+    _, headers = sender.signed(rid, body=body)
+    response = client.post(server.webhook_url, content=body, headers=headers)
+    assert response.status_code == 200, f"{response.text}\n{server.log()}"
+    ready = client.get(server.url + "/readyz")
+    assert ready.status_code == 200, ready.text
+    (record,) = [
+        r
+        for r in server.wait_records(lambda rs: any(r["request_id"] == rid for r in rs))
+        if r["request_id"] == rid
+    ]
+    # The callback gets the true values, read from the body.
+    assert record["error"] == "a\x00b" and record["payload_error"] == "\x00"
+    assert record["gateway_request_id"] == "g\x00"
+    shown = subprocess.run(
+        [sys.executable, "-m", "falhook.receiver", "deliveries", "show", rid, "--json"],
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["body"]["error"] == "a\x00b"
+
+
 def test_an_over_long_request_id_is_400(
     spawn: SpawnServer, sender: Sender, client: httpx.Client
 ) -> None:
@@ -151,14 +191,49 @@ def test_readyz_says_not_ready_when_a_write_cannot_commit(
         for i in range(40)
     ]
     assert 503 in statuses, statuses
-    # ... and /readyz agrees.
-    assert client.get(server.url + "/readyz").status_code == 503
+    # ... and /readyz agrees (its verdict is kept for a couple of seconds).
+    wait_for(
+        lambda: client.get(server.url + "/readyz").status_code == 503,
+        timeout=10,
+        what="not ready on a full disk",
+    )
     filler.unlink()
     wait_for(
         lambda: client.get(server.url + "/readyz").status_code == 200,
         timeout=10,
         what="ready again once there is room",
     )
+
+
+def test_readyz_is_not_ready_on_a_full_disk_before_any_delivery_fails(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client, small_disk: Path
+) -> None:
+    server = spawn(env={"FALHOOK_DATABASE_URL": f"sqlite:///{small_disk / 'falhook.db'}"})
+    assert sender.post(client, server.webhook_url, "before-full").status_code == 200
+    assert client.get(server.url + "/readyz").status_code == 200
+    filler = small_disk / "filler"
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    # No delivery is sent: the probe alone finds that nothing could be stored...
+    wait_for(
+        lambda: client.get(server.url + "/readyz").status_code == 503,
+        timeout=10,
+        what="not ready on a full disk",
+    )
+    ready = client.get(server.url + "/readyz")
+    assert ready.json()["error"] == "store_unavailable" and "free" in ready.json()["detail"]
+    # ... and it says so for as long as the disk stays full (several probe periods).
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        assert client.get(server.url + "/readyz").status_code == 503
+    filler.unlink()
+    wait_for(
+        lambda: client.get(server.url + "/readyz").status_code == 200,
+        timeout=10,
+        what="ready again once there is room",
+    )
+    assert sender.post(client, server.webhook_url, "after-full").status_code == 200
 
 
 PG_URL = os.environ.get("TEST_DATABASE_URL") or None
@@ -277,3 +352,31 @@ def test_immutable_database_files_get_503_not_a_crash(
         timeout=10,
         what="a 200 once the files are writable again",
     )
+
+
+def test_a_delivery_answered_503_but_committed_late_is_dispatched_at_once(
+    spawn: SpawnServer, sender: Sender, client: httpx.Client
+) -> None:
+    # The lease is a minute: without a dispatch at once, the callback would wait for it.
+    server = spawn(env={**FAST, "FALHOOK_LEASE_SECONDS": "60"})
+    assert sender.post(client, server.webhook_url, "before-late").status_code == 200
+    holder = sqlite3.connect(server.db_path, timeout=5, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the writer waits for the lock (up to 5 s)...
+        response = sender.post(client, server.webhook_url, "late")
+        assert response.status_code == 503, response.text  # ... past the 1 s store timeout
+    finally:
+        holder.rollback()  # ... and then commits: fal was told 503, the row is stored
+        holder.close()
+    records = server.wait_records(
+        lambda rs: any(r["request_id"] == "late" and r["phase"] == "done" for r in rs),
+        timeout=15,
+    )
+    assert [r["attempt"] for r in records if r["request_id"] == "late"] == [1]
+    wait_for(
+        lambda: (server.row("late") or {}).get("state") == "done", timeout=10, what="late done"
+    )
+    # fal's retry of the 503 is a duplicate: the callback does not run twice.
+    retry = sender.post(client, server.webhook_url, "late")
+    assert retry.status_code == 200 and retry.json()["duplicate"] is True
+    server.wait_for_log("committed after its 503")

@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -51,7 +51,7 @@ import uvicorn
 from nacl.signing import SigningKey
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.polling import wait_for
@@ -280,6 +280,7 @@ class FakeRequest:
     planned: _Outcome | None = None
     outcome: _Outcome | None = None
     expired: tuple[int, Any] | None = None
+    raw_result: tuple[int, str, bytes | Callable[[], Iterator[bytes]]] | None = None
     cancel_requested: bool = False
     webhook_withheld: bool = False
 
@@ -739,6 +740,24 @@ class FakeFalQueue:
                 raise ValueError(f"request {request_id} is not COMPLETED")
             body = {"detail": "Request not found"} if detail is None else {"detail": detail}
             req.expired = (status_code, body)
+
+    def answer_result_raw(
+        self,
+        request_id: str,
+        body: bytes | Callable[[], Iterator[bytes]],
+        *,
+        status_code: int = 200,
+        content_type: str = "application/json",
+    ) -> None:
+        """Result fetches answer exactly ``body`` (not fal's documented shape): a page from a
+        proxy, truncated JSON, a bare JSON string… ``body`` may be a function returning an
+        iterator of chunks, streamed (for results too big to build, or sent slowly). The
+        status route still answers COMPLETED."""
+        with self._lock:
+            req = self._get(request_id)
+            if req.state != "COMPLETED":
+                raise ValueError(f"request {request_id} is not COMPLETED")
+            req.raw_result = (status_code, content_type, body)
 
     def set_queue_position(self, request_id: str, position: int | None) -> None:
         """Fix the ``queue_position`` answered while IN_QUEUE (``None``: computed)."""
@@ -1203,6 +1222,11 @@ class FakeFalQueue:
         if req.expired is not None:
             status_code, body = req.expired
             return JSONResponse(body, status_code)
+        if req.raw_result is not None:
+            status_code, content_type, raw = req.raw_result
+            if isinstance(raw, bytes):
+                return Response(raw, status_code, media_type=content_type)
+            return StreamingResponse(raw(), status_code, media_type=content_type)
         outcome = req.outcome
         if outcome.failed:
             return JSONResponse(outcome.error_body, outcome.status_code, outcome.headers)

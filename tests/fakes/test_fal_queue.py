@@ -552,3 +552,15 @@ def test_wrong_methods_on_queue_paths_are_405(fake: FakeFalQueue, client: httpx.
     assert fake.request_ids() == [rid]  # a POST to a queue path is not a submit
     with pytest.raises(ValueError, match="unknown route"):
         fake.fail(500, route="nope")  # type: ignore[arg-type]
+
+
+def test_result_answered_raw(fake: FakeFalQueue, client: httpx.Client) -> None:
+    rid = fake.create("fal-ai/flux/dev", state="COMPLETED", output={"x": 1})
+    urls = fake.request_urls(rid)
+    fake.answer_result_raw(rid, b"<html>Bad gateway</html>", content_type="text/html")
+    page = client.get(urls["response_url"])
+    assert page.status_code == 200 and page.text == "<html>Bad gateway</html>"
+    assert page.headers["content-type"].startswith("text/html")
+    fake.answer_result_raw(rid, lambda: iter([b'{"x": ', b"1}"]))
+    assert client.get(urls["response_url"]).json() == {"x": 1}
+    assert client.get(urls["status_url"]).json()["status"] == "COMPLETED"

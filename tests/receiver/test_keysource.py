@@ -81,9 +81,12 @@ def test_url_goes_through_the_cached_client(keypair: KeyPair) -> None:
                 # No key verifies: one refresh at once, and still none does (401)...
                 with pytest.raises(WebhookVerificationError):
                     await keys.verify(forged, keys.check_headers(forged_headers))
-                # ... then, within the refresh interval, it cannot be checked (503).
-                with pytest.raises(KeysUnavailableError):
-                    await keys.verify(forged, keys.check_headers(forged_headers))
+                # ... then, within the refresh interval, a fresh one cannot be checked (503).
+                fresh = fal_body("r-y")
+                fresh_headers = _pairs(sign(fresh, "r-y", "u-1", keypair=other))
+                with pytest.raises(KeysUnavailableError) as info:
+                    await keys.verify(fresh, keys.check_headers(fresh_headers))
+                assert info.value.reason is Reason.KEY_REFRESH_PENDING
             finally:
                 await keys.aclose()
 

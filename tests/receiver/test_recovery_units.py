@@ -13,6 +13,8 @@ from falhook.receiver.errors import QueueError, QueueFailure
 from falhook.receiver.recovery.client import QueueAnswer, retry_after_seconds
 from falhook.receiver.recovery.transitions import (
     QueueStatus,
+    RecoveredBody,
+    body_with_payload,
     delivery_body,
     poll_delay,
     read_status,
@@ -125,8 +127,9 @@ def test_read_status() -> None:
     assert bad.value.failure.transient
 
 
-def body(raw: bytes) -> dict[str, object]:
-    data: dict[str, object] = json.loads(raw)
+def body(recovered: RecoveredBody) -> dict[str, object]:
+    data: dict[str, object] = json.loads(recovered.body)
+    assert (recovered.status, recovered.error) == (data["status"], data["error"])
     return data
 
 
@@ -156,6 +159,31 @@ def test_a_failed_request_becomes_an_error_delivery() -> None:
     out = body(delivery_body("r1", None, answer(422, invalid)))
     assert out["status"] == "ERROR" and out["error"] == "Invalid status code: 422"
     assert out["payload"] == invalid
+
+
+def test_a_result_kept_as_fal_sent_it_has_the_shape_of_one_written_out() -> None:
+    raw = b'{"seed": 18446744073709551615, "images": [], "b": 1}'
+    kept = delivery_body("r1", None, QueueAnswer(200, json.loads(raw), None, None, raw))
+    written = delivery_body("r1", None, answer(200, json.loads(raw)))
+    assert body(kept) == body(written)
+    assert kept.body == written.body.replace(
+        b'{"b": 1, "images": [], "seed": 18446744073709551615}', raw
+    )
+
+
+def test_a_payload_spliced_into_any_body_keeps_its_shape() -> None:
+    raw = rb'{"z": [1, 2], "a": "\u00e9"}'
+    for data in ({"request_id": "r", "status": "OK"}, {"a": 1}, {"z": None}, {}):
+        spliced = body_with_payload({**data, "payload": json.loads(raw)}, raw)
+        assert json.loads(spliced) == {**data, "payload": json.loads(raw)}
+        assert raw in spliced
+
+
+@pytest.mark.parametrize("text", ["<html>Bad gateway</html>", '{"images": [', "done", None])
+def test_a_result_that_is_not_a_json_object_is_a_bad_answer(text: str | None) -> None:
+    with pytest.raises(QueueError) as caught:
+        delivery_body("r1", None, answer(200, text))
+    assert caught.value.failure is QueueFailure.BAD_ANSWER and caught.value.failure.transient
 
 
 @pytest.mark.parametrize(

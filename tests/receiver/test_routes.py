@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 from falhook.receiver import Delivery, Settings, WebhookReceiver
 from falhook.receiver.metrics import Metrics
 from falhook.receiver.routes import NotFound, _near
-from falhook.verify.testing import generate_keypair, sign
+from falhook.verify.testing import JWKSServer, fal_body, generate_keypair, sign
 from tests.receiver.conftest import USER_ID, Signer
 
 URL = "/webhooks/fal"
@@ -180,6 +180,42 @@ def test_missing_jwks_file_is_503_keys_unavailable(
         body, headers = signer("r-503")
         _assert_error(c.post(URL, content=body, headers=headers), 503, "keys_unavailable")
         _assert_error(c.get("/readyz"), 503, "keys_unavailable")
+
+
+def test_no_key_verifies_answers_name_the_cause(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signature no key verifies: 401 invalid_signature naming the raw bytes; a fresh one
+    within the refresh interval 503 key_refresh_pending (answer, log line and metric label,
+    not keys_unavailable); one signed before the keys were fetched 401 again, with no fetch."""
+    fal, stranger = generate_keypair(b"\x03" * 32), generate_keypair(b"\x04" * 32)
+    with JWKSServer(fal) as jwks:
+        hooks = WebhookReceiver(settings.replace(jwks_url=jwks.url, user_id=USER_ID))
+        signer = Signer(stranger)
+        logged = caplog.at_level("INFO", logger="falhook.deliveries")
+        with logged, TestClient(hooks.app) as client:
+            body, headers = signer("r-bad-1")
+            first = client.post(URL, content=body, headers=headers)
+            _assert_error(first, 401, "invalid_signature")
+            assert "verify the raw request bytes, not re-serialized JSON" in first.json()["detail"]
+            body, headers = signer("r-bad-2")
+            _assert_error(
+                client.post(URL, content=body, headers=headers), 503, "key_refresh_pending"
+            )
+            fetched = jwks.requests
+            body = fal_body("r-old")
+            headers = sign(body, "r-old", USER_ID, int(time.time()) - 60, keypair=stranger)
+            _assert_error(client.post(URL, content=body, headers=headers), 401, "invalid_signature")
+            assert jwks.requests == fetched  # decided with the keys it had
+            scrape = client.get("/metrics").text
+    rejected = [r for r in caplog.records if getattr(r, "outcome", None) == "rejected"]
+    assert [r.reason for r in rejected] == [  # type: ignore[attr-defined]
+        "invalid_signature",
+        "key_refresh_pending",
+        "invalid_signature",
+    ]
+    assert 'outcome="rejected",reason="key_refresh_pending"} 1.0' in scrape
+    assert 'reason="keys_unavailable"' not in scrape
 
 
 _HEADER_NAMES = [

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.models import State
 from falhook.receiver.store import Claim, Store
+from falhook.receiver.store.records import column_text
 from falhook.receiver.store.statements import Compiled
 from tests.receiver import store_fixtures
 from tests.receiver.store_fixtures import PG_URL, delivery, pg_admin, requires_pg
@@ -913,3 +914,20 @@ def test_the_sync_apis_writes_refuse_immutable_files_without_a_crash(tmp_path: A
     )
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert "refused: the database file" in result.stdout and "not writable" in result.stdout
+
+
+def test_text_with_nul_or_a_lone_surrogate_is_stored_as_column_text(store_url: str) -> None:
+    raw = b'{"request_id": "nul", "status": "ERROR", "payload": null, "error": "a\\u0000b\\ud800"}'
+    text = "a\x00b\ud800"
+    assert column_text(text) == "a\ufffdb\ufffd" and column_text("plain") == "plain"
+    assert column_text("\ud83d\ude00\x00") == "\U0001f600\ufffd"  # a pair is joined
+
+    async def main() -> None:
+        async with opened(store_url) as store:
+            new = dataclasses.replace(delivery("nul", body=raw), error=column_text(text))
+            assert await store.insert(new) is True
+            stored = store.get("nul")
+            assert stored is not None and stored.error == "a\ufffdb\ufffd"
+            assert stored.body == raw  # the body keeps what was sent
+
+    run(main)

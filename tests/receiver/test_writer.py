@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from falhook.receiver.errors import StoreUnavailableError
-from falhook.receiver.store import Store
+from falhook.receiver.store import Claim, Store
 from falhook.receiver.store.checkpointer import Checkpointer
 from falhook.receiver.store.engine import make_engine
 from falhook.receiver.store.fileguard import FileGuard
@@ -241,3 +241,36 @@ def test_the_checkpointer_waits_while_the_files_cannot_be_written(tmp_path: Path
     finally:
         checkpointer.stop()
         engine.dispose()
+
+
+def test_an_insert_its_request_stopped_waiting_for_is_handed_over_when_it_lands(
+    store_url: str,
+) -> None:
+    async def body() -> None:
+        store = Store(store_url)
+        store.start()
+        landed: asyncio.Queue[Claim | None] = asyncio.Queue()
+
+        async def given_up(rid: str, claim_id: str) -> Claim | None:
+            waiting = asyncio.ensure_future(
+                store.insert_claimed(delivery(rid), claim_id, on_late=landed.put_nowait)
+            )
+            await asyncio.sleep(0)  # submitted, not yet committed
+            waiting.cancel()  # the request timed out (answered 503) or its client left
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            return await asyncio.wait_for(landed.get(), 10)
+
+        try:
+            claim = await given_up("late", "c-1")
+            assert claim is not None and (claim.claim_id, claim.attempt) == ("c-1", 1)
+            assert await given_up("late", "c-2") is None  # a duplicate: nothing to run
+            # Awaited to the end: the caller gets the claim, nothing is handed over.
+            on_time = await store.insert_claimed(
+                delivery("on-time"), "c-3", on_late=landed.put_nowait
+            )
+            assert on_time is not None and landed.empty()
+        finally:
+            await store.stop()
+
+    asyncio.run(body())

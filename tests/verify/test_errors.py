@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from falhook.verify.errors import (
+    KeyRefreshPendingError,
     KeysUnavailableError,
     Reason,
     VerifyError,
@@ -20,6 +21,7 @@ def test_every_reason_has_its_documented_value() -> None:
         "user_mismatch",
         "invalid_signature",
         "keys_unavailable",
+        "key_refresh_pending",
     }
 
 
@@ -27,6 +29,13 @@ def test_keys_unavailable_is_not_a_verification_error() -> None:
     """A JWKS outage must never be answered as 'unauthorized'."""
     assert issubclass(KeysUnavailableError, VerifyError)
     assert not issubclass(KeysUnavailableError, WebhookVerificationError)
+
+
+def test_a_pending_refresh_is_a_503_with_its_own_reason() -> None:
+    """Caught wherever keys_unavailable is (503, fal retries), told apart by its reason."""
+    assert issubclass(KeyRefreshPendingError, KeysUnavailableError)
+    assert KeyRefreshPendingError().reason is Reason.KEY_REFRESH_PENDING
+    assert KeysUnavailableError().reason is Reason.KEYS_UNAVAILABLE
 
 
 def test_verification_error_carries_reason_header_and_default_message() -> None:

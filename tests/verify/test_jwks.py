@@ -17,13 +17,15 @@ from falhook.verify import (
     AsyncJWKSClient,
     JWKSClient,
     KeyCache,
+    KeyRefreshPendingError,
     KeysUnavailableError,
     Reason,
+    VerifyError,
     WebhookVerificationError,
     get_async_jwks_client,
     get_jwks_client,
 )
-from falhook.verify.jwks import MAX_TTL
+from falhook.verify.jwks import CLOCK_SKEW_ALLOWANCE, MAX_TTL
 from falhook.verify.testing import JWKSServer, KeyPair, fal_body, jwks_document, sign
 
 from .conftest import FakeClock
@@ -71,6 +73,12 @@ def _delivery(kp: KeyPair, request_id: str = "req-1") -> tuple[bytes, dict[str, 
     return body, sign(body, request_id, "user-1", NOW, keypair=kp)
 
 
+def sign_at(kp: KeyPair, timestamp: int, request_id: str = "req-t") -> tuple[bytes, dict[str, str]]:
+    """A delivery signed at ``timestamp`` (Unix seconds)."""
+    body = fal_body(request_id)
+    return body, sign(body, request_id, "user-1", timestamp, keypair=kp)
+
+
 def test_cache_policy_is_pure(clock: FakeClock) -> None:
     """fresh → expired → rate-limited, with no I/O involved."""
     cache = KeyCache(ttl=100, min_refresh_interval=10, clock=clock)
@@ -86,6 +94,20 @@ def test_cache_policy_is_pure(clock: FakeClock) -> None:
     clock.advance(10)
     assert cache.needs_fetch(clock())
     assert (cache.fetches, cache.fetch_failures) == (2, 1)
+
+
+def test_fetched_after_compares_the_ages_of_keys_and_delivery(clock: FakeClock) -> None:
+    """Keys fetched more than CLOCK_SKEW_ALLOWANCE after the signed timestamp; the cache's
+    clock is monotonic, so the delivery's age (wall clock) is set against the keys' age."""
+    cache = KeyCache(clock=clock)
+    assert not cache.fetched_after(NOW - 600, NOW)  # nothing fetched yet
+    cache.begin(clock())
+    clock.advance(3)  # a slow fetch: its start is what counts
+    cache.succeed((), clock())
+    clock.advance(60)
+    assert cache.fetched_after(NOW - 69, NOW)  # signed 6 s before the fetch began
+    assert not cache.fetched_after(NOW - 68, NOW)  # 5 s before: within the allowance
+    assert not cache.fetched_after(NOW - 10, NOW)  # signed after the fetch
 
 
 def test_ttl_is_clamped_to_24_hours(clock: FakeClock) -> None:
@@ -341,3 +363,85 @@ def test_real_loopback_server_rotation_and_outage(keypair: KeyPair, other_keypai
         assert server.requests == 3
         with JWKSClient(server.url) as cold, pytest.raises(KeysUnavailableError):
             cold.get_keys()
+
+
+def test_keys_fetched_after_the_signature_decide_at_once(
+    keypair: KeyPair, other_keypair: KeyPair, clock: FakeClock
+) -> None:
+    """A delivery signed before the keys were fetched: its key would be among them, so no
+    key verifying it is final (401 with what to check first), and costs no fetch."""
+    fake = FakeJWKS(keypair)
+    with fake.client(clock) as client:
+        body, headers = _delivery(other_keypair)  # signed at NOW
+        for _ in range(3):  # the same answer every time, a second apart
+            with pytest.raises(WebhookVerificationError) as info:
+                client.verify(body, headers, now=NOW + 30)  # keys fetched 30 s after it
+            assert info.value.reason is Reason.INVALID_SIGNATURE
+            assert "verify the raw request bytes, not re-serialized JSON" in str(info.value)
+            clock.advance(1)
+        assert fake.requests == 1  # the first fetch only: no refresh could change it
+        fake.status = 503  # an outage changes nothing: the keys it needs are cached
+        with pytest.raises(WebhookVerificationError):
+            client.verify(body, headers, now=NOW + 30)
+        assert fake.requests == 1
+        fake.status = 200
+        # Within the clock-skew allowance the refresh still runs (a key fal published then).
+        body, headers = _delivery(other_keypair, "req-2")
+        with pytest.raises(WebhookVerificationError):
+            client.verify(body, headers, now=NOW + CLOCK_SKEW_ALLOWANCE)
+        assert fake.requests == 2
+
+
+def test_a_rate_limited_refresh_is_key_refresh_pending(
+    keypair: KeyPair, other_keypair: KeyPair, clock: FakeClock
+) -> None:
+    """Signed after the last fetch, no key verifies, refresh rate-limited: 503 with its own
+    reason — not keys_unavailable, which is kept for a JWKS that cannot be fetched."""
+    fake = FakeJWKS(keypair)
+    with fake.client(clock, min_refresh_interval=10) as client:
+
+        def verdict(second: int) -> VerifyError:
+            """A delivery signed by a key not in the JWKS and checked at NOW + second."""
+            body, headers = sign_at(other_keypair, NOW + second)
+            with pytest.raises(VerifyError) as info:
+                client.verify(body, headers, now=NOW + second)
+            return info.value
+
+        assert verdict(0).reason is Reason.INVALID_SIGNATURE  # fetch, refresh at once: final
+        clock.advance(1)
+        pending = verdict(1)
+        assert isinstance(pending, KeyRefreshPendingError)
+        assert pending.reason is Reason.KEY_REFRESH_PENDING
+        assert "retry shortly" in str(pending) and "raw request bytes" in str(pending)
+        assert fake.requests == 2
+        # The interval passed and the JWKS is down: that is keys_unavailable, named.
+        fake.status = 503
+        clock.advance(10)
+        down = verdict(11)
+        assert down.reason is Reason.KEYS_UNAVAILABLE and "HTTP 503" in str(down)
+        # Still down, now rate-limited too: the outage, not a pending refresh, is the cause.
+        clock.advance(1)
+        assert verdict(12).reason is Reason.KEYS_UNAVAILABLE
+
+
+def test_async_client_verdicts(keypair: KeyPair, other_keypair: KeyPair, clock: FakeClock) -> None:
+    """The async client reaches the same verdicts through the shared base."""
+    fake = AsyncFake(keypair)
+
+    async def main() -> None:
+        async with fake.async_client(clock, min_refresh_interval=10) as client:
+            body, headers = _delivery(other_keypair)
+            with pytest.raises(WebhookVerificationError) as info:
+                await client.verify(body, headers, now=NOW + 30)
+            assert "raw request bytes" in str(info.value)
+            assert fake.requests == 1  # signed before the fetch: decided without a refresh
+            body, headers = sign_at(other_keypair, NOW + 30)
+            with pytest.raises(WebhookVerificationError):
+                await client.verify(body, headers, now=NOW + 30)  # refreshed once at once
+            clock.advance(1)
+            body, headers = sign_at(other_keypair, NOW + 31)
+            with pytest.raises(KeyRefreshPendingError):
+                await client.verify(body, headers, now=NOW + 31)
+            assert fake.requests == 2
+
+    asyncio.run(main())

@@ -26,6 +26,7 @@ from falhook.verify import (
 from falhook.verify.testing import (
     JWKSServer,
     KeyPair,
+    Layout,
     fal_body,
     generate_keypair,
     jwks_document,
@@ -146,10 +147,16 @@ def test_now_defaults_to_wall_clock(keypair: KeyPair) -> None:
     assert _reason(info) is Reason.TIMESTAMP_TOO_OLD
 
 
-def test_reserialized_json_body_fails(keypair: KeyPair) -> None:
-    """Parsing and re-dumping the body changes the bytes, so the signature fails."""
-    body, headers = _signed(keypair)
-    reserialized = json.dumps(json.loads(body), separators=(",", ":")).encode()
+@pytest.mark.parametrize(
+    ("layout", "separators"), [("compact", (", ", ": ")), ("python", (",", ":"))]
+)
+def test_reserialized_json_body_fails(
+    keypair: KeyPair, layout: Layout, separators: tuple[str, str]
+) -> None:
+    """Parsing and re-dumping the body in another layout changes the bytes."""
+    body = fal_body(RID, layout=layout)
+    headers = sign(body, RID, UID, NOW, keypair=keypair)
+    reserialized = json.dumps(json.loads(body), separators=separators).encode()
     with pytest.raises(WebhookVerificationError) as info:
         verify_signature(reserialized, headers, keys=keypair.public_key, now=NOW)
     assert _reason(info) is Reason.INVALID_SIGNATURE

@@ -8,10 +8,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from falhook.verify import parse_jwks, verify_signature
+from falhook.verify import Reason, WebhookVerificationError, parse_jwks, verify_signature
 from falhook.verify.testing import (
+    LAYOUTS,
     JWKSServer,
     KeyPair,
+    Layout,
     fal_body,
     generate_keypair,
     jwks_document,
@@ -52,12 +54,13 @@ def test_sign_returns_fal_headers(keypair: KeyPair) -> None:
 
 
 def test_fal_body_shape() -> None:
-    """Sorted keys, default separators, error null on OK, big seed kept exactly."""
+    """Compact by default: fal's field order, no spaces, error null on OK, big seed exact."""
     body = fal_body("req-1")
-    assert body.startswith(b'{"error": null, "gateway_request_id": "req-1", "payload": {')
+    assert body.startswith(b'{"request_id":"req-1","gateway_request_id":"req-1","status":"OK"')
     assert b"17454220438242315174" in body
     document = json.loads(body)
     assert document["status"] == "OK" and "payload_error" not in document
+    assert document["payload"]["seed"] == 17454220438242315174
     error = json.loads(
         fal_body("r", status="ERROR", payload={"detail": []}, error="Invalid status code: 422")
     )
@@ -66,6 +69,52 @@ def test_fal_body_shape() -> None:
         fal_body("r", payload=None, payload_error="not JSON serializable", gateway_request_id="g")
     )
     assert unserializable["payload"] is None and unserializable["gateway_request_id"] == "g"
+
+
+def test_the_python_layout_is_the_2025_capture() -> None:
+    """Sorted keys, ", "/": " separators, ASCII escapes: what json.dumps writes back."""
+    body = fal_body("req-1", payload={"prompt": "café"}, layout="python")
+    assert body.startswith(b'{"error": null, "gateway_request_id": "req-1", "payload": {')
+    assert b"caf\\u00e9" in body
+    assert json.dumps(json.loads(body)).encode() == body
+    with pytest.raises(ValueError, match="compact, python"):
+        fal_body("r", layout="pretty")  # type: ignore[arg-type]
+
+
+def test_the_compact_layout_holds_what_re_serialization_changes() -> None:
+    """Raw UTF-8, compact separators, fal's (unsorted) order: no json.dumps setting one
+    might try reproduces both layouts."""
+    payload = {"prompt": "café"}
+    body = fal_body("req-1", payload=payload)
+    assert "café".encode() in body and b", " not in body
+    fields = ["request_id", "gateway_request_id", "status", "payload", "error"]
+    assert list(json.loads(body)) == fields
+    assert json.loads(body) == json.loads(fal_body("req-1", payload=payload, layout="python"))
+    attempts = [
+        json.dumps(json.loads(body)),
+        json.dumps(json.loads(body), sort_keys=True),
+        json.dumps(json.loads(body), separators=(",", ":")),  # still escapes the é
+    ]
+    assert all(attempt.encode() != body for attempt in attempts)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_raw_bytes_verify_in_every_layout(keypair: KeyPair, layout: Layout) -> None:
+    body = fal_body("req-1", payload={"prompt": "über"}, layout=layout)
+    headers = sign(body, "req-1", "u", keypair=keypair)
+    assert verify_signature(body, headers, keys=keypair.public_key).request_id == "req-1"
+
+
+def test_the_classic_mistake_fails_with_the_kit(keypair: KeyPair) -> None:
+    """Verifying json.dumps(json.loads(body)) instead of the raw bytes: a test built on the
+    kit's default body fails, with the message that names the cause."""
+    body = fal_body("req-1")
+    headers = sign(body, "req-1", "u", keypair=keypair)
+    reserialized = json.dumps(json.loads(body)).encode()
+    with pytest.raises(WebhookVerificationError) as info:
+        verify_signature(reserialized, headers, keys=keypair.public_key)
+    assert info.value.reason is Reason.INVALID_SIGNATURE
+    assert "verify the raw request bytes, not re-serialized JSON" in str(info.value)
 
 
 def test_keypair_save_and_load(keypair: KeyPair, tmp_path: Path) -> None:
