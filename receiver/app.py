@@ -142,7 +142,8 @@ class WebhookReceiver:
             self._forwarder = Forwarder(
                 self.settings.forward_to, secret=self.settings.forward_secret
             )
-            self.registry.add(self._forwarder, name=f"forward-to:{self.settings.forward_to}")
+            # The name is shown (logs, metric labels, the store): the URL without secrets.
+            self.registry.add(self._forwarder, name=f"forward-to:{self._forwarder.shown}")
         self.on_ok = self.registry.on_ok
         self.on_error = self.registry.on_error
         self.on_delivery = self.registry.on_delivery
@@ -249,6 +250,7 @@ class WebhookReceiver:
         to start) stops them all, in reverse."""
         settings = self.settings
         parts.callback(self._forget_parts)  # last of all: the receiver is stopped
+        parts.callback(self._trace, None)  # spans stop with the receiver
         self._trace(resolve_tracing(self.tracer_provider))
         watchdog = LoopWatchdog(
             asyncio.get_running_loop(),
@@ -449,7 +451,7 @@ class WebhookReceiver:
             "jwks": f"file {settings.jwks_url}" if keys.is_file else settings.jwks_url,
             "user_id": settings.user_id,
             "callbacks": [n for n in self.registry.names if not n.startswith("forward-to:")],
-            "forward_to": settings.forward_to,
+            "forward_to": self._forwarder.shown if self._forwarder is not None else None,
             "forward_signed": self._forwarder is not None and self._forwarder.signed,
             "concurrency": settings.concurrency,
             "recovery": settings.queue_url if self.recovery is not None else None,
@@ -459,7 +461,7 @@ class WebhookReceiver:
         targets = list(fields["callbacks"])
         if settings.forward_to:
             signed = "signed" if fields["forward_signed"] else "unsigned"
-            targets.append(f"forwarding to {settings.forward_to} ({signed})")
+            targets.append(f"forwarding to {fields['forward_to']} ({signed})")
         log.info(
             "falhook %s started: %s, store %s, keys %s, user id %s, %s, concurrency %d%s",
             __version__,

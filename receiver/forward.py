@@ -18,11 +18,17 @@ from standardwebhooks import Webhook
 
 from falhook.receiver.errors import ForwardError
 from falhook.receiver.models import Delivery
+from falhook.receiver.redact import shown_url, shown_urls_in
 
 if TYPE_CHECKING:
     from falhook.receiver.tracing.spans import Tracing
 
-__all__ = ["ForwardError", "Forwarder"]
+__all__ = ["MAX_ANSWER_BYTES", "ForwardError", "Forwarder"]
+
+# The most of an answer's body read: its status is what counts. A small answer is read
+# whole (the connection is kept for the next forward); a bigger one is cut off and its
+# connection closed, so a target answering a gigabyte costs a few kilobytes.
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 class Forwarder:
@@ -31,6 +37,10 @@ class Forwarder:
     The body is forwarded byte for byte — re-serialising would change large integers and
     key order — so the app receives exactly what fal sent, already verified and deduped.
     Anything but a 2xx answer, and any connection error, is a failure to be retried.
+    Of the answer's body at most `MAX_ANSWER_BYTES` are read.
+
+    The URL may carry credentials (``https://user:password@…``, ``?api_key=…``): they are
+    sent, and `shown` — the URL with them masked — is what errors and names use.
 
     ``webhook-id`` is the delivery's request_id: the same on every retry, so the app can
     deduplicate by it, as Standard Webhooks intends; ``webhook-timestamp`` is the time of
@@ -46,6 +56,7 @@ class Forwarder:
         client: httpx.AsyncClient | None = None,
     ):
         self.url = url
+        self.shown = shown_url(url)
         self._signer = Webhook(secret) if secret else None
         self._timeout = timeout
         # Opened on first use, closed by `aclose` (the receiver's stop): a later start opens
@@ -82,13 +93,30 @@ class Forwarder:
                 status = await self._post(delivery, headers)
                 call.answered(status)
         if not 200 <= status < 300:
-            raise ForwardError(f"POST {self.url} answered {status}")
+            raise ForwardError(f"POST {self.shown} answered {status}")
 
     async def _post(self, delivery: Delivery, headers: dict[str, str]) -> int:
         try:
-            response = await self._http().post(self.url, content=delivery.raw_body, headers=headers)
+            request = self._http().stream(
+                "POST", self.url, content=delivery.raw_body, headers=headers
+            )
+            async with request as response:
+                # Raw bytes (nothing decompressed: no gzip bomb), only up to the cap; leaving
+                # the block before the end closes the connection instead of draining it.
+                # (An answer already in memory, as a test transport's, has nothing to read.)
+                if not response.is_stream_consumed:
+                    read = 0
+                    async for chunk in response.aiter_raw():
+                        read += len(chunk)
+                        if read > MAX_ANSWER_BYTES:
+                            break
         except httpx.HTTPError as exc:
-            raise ForwardError(f"POST {self.url} failed: {exc!r}") from exc
+            # Not chained: the error and its traceback are stored and shown, and an httpx
+            # error's text may hold the URL as given.
+            detail = shown_urls_in(str(exc)) or "no detail"
+            raise ForwardError(
+                f"POST {self.shown} failed: {type(exc).__name__}: {detail}"
+            ) from None
         return response.status_code
 
     def _signature(self, delivery: Delivery) -> dict[str, str]:

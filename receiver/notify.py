@@ -29,6 +29,8 @@ from urllib.parse import quote, urlencode
 import httpx
 from standardwebhooks import Webhook
 
+from falhook.receiver.redact import shown_url
+
 __all__ = ["NoticeKind", "Notifier"]
 
 log = logging.getLogger("falhook.notify")
@@ -151,7 +153,10 @@ class Notifier:
         self._report(kind, outcome)
         if outcome != "sent":
             log.warning(
-                "could not notify %s of %d %s", self.url, batch.count, kind.value.replace("_", " ")
+                "could not notify %s of %d %s",
+                shown_url(self.url),  # a notification URL may carry a token
+                batch.count,
+                kind.value.replace("_", " "),
             )
 
     async def _post(self, body: bytes) -> str:
@@ -163,7 +168,12 @@ class Notifier:
             headers["webhook-timestamp"] = str(int(now.timestamp()))
             headers["webhook-signature"] = self._signer.sign(message_id, now, body.decode())
         try:
-            response = await self._client.post(self.url, content=body, headers=headers)
+            # Only the status counts: the answer's body is never read (leaving the block
+            # unread closes the connection), however big the target makes it.
+            async with self._client.stream(
+                "POST", self.url, content=body, headers=headers
+            ) as response:
+                pass
         except httpx.HTTPError:
             return "failed"
         return "sent" if response.is_success else "failed"

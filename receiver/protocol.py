@@ -25,10 +25,13 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["ARRIVED", "MAX_HEAD_BYTES", "http_protocol"]
+__all__ = ["ARRIVED", "MAX_HEAD_BYTES", "PEER", "http_protocol"]
 
 log = logging.getLogger("falhook.receiver")
 ARRIVED = "falhook.arrived"  # scope key: time.perf_counter() when the request arrived
+# Scope key: the address of the connection's other end. uvicorn replaces "client" with the
+# address a trusted proxy's X-Forwarded-For claims; this one says who actually connected.
+PEER = "falhook.peer"
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; fal's are well under 2 KB
 # struct tcp_info: eight one-byte fields, then u32s; tcpi_last_data_recv is the twelfth.
 _LAST_DATA_RECV = 8 + 11 * 4
@@ -105,6 +108,8 @@ class _LimitedProtocol(HttpToolsProtocol):
         # read now, less the time they waited in the kernel for the loop to read them.
         arrived = time.perf_counter() - self._waited()
         self.scope[ARRIVED] = arrived  # type: ignore[literal-required]
+        if self.client is not None:
+            self.scope[PEER] = self.client[0]  # type: ignore[literal-required]
 
     def _waited(self) -> float:
         """Seconds this connection's latest bytes have waited in the kernel (a lower bound;

@@ -16,6 +16,7 @@ not today). The dataclass below does it in fewer lines, with no new dependency.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import importlib.util
 import ipaddress
@@ -28,6 +29,7 @@ from typing import Any
 
 from falhook.receiver.durations import format_duration, parse_duration
 from falhook.receiver.errors import SettingsError
+from falhook.receiver.redact import shown_url
 from falhook.verify.message import DEFAULT_JWKS_URL
 from falhook.verify.sources import jwks_file
 
@@ -686,6 +688,8 @@ def without_password(text: str) -> str:
 
 def _as_typed(f: dataclasses.Field[Any], value: Any) -> str:
     """`value` written as an operator would type it, for its field's parser."""
+    if isinstance(value, str):
+        return value  # as typed already: Settings(retention="36h") reads as the env does
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -693,7 +697,8 @@ def _as_typed(f: dataclasses.Field[Any], value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)  # "inf", "nan": refused by every parser, in its own words
     if f.metadata["show"] is not None:
-        return str(f.metadata["show"](value))
+        with contextlib.suppress(TypeError):  # not its type: the parser says what it wants
+            return str(f.metadata["show"](value))
     if isinstance(value, float):
         return repr(value)  # exact, unlike :g
     if isinstance(value, (tuple, list)):
@@ -708,7 +713,12 @@ def _parse(f: dataclasses.Field[Any], raw: str, name: str, *, shown: Any = None)
         return f.metadata["parse"](raw)
     except ValueError as exc:
         given = raw if shown is None else shown
-        value = "…" if f.metadata.get("secret") else without_password(repr(given))
+        if f.metadata.get("secret"):
+            value = "…"
+        elif f.name == "forward_to" and isinstance(given, str):
+            value = repr(shown_url(given))  # user info and query values masked
+        else:
+            value = without_password(repr(given))
         # --concurrency 'lots': …; FALHOOK_CONCURRENCY='lots': …; concurrency=0: … (code)
         where = f"{name} {value}" if name.startswith("--") else f"{name}={value}"
         raise SettingsError(f"{where}: {exc}") from exc

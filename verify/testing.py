@@ -87,13 +87,18 @@ class KeyPair:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KeyPair:
         """Read a file written by `save`; raises ValueError if it is not one."""
+        return cls.loads(Path(path).read_bytes(), name=str(path))
+
+    @classmethod
+    def loads(cls, text: str | bytes, *, name: str = "key") -> KeyPair:
+        """A key pair from the text of a file written by `save` (`name` for errors)."""
         try:
-            document = json.loads(Path(path).read_text(encoding="utf-8"))
+            document = json.loads(text)
             seed_text = document["seed"]
             seed = b64url_decode(seed_text)
             kid = document.get("kid")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: not a falhook key file ({exc})") from exc
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"{name}: not a falhook key file ({exc})") from exc
         return generate_keypair(seed, kid=kid if isinstance(kid, str) else None)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from falhook.receiver.cli._inputs import MAX_SMALL_INPUT_BYTES, read_input, read_json
 from falhook.receiver.cli.common import CommandError, positive_int
 from falhook.receiver.retry import doubling
 
@@ -243,12 +244,7 @@ def _build_body(args: argparse.Namespace, request_id: str) -> bytes:
 
     payload: Any
     if args.payload is not None:
-        try:
-            payload = json.loads(Path(args.payload).read_bytes())
-        except OSError as exc:
-            raise CommandError(f"cannot read {args.payload}: {exc.strerror or exc}") from exc
-        except ValueError as exc:
-            raise CommandError(f"{args.payload} is not JSON: {exc}") from exc
+        payload = read_json(args.payload, "--payload")
     elif args.status == "ERROR":
         payload = _ERROR_PAYLOAD
     else:
@@ -270,9 +266,10 @@ def run_send(args: argparse.Namespace) -> int:
     key_path = Path(args.key)
     if not key_path.is_file():
         raise CommandError(f"no key file {key_path}: run `falhook keygen` first, or pass --key")
+    key_text = read_input(args.key, "--key", limit=MAX_SMALL_INPUT_BYTES)
     try:
-        keypair = KeyPair.load(key_path)
-    except (OSError, ValueError) as exc:
+        keypair = KeyPair.loads(key_text, name=args.key)
+    except ValueError as exc:
         raise CommandError(str(exc)) from exc
     request_id = args.request_id or str(uuid.uuid4())
     body = _build_body(args, request_id)

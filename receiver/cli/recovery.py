@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
+from falhook.receiver.cli._inputs import read_json
 from falhook.receiver.cli.common import (
     EXIT_NEGATIVE,
     CommandError,
@@ -204,19 +204,6 @@ def _recovery(settings: Settings) -> Any:
     return Recovery(settings, migrate=False)  # only `falhook serve` migrates
 
 
-def _read_input(name: str) -> Any:
-    try:
-        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CommandError(f"cannot read --input {name}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise CommandError(f"--input {name} is not UTF-8 text") from None
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise CommandError(f"--input {name} is not JSON: {exc}") from None
-
-
 def expectation_summary(e: Any) -> dict[str, Any]:
     """An expectation for ``--json`` (times ISO 8601 UTC)."""
     active = e.state.active
@@ -245,7 +232,7 @@ def expectation_summary(e: Any) -> dict[str, Any]:
 def run_submit(args: argparse.Namespace) -> int:
     """``falhook submit``."""
     settings = _settings(args)
-    arguments = _read_input(args.input)
+    arguments = read_json(args.input, "--input", stdin=True)
     recovery = _recovery(settings)
     try:
         answer = recovery.submit_sync(

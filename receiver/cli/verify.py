@@ -10,9 +10,9 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
+from falhook.receiver.cli._inputs import MAX_SMALL_INPUT_BYTES, parse_json, read_input
 from falhook.receiver.cli.common import CommandError
 
 __all__ = ["add_parser", "parse_headers_text", "run"]
@@ -51,18 +51,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_headers_text(text: str) -> dict[str, str]:
+def parse_headers_text(text: str, where: str = "the headers file") -> dict[str, str]:
     """Headers from a JSON object or from ``Name: value`` lines.
 
     Request lines (``POST /path HTTP/1.1``), blank lines and lines without a colon are
-    skipped, so a pasted request dump works as is.
+    skipped, so a pasted request dump works as is. `where` names the text in errors.
     """
     stripped = text.strip()
     if stripped.startswith("{"):
-        try:
-            document = json.loads(stripped)
-        except ValueError as exc:
-            raise CommandError(f"headers file is not valid JSON: {exc}") from exc
+        document = parse_json(stripped, where)
         if not isinstance(document, dict):
             raise CommandError("headers JSON must be an object")
         return {str(name): str(value) for name, value in document.items()}
@@ -73,13 +70,6 @@ def parse_headers_text(text: str) -> dict[str, str]:
             continue
         headers[name.strip()] = value.strip()
     return headers
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise CommandError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
 
 
 def _emit(args: argparse.Namespace, document: dict[str, Any], line: str, *, err: bool) -> None:
@@ -99,21 +89,21 @@ def run(args: argparse.Namespace) -> int:
     )
 
     document: dict[str, Any]
-    headers_raw = _read(args.headers, "headers")
-    body = _read(args.body, "body")
+    headers_raw = read_input(args.headers, "--headers", limit=MAX_SMALL_INPUT_BYTES)
+    body = read_input(args.body, "--body")
+    keys_raw = None
+    if args.keys is not None:
+        keys_raw = read_input(args.keys, "--keys", limit=MAX_SMALL_INPUT_BYTES)
+    where = f"the --headers file {args.headers}"
     try:
-        headers = parse_headers_text(headers_raw.decode("utf-8"))
+        headers = parse_headers_text(headers_raw.decode("utf-8"), where)
     except UnicodeDecodeError as exc:
-        raise CommandError(f"headers file is not UTF-8: {exc}") from exc
+        raise CommandError(f"{where} is not UTF-8: {exc}") from exc
     # The outcome is this command's one line; the JWKS client's own warning about a failed
     # fetch (Python's last-resort handler prints it when nothing is configured) a second.
     logging.getLogger("falhook.verify").addHandler(logging.NullHandler())
     try:
-        keys = None
-        if args.keys is not None:
-            if not Path(args.keys).is_file():
-                raise CommandError(f"cannot read keys file {args.keys}")
-            keys = load_keys(Path(args.keys))
+        keys = load_keys(keys_raw) if keys_raw is not None else None
         result = verify_signature(
             body,
             headers,

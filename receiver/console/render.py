@@ -2,7 +2,8 @@
 
 Everything here returns plain text; the templates escape it (autoescape is on). The one
 exception is `linked_body`, which builds markup itself, escaping every piece it emits.
-A payload is attacker-influenced text: only http(s) URLs ever become links or images.
+A payload is attacker-influenced text: only http(s) URLs ever become links, and only
+`thumbnail` decides which become images the operator's browser fetches by itself.
 """
 
 from __future__ import annotations
@@ -16,8 +17,34 @@ from urllib.parse import quote, urlsplit
 
 from markupsafe import Markup, escape
 
-__all__ = ["Media", "find_media", "linked_body", "one_line", "path_segment", "pretty_body", "utc"]
+__all__ = [
+    "IMG_SRC",
+    "MAX_SHOWN_BYTES",
+    "THUMBNAIL_HOSTS",
+    "BodyView",
+    "Media",
+    "body_view",
+    "find_media",
+    "linked_body",
+    "one_line",
+    "path_segment",
+    "pretty_body",
+    "size",
+    "thumbnail",
+    "utc",
+]
 
+# Where a payload's image may be shown as a thumbnail: fal's media hosts (and their
+# subdomains, v3.fal.media…), over https. Any other URL a payload names is a plain link,
+# so opening a delivery makes the browser contact no host the payload chose.
+THUMBNAIL_HOSTS = ("fal.media",)
+# The console's CSP img-src: the same hosts, so the browser enforces the rule too.
+IMG_SRC = " ".join(["'self'", *(f"https://{host} https://*.{host}" for host in THUMBNAIL_HOSTS)])
+# The most of a body the delivery page shows (pretty-printed, its URLs links, its media
+# listed): making the page of a bigger one took seconds of CPU. A bigger body is shown as
+# its first part, as received, with a link to the whole of it.
+MAX_SHOWN_BYTES = 256 * 1024
+_HOSTNAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".avif", ".bmp")
 _MAX_MEDIA = 50
 _URL = re.compile(r"https?://[^\s\"'<>\\]+")
@@ -41,6 +68,15 @@ def one_line(text: str | None, width: int = 120) -> str:
         return ""
     line = " ".join(text.split())
     return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def size(n: int) -> str:
+    """A byte count for people: 812 bytes, 256 KiB, 15.3 MiB."""
+    if n < 1024:
+        return f"{n} bytes"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.0f} KiB"
+    return f"{n / 1024 / 1024:.1f} MiB"
 
 
 def age(seconds: float) -> str:
@@ -98,11 +134,32 @@ def linked_body(text: str) -> Markup:
     return Markup("".join(out))
 
 
+def thumbnail(url: str) -> str | None:
+    """The image source to show for the image at `url`, or None for a plain link.
+
+    The one rule for what the operator's browser fetches by itself: https on one of
+    `THUMBNAIL_HOSTS`, on the default port, with no user info.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    if parts.scheme.lower() != "https" or "@" in parts.netloc or port not in (None, 443):
+        return None
+    if not _HOSTNAME.fullmatch(host):
+        return None  # e.g. "evil.example\.fal.media": a browser reads "\" as "/"
+    if not any(host == h or host.endswith("." + h) for h in THUMBNAIL_HOSTS):
+        return None
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class Media:
     path: str  # where in the body: payload.images[0].url
     url: str
-    image: bool  # shown as a thumbnail
+    thumbnail: str | None  # the image's source when it is shown (see `thumbnail`)
 
 
 def find_media(parsed: Any) -> list[Media]:
@@ -123,7 +180,33 @@ def find_media(parsed: Any) -> list[Media]:
             image = content_type.startswith("image/") or (
                 not content_type and urlsplit(url).path.lower().endswith(_IMAGE_SUFFIXES)
             )
-            found.append(Media(path, url, image))
+            found.append(Media(path, url, thumbnail(url) if image else None))
 
     walk(parsed, "", None)
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class BodyView:
+    """What the delivery page shows of a body."""
+
+    html: Markup  # the body (or its first `shown` bytes), escaped, URLs linked
+    media: list[Media]
+    size: int  # the whole body's bytes
+    shown: int  # how many of them are shown
+
+    @property
+    def truncated(self) -> bool:
+        return self.shown < self.size
+
+
+def body_view(body: bytes, limit: int = MAX_SHOWN_BYTES) -> BodyView:
+    """The page's view of `body`: whole and pretty up to `limit` bytes; beyond, its first
+    `limit` bytes as received (not parsed, no media list). CPU-bound: the page runs it in
+    a thread, and the bound keeps what it holds the GIL for short."""
+    if len(body) > limit:
+        text = body[:limit].decode("utf-8", errors="replace")  # a cut character: one �
+        return BodyView(linked_body(text), [], len(body), limit)
+    parsed = parse_body(body)
+    html = linked_body(pretty_body(body, parsed))
+    return BodyView(html, find_media(parsed), len(body), len(body))

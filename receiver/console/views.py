@@ -29,6 +29,7 @@ from falhook.receiver.console.auth import Auth, Session, SigninThrottle
 from falhook.receiver.console.charts import History, charts, svg_chart
 from falhook.receiver.errors import ReceiverError
 from falhook.receiver.models import State
+from falhook.receiver.protocol import PEER
 from falhook.receiver.store import Store
 from falhook.receiver.store.attempts import StoredAttempt
 from falhook.receiver.store.control import DispatchControl
@@ -62,9 +63,10 @@ _MAX_REASON = 500
 _MAX_FORM_BYTES = 64 * 1024
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _SECURITY_HEADERS = {
-    # No script at all; styles only from us; images may come from fal's media hosts.
+    # No script at all; styles only from us; images only from fal's media hosts (the
+    # thumbnail rule's hosts: render.thumbnail).
     "content-security-policy": (
-        "default-src 'none'; style-src 'self'; img-src 'self' http: https:; "
+        f"default-src 'none'; style-src 'self'; img-src {render.IMG_SRC}; "
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "x-frame-options": "DENY",
@@ -74,6 +76,12 @@ _SECURITY_HEADERS = {
     # payload's image host) still get no Referer.
     "referrer-policy": "same-origin",
     "cache-control": "no-store",
+}
+
+# A raw body: attacker-influenced bytes, shown as text in a sandbox.
+_RAW_HEADERS = {
+    **_SECURITY_HEADERS,
+    "content-security-policy": "default-src 'none'; sandbox; frame-ancestors 'none'",
 }
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -111,6 +119,7 @@ class Console:
         env.filters["utc"] = render.utc
         env.filters["oneline"] = render.one_line
         env.filters["segment"] = render.path_segment
+        env.filters["size"] = render.size
         self.templates = Jinja2Templates(env=env)
         self.css = (
             resources.files("falhook.receiver.console").joinpath("static/console.css").read_bytes()
@@ -207,12 +216,17 @@ class Console:
         expected = self.auth.csrf_for(nonce, "signin")
         if new or not self.auth.csrf_matches(_field(form, "csrf"), expected):
             return self._signin(request, "The form was stale: try again.", 403)
-        client = _client(request)
-        if self.throttle.blocked(client):
+        # Counted by the address a proxy claims and by the connection's own: behind a
+        # trusted proxy (or from one) a new X-Forwarded-For each time does not reset it.
+        client, peer = _client(request), _peer(request)
+        addresses = (client,) if peer == client else (client, peer)
+        if any(self.throttle.blocked(address) for address in addresses):
             return self._signin(request, "Too many wrong tokens: wait a minute.", 429)
         if not self.auth.token_ok(_field(form, "token")):
-            self.throttle.failed(client)
-            log.warning("console: a sign-in with a wrong token from %s", client)
+            for address in addresses:
+                self.throttle.failed(address)
+            via = f" (via {peer})" if peer != client else ""
+            log.warning("console: a sign-in with a wrong token from %s%s", client, via)
             return self._signin(request, "Wrong token.", 401)
         response = RedirectResponse(request.url_for("list"), status_code=303)
         self.auth.start_session(response, request)
@@ -297,11 +311,11 @@ class Console:
                 },
                 404,
             )
-        parsed = render.parse_body(delivery.body)
+        # Off the loop (a big body's page is CPU work), and bounded (render.MAX_SHOWN_BYTES).
+        view = await asyncio.to_thread(render.body_view, delivery.body)
         context = {
             "d": delivery,
-            "body": render.linked_body(render.pretty_body(delivery.body, parsed)),
-            "media": render.find_media(parsed),
+            "view": view,
             "attempts": attempts,
             # A traceback identical to the one before is shown once: "same as attempt 2".
             "repeats": [
@@ -311,6 +325,14 @@ class Console:
             "expectation": expectation,
         }
         return await self._signed_in_page(request, session, "delivery.html", context, 200)
+
+    async def raw(self, request: Request, session: Session) -> Response:
+        """A delivery's body exactly as stored, as plain text the browser runs nothing of."""
+        request_id = request.path_params["request_id"]
+        delivery = await asyncio.to_thread(self.receiver.store.get, request_id)
+        if delivery is None:
+            return self.error(request, 404, "Not found", f"No delivery {request_id!r} is stored.")
+        return Response(delivery.body, media_type="text/plain; charset=utf-8", headers=_RAW_HEADERS)
 
     def _expectations(self, store: Store) -> Expectations:
         # One per store: it migrates (a no-op on a current store) on its first use only.
@@ -501,7 +523,14 @@ def _field(form: Form, name: str) -> str:
 
 
 def _client(request: Request) -> str:
+    """The client's address (a trusted proxy's X-Forwarded-For already applied)."""
     return request.client.host if request.client else "?"
+
+
+def _peer(request: Request) -> str:
+    """The address of the connection itself (`falhook serve` notes it; mounted in another
+    server, the client's address is all there is)."""
+    return str(request.scope.get(PEER) or _client(request))
 
 
 def _unavailable(exc: Exception) -> ReceiverError:
@@ -535,6 +564,7 @@ def build_console(receiver: Operated, token: str) -> ASGIApp:
         Route(
             "/deliveries/{request_id:path}", g(console.delivery), methods=["GET"], name="delivery"
         ),
+        Route("/raw/{request_id:path}", g(console.raw), methods=["GET"], name="raw"),
         Route("/replay", g(console.replay_one), methods=["POST"], name="replay"),
         Route("/replay-dead", g(console.replay_dead), methods=["POST"], name="replay_dead"),
         Route("/pause", g(console.pause), methods=["POST"], name="pause"),

@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import struct
 import threading
 import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
 from tests.e2e.conftest import SpawnServer
 from tests.e2e.server import Sender, wait_for
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Playwright
 
 pytestmark = pytest.mark.slow
 
@@ -64,30 +68,112 @@ def _png(width: int = 160, height: int = 120) -> bytes:
     )
 
 
+class ImageHost:
+    """A loopback image server (plain HTTP, or HTTPS with a self-signed certificate) that
+    records the paths it was asked for."""
+
+    def __init__(self, tls_dir: Path | None = None) -> None:
+        image = _png()
+        self.requested: list[str] = []
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                host.requested.append(self.path)
+                self.send_response(200)
+                self.send_header("content-type", "image/png")
+                self.send_header("content-length", str(len(image)))
+                self.end_headers()
+                self.wfile.write(image)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        if tls_dir is not None:
+            cert, key = _self_signed(tls_dir)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(cert, key)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for fal.media and *.fal.media (the browser is told to accept it)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fal.media")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("fal.media"), x509.DNSName("*.fal.media")]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
 @pytest.fixture
-def media_server() -> Iterator[str]:
-    """A loopback stand-in for fal's media host, serving one image."""
-    image = _png()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "image/png")
-            self.send_header("content-length", str(len(image)))
-            self.end_headers()
-            self.wfile.write(image)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def media_server() -> Iterator[ImageHost]:
+    """Any other image host a payload may name (plain HTTP on loopback)."""
+    host = ImageHost()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield host
     finally:
-        server.shutdown()
-        server.server_close()
+        host.stop()
+
+
+@pytest.fixture
+def fal_media(tmp_path: Path) -> Iterator[ImageHost]:
+    """A loopback stand-in for fal's media host: the browser resolves v3.fal.media and
+    fal.media to it (Chromium's --host-resolver-rules) and accepts its self-signed
+    certificate; nothing leaves the machine."""
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    host = ImageHost(tls_dir)
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+def _launch(p: Playwright, fal_media: ImageHost | None = None) -> Browser:
+    args = ["--no-sandbox"]
+    if fal_media is not None:
+        where = f"127.0.0.1:{fal_media.port}"
+        args.append(f"--host-resolver-rules=MAP v3.fal.media {where}, MAP fal.media {where}")
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
 
 
 @pytest.fixture
@@ -100,7 +186,7 @@ def screenshots(tmp_path: Path) -> Path:
 def test_operator_replays_a_dead_delivery_and_pauses_dispatch(
     spawn: SpawnServer,
     sender: Sender,
-    media_server: str,
+    fal_media: ImageHost,
     screenshots: Path,
     tmp_path: Path,
 ) -> None:
@@ -119,7 +205,7 @@ def test_operator_replays_a_dead_delivery_and_pauses_dispatch(
     downstream_up = tmp_path / "downstream-up"  # the callback fails until this exists
     with httpx.Client(timeout=30) as client:
         for i in range(4):
-            image = {"url": f"{media_server}/files/out-{i}.png", "content_type": "image/png"}
+            image = {"url": f"https://v3.fal.media/files/out-{i}.png", "content_type": "image/png"}
             fields: dict[str, Any] = {"payload": {"images": [image], "seed": i}}
             if i == 1:  # fal's own failure: delivered with status ERROR, handled all the same
                 fields = {"status": "ERROR", "error": "Internal server error", "payload": None}
@@ -128,7 +214,7 @@ def test_operator_replays_a_dead_delivery_and_pauses_dispatch(
         long_id = "req-long-" + "x" * 246  # the longest id accepted: 255 characters
         assert sender.post(client, server.webhook_url, long_id).status_code == 200
         dead_id = "req-dead-7c1e"
-        image = {"url": f"{media_server}/files/cat.png", "content_type": "image/png"}
+        image = {"url": "https://v3.fal.media/files/cat.png", "content_type": "image/png"}
         payload = {
             "test": "fail_unless_file",
             "path": str(downstream_up),
@@ -145,9 +231,11 @@ def test_operator_replays_a_dead_delivery_and_pauses_dispatch(
 
     base = server.url + "/console/"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        browser = _launch(p, fal_media)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 480})
+            context = browser.new_context(ignore_https_errors=True)
+            page = context.new_page()
+            page.set_viewport_size({"width": 1280, "height": 480})
             page.set_default_timeout(10_000)
             dialogs: list[str] = []
 
@@ -249,3 +337,57 @@ def test_operator_replays_a_dead_delivery_and_pauses_dispatch(
         finally:
             browser.close()
     assert dead_id in server.done_ids()
+
+
+def test_only_fal_media_images_are_fetched_by_the_browser(
+    spawn: SpawnServer, sender: Sender, media_server: ImageHost, fal_media: ImageHost
+) -> None:
+    """A payload names any URL it likes: opening the delivery makes the operator's browser
+    fetch only https images on fal's media hosts; every other URL is a plain link."""
+    missing = _browser_missing()
+    if missing:
+        pytest.skip(missing)
+    from playwright.sync_api import expect, sync_playwright
+
+    server = spawn(env={"FALHOOK_CONSOLE_TOKEN": TOKEN})
+    urls = [
+        "https://v3.fal.media/files/ok.png",  # the one thumbnail
+        f"{media_server.url}/files/plain-http.png",
+        "https://someone:secret@v3.fal.media/files/userinfo.png",
+        f"https://127.0.0.1:{fal_media.port}/files/not-fal.png",
+        "https://v3.fal.media:8443/files/other-port.png",
+    ]
+    payload = {"images": [{"url": url, "content_type": "image/png"} for url in urls]}
+    with httpx.Client(timeout=30) as client:
+        response = sender.post(client, server.webhook_url, "req-urls", payload=payload)
+        assert response.status_code == 200
+        csp = client.get(server.url + "/console/signin").headers["content-security-policy"]
+
+    base = server.url + "/console/"
+    with sync_playwright() as p:
+        browser = _launch(p, fal_media)
+        try:
+            page = browser.new_context(ignore_https_errors=True).new_page()
+            page.set_default_timeout(10_000)
+            page.goto(base + "signin")
+            page.fill("#token", TOKEN)
+            page.click("#signin")
+            expect(page).to_have_url(base)
+            page.goto(base + "deliveries/req-urls")
+            thumbnails = page.locator(".media img")
+            expect(thumbnails).to_have_count(1)
+            assert thumbnails.first.get_attribute("src") == urls[0]
+            wait_for(
+                lambda: bool(
+                    thumbnails.first.evaluate("img => img.complete && img.naturalWidth") == 160
+                ),
+                timeout=10,
+                what="the thumbnail to load",
+            )
+            expect(page.locator(".media li a[href]")).to_have_count(len(urls) + 1)
+        finally:
+            browser.close()
+    assert media_server.requested == []
+    assert fal_media.requested == ["/files/ok.png"]
+    # And the browser would refuse any other image source anyway.
+    assert "img-src 'self' https://fal.media https://*.fal.media;" in csp, csp

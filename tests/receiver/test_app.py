@@ -229,12 +229,14 @@ class _InjectedError(Exception):
 _START_STEPS = [
     (LoopWatchdog, "start"),
     (KeySource, "__init__"),
+    (WebhookReceiver, "_start_notifier"),
     (Store, "start"),
     (Store, "ping"),
     (PauseWatcher, "start"),
     (Listener, "start"),
     (Dispatcher, "start"),
     (Intake, "__init__"),
+    (WebhookReceiver, "_start_sampler"),
     (Pruner, "start"),
     (Recovery, "start"),
     (WebhookReceiver, "_log_started"),
@@ -274,6 +276,8 @@ def test_a_failed_start_stops_what_it_started_and_a_later_start_works(
         forward_to="http://127.0.0.1:9/in",  # a callback: the dispatcher runs
         fal_key="key",  # recovery runs (nothing is expected: it calls nobody)
         queue_url="http://127.0.0.1:9",
+        notify_url="http://127.0.0.1:9/notify",  # the notifier runs (nothing to tell)
+        console_token="t" * 32,  # the console's chart sampler runs
         shutdown_timeout_seconds=1.0,
     )
     before = _falhook_threads()

@@ -202,3 +202,59 @@ def test_a_receiver_tells_when_a_delivery_goes_dead(
         "r-dead https://hooks.example/console/deliveries/r-dead: RuntimeError: downstream" in text
     )
     assert 'falhook_notifications_total{kind="delivery_dead",outcome="sent"} 1.0' in metrics
+
+
+def test_a_huge_answer_is_not_read(caplog: pytest.LogCaptureFixture) -> None:
+    """Only the status counts: a target answering a gigabyte gives up a few megabytes
+    (what the sockets buffer) before the connection is closed; its URL's token is not
+    logged when it fails."""
+    sent = [0]
+    finished = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            status = 200 if self.path == "/ok" else 500
+            self.send_response(status)
+            self.send_header("content-length", str(1024**3))
+            self.end_headers()
+            try:
+                for _ in range(1024):
+                    self.wfile.write(b"\0" * 1024**2)
+                    sent[0] += 1024**2
+            except OSError:
+                pass
+            finally:
+                finished.set()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    outcomes: list[str] = []
+    try:
+        for path, outcome in (("/ok", "sent"), ("/down?token=SECRET", "dropped")):
+            finished.clear()
+            sent[0] = 0
+
+            async def body(notifier: Notifier, outcome: str = outcome) -> None:
+                notifier.notify(NoticeKind.DELIVERY_DEAD, "req-1")
+                await _until(lambda: outcome in outcomes)
+
+            notifier = Notifier(
+                base + path,
+                interval=0.2,
+                retry_delay=0.5,
+                on_sent=lambda kind, o: outcomes.append(o),
+            )
+            _run(notifier, body)
+            assert finished.wait(10)
+            assert sent[0] < 256 * 1024**2, sent[0]
+    finally:
+        server.shutdown()
+        server.server_close()
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.name == "falhook.notify")
+    assert "/down?token=***" in warnings and "SECRET" not in warnings

@@ -180,7 +180,7 @@ def test_a_password_in_a_refused_url_is_not_repeated(var: str, value: str) -> No
     with pytest.raises(SettingsError) as info:
         Settings.from_env({var: value})
     assert "s3cret" not in str(info.value)
-    assert "falhook:***@" in str(info.value)
+    assert "***@" in str(info.value)  # a forward URL's whole user info is masked
     with pytest.raises(SettingsError) as flag:
         Settings.parse_value(var.removeprefix("FALHOOK_").lower(), value)
     assert "s3cret" not in str(flag.value)
@@ -245,6 +245,9 @@ def test_a_settings_built_in_code_is_read_as_from_env() -> None:
     )
     assert type(s.lease_seconds) is float and s.callbacks == ("a:b",) and s.user_id is None
     assert Settings(retention=36 * 3600.0).retention == 36 * 3600.0
+    assert Settings(retention="36h", concurrency="8").retention == 36 * 3600.0  # type: ignore[arg-type]
+    with pytest.raises(SettingsError, match=r"retention=\[1\]: .* is not a duration"):
+        Settings(retention=[1])  # type: ignore[arg-type]
     assert Settings() == Settings.from_env({})  # every default passes its own check
 
 

@@ -84,7 +84,7 @@ def test_missing_files_exit_2(files: dict[str, Path], capsys: pytest.CaptureFixt
     """Unreadable inputs are usage errors."""
     files["headers.json"] = files["body.json"].with_name("nope.json")
     assert _run(files) == 2
-    assert "cannot read headers file" in capsys.readouterr().err
+    assert "cannot read the --headers file" in capsys.readouterr().err
 
 
 def test_bad_headers_json_exits_2(files: dict[str, Path], tmp_path: Path) -> None:
