@@ -54,7 +54,7 @@ from falhook.receiver.settings import WEBHOOK_PATH, Settings, without_password
 from falhook.receiver.state import State
 from falhook.receiver.store import Store
 from falhook.receiver.store.control import CONTROL_CHANNEL, DispatchControl
-from falhook.receiver.store.dbapi import sqlite_file
+from falhook.receiver.store.engine import sqlite_file
 from falhook.receiver.store.expectations import Expectations, ExpectationState
 from falhook.receiver.store.listener import Listener
 from falhook.receiver.tracing import resolve as resolve_tracing

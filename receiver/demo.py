@@ -248,7 +248,11 @@ class _Demo:
         say(f"   hooks.submit({DEMO_ENDPOINT!r}) → request {request_id}")
         say("   (fal completes it; the webhook never arrives: say your receiver was down)")
         await self.wait(self.recovered, "the result recovered from the queue")
-        expected = await asyncio.to_thread(_expectation, hooks, request_id)
+        # The callback may start before the poller has written down what it did.
+        while (expected := await asyncio.to_thread(_expectation, hooks, request_id)).state.active:
+            if time.monotonic() > self.deadline:
+                raise DemoFailedError("timed out waiting for the expectation to settle")
+            await asyncio.sleep(0.02)
         say(
             f"   no delivery after {hooks.settings.recover_after_seconds:g} s → polled fal's "
             f"status {expected.polls} time(s), waited the grace, fetched the result"

@@ -1,12 +1,11 @@
 """What is stored, and what a callback receives.
 
-`DeliveryRow`, `BodyRow` and `ExpectationRow` (SQLModel) and `ATTEMPTS` (Core) declare the
-tables as migrations.py creates them (tests/receiver/test_migrations.py checks that the two
-agree). The hot path does not use ORM sessions on them: the store compiles Core statements
-against their ``__table__`` once and executes them directly (see store/statements.py).
-The operator queries (store/admin.py and its neighbours) are plain SQL and never import
-this module: SQLModel and pydantic take longer to import than a store command may take.
-`Delivery` is the immutable view handed to callbacks.
+The SQLModel tables are the store's one schema, as migrations.py brings a database to it
+(tests/receiver/test_migrations.py checks that the two agree). Every query is SQLAlchemy
+Core against their ``__table__`` (the `*_TABLE` names below), never an ORM session: the
+hot path compiles its statements once (store/statements.py), the operator queries run on
+a SQLAlchemy connection (store/admin.py and its neighbours). This module sits below the
+store: it imports no store module. `Delivery` is the immutable view handed to callbacks.
 
 Why two tables: a delivery's raw body (~2 KB) never changes, while its state changes at
 least once (running -> done). Kept in one row, every outcome rewrote the database page that
@@ -28,22 +27,34 @@ from sqlmodel import Field, SQLModel
 
 from falhook.receiver.archive.media import MediaItem
 from falhook.receiver.state import SOURCE_QUEUE, SOURCE_WEBHOOK, State
-from falhook.receiver.store import attempts, expectations
-from falhook.receiver.store.records import StoredDelivery
 
 __all__ = [
+    "ACTIVE_PREDICATE",
     "ATTEMPTS",
+    "BODIES",
+    "CONTROL",
+    "DELIVERIES",
+    "EXPECTATIONS",
+    "EXPECTATION_ACTIVE_PREDICATE",
     "SOURCE_QUEUE",
     "SOURCE_WEBHOOK",
+    "AttemptRow",
     "BodyRow",
     "Delivery",
     "DeliveryRow",
+    "DispatchControlRow",
     "ExpectationRow",
     "MediaPurgeRow",
     "MediaRow",
     "State",
-    "StoredDelivery",
 ]
+
+# The active-state predicates, spelled with literals exactly as the partial indexes state
+# them (ix_falhook_deliveries_active_due, ix_falhook_expectations_active_due): a planner
+# can only use a partial index whose predicate the query implies, and a bound parameter
+# implies nothing. Queries use them verbatim.
+ACTIVE_PREDICATE = "state = 'pending' OR state = 'running'"
+EXPECTATION_ACTIVE_PREDICATE = "state = 'waiting' OR state = 'polling'"
 
 
 def _key() -> Any:
@@ -68,8 +79,8 @@ class DeliveryRow(SQLModel, table=True):
         sa.Index(
             "ix_falhook_deliveries_active_due",
             "due_at",
-            postgresql_where=sa.text("state = 'pending' OR state = 'running'"),
-            sqlite_where=sa.text("state = 'pending' OR state = 'running'"),
+            postgresql_where=sa.text(ACTIVE_PREDICATE),
+            sqlite_where=sa.text(ACTIVE_PREDICATE),
         ),
         sa.Index("ix_falhook_deliveries_received_at", "received_at"),
         sa.Index(
@@ -128,13 +139,13 @@ class ExpectationRow(SQLModel, table=True):
     """A request falhook expects a result for (store/expectations.py), as migration 4
     creates it."""
 
-    __tablename__ = expectations.TABLE_NAME
+    __tablename__ = "falhook_expectations"
     __table_args__ = (
         sa.Index(
             "ix_falhook_expectations_active_due",
             "due_at",
-            postgresql_where=sa.text(expectations.ACTIVE_PREDICATE),
-            sqlite_where=sa.text(expectations.ACTIVE_PREDICATE),
+            postgresql_where=sa.text(EXPECTATION_ACTIVE_PREDICATE),
+            sqlite_where=sa.text(EXPECTATION_ACTIVE_PREDICATE),
         ),
         sa.Index("ix_falhook_expectations_created_at", "created_at"),
     )
@@ -195,20 +206,42 @@ class MediaPurgeRow(SQLModel, table=True):
     updated_at: float
 
 
-# Every dispatch attempt of a delivery (store/attempts.py), as migration 6 creates it.
-ATTEMPTS = sa.Table(
-    attempts.TABLE_NAME,
-    sa.MetaData(),
-    sa.Column("id", _key(), primary_key=True),
-    sa.Column("delivery_id", sa.BigInteger, nullable=False),
-    sa.Column("attempt", sa.Integer, nullable=False),
-    sa.Column("started_at", sa.Float, nullable=False),
-    sa.Column("duration_seconds", sa.Float, nullable=False),
-    sa.Column("outcome", sa.String(16), nullable=False),
-    sa.Column("error", sa.String, nullable=True),
-    sa.Column("next_attempt_at", sa.Float, nullable=True),
-    sa.Index("ix_falhook_attempts_delivery_id", "delivery_id", "id"),
-)
+class AttemptRow(SQLModel, table=True):
+    """One dispatch attempt of a delivery (store/attempts.py), keyed by the delivery's
+    sequential ``id``; written with the outcome it ends."""
+
+    __tablename__ = "falhook_attempts"
+    __table_args__ = (sa.Index("ix_falhook_attempts_delivery_id", "delivery_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=_key())
+    delivery_id: int = Field(sa_type=sa.BigInteger)
+    attempt: int
+    started_at: float
+    duration_seconds: float  # how long its callbacks ran
+    outcome: str = Field(max_length=16)  # done, retry or dead
+    error: str | None = Field(default=None)  # the first failure with its traceback
+    next_attempt_at: float | None = Field(default=None)  # a retry's due time
+
+
+class DispatchControlRow(SQLModel, table=True):
+    """The store-wide dispatch switch (store/control.py): one row, id 1, seeded by
+    migration 5."""
+
+    __tablename__ = "falhook_dispatch_control"
+
+    id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    paused: bool
+    reason: str | None = Field(default=None)
+    changed_at: float | None = Field(default=None)  # Unix seconds; None: never changed
+    changed_by: str | None = Field(default=None)  # "cli", "console", "api"
+
+
+# The tables as Core sees them: what every query is written against.
+DELIVERIES: sa.Table = DeliveryRow.__table__  # type: ignore[attr-defined]
+BODIES: sa.Table = BodyRow.__table__  # type: ignore[attr-defined]
+EXPECTATIONS: sa.Table = ExpectationRow.__table__  # type: ignore[attr-defined]
+ATTEMPTS: sa.Table = AttemptRow.__table__  # type: ignore[attr-defined]
+CONTROL: sa.Table = DispatchControlRow.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,29 +219,30 @@ def _database_url(value: str) -> str:
     return url
 
 
-_SQLITE_URL = re.compile(r"sqlite(\+\w+)?://")
-_POSTGRES_URL = re.compile(r"postgresql(\+(?P<driver>\w+))?://")
-
-
 def check_database_url(url: str) -> None:
     """Raise ValueError saying what is wanted unless `url` names a store falhook can open.
 
-    Checked here, without SQLAlchemy (slow to import), so that a mistyped URL or a missing
-    driver is one clear line before anything starts, not a driver traceback later.
+    Read by SQLAlchemy's own parser, as the store reads it, so that a mistyped URL or a
+    missing driver is one clear line before anything starts, not a driver traceback later.
     """
-    sqlite = _SQLITE_URL.match(url)
-    if sqlite is not None:
-        rest = url[sqlite.end() :]  # "" is an in-memory database
+    import sqlalchemy as sa  # only where a database URL is checked
+
+    try:
+        parsed: sa.URL | None = sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        parsed = None
+    backend = parsed.get_backend_name() if parsed is not None else None
+    if parsed is not None and backend == "sqlite":
+        rest = url.partition("://")[2]  # "" is an in-memory database
         if rest and not rest.startswith("/"):
             raise ValueError(
                 "wants sqlite:/// and then the path (three slashes before a relative path, "
                 f"four before an absolute one): sqlite:///{rest}"
             )
         return
-    postgres = _POSTGRES_URL.match(url)
-    if postgres is None:
+    if parsed is None or backend != "postgresql":
         raise ValueError("wants sqlite:///path.db or postgresql+psycopg://user@host/db")
-    driver = postgres.group("driver") or "psycopg2"  # SQLAlchemy's default for postgresql://
+    driver = parsed.drivername.partition("+")[2] or "psycopg2"  # SQLAlchemy's default
     module = {"psycopg": "psycopg", "psycopg2": "psycopg2"}.get(driver)
     if module is None:
         raise ValueError(f"wants the psycopg driver (postgresql+psycopg://…), not {driver!r}")

@@ -1,5 +1,5 @@
 """The states of a stored delivery, and where it came from (apart from models.py, so the
-CLI can name them without importing SQLModel)."""
+CLI's --help can name them without importing SQLModel)."""
 
 from __future__ import annotations
 

@@ -67,6 +67,13 @@ def test_verify_does_not_import_receiver() -> None:
             assert not any(dep.startswith("falhook.receiver") for dep in _imports(path, modules))
 
 
+def test_the_tables_sit_below_the_store() -> None:
+    # The store's queries are written against models.py's tables: never the other way.
+    modules = _modules()
+    path = modules["falhook.receiver.models"]
+    assert not any(dep.startswith("falhook.receiver.store") for dep in _imports(path, modules))
+
+
 def test_every_module_is_found() -> None:
     modules = _modules()
     assert {"falhook.verify.signature", "falhook.receiver.store.store"} <= modules.keys()

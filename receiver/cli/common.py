@@ -241,12 +241,11 @@ def open_store(args: argparse.Namespace) -> Iterator[Admin]:
     upgraded here: only `falhook serve` migrates, so a store command run against the wrong
     database, or beside an older receiver, changes nothing and says so.
 
-    An `Admin` on the driver's own connection, not a `Store`: no SQLAlchemy, SQLModel or
-    pydantic to import, so the command answers in a fraction of the time.
+    An `Admin` (an engine of its own), not a `Store`: no writer to start, no migration.
     """
     # imported late: keeps `falhook --help` fast
     from falhook.receiver.store.admin import Admin
-    from falhook.receiver.store.dbapi import sqlite_file
+    from falhook.receiver.store.engine import sqlite_file
 
     url = database_url(args)
     path = sqlite_file(url)

@@ -9,9 +9,9 @@ Exit codes: 0 success; 1 fal's queue refused the request or could not be reached
 (``submit``); 2 bad arguments, unreadable input, or no fal key; 3 the store cannot be
 used: unreachable, missing, or its schema is not current (one line on stderr).
 
-Like the store commands, neither imports SQLAlchemy, SQLModel or pydantic: ``expect``
-records its row through recovery/expect.py on the driver's own connection (an `Admin`);
-``submit`` adds only httpx (`Recovery`, unstarted). Only ``falhook serve`` migrates.
+Like the store commands, ``expect`` records its row through recovery/expect.py on an
+`Admin` of its own; ``submit`` adds httpx (`Recovery`, unstarted). Only ``falhook serve``
+migrates.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise CommandError(str(exc)) from exc
     if not settings.recovery_enabled:
         raise CommandError(_NO_KEY)
-    from falhook.receiver.store.dbapi import sqlite_file  # imported late: --help stays fast
+    from falhook.receiver.store.engine import sqlite_file  # imported late: --help stays fast
 
     path = sqlite_file(url)
     if path is not None and not path.exists():
@@ -274,7 +274,7 @@ def run_submit(args: argparse.Namespace) -> int:
 @guarded
 def run_expect(args: argparse.Namespace) -> int:
     """``falhook expect``."""
-    # What Recovery.expect_sync runs, without building a Recovery (httpx, SQLModel).
+    # What Recovery.expect_sync runs, without building a Recovery (httpx).
     from falhook.receiver.recovery.expect import new_expectation, record_sync
 
     settings = _settings(args)

@@ -128,12 +128,13 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _check_store(settings: Settings, args: argparse.Namespace) -> None:
-    """Refuse a SQLite file that can never be created (its directory does not exist).
+    """Refuse a SQLite file that can never be created (its directory does not exist), and
+    a store whose schema a later falhook wrote (this one would misread it).
 
     A database server that is down is different: it may come back, so serve starts anyway,
     answers 503 and recovers by itself.
     """
-    from falhook.receiver.store.dbapi import sqlite_file
+    from falhook.receiver.store.engine import sqlite_file
 
     path = sqlite_file(settings.database_url)
     if path is not None and not path.parent.is_dir():
@@ -143,6 +144,23 @@ def _check_store(settings: Settings, args: argparse.Namespace) -> None:
             f"exist (create it, or point {source} elsewhere)",
             exit_code=EXIT_STORE,
         )
+    if path is not None and not path.exists():
+        return  # a new store: serve creates it
+    from falhook.receiver.errors import StoreSchemaError, StoreUnavailableError
+    from falhook.receiver.store.admin import Admin
+    from falhook.receiver.store.migrations import check_not_newer
+
+    admin = Admin.open(settings.database_url)
+    try:
+        version = admin.schema_version()
+    except StoreUnavailableError:
+        return  # down now: serve starts, answers 503 and migrates once it is back
+    finally:
+        admin.close()
+    try:
+        check_not_newer(version)
+    except StoreSchemaError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _check_keys(settings: Settings, args: argparse.Namespace) -> None:

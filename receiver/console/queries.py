@@ -11,7 +11,9 @@ index that serves the order (checked with EXPLAIN in the tests):
 - pending or running: the partial index of active rows, then a sort of the backlog only.
 
 Status, the time range and the request_id prefix narrow that walk. A prefix alone on a huge
-store walks received_at until it has a page: give a time range with it to bound that.
+store walks received_at until it has a page: give a time range with it to bound that. The
+prefix is exact on both backends: case-sensitive, and ``%`` or ``_`` are themselves (a
+comparison of the id's first characters, not LIKE, which ignores ASCII case on SQLite).
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from falhook.receiver.durations import parse_since
-from falhook.receiver.models import State
-from falhook.receiver.store.statements import ACTIVE_PREDICATE, TABLE
+from falhook.receiver.models import ACTIVE_PREDICATE, DELIVERIES, State
 
 __all__ = ["PAGE_SIZE", "STATUSES", "Cursor", "Filters", "Row", "page", "parse_filters"]
 
 PAGE_SIZE = 50
 STATUSES = ("OK", "ERROR")
 _MAX_PREFIX = 255
+TABLE = DELIVERIES
 
 _COLUMNS = (
     TABLE.c.id,
@@ -109,6 +111,10 @@ def parse_filters(params: Mapping[str, str]) -> tuple[Filters, list[str]]:
             except ValueError as exc:
                 problems.append(f"{name}: {exc}")
     prefix = params.get("q", "").strip()[:_MAX_PREFIX] or None
+    if prefix is not None and any(ch < " " or ch == "\x7f" for ch in prefix):
+        # A NUL cannot even be sent to PostgreSQL; no request id holds control characters.
+        problems.append("request id prefix: control characters are not part of a request id")
+        prefix = None
     return Filters(state, status, times["since"], times["until"], prefix), problems
 
 
@@ -141,7 +147,8 @@ def _where(stmt: sa.Select[Any], filters: Filters) -> sa.Select[Any]:
     if filters.until is not None:
         stmt = stmt.where(TABLE.c.received_at < filters.until)
     if filters.prefix is not None:
-        stmt = stmt.where(TABLE.c.request_id.startswith(filters.prefix, autoescape=True))
+        prefix = filters.prefix
+        stmt = stmt.where(sa.func.substr(TABLE.c.request_id, 1, len(prefix)) == prefix)
     return stmt
 
 

@@ -28,12 +28,13 @@ from falhook.receiver.console import queries, render
 from falhook.receiver.console.auth import Auth, Session, SigninThrottle
 from falhook.receiver.console.charts import History, charts, svg_chart
 from falhook.receiver.errors import ReceiverError
-from falhook.receiver.models import State, StoredDelivery
+from falhook.receiver.models import State
 from falhook.receiver.protocol import PEER
 from falhook.receiver.store import Store
 from falhook.receiver.store.attempts import StoredAttempt
 from falhook.receiver.store.control import DispatchControl
 from falhook.receiver.store.expectations import Expectation, Expectations
+from falhook.receiver.store.records import StoredDelivery
 from falhook.receiver.tracebacks import repeats
 
 if TYPE_CHECKING:
@@ -578,7 +579,7 @@ def _peer(request: Request) -> str:
 
 def _unavailable(exc: Exception) -> ReceiverError:
     from falhook.receiver.errors import StoreUnavailableError
-    from falhook.receiver.store.writer import brief
+    from falhook.receiver.store.engine import brief
 
     return StoreUnavailableError(brief(exc))
 

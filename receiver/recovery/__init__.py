@@ -1,7 +1,7 @@
 """Recovery from fal's queue: submit, expect, and fetch what no webhook brought.
 
 Modules: urls (fal's queue URLs, owner/app as fal-js parseEndpointId), expect (an
-expectation validated and recorded: no httpx, no SQLAlchemy), client (the queue's REST
+expectation validated and recorded: no httpx), client (the queue's REST
 calls, httpx), transitions (what fal's answers mean, pure), poller (the loop the receiver's
 lifespan runs), service (`Recovery`: what ``hooks.submit``/``hooks.expect`` call, and the
 payload_error fetch).

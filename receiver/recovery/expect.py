@@ -1,8 +1,8 @@
 """An expectation, validated and recorded: what ``expect`` and ``submit`` write.
 
-Light on purpose: neither httpx nor SQLAlchemy/SQLModel. ``falhook expect`` (a store
-command: it records one row) runs only this, on the driver's own connection (`Admin`);
-`Recovery` (service.py) validates and records through the same two functions.
+No httpx: ``falhook expect`` (a store command: it records one row) runs only this, on an
+`Admin` of its own; `Recovery` (service.py) validates and records through the same two
+functions.
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ def record_sync(settings: Settings, new: NewExpectation, *, migrate: bool) -> bo
 
     With `migrate` (an unstarted receiver: its own start would) the schema is created or
     upgraded first, through a `Store`. Without (the CLI: only `falhook serve` migrates) it
-    is checked, changing nothing, on an `Admin` straight from the driver: a missing or
+    is checked, changing nothing, on an `Admin` of its own: a missing or
     older schema raises StoreSchemaError, an unreachable store StoreUnavailableError.
     """
     add = {"recover_after": settings.recover_after_seconds, "ttl": settings.expect_ttl_seconds}
     if migrate:
-        from falhook.receiver.store.store import Store  # SQLAlchemy: only when migrating
+        from falhook.receiver.store.store import Store
 
         store = Store(settings.database_url)
         try:

@@ -42,11 +42,15 @@ from falhook.receiver.recovery.urls import request_urls
 from falhook.receiver.settings import Settings
 from falhook.receiver.store import NewDelivery, Store
 from falhook.receiver.store.expectations import (
+    Changes,
     ExpectationClaim,
     Expectations,
     ExpectationState,
 )
 from falhook.receiver.store.records import column_text
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Poller"]
 
@@ -371,28 +375,10 @@ class Poller:
         return exp.status_url or built.status_url, exp.response_url or built.response_url
 
     async def _update(
-        self,
-        claim: ExpectationClaim,
-        state: ExpectationState,
-        *,
-        due_at: float | None = None,
-        reason: str | None = None,
-        polled: bool = False,
-        queue_status: str | None = None,
-        completed_at: float | None = None,
-        queue_error: str | None = None,
+        self, claim: ExpectationClaim, state: ExpectationState, **changes: Unpack[Changes]
     ) -> bool:
         kept: bool = await self.expectations.run(
-            self.expectations.op_update(
-                claim,
-                state=state,
-                due_at=due_at,
-                reason=reason,
-                polled=polled,
-                queue_status=queue_status,
-                completed_at=completed_at,
-                queue_error=queue_error,
-            )
+            self.expectations.op_update(claim, state, **changes)
         )
         if not kept:
             log.info(

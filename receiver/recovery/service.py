@@ -5,8 +5,8 @@ sync twins call it); its loop runs while the receiver is started. It also works 
 (the CLI, a script): expectations are then written on a connection of their own, beside
 any running ``falhook serve``.
 
-Imports neither SQLAlchemy nor SQLModel until it is started (the poller, the store) or
-fetches a payload: ``falhook submit`` needs only httpx and expect.py.
+The poller and the store are imported when it starts: ``falhook submit`` needs httpx and
+expect.py only.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from falhook.receiver.settings import WEBHOOK_PATH, Settings
 from falhook.receiver.store.expectations import Expectations, ExpectationState, NewExpectation
 from falhook.receiver.tracing import resolve as resolve_tracing
 
-if TYPE_CHECKING:  # SQLModel and SQLAlchemy: imported when started, not for submit
+if TYPE_CHECKING:  # imported when started, not for submit
     from falhook.receiver.models import Delivery
     from falhook.receiver.recovery.poller import Poller
     from falhook.receiver.store import Claim, Store

@@ -2,12 +2,13 @@
 
 Modules: engine (connections), statements (the hot path's compiled SQL), operations (what
 runs inside a writer's transaction), writer / loop_writer / thread_writer (group commit),
-checkpointer (SQLite WAL), listener (PostgreSQL NOTIFY), dbapi (plain SQL on a driver's
-connection), admin (operator queries), schema (which version a store has), migrations (the
-schema), records (values passed to and from the store), store (`Store`).
+checkpointer (SQLite WAL), listener (PostgreSQL NOTIFY), admin (operator queries on a
+SQLAlchemy connection), attempts, control, expectations (their queries, beside their
+tables' concerns), migrations (the versioned schema), records (values passed to and from
+the store), store (`Store`). The tables themselves are models.py's, below the store.
 
 The names below are loaded on first use (PEP 562): the store commands import admin.py,
-which must not pull in SQLAlchemy through this package's ``__init__``.
+and need none of the writers.
 """
 
 from typing import TYPE_CHECKING as _TYPE_CHECKING

@@ -1,10 +1,9 @@
-"""What operators read and change: the store's sync API, in plain SQL on a DBAPI cursor.
+"""What operators read and change: the store's sync API, SQLAlchemy Core on a connection.
 
-`Admin` runs each call in a transaction of its own, on a connection from its connector:
-straight from the driver for the store commands (`Admin.open`: no SQLAlchemy, so they
-start fast), or from the engine's pool inside `falhook serve` (`Store.admin`: the console,
-the metrics gauges, the pruner). The queries are written once, below, for both.
-None of this is on the hot path.
+`Admin` runs each call in a transaction of its own, on a connection from its engine's
+pool: the store commands open one for their URL (`Admin.open`), and inside `falhook
+serve` the `Store` is one (the console, the metrics gauges, the pruner, recovery's
+expectation operations). None of this is on the hot path.
 """
 
 from __future__ import annotations
@@ -15,28 +14,20 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
+
 from falhook.receiver.errors import StoreUnavailableError
-from falhook.receiver.state import State
-from falhook.receiver.store import attempts
+from falhook.receiver.models import ATTEMPTS, BODIES, DELIVERIES, State
 from falhook.receiver.store.attempts import StoredAttempt, list_attempts
 from falhook.receiver.store.control import DispatchControl, read_control, write_control
-from falhook.receiver.store.dbapi import (
-    NOTIFY_CHANNEL,
-    Connector,
-    Db,
-    DirectConnector,
-    Op,
-    Tx,
-    brief,
-    placeholders,
-)
+from falhook.receiver.store.engine import NOTIFY_CHANNEL, brief, make_engine
+from falhook.receiver.store.migrations import check_version, current_version
 from falhook.receiver.store.records import StoredDelivery, decode_callbacks
-from falhook.receiver.store.schema import check_version, schema_version
 
 __all__ = [
     "PRUNE_LOCK_KEY",
     "Admin",
-    "connector_for",
+    "SyncOp",
     "counts",
     "get",
     "list_deliveries",
@@ -47,124 +38,114 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+# An operator operation: runs in a transaction of its own on a SQLAlchemy connection.
+SyncOp = Callable[[sa.Connection], Any]
 
-# A StoredDelivery's fields as the deliveries table holds them (its body is joined on).
-_COLUMNS = tuple(f.name for f in dataclasses.fields(StoredDelivery) if f.name != "body")
-# A delivery's state row with its body. Outer: a delivery whose body row is missing (a
-# damaged store) still shows, body empty.
-_WITH_BODY = (
-    "SELECT "
-    + ", ".join(f"d.{name}" for name in _COLUMNS)
-    + ", b.body FROM falhook_deliveries d LEFT OUTER JOIN falhook_bodies b ON b.id = d.id"
+d = DELIVERIES.c
+# A StoredDelivery's fields as the deliveries table holds them, and its body. Outer: a
+# delivery whose body row is missing (a damaged store) still shows, body empty.
+_FIELDS = tuple(f.name for f in dataclasses.fields(StoredDelivery) if f.name != "body")
+_WITH_BODY = sa.select(*(d[name] for name in _FIELDS), BODIES.c.body).outerjoin(
+    BODIES, BODIES.c.id == d.id
 )
 # Ids per statement (bodies deleted by prune, deliveries re-queued by replay): well under
 # SQLite's bound-parameter limit.
 _CHUNK = 500
-_ACTIVE = f"state IN ('{State.PENDING.value}', '{State.RUNNING.value}')"
-_FINISHED = f"state IN ('{State.DONE.value}', '{State.DEAD.value}')"
-_FINISHED_VALUES = (State.DONE.value, State.DEAD.value)
+_FINISHED = (State.DONE.value, State.DEAD.value)
 
 
-def get(db: Db, request_id: str) -> StoredDelivery | None:
+def get(conn: sa.Connection, request_id: str) -> StoredDelivery | None:
     """One stored delivery, or None."""
-    rows = _deliveries(db, f"{_WITH_BODY} WHERE d.request_id = ?", [request_id])
+    rows = _deliveries(conn, _WITH_BODY.where(d.request_id == request_id))
     return rows[0] if rows else None
 
 
 def list_deliveries(
-    db: Db,
+    conn: sa.Connection,
     *,
     states: Sequence[State] = (),
     since: float | None = None,
     limit: int | None = 100,
 ) -> list[StoredDelivery]:
     """Stored deliveries, newest first, filtered by state and received time."""
-    where: list[str] = []
-    params: list[Any] = []
+    stmt = _WITH_BODY
     if states:
-        where.append(f"d.state IN ({placeholders(len(states))})")
-        params += [s.value for s in states]
+        stmt = stmt.where(d.state.in_([s.value for s in states]))
     if since is not None:
-        where.append("d.received_at >= ?")
-        params.append(since)
-    text = _WITH_BODY + (" WHERE " + " AND ".join(where) if where else "")
-    text += " ORDER BY d.received_at DESC, d.request_id"
-    if limit is not None:
-        text += " LIMIT ?"
-        params.append(limit)
-    return _deliveries(db, text, params)
+        stmt = stmt.where(d.received_at >= since)
+    stmt = stmt.order_by(d.received_at.desc(), d.request_id).limit(limit)
+    return _deliveries(conn, stmt)
 
 
-def counts(db: Db) -> dict[State, int]:
+def counts(conn: sa.Connection) -> dict[State, int]:
     """Number of deliveries in each state (every state present, zero if none)."""
     result = dict.fromkeys(State, 0)
-    for state, count in db.execute(
-        "SELECT state, COUNT(*) FROM falhook_deliveries GROUP BY state"
-    ).fetchall():
+    for state, count in conn.execute(sa.select(d.state, sa.func.count()).group_by(d.state)):
         result[State(state)] = int(count)
     return result
 
 
-def oldest_pending_age(db: Db, now: float | None = None) -> float:
+def oldest_pending_age(conn: sa.Connection, now: float | None = None) -> float:
     """Seconds since the oldest not-yet-finished delivery was received (0 if none)."""
-    row = db.execute(f"SELECT MIN(received_at) FROM falhook_deliveries WHERE {_ACTIVE}").fetchone()
-    oldest = row[0] if row else None
+    active = (State.PENDING.value, State.RUNNING.value)
+    oldest = conn.execute(sa.select(sa.func.min(d.received_at)).where(d.state.in_(active))).scalar()
     return 0.0 if oldest is None else max(0.0, (now or time.time()) - float(oldest))
 
 
 def replay(
-    db: Db,
+    conn: sa.Connection,
     request_ids: Sequence[str] = (),
     *,
     states: Sequence[State] = (),
     since: float | None = None,
 ) -> dict[str, State]:
     """Re-queue finished deliveries for dispatch now; return each one's previous state."""
-    where = [_FINISHED]
-    params: list[Any] = []
+    stmt = sa.select(d.request_id, d.state).where(d.state.in_(_FINISHED))
     if request_ids:
-        where.append(f"request_id IN ({placeholders(len(request_ids))})")
-        params += request_ids
+        stmt = stmt.where(d.request_id.in_(request_ids))
     if states:
-        where.append(f"state IN ({placeholders(len(states))})")
-        params += [s.value for s in states]
+        stmt = stmt.where(d.state.in_([s.value for s in states]))
     if since is not None:
-        where.append("received_at >= ?")
-        params.append(since)
-    select = "SELECT request_id, state FROM falhook_deliveries WHERE " + " AND ".join(where)
-    previous = {rid: State(state) for rid, state in db.execute(select, params).fetchall()}
+        stmt = stmt.where(d.received_at >= since)
+    previous = {rid: State(state) for rid, state in conn.execute(stmt)}
     now = time.time()
     ids = list(previous)
     for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
         # The state is checked again: a delivery that changed meanwhile is left alone.
-        db.execute(
-            f"UPDATE falhook_deliveries SET state = '{State.PENDING.value}', attempts = 0, "
-            "due_at = ?, claim_id = NULL, completed_callbacks = NULL, finished_at = NULL, "
-            f"updated_at = ? WHERE request_id IN ({placeholders(len(chunk))}) AND {_FINISHED}",
-            [now, now, *chunk],
+        conn.execute(
+            sa.update(DELIVERIES)
+            .where(d.request_id.in_(ids[start : start + _CHUNK]), d.state.in_(_FINISHED))
+            .values(
+                state=State.PENDING.value,
+                attempts=0,
+                due_at=now,
+                claim_id=None,
+                completed_callbacks=None,
+                finished_at=None,
+                updated_at=now,
+            )
         )
-    if previous and db.dialect == "postgresql":
-        db.execute(f"NOTIFY {NOTIFY_CHANNEL}")  # dispatchers on every replica, at once
+    if previous and conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")  # dispatchers on every replica
     return previous
 
 
-def prune(db: Db, older_than: float, *, states: Sequence[State] = (State.DONE,)) -> int:
+def prune(
+    conn: sa.Connection, older_than: float, *, states: Sequence[State] = (State.DONE,)
+) -> int:
     """Delete finished deliveries that finished more than `older_than` seconds ago."""
-    allowed = [s.value for s in states if s.value in _FINISHED_VALUES]
+    allowed = [s.value for s in states if s.value in _FINISHED]
     if not allowed:
         return 0
     cutoff = time.time() - older_than
     # The state rows go first and say which bodies go with them: a delivery that changed
     # state meanwhile (a replay) is not deleted, so neither is its body.
-    rows = db.execute(
-        f"DELETE FROM falhook_deliveries WHERE state IN ({placeholders(len(allowed))}) "
-        "AND finished_at < ? RETURNING id",
-        [*allowed, cutoff],
-    ).fetchall()
-    ids = [row[0] for row in rows]
+    deleted = conn.execute(
+        sa.delete(DELIVERIES).where(d.state.in_(allowed), d.finished_at < cutoff).returning(d.id)
+    )
+    ids = list(deleted.scalars())
     for start in range(0, len(ids), _CHUNK):
-        _delete_rest(db, ids[start : start + _CHUNK])
+        _delete_rest(conn, ids[start : start + _CHUNK])
     return len(ids)
 
 
@@ -172,40 +153,36 @@ def prune(db: Db, older_than: float, *, states: Sequence[State] = (State.DONE,))
 PRUNE_LOCK_KEY = 0x66616C70  # "falp"
 
 
-def prune_batch(db: Db, older_than: float, limit: int) -> int | None:
+def prune_batch(conn: sa.Connection, older_than: float, limit: int) -> int | None:
     """Delete up to `limit` done deliveries finished more than `older_than` seconds ago,
     in the caller's transaction; the same rules as `prune` (done only). None when another
     replica is pruning now (PostgreSQL: one at a time)."""
-    if db.dialect == "postgresql":
-        taken = db.execute("SELECT pg_try_advisory_xact_lock(?)", [PRUNE_LOCK_KEY]).fetchone()
-        if not taken[0]:
+    if conn.dialect.name == "postgresql":
+        lock = sa.select(sa.func.pg_try_advisory_xact_lock(PRUNE_LOCK_KEY))
+        if not conn.execute(lock).scalar():
             return None
-    done = f"state = '{State.DONE.value}'"
-    rows = db.execute(
-        "DELETE FROM falhook_deliveries WHERE id IN (SELECT id FROM falhook_deliveries "
-        f"WHERE {done} AND finished_at < ? LIMIT ?) AND {done} RETURNING id",
-        [time.time() - older_than, limit],
-    ).fetchall()
-    ids = [row[0] for row in rows]
+    done = d.state == State.DONE.value
+    batch = sa.select(d.id).where(done, d.finished_at < time.time() - older_than).limit(limit)
+    deleted = conn.execute(
+        sa.delete(DELIVERIES).where(d.id.in_(batch.scalar_subquery()), done).returning(d.id)
+    )
+    ids = list(deleted.scalars())
     if ids:
-        _delete_rest(db, ids)
+        _delete_rest(conn, ids)
     return len(ids)
 
 
-def _delete_rest(db: Db, delivery_ids: Sequence[int]) -> None:
+def _delete_rest(conn: sa.Connection, delivery_ids: Sequence[int]) -> None:
     """The bodies and attempts of deleted deliveries (at most _CHUNK ids)."""
-    db.execute(
-        f"DELETE FROM falhook_bodies WHERE id IN ({placeholders(len(delivery_ids))})",
-        delivery_ids,
-    )
-    attempts.delete_for(db, delivery_ids)
+    conn.execute(sa.delete(BODIES).where(BODIES.c.id.in_(delivery_ids)))
+    conn.execute(sa.delete(ATTEMPTS).where(ATTEMPTS.c.delivery_id.in_(delivery_ids)))
 
 
-def _deliveries(db: Db, text: str, params: Sequence[Any]) -> list[StoredDelivery]:
+def _deliveries(conn: sa.Connection, stmt: sa.Select[Any]) -> list[StoredDelivery]:
     found = []
-    for row in db.execute(text, params).fetchall():
-        values = dict(zip(_COLUMNS, row, strict=False))
-        body = row[len(_COLUMNS)]
+    for row in conn.execute(stmt):
+        values = dict(zip(_FIELDS, row, strict=False))
+        body = row[len(_FIELDS)]
         values["body"] = bytes(body) if body is not None else b""
         values["state"] = State(values["state"])
         values["completed_callbacks"] = decode_callbacks(values["completed_callbacks"])
@@ -216,34 +193,25 @@ def _deliveries(db: Db, text: str, params: Sequence[Any]) -> list[StoredDelivery
 # -- the sync API ------------------------------------------------------------------------
 
 
-def connector_for(url: str) -> Connector:
-    """Straight from the driver when the URL allows (see DirectConnector.for_url), else
-    through SQLAlchemy — for the store commands, which never migrate."""
-    direct = DirectConnector.for_url(url)
-    if direct is not None:
-        return direct
-    from falhook.receiver.store.engine import EngineConnector, make_engine
-
-    return EngineConnector(make_engine(url), owns_engine=True)
-
-
 class Admin:
     """The store's sync API: each call a transaction of its own, on a connection from
-    `connector`. Driver errors become StoreUnavailableError (one line)."""
+    `engine`'s pool. Database errors become StoreUnavailableError (one line)."""
 
-    def __init__(self, connector: Connector) -> None:
-        self._connector = connector
-        self.dialect = connector.dialect
+    def __init__(self, engine: sa.Engine, *, owns_engine: bool = False) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._owns_engine = owns_engine
         self._schema_ready = False
 
     @classmethod
     def open(cls, url: str) -> Admin:
         """For the store commands: `url`'s store, opened without migrating (`close` it)."""
-        return cls(connector_for(url))
+        return cls(make_engine(url), owns_engine=True)
 
     def close(self) -> None:
         """Close the connections this Admin opened."""
-        self._connector.close()
+        if self._owns_engine:
+            self.engine.dispose()
 
     # -- running ---------------------------------------------------------------------
 
@@ -252,42 +220,37 @@ class Admin:
 
     def _query(self, query: Callable[..., _T], *args: Any, write: bool, **kwargs: Any) -> _T:
         self._prepare()
-        return self._run(query, *args, write=write, **kwargs)
+        return self._run(lambda conn: query(conn, *args, **kwargs), write=write)
 
     def _guard_files(self) -> None:
         """Before each write: Store refuses one its SQLite files cannot take (fileguard)."""
 
-    def _run(self, query: Callable[..., _T], *args: Any, write: bool, **kwargs: Any) -> _T:
+    def _run(self, op: Callable[[sa.Connection], _T], *, write: bool) -> _T:
         if write:
             self._guard_files()
-        connector = self._connector
-        conn = connector.connect()
         try:
-            cur = conn.cursor()
-            result = query(Db(cur, self.dialect), *args, **kwargs)
-            cur.close()
-            if write:
-                conn.commit()
-            else:
-                conn.rollback()  # ends the read's snapshot (PostgreSQL: its transaction)
-        except connector.errors as exc:
-            connector.discard(conn)
+            conn = self.engine.connect()
+        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+            raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
+        try:
+            with conn:
+                if not write:
+                    return op(conn)  # the read's snapshot ends with the connection
+                with conn.begin():
+                    return op(conn)
+        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:  # the database's, not ours
             raise StoreUnavailableError(brief(exc)) from exc
-        except BaseException:
-            connector.discard(conn)
-            raise
-        connector.release(conn)
-        return result
 
-    def run_sync(self, op: Op) -> Any:
-        """Run one store operation (a function of a `Tx`, e.g. expectations.py's) in a
-        transaction of its own, committed."""
+    def run_sync(self, op: SyncOp) -> Any:
+        """Run one operator operation (a function of a SQLAlchemy connection, e.g.
+        expectations.py's) in a transaction of its own, committed."""
+        self._prepare()  # a Store migrates
         if not self._schema_ready:
             # Only `falhook serve` creates or upgrades the schema; elsewhere it must be there.
             self.check_schema()
-        return self._run(lambda db: op(Tx(db.cur, None)), write=True)
+        return self._run(op, write=True)
 
-    async def run(self, op: Op) -> Any:
+    async def run(self, op: SyncOp) -> Any:
         """`run_sync` in a thread, for async callers."""
         import asyncio  # only async callers need it (the CLI is sync)
 
@@ -295,10 +258,14 @@ class Admin:
 
     # -- the schema ------------------------------------------------------------------
 
+    def schema_version(self) -> int:
+        """The store's schema version as it is (0: no falhook tables), checking nothing."""
+        return self._run(current_version, write=False)
+
     def check_schema(self) -> int:
         """Check, changing nothing, that the schema is the one this falhook writes:
         StoreSchemaError when there is none, or an older or newer one."""
-        version = self._run(schema_version, write=False)
+        version = self.schema_version()
         check_version(version)
         self._schema_ready = True
         return version

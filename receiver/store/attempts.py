@@ -8,9 +8,6 @@ An attempt is written by the same operation, in the same transaction, as the out
 records (`op_settle`): no extra transaction on the dispatch path, and no attempt row for
 an outcome that was not written (a claim lost to another process writes neither).
 Rows are keyed by the delivery's sequential ``id`` and deleted with it by ``prune``.
-
-Plain SQL with positional parameters (one spelling for both drivers), like
-expectations.py: each statement reads best written out.
 """
 
 from __future__ import annotations
@@ -20,7 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from falhook.receiver.store.dbapi import Db, Op, Tx, placeholders, sql_for
+import sqlalchemy as sa
+
+from falhook.receiver.models import ATTEMPTS, DELIVERIES
+from falhook.receiver.store.writer import Op, Tx
 
 __all__ = [
     "AttemptRecord",
@@ -30,16 +30,8 @@ __all__ = [
     "op_settle",
 ]
 
-# The table is migration 6's (models.ATTEMPTS declares it for the schema tests).
-TABLE_NAME = "falhook_attempts"
-
 # The outcome each fenced statement records.
 _OUTCOMES = {"finish": "done", "reschedule": "retry", "bury": "dead"}
-_INSERT = (
-    f"INSERT INTO {TABLE_NAME} "
-    "(delivery_id, attempt, started_at, duration_seconds, outcome, error, next_attempt_at) "
-    "SELECT id, ?, ?, ?, ?, ?, ? FROM falhook_deliveries WHERE request_id = ?"
-)
 
 
 class AttemptRecord(NamedTuple):
@@ -72,12 +64,18 @@ def rearm_if_redelivered(tx: Tx, request_id: str, now: float) -> None:
         tx.due_now = True
 
 
-def op_settle(statement: str, params: dict[str, Any], record: AttemptRecord, *, dialect: str) -> Op:
+def op_settle(statement: str, params: dict[str, Any], record: AttemptRecord) -> Op:
     """Write an outcome (``finish``, ``reschedule`` or ``bury``: fenced by the claim) and,
     when it was written, the attempt it ends; True if the claim was still ours."""
-    insert = sql_for(_INSERT, dialect)
-    outcome = _OUTCOMES[statement]
-    next_at = params.get("due_at") if statement == "reschedule" else None
+    attempt = {
+        "request_id": params["request_id"],
+        "attempt": record.attempt,
+        "started_at": record.started_at,
+        "duration_seconds": record.duration,
+        "outcome": _OUTCOMES[statement],
+        "error": record.error,
+        "next_attempt_at": params.get("due_at") if statement == "reschedule" else None,
+    }
 
     def op(tx: Tx) -> bool:
         compiled = getattr(tx.sql, statement)  # a statements.Compiled
@@ -85,18 +83,7 @@ def op_settle(statement: str, params: dict[str, Any], record: AttemptRecord, *, 
         compiled.execute(tx.cur, {**params, "now": now})
         if tx.cur.rowcount != 1:
             return False  # the claim was lost: its new holder records what it does
-        tx.cur.execute(
-            insert,
-            (
-                record.attempt,
-                record.started_at,
-                record.duration,
-                outcome,
-                record.error,
-                next_at,
-                params["request_id"],
-            ),
-        )
+        tx.sql.attempt.execute(tx.cur, attempt)
         if statement == "bury":
             rearm_if_redelivered(tx, params["request_id"], now)
         return True
@@ -104,20 +91,26 @@ def op_settle(statement: str, params: dict[str, Any], record: AttemptRecord, *, 
     return op
 
 
-def list_attempts(db: Db, request_id: str) -> list[StoredAttempt]:
-    """A delivery's attempts, oldest first (a replay starts counting again from 1)."""
-    rows = db.execute(
-        "SELECT a.attempt, a.started_at, a.duration_seconds, a.outcome, a.error, "
-        f"a.next_attempt_at FROM {TABLE_NAME} a JOIN falhook_deliveries d "
-        "ON d.id = a.delivery_id WHERE d.request_id = ? ORDER BY a.id",
-        [request_id],
-    ).fetchall()
-    return [StoredAttempt(*row) for row in rows]
-
-
-def delete_for(db: Db, delivery_ids: Sequence[int]) -> None:
-    """Delete the attempts of these deliveries (prune, in its transaction)."""
-    db.execute(
-        f"DELETE FROM {TABLE_NAME} WHERE delivery_id IN ({placeholders(len(delivery_ids))})",
-        delivery_ids,
+_LIST = (
+    sa.select(
+        ATTEMPTS.c.attempt,
+        ATTEMPTS.c.started_at,
+        ATTEMPTS.c.duration_seconds,
+        ATTEMPTS.c.outcome,
+        ATTEMPTS.c.error,
+        ATTEMPTS.c.next_attempt_at,
     )
+    .join(DELIVERIES, DELIVERIES.c.id == ATTEMPTS.c.delivery_id)
+    .where(DELIVERIES.c.request_id == sa.bindparam("request_id"))
+    .order_by(ATTEMPTS.c.id)
+)
+
+
+def list_attempts(conn: sa.Connection, request_id: str) -> list[StoredAttempt]:
+    """A delivery's attempts, oldest first (a replay starts counting again from 1)."""
+    return [StoredAttempt(*row) for row in conn.execute(_LIST, {"request_id": request_id})]
+
+
+def delete_for(conn: sa.Connection, delivery_ids: Sequence[int]) -> None:
+    """Delete the attempts of these deliveries (prune, in its transaction)."""
+    conn.execute(sa.delete(ATTEMPTS).where(ATTEMPTS.c.delivery_id.in_(delivery_ids)))

@@ -9,8 +9,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from falhook.receiver.store.engine import brief
 from falhook.receiver.store.fileguard import FileGuard
-from falhook.receiver.store.writer import brief
 
 __all__ = ["Checkpointer"]
 

@@ -1,5 +1,6 @@
-"""Engines configured for durability (SQLite) and bounded failure (PostgreSQL), and the
-connector that lends their pooled connections to sync store calls (admin.py)."""
+"""Engines configured for durability (SQLite) and bounded failure (PostgreSQL): every
+connection of the store (the writer's, the pool's, the listener's, the store commands')
+comes from here, with the same pragmas and connect arguments."""
 
 from __future__ import annotations
 
@@ -9,16 +10,74 @@ from typing import Any
 import sqlalchemy as sa
 
 from falhook.receiver.errors import StoreUnavailableError
-from falhook.receiver.store.dbapi import (
-    LOCK_TIMEOUT_MS,
-    PG_CONNECT_ARGS,
-    brief,
-    pg_options,
-    sqlite_file,
-    sqlite_pragmas,
-)
 
-__all__ = ["EngineConnector", "make_engine", "pooled_connection"]
+__all__ = [
+    "LOCK_TIMEOUT_MS",
+    "NOTIFY_CHANNEL",
+    "PG_CONNECT_ARGS",
+    "brief",
+    "make_engine",
+    "pg_options",
+    "pooled_connection",
+    "sqlite_file",
+]
+
+# How long a statement waits for another connection's lock (SQLite busy_timeout,
+# PostgreSQL lock_timeout): well inside fal's 15 s, so the answer is a 503, not a hang.
+LOCK_TIMEOUT_MS = 5000
+
+# libpq options for every PostgreSQL connection (the pool's, the listener's): a bounded
+# connect, and TCP keepalives so a peer that vanished without a FIN/RST (a dead host, a
+# cut network path) is noticed in ~20 s instead of the kernel's two hours.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+}
+
+# NOTIFY'd (PostgreSQL) when deliveries became due: new ones, replayed ones.
+NOTIFY_CHANNEL = "falhook_deliveries"
+
+
+def _sqlite_pragmas(dbapi_conn: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    # WAL lets readers run beside the writer; synchronous=FULL fsyncs the WAL on every
+    # commit, so an acknowledged delivery survives a power loss, not just a crash.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA busy_timeout={LOCK_TIMEOUT_MS}")
+    cursor.close()
+
+
+def pg_options(own: str | Any) -> str:
+    """The URL's own ``options`` (a search_path…) plus a lock_timeout: a lock held
+    elsewhere (a long admin transaction, LOCK TABLE) fails a statement after
+    LOCK_TIMEOUT_MS instead of holding a delivery past fal's 15 s."""
+    own = own if isinstance(own, str) else " ".join(own)
+    return f"{own} -c lock_timeout={LOCK_TIMEOUT_MS}".strip()
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names; None for PostgreSQL, in-memory or ``file:`` URIs, or
+    a URL that does not parse."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def brief(exc: BaseException) -> str:
+    """The first line of a (driver) error, for messages."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def make_engine(url: str) -> sa.Engine:
@@ -33,8 +92,8 @@ def make_engine(url: str) -> sa.Engine:
         )
 
         @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            sqlite_pragmas(dbapi_conn)
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            _sqlite_pragmas(dbapi_conn)
 
         path = sqlite_file(url)
         if path is not None:
@@ -81,30 +140,3 @@ def pooled_connection(engine: sa.Engine) -> Any:
         return engine.raw_connection()
     except (sa.exc.SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
         raise StoreUnavailableError(f"cannot connect: {brief(exc)}") from exc
-
-
-class EngineConnector:
-    """Sync store calls' connections from an engine's pool (dbapi.Connector): `Store`'s,
-    and the store commands' for a URL only SQLAlchemy reads (admin.connector_for)."""
-
-    def __init__(self, engine: sa.Engine, *, owns_engine: bool = False) -> None:
-        self.engine = engine
-        self.dialect = engine.dialect.name
-        self.errors: tuple[type[BaseException], ...] = (engine.dialect.loaded_dbapi.Error,)
-        self._owns_engine = owns_engine
-
-    def connect(self) -> Any:
-        return pooled_connection(self.engine)
-
-    def release(self, conn: Any) -> None:
-        conn.close()  # back to the pool
-
-    def discard(self, conn: Any) -> None:
-        # Never back to the pool: we cannot tell a healthy connection from one the server
-        # killed (restart, pg_terminate_backend).
-        conn.invalidate()
-        conn.close()
-
-    def close(self) -> None:
-        if self._owns_engine:
-            self.engine.dispose()

@@ -19,8 +19,9 @@ claim_id = :mine``, so a poller whose lease was taken over changes nothing.
 A webhook does not touch this table (its hot path stays one insert): the poller marks
 expectations arrived in bulk (`op_sweep`) and checks each claimed one for a delivery.
 
-Plain SQL with positional parameters, shared by the writer (async) and the CLI (sync):
-none of it is on the webhook's hot path, and each statement reads best written out.
+Each operation is a function of a SQLAlchemy connection, run in a transaction of its own
+(`Admin.run_sync`; `run` in a thread for the poller and the app): none of it is on the
+webhook's hot path.
 """
 
 from __future__ import annotations
@@ -28,16 +29,29 @@ from __future__ import annotations
 import builtins
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
-from falhook.receiver.state import SOURCE_QUEUE
-from falhook.receiver.store.dbapi import Op, Tx, sql_for
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from falhook.receiver.models import (
+    BODIES,
+    DELIVERIES,
+    EXPECTATION_ACTIVE_PREDICATE,
+    EXPECTATIONS,
+    SOURCE_QUEUE,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from falhook.receiver.store.admin import SyncOp
 
 __all__ = [
-    "ACTIVE_PREDICATE",
+    "Changes",
     "Expectation",
     "ExpectationClaim",
     "ExpectationState",
@@ -45,11 +59,6 @@ __all__ = [
     "NewExpectation",
     "Swept",
 ]
-
-TABLE_NAME = "falhook_expectations"
-# Spelled exactly as the partial index ix_falhook_expectations_active_due (migration 4)
-# states it: a planner can only use a partial index whose predicate the query implies.
-ACTIVE_PREDICATE = "state = 'waiting' OR state = 'polling'"
 
 
 class ExpectationState(StrEnum):
@@ -65,28 +74,6 @@ class ExpectationState(StrEnum):
     @property
     def active(self) -> bool:
         return self in (ExpectationState.WAITING, ExpectationState.POLLING)
-
-
-_COLUMNS = (
-    "request_id",
-    "endpoint_id",
-    "status_url",
-    "response_url",
-    "origin",
-    "state",
-    "reason",
-    "created_at",
-    "expires_at",
-    "due_at",
-    "polls",
-    "queue_status",
-    "completed_at",
-    "queue_error",
-    "claim_id",
-    "updated_at",
-    "finished_at",
-)
-_SELECT = ", ".join(_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +117,10 @@ class Expectation:
         return cls(**values)
 
 
+# An Expectation's fields, the table's columns in that order.
+_COLUMNS = tuple(f.name for f in fields(Expectation))
+
+
 @dataclass(frozen=True, slots=True)
 class ExpectationClaim:
     """An expectation claimed by a poller; `delivered` is the source of a stored delivery
@@ -151,317 +142,305 @@ class Swept:
     settled: dict[str, ExpectationState]
 
 
-_DELIVERED = "(SELECT d.source FROM falhook_deliveries d WHERE d.request_id = {t}.request_id)"
-_SETTLED_STATE = (
-    f"CASE WHEN {_DELIVERED.format(t=TABLE_NAME)} = '{SOURCE_QUEUE}' "
-    f"THEN '{ExpectationState.RECOVERED.value}' ELSE '{ExpectationState.ARRIVED.value}' END"
+e = EXPECTATIONS.c
+d = DELIVERIES.c
+_ACTIVE = sa.text(f"({EXPECTATION_ACTIVE_PREDICATE})")  # as the partial index states it
+# The source of the expected request's stored delivery, if any. Correlated by name:
+# SQLite writes RETURNING columns unqualified, which would make a Core correlation
+# compare the delivery's request_id with itself.
+_DELIVERED = (
+    sa.select(d.source)
+    .where(d.request_id == sa.literal_column(f"{EXPECTATIONS.name}.request_id"))
+    .scalar_subquery()
 )
+_SETTLED_STATE = sa.case(
+    (_DELIVERED == SOURCE_QUEUE, "recovered"), else_="arrived"
+)  # ExpectationState.RECOVERED / ARRIVED
+
+
+# INSERT … ON CONFLICT DO NOTHING: each dialect has its own construct for it.
+_INSERTS: dict[str, Callable[[sa.Table], Any]] = {
+    "sqlite": sqlite.insert,
+    "postgresql": postgresql.insert,
+}
+
+
+def _mine(claim: ExpectationClaim) -> tuple[Any, ...]:
+    """Fenced: only the holder of the claim writes."""
+    return (e.request_id == claim.request_id, e.claim_id == claim.claim_id)
+
+
+class Changes(TypedDict, total=False):
+    """What a poll writes back to a claimed expectation (`op_update`), besides its state."""
+
+    due_at: float | None  # next poll (active states); None keeps it
+    reason: str | None
+    polled: bool  # one more status poll made
+    queue_status: str | None  # the status fal said; None keeps it
+    completed_at: float | None  # when a poll first saw COMPLETED; kept once set
+    queue_error: str | None  # a COMPLETED request's error (JSON); None keeps it
 
 
 class Runner(Protocol):
-    """What runs the operations: a `Store` (through its writer, or a pooled connection),
-    or the store commands' `Admin` (the driver's own connection)."""
+    """What runs the operations: an `Admin` (the store commands) or a `Store`."""
 
-    dialect: str
+    async def run(self, op: SyncOp) -> Any: ...
 
-    async def run(self, op: Op) -> Any: ...
-
-    def run_sync(self, op: Op) -> Any: ...
+    def run_sync(self, op: SyncOp) -> Any: ...
 
 
 class Expectations:
-    """The expectations of one store: async operations through its writer (the app and
-    the poller), and sync ones on a connection of their own (the CLI, metrics). The CLI
-    passes an `Admin` (no writer, no SQLAlchemy) instead of a `Store`."""
+    """The expectations of one store: each operation in a transaction of its own, async
+    (the app and the poller) or sync (the CLI, metrics, the console)."""
 
     def __init__(self, store: Runner) -> None:
         self.store = store
-        self.dialect = store.dialect
 
-    # -- operations (run in the writer's transaction, or on a sync connection) --------
+    # -- operations (functions of a connection) ------------------------------------------
 
-    def op_add(self, new: NewExpectation, *, recover_after: float, ttl: float) -> Op:
+    def op_add(self, new: NewExpectation, *, recover_after: float, ttl: float) -> SyncOp:
         """Record an expectation; True if it is now expected (new, or re-armed). An active
         or settled one keeps its state, and learns fal's URLs if it did not know them
         (``expect`` after ``submit`` elsewhere). A failed or expired one is expected again,
         due at once: expecting it again is how an operator retries it (a wrong key fixed)."""
         now = time.time()
-        insert = sql_for(
-            f"INSERT INTO {TABLE_NAME} ({_SELECT}, trace_context) "
-            "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, 0, NULL, NULL, NULL, NULL, ?, NULL, ?) "
-            "ON CONFLICT (request_id) DO NOTHING",
-            self.dialect,
-        )
-        rearm = sql_for(
-            f"UPDATE {TABLE_NAME} SET state = ?, reason = NULL, polls = 0, due_at = ?, "
-            "expires_at = ?, queue_status = NULL, completed_at = NULL, queue_error = NULL, "
-            "claim_id = NULL, finished_at = NULL, updated_at = ?, "
-            "status_url = COALESCE(?, status_url), response_url = COALESCE(?, response_url) "
-            "WHERE request_id = ? AND (state = ? OR state = ?)",
-            self.dialect,
-        )
-        learn = sql_for(
-            f"UPDATE {TABLE_NAME} SET status_url = COALESCE(status_url, ?), "
-            "response_url = COALESCE(response_url, ?), updated_at = ? WHERE request_id = ?",
-            self.dialect,
-        )
 
-        def op(tx: Tx) -> bool:
-            cur = tx.cur
-            cur.execute(
-                insert,
-                (
-                    new.request_id,
-                    new.endpoint_id,
-                    new.status_url,
-                    new.response_url,
-                    new.origin,
-                    ExpectationState.WAITING.value,
-                    now,
-                    now + ttl,
-                    now + recover_after,
-                    now,
-                    new.trace_context,
-                ),
+        def op(conn: sa.Connection) -> bool:
+            insert = _INSERTS[conn.dialect.name](EXPECTATIONS).values(
+                request_id=new.request_id,
+                endpoint_id=new.endpoint_id,
+                status_url=new.status_url,
+                response_url=new.response_url,
+                origin=new.origin,
+                state=ExpectationState.WAITING.value,
+                created_at=now,
+                expires_at=now + ttl,
+                due_at=now + recover_after,
+                polls=0,
+                updated_at=now,
+                trace_context=new.trace_context,
             )
-            if cur.rowcount == 1:
+            insert = insert.on_conflict_do_nothing(index_elements=["request_id"])
+            if conn.execute(insert.returning(e.request_id)).first() is not None:
                 return True
-            cur.execute(
-                rearm,
-                (
-                    ExpectationState.WAITING.value,
-                    now,
-                    now + ttl,
-                    now,
-                    new.status_url,
-                    new.response_url,
-                    new.request_id,
-                    ExpectationState.FAILED.value,
-                    ExpectationState.EXPIRED.value,
-                ),
+            this = e.request_id == new.request_id
+            settled = e.state.in_([ExpectationState.FAILED.value, ExpectationState.EXPIRED.value])
+            rearm = (
+                sa.update(EXPECTATIONS)
+                .where(this, settled)
+                .values(
+                    state=ExpectationState.WAITING.value,
+                    reason=None,
+                    polls=0,
+                    due_at=now,
+                    expires_at=now + ttl,
+                    queue_status=None,
+                    completed_at=None,
+                    queue_error=None,
+                    claim_id=None,
+                    finished_at=None,
+                    updated_at=now,
+                    status_url=sa.func.coalesce(new.status_url, e.status_url),
+                    response_url=sa.func.coalesce(new.response_url, e.response_url),
+                )
             )
-            if cur.rowcount == 1:
+            if conn.execute(rearm).rowcount == 1:
                 return True  # due now: a poller finds it at its next look (within 5 s)
             if new.status_url or new.response_url:
-                cur.execute(learn, (new.status_url, new.response_url, now, new.request_id))
+                conn.execute(
+                    sa.update(EXPECTATIONS)
+                    .where(this)
+                    .values(
+                        status_url=sa.func.coalesce(e.status_url, new.status_url),
+                        response_url=sa.func.coalesce(e.response_url, new.response_url),
+                        updated_at=now,
+                    )
+                )
             return False
 
         return op
 
-    def op_sweep(self, *, since: float | None, ttl_reason: str) -> Op:
+    def op_sweep(self, *, since: float | None, ttl_reason: str) -> SyncOp:
         """Settle active expectations whose delivery is stored (arrived, or recovered when
         the delivery came from the queue), then expire those past their TTL.
 
         With `since`, only deliveries received since then are looked at (cheap: the
-        received_at index); without, every active expectation is checked (at start).
+        received_at index); without, every active expectation is checked (at start). One
+        claimed by a poller is left to it until its lease expires.
         """
         if since is None:
-            which = (
-                "EXISTS (SELECT 1 FROM falhook_deliveries d "
-                f"WHERE d.request_id = {TABLE_NAME}.request_id)"
-            )
+            which: Any = sa.exists().where(d.request_id == e.request_id)
         else:
-            which = (
-                "request_id IN (SELECT d.request_id FROM falhook_deliveries d "
-                "WHERE d.received_at >= ?)"
-            )
-        settle = sql_for(
-            f"UPDATE {TABLE_NAME} SET state = {_SETTLED_STATE}, claim_id = NULL, "
-            f"finished_at = ?, updated_at = ? WHERE ({ACTIVE_PREDICATE}) AND {which} "
-            "RETURNING request_id, state",
-            self.dialect,
-        )
-        expire = sql_for(
-            f"UPDATE {TABLE_NAME} SET state = '{ExpectationState.EXPIRED.value}', reason = ?, "
-            f"claim_id = NULL, finished_at = ?, updated_at = ? "
-            f"WHERE ({ACTIVE_PREDICATE}) AND expires_at <= ? RETURNING request_id, state",
-            self.dialect,
-        )
+            which = e.request_id.in_(sa.select(d.request_id).where(d.received_at >= since))
 
-        def op(tx: Tx) -> Swept:
-            cur = tx.cur
+        def op(conn: sa.Connection) -> Swept:
             now = time.time()
-            cur.execute(settle, (now, now) if since is None else (now, now, since))
-            settled = {r[0]: ExpectationState(r[1]) for r in cur.fetchall()}
-            cur.execute(expire, (ttl_reason, now, now, now))
-            settled.update({r[0]: ExpectationState(r[1]) for r in cur.fetchall()})
+            # One claimed under a live lease is its claimant's to settle (with what it
+            # did: "fetched from fal's queue"), as it would be once the lease expired.
+            unclaimed = sa.or_(e.claim_id.is_(None), e.due_at <= now)
+            settle = (
+                sa.update(EXPECTATIONS)
+                .where(_ACTIVE, unclaimed, which)
+                .values(state=_SETTLED_STATE, claim_id=None, finished_at=now, updated_at=now)
+                .returning(e.request_id, e.state)
+            )
+            settled = {r[0]: ExpectationState(r[1]) for r in conn.execute(settle)}
+            expire = (
+                sa.update(EXPECTATIONS)
+                .where(_ACTIVE, e.expires_at <= now)
+                .values(
+                    state=ExpectationState.EXPIRED.value,
+                    reason=ttl_reason,
+                    claim_id=None,
+                    finished_at=now,
+                    updated_at=now,
+                )
+                .returning(e.request_id, e.state)
+            )
+            settled.update({r[0]: ExpectationState(r[1]) for r in conn.execute(expire)})
             return Swept(settled)
 
         return op
 
-    def op_claim(self, *, limit: int, lease_seconds: float) -> Op:
+    def op_claim(self, *, limit: int, lease_seconds: float) -> SyncOp:
         """Claim up to `limit` due active expectations for `lease_seconds`; returns the
         claims and the earliest due_at left (None if nothing is active)."""
-        due = (
-            f"SELECT request_id FROM {TABLE_NAME} WHERE ({ACTIVE_PREDICATE}) AND due_at <= ? "
-            "ORDER BY due_at LIMIT ?"
-        )
-        if self.dialect == "postgresql":
-            due += " FOR UPDATE SKIP LOCKED"
-        claim = sql_for(
-            f"UPDATE {TABLE_NAME} SET claim_id = ?, due_at = ?, updated_at = ? "
-            f"WHERE request_id IN ({due}) "
-            f"RETURNING {_SELECT}, {_DELIVERED.format(t=TABLE_NAME)}",
-            self.dialect,
-        )
-        next_due = sql_for(f"SELECT MIN(due_at) FROM {TABLE_NAME} WHERE {ACTIVE_PREDICATE}", "")
 
-        def op(tx: Tx) -> tuple[list[ExpectationClaim], float | None]:
-            cur = tx.cur
+        def op(conn: sa.Connection) -> tuple[list[ExpectationClaim], float | None]:
             now = time.time()
             claim_id = uuid.uuid4().hex
-            cur.execute(claim, (claim_id, now + lease_seconds, now, now, limit))
+            due = sa.select(e.request_id).where(_ACTIVE, e.due_at <= now)
+            due = due.order_by(e.due_at).limit(limit)
+            if conn.dialect.name == "postgresql":
+                due = due.with_for_update(skip_locked=True)
+            claim = (
+                sa.update(EXPECTATIONS)
+                .where(e.request_id.in_(due.scalar_subquery()))
+                .values(claim_id=claim_id, due_at=now + lease_seconds, updated_at=now)
+                .returning(*(e[name] for name in _COLUMNS), _DELIVERED)
+            )
             claims = [
                 ExpectationClaim(Expectation.from_row(r[: len(_COLUMNS)]), claim_id, r[-1])
-                for r in cur.fetchall()
+                for r in conn.execute(claim)
             ]
-            cur.execute(next_due)
-            row = cur.fetchone()
-            return claims, (row[0] if row else None)
+            next_due = conn.execute(sa.select(sa.func.min(e.due_at)).where(_ACTIVE)).scalar()
+            return claims, next_due
 
         return op
 
     def op_update(
-        self,
-        claim: ExpectationClaim,
-        *,
-        state: ExpectationState,
-        due_at: float | None = None,
-        reason: str | None = None,
-        polled: bool = False,
-        queue_status: str | None = None,
-        completed_at: float | None = None,
-        queue_error: str | None = None,
-    ) -> Op:
+        self, claim: ExpectationClaim, state: ExpectationState, **changes: Unpack[Changes]
+    ) -> SyncOp:
         """Write back a claimed expectation (fenced: False if the claim was lost).
 
         Active states reschedule it at `due_at`; final ones record `reason` and the time.
         """
-        final = not state.active
-        statement = sql_for(
-            f"UPDATE {TABLE_NAME} SET state = ?, reason = ?, due_at = COALESCE(?, due_at), "
-            "polls = polls + ?, queue_status = COALESCE(?, queue_status), "
-            "completed_at = COALESCE(completed_at, ?), queue_error = COALESCE(?, queue_error), "
-            "claim_id = NULL, updated_at = ?, "
-            "finished_at = ? WHERE request_id = ? AND claim_id = ?",
-            self.dialect,
-        )
 
-        def op(tx: Tx) -> bool:
-            cur = tx.cur
+        def op(conn: sa.Connection) -> bool:
             now = time.time()
-            cur.execute(
-                statement,
-                (
-                    state.value,
-                    reason,
-                    due_at,
-                    1 if polled else 0,
-                    queue_status,
-                    completed_at,
-                    queue_error,
-                    now,
-                    now if final else None,
-                    claim.request_id,
-                    claim.claim_id,
-                ),
+            update = (
+                sa.update(EXPECTATIONS)
+                .where(*_mine(claim))
+                .values(
+                    state=state.value,
+                    reason=changes.get("reason"),
+                    due_at=sa.func.coalesce(changes.get("due_at"), e.due_at),
+                    polls=e.polls + (1 if changes.get("polled") else 0),
+                    queue_status=sa.func.coalesce(changes.get("queue_status"), e.queue_status),
+                    completed_at=sa.func.coalesce(e.completed_at, changes.get("completed_at")),
+                    queue_error=sa.func.coalesce(changes.get("queue_error"), e.queue_error),
+                    claim_id=None,
+                    updated_at=now,
+                    finished_at=None if state.active else now,
+                )
             )
-            return bool(cur.rowcount == 1)
+            return bool(conn.execute(update).rowcount == 1)
 
         return op
 
-    def op_settle_delivered(self, claim: ExpectationClaim, *, reason: str | None = None) -> Op:
+    def op_settle_delivered(self, claim: ExpectationClaim, *, reason: str | None = None) -> SyncOp:
         """A delivery of the claimed request is stored: arrived, or recovered when it came
         from the queue (whichever replica stored it). Fenced like `op_update`."""
-        statement = sql_for(
-            f"UPDATE {TABLE_NAME} SET state = {_SETTLED_STATE}, reason = COALESCE(?, reason), "
-            "claim_id = NULL, updated_at = ?, finished_at = ? "
-            "WHERE request_id = ? AND claim_id = ? RETURNING state",
-            self.dialect,
-        )
 
-        def op(tx: Tx) -> ExpectationState | None:
-            cur = tx.cur
+        def op(conn: sa.Connection) -> ExpectationState | None:
             now = time.time()
-            cur.execute(statement, (reason, now, now, claim.request_id, claim.claim_id))
-            row = cur.fetchone()
-            return ExpectationState(row[0]) if row else None
+            settle = (
+                sa.update(EXPECTATIONS)
+                .where(*_mine(claim))
+                .values(
+                    state=_SETTLED_STATE,
+                    reason=sa.func.coalesce(reason, e.reason),
+                    claim_id=None,
+                    updated_at=now,
+                    finished_at=now,
+                )
+                .returning(e.state)
+            )
+            state = conn.execute(settle).scalar()
+            return ExpectationState(state) if state is not None else None
 
         return op
 
-    def op_mark(self, request_id: str, state: ExpectationState, reason: str | None) -> Op:
+    def op_mark(self, request_id: str, state: ExpectationState, reason: str | None) -> SyncOp:
         """Set an expectation's state regardless of claims (a payload_error delivery whose
         payload was fetched: recovered). False if it is not stored."""
-        statement = sql_for(
-            f"UPDATE {TABLE_NAME} SET state = ?, reason = ?, claim_id = NULL, updated_at = ?, "
-            "finished_at = ? WHERE request_id = ?",
-            self.dialect,
-        )
 
-        def op(tx: Tx) -> bool:
-            cur = tx.cur
+        def op(conn: sa.Connection) -> bool:
             now = time.time()
-            final = None if state.active else now
-            cur.execute(statement, (state.value, reason, now, final, request_id))
-            return bool(cur.rowcount == 1)
+            mark = (
+                sa.update(EXPECTATIONS)
+                .where(e.request_id == request_id)
+                .values(
+                    state=state.value,
+                    reason=reason,
+                    claim_id=None,
+                    updated_at=now,
+                    finished_at=None if state.active else now,
+                )
+            )
+            return bool(conn.execute(mark).rowcount == 1)
 
         return op
 
-    def op_release(self, claim_ids: Sequence[str]) -> Op:
+    def op_release(self, claim_ids: Sequence[str]) -> SyncOp:
         """Give back claims not worked on (a stopping poller): due again at once."""
-        statement = sql_for(
-            f"UPDATE {TABLE_NAME} SET claim_id = NULL, due_at = ? WHERE claim_id = ?",
-            self.dialect,
-        )
 
-        def op(tx: Tx) -> None:
-            cur = tx.cur
-            now = time.time()
-            for claim_id in claim_ids:
-                cur.execute(statement, (now, claim_id))
+        def op(conn: sa.Connection) -> None:
+            if claim_ids:
+                release = sa.update(EXPECTATIONS).where(e.claim_id.in_(claim_ids))
+                conn.execute(release.values(claim_id=None, due_at=time.time()))
 
         return op
 
-    def op_fill_body(self, request_id: str, claim_id: str, body: bytes) -> Op:
+    def op_fill_body(self, request_id: str, claim_id: str, body: bytes) -> SyncOp:
         """Replace a claimed delivery's body with one whose payload came from the queue (a
         ``payload_error`` delivery), so retries and replays see it too. Fenced by the
         delivery's claim; False if the claim was lost."""
-        statement = sql_for(
-            "UPDATE falhook_bodies SET body = ? WHERE id = (SELECT id FROM falhook_deliveries "
-            "WHERE request_id = ? AND claim_id = ?)",
-            self.dialect,
-        )
 
-        def op(tx: Tx) -> bool:
-            cur = tx.cur
-            cur.execute(statement, (body, request_id, claim_id))
-            return bool(cur.rowcount == 1)
+        def op(conn: sa.Connection) -> bool:
+            claimed = sa.select(d.id).where(d.request_id == request_id, d.claim_id == claim_id)
+            fill = sa.update(BODIES).where(BODIES.c.id == claimed.scalar_subquery())
+            return bool(conn.execute(fill.values(body=body)).rowcount == 1)
 
         return op
 
-    def op_get(self, request_id: str) -> Op:
-        statement = sql_for(
-            f"SELECT {_SELECT} FROM {TABLE_NAME} WHERE request_id = ?", self.dialect
-        )
-
-        def op(tx: Tx) -> Expectation | None:
-            cur = tx.cur
-            cur.execute(statement, (request_id,))
-            row = cur.fetchone()
+    def op_get(self, request_id: str) -> SyncOp:
+        def op(conn: sa.Connection) -> Expectation | None:
+            select = sa.select(*(e[name] for name in _COLUMNS))
+            row = conn.execute(select.where(e.request_id == request_id)).first()
             return Expectation.from_row(row) if row else None
 
         return op
 
-    # -- async: through the store's writer ---------------------------------------------
+    # -- running ---------------------------------------------------------------------
 
-    async def run(self, op: Op) -> Any:
+    async def run(self, op: SyncOp) -> Any:
+        """Run one operation in a thread, on a connection of the store's pool."""
         return await self.store.run(op)
 
-    # -- sync: a connection of its own (CLI, metrics, tests) ---------------------------
-
-    def run_sync(self, op: Op) -> Any:
-        """Run one operation in a transaction on a connection of its own (checking, not
-        migrating, the schema first: only `falhook serve` migrates)."""
+    def run_sync(self, op: SyncOp) -> Any:
+        """Run one operation on a connection of its own (checking, not migrating, the
+        schema first: only `falhook serve` migrates)."""
         return self.store.run_sync(op)
 
     def add(self, new: NewExpectation, *, recover_after: float, ttl: float) -> bool:
@@ -477,33 +456,24 @@ class Expectations:
         self, *, states: Sequence[ExpectationState] = (), limit: int | None = 100
     ) -> builtins.list[Expectation]:
         """Expectations, newest first, optionally in some states only."""
-        where = ""
-        params: list[Any] = [s.value for s in states]
+        select = sa.select(*(e[name] for name in _COLUMNS))
         if states:
-            where = " WHERE state IN (" + ", ".join("?" for _ in states) + ")"
-        text = f"SELECT {_SELECT} FROM {TABLE_NAME}{where} ORDER BY created_at DESC, request_id"
-        if limit is not None:
-            text += " LIMIT ?"
-            params.append(limit)
-        statement = sql_for(text, self.dialect)
+            select = select.where(e.state.in_([s.value for s in states]))
+        select = select.order_by(e.created_at.desc(), e.request_id).limit(limit)
 
-        def op(tx: Tx) -> builtins.list[Expectation]:
-            cur = tx.cur
-            cur.execute(statement, tuple(params))
-            return [Expectation.from_row(r) for r in cur.fetchall()]
+        def op(conn: sa.Connection) -> builtins.list[Expectation]:
+            return [Expectation.from_row(r) for r in conn.execute(select)]
 
         result: builtins.list[Expectation] = self.run_sync(op)
         return result
 
     def counts(self) -> dict[ExpectationState, int]:
         """Expectations in each state (every state present, zero if none)."""
-        statement = f"SELECT state, COUNT(*) FROM {TABLE_NAME} GROUP BY state"
 
-        def op(tx: Tx) -> dict[ExpectationState, int]:
-            cur = tx.cur
-            cur.execute(statement)
+        def op(conn: sa.Connection) -> dict[ExpectationState, int]:
             counts = dict.fromkeys(ExpectationState, 0)
-            for state, count in cur.fetchall():
+            by_state = sa.select(e.state, sa.func.count()).group_by(e.state)
+            for state, count in conn.execute(by_state):
                 counts[ExpectationState(state)] = int(count)
             return counts
 

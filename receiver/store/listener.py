@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from falhook.receiver.retry import Backoff
-from falhook.receiver.store.dbapi import NOTIFY_CHANNEL, PG_CONNECT_ARGS
+from falhook.receiver.store.engine import NOTIFY_CHANNEL, PG_CONNECT_ARGS
 
 __all__ = ["Listener", "libpq_conninfo"]
 

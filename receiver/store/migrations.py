@@ -5,6 +5,9 @@ Each migration is frozen once released: it states the DDL of its own version (ne
 written by any older falhook is brought forward step by step. The applied version is kept
 in ``falhook_schema_version``. Replicas starting together serialize on a transaction-level
 advisory lock (PostgreSQL) or an immediate write lock (SQLite).
+
+Only `falhook serve` (a `Store`) migrates; the store commands check the version, changing
+nothing (`check_version`). Neither works on a store newer than it knows.
 """
 
 from __future__ import annotations
@@ -14,10 +17,19 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from falhook.receiver.store.dbapi import Db
-from falhook.receiver.store.schema import VERSION_TABLE, schema_version
+from falhook.receiver.errors import StoreSchemaError
 
-__all__ = ["MIGRATIONS", "VERSION_TABLE", "Migration", "current_version", "upgrade"]
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "VERSIONS",
+    "VERSION_TABLE",
+    "Migration",
+    "check_not_newer",
+    "check_version",
+    "current_version",
+    "upgrade",
+]
 
 _ADVISORY_LOCK_KEY = 0x46A1_400C  # arbitrary constant: "falhook migrations"
 
@@ -362,28 +374,56 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
-def _version_table(metadata: sa.MetaData) -> sa.Table:
-    return sa.Table(
-        VERSION_TABLE,
-        metadata,
-        sa.Column("version", sa.Integer, primary_key=True),
-        sa.Column("description", sa.String, nullable=False),
-        sa.Column("applied_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
-    )
+# The version this falhook writes.
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+# The migrations applied: created before the first one, never migrated itself.
+VERSION_TABLE = "falhook_schema_version"
+VERSIONS = sa.Table(
+    VERSION_TABLE,
+    sa.MetaData(),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("description", sa.String, nullable=False),
+    sa.Column("applied_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+)
 
 
 def current_version(conn: sa.Connection) -> int:
-    """The highest applied migration, 0 for an empty database (read as the store commands
-    read it: schema.schema_version, on this connection's transaction)."""
-    cur = conn.connection.cursor()
-    try:
-        return schema_version(Db(cur, conn.dialect.name))
-    finally:
-        cur.close()
+    """The highest applied migration, 0 for a database without falhook's tables (a table
+    visible on the search_path, on PostgreSQL)."""
+    if not conn.dialect.has_table(conn, VERSION_TABLE):
+        return 0
+    found = conn.execute(sa.select(sa.func.coalesce(sa.func.max(VERSIONS.c.version), 0)))
+    return int(found.scalar_one())
+
+
+def check_version(version: int, known: int = SCHEMA_VERSION) -> None:
+    """StoreSchemaError unless `version` is the one this falhook writes, saying what to do."""
+    if version == 0:
+        raise StoreSchemaError(
+            "no falhook tables in this database (`falhook serve` creates them when it "
+            "starts): is --database-url / FALHOOK_DATABASE_URL the right one?"
+        )
+    if version < known:
+        raise StoreSchemaError(
+            f"the store's schema is version {version}, this falhook needs {known}: "
+            "start this version's `falhook serve` once (it upgrades the schema), then retry"
+        )
+    check_not_newer(version, known)
+
+
+def check_not_newer(version: int, known: int = SCHEMA_VERSION) -> None:
+    """StoreSchemaError if a later falhook wrote the store (this one would misread it)."""
+    if version > known:
+        raise StoreSchemaError(
+            f"the store's schema is version {version}, newer than this falhook knows "
+            f"({known}): upgrade falhook"
+        )
 
 
 def upgrade(engine: sa.Engine, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
-    """Apply every migration newer than the database's version; return the final version."""
+    """Apply every migration newer than the database's version; return the final version.
+    StoreSchemaError for a database newer than `migrations` (a later falhook wrote it)."""
     try:
         return _upgrade(engine, migrations)
     except (sa.exc.OperationalError, sa.exc.IntegrityError):
@@ -406,16 +446,17 @@ def _upgrade(engine: sa.Engine, migrations: tuple[Migration, ...]) -> int:
             # transaction, processes starting together all read version 0 and then race to
             # CREATE TABLE. (pysqlite sends no BEGIN of its own before DDL or SELECT.)
             conn.exec_driver_sql("BEGIN IMMEDIATE")
-        metadata = sa.MetaData()
-        table = _version_table(metadata)
-        metadata.create_all(conn)
+        VERSIONS.create(conn, checkfirst=True)
         version = current_version(conn)
+        check_not_newer(version, migrations[-1].version)
         for migration in migrations:
             if migration.version <= version:
                 continue
             migration.apply(conn)
             conn.execute(
-                table.insert().values(version=migration.version, description=migration.description)
+                VERSIONS.insert().values(
+                    version=migration.version, description=migration.description
+                )
             )
             version = migration.version
         return version

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from falhook.receiver.store.attempts import rearm_if_redelivered
-from falhook.receiver.store.migrations import VERSION_TABLE
 from falhook.receiver.store.records import Claim, ClaimBatch, NewDelivery, decode_callbacks
 from falhook.receiver.store.statements import Compiled
 from falhook.receiver.store.writer import Op, Tx
@@ -162,14 +161,6 @@ def op_claim(claim_id: str, limit: int, lease_seconds: float) -> Op:
     return op
 
 
-# Rewrites one existing row unchanged: as much of a write as the storage sees, with no
-# effect. The version table always has its rows once the schema is there.
-_PING = (
-    f"UPDATE {VERSION_TABLE} SET description = description "
-    f"WHERE version = (SELECT MAX(version) FROM {VERSION_TABLE})"
-)
-
-
 def op_fenced(statement: str, params: dict[str, Any]) -> Op:
     """A write to a claimed delivery (renew, finish, reschedule, bury) that changes
     nothing unless the claim is still ours; True if it was."""
@@ -190,4 +181,4 @@ def op_fenced(statement: str, params: dict[str, Any]) -> Op:
 def op_ping(tx: Tx) -> None:
     """A round trip through the writer's connection, with a write: ready means a write
     can commit (a full disk fails it, where a SELECT would pass)."""
-    tx.cur.execute(_PING)
+    tx.sql.ping.execute(tx.cur)

@@ -1,6 +1,6 @@
 """The values that travel between the app, the store, the dispatcher and the operator.
 
-Plain dataclasses (no SQLModel): the store commands import them.
+Plain frozen dataclasses: values handed between threads and tasks, not table rows.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The hot path's SQL: Core statements against the tables, compiled once per dialect.
 
 Why raw DBAPI cursors: the statements are SQLAlchemy Core, built against the SQLModel
-table and compiled once per dialect; executing the compiled text on the driver's cursor
-skips the per-call ORM/Core overhead that would otherwise dominate the hot path.
+tables and compiled once per dialect; the writers execute the compiled text on their
+driver's cursor, which skips the per-call Core overhead that would otherwise dominate the
+hot path. Everything off the hot path runs Core statements on a SQLAlchemy connection.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from falhook.receiver.models import BodyRow, DeliveryRow, ExpectationRow, State
-from falhook.receiver.store.dbapi import NOTIFY_CHANNEL
+from falhook.receiver.models import (
+    ACTIVE_PREDICATE,
+    ATTEMPTS,
+    BODIES,
+    DELIVERIES,
+    EXPECTATIONS,
+    State,
+)
+from falhook.receiver.store.engine import NOTIFY_CHANNEL
+from falhook.receiver.store.migrations import VERSIONS
 
-__all__ = ["ACTIVE_PREDICATE", "BODIES", "NOTIFY_CHANNEL", "TABLE", "Compiled", "Statements"]
-
-TABLE: sa.Table = DeliveryRow.__table__  # type: ignore[attr-defined]
-BODIES: sa.Table = BodyRow.__table__  # type: ignore[attr-defined]
-EXPECTATIONS: sa.Table = ExpectationRow.__table__  # type: ignore[attr-defined]
-# The active-state predicate, spelled with literals exactly as the partial index
-# ix_falhook_deliveries_active_due (migration 2) states it: a planner can only match a
-# partial index whose predicate the query implies, and a bound parameter implies nothing.
-ACTIVE_PREDICATE = "state = 'pending' OR state = 'running'"
+__all__ = ["Compiled", "Statements"]
 
 
 class Compiled:
@@ -72,7 +73,7 @@ class Statements:
             driver: Any = type(dialect)  # the engine's own driver, positional ("%s")
             compile_dialect = driver(paramstyle="format")
             insert_fn = pg_dialect.insert
-        t = TABLE
+        t = DELIVERIES
         c = t.c
 
         def text(stmt: sa.ClauseElement) -> Compiled:
@@ -266,6 +267,38 @@ class Statements:
                 finished_at=bp("now"),
                 **released,
             )
+        )
+        # The attempt an outcome ends (attempts.op_settle), keyed by the delivery's id.
+        a = ATTEMPTS
+        self.attempt = text(
+            sa.insert(a).from_select(
+                [
+                    "delivery_id",
+                    "attempt",
+                    "started_at",
+                    "duration_seconds",
+                    "outcome",
+                    "error",
+                    "next_attempt_at",
+                ],
+                sa.select(
+                    c.id,
+                    bp("attempt", type_=sa.Integer),
+                    bp("started_at", type_=sa.Float),
+                    bp("duration_seconds", type_=sa.Float),
+                    bp("outcome", type_=sa.String),
+                    bp("error", type_=sa.String),
+                    bp("next_attempt_at", type_=sa.Float),
+                ).where(c.request_id == bp("request_id")),
+            )
+        )
+        # Rewrites one existing row unchanged (the version table always has its rows once
+        # the schema is there): as much of a write as the storage sees, with no effect.
+        v = VERSIONS.c
+        self.ping = text(
+            sa.update(VERSIONS)
+            .where(v.version == sa.select(sa.func.max(v.version)).scalar_subquery())
+            .values(description=v.description)
         )
         self.notify = f"NOTIFY {NOTIFY_CHANNEL}" if self.name == "postgresql" else None
 

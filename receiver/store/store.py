@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from falhook.receiver.errors import StoreUnavailableError
 from falhook.receiver.store.admin import Admin
 from falhook.receiver.store.attempts import AttemptRecord, op_settle
-from falhook.receiver.store.engine import EngineConnector, make_engine
+from falhook.receiver.store.engine import brief, make_engine
 from falhook.receiver.store.fileguard import FileGuard
 from falhook.receiver.store.loop_writer import LoopWriter
 from falhook.receiver.store.migrations import upgrade
@@ -38,7 +38,7 @@ from falhook.receiver.store.operations import (
 from falhook.receiver.store.records import Claim, ClaimBatch, NewDelivery
 from falhook.receiver.store.statements import Statements
 from falhook.receiver.store.thread_writer import ThreadWriter
-from falhook.receiver.store.writer import Connection, Landed, Op, Writer, brief
+from falhook.receiver.store.writer import Connection, Landed, Op, Writer
 
 __all__ = ["Store"]
 
@@ -48,10 +48,10 @@ class Store(Admin):
 
     `start()` launches the writer thread (it connects lazily, so a database that is down
     at start does not stop the process); `stop()` drains and joins it. The sync methods
-    (`list`, `get`, `replay`, `prune`, `counts`…) are `Admin`'s (admin.py), on pooled
-    connections, for the console, the metrics gauges, the pruner and tests; they migrate
-    the schema on first use unless it was checked. The store commands use an `Admin` of
-    their own (no SQLAlchemy, no writer).
+    (`list`, `get`, `replay`, `prune`, `counts`…) and `run`/`run_sync` (an operation of
+    expectations.py) are `Admin`'s (admin.py), on pooled connections, for the console, the
+    metrics gauges, the pruner, recovery and tests; they migrate the schema on first use
+    unless it was checked. The store commands use an `Admin` of their own (no writer).
     """
 
     def __init__(
@@ -62,8 +62,7 @@ class Store(Admin):
         on_due: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
-        self.engine = make_engine(url)
-        super().__init__(EngineConnector(self.engine))
+        super().__init__(make_engine(url))
         self._sql = Statements(self.engine.dialect)
         self._max_batch = max_batch
         self._on_due = on_due
@@ -184,9 +183,7 @@ class Store(Admin):
         if attempt is None:
             return await self._fenced(statement, params)
         # The attempt is written by the same operation as its outcome: one transaction.
-        result: bool = await self._submit(
-            op_settle(statement, params, attempt, dialect=self.dialect)
-        )
+        result: bool = await self._submit(op_settle(statement, params, attempt))
         return result
 
     async def finish(
@@ -248,12 +245,6 @@ class Store(Admin):
             },
             attempt,
         )
-
-    async def run(self, op: Op) -> Any:
-        """Run one operation in the writer's next transaction (for store modules such as
-        expectations.py, whose statements live beside their tables). `run_sync` runs one
-        on a pooled connection of its own instead."""
-        return await self._submit(op)
 
     async def ping(self) -> None:
         """Round-trip through the writer: raises StoreUnavailableError if it cannot."""

@@ -1,8 +1,7 @@
 """Group commit: many operations, one transaction, one fsync — and a future for each.
 
-What both writers share lives here: the connection holder, running a batch's operations,
-and the one-by-one fallback. The transaction context an operation sees (`Tx`) is in
-dbapi.py, since sync callers run operations too (admin.py).
+What both writers share lives here: the transaction an operation sees (`Tx`), the
+connection holder, running a batch's operations, and the one-by-one fallback.
 
 Request handlers hand the writer an operation (a function of the transaction's cursor)
 and await its future. The writer runs every operation queued by then in one transaction,
@@ -25,10 +24,9 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from falhook.receiver.errors import StoreUnavailableError
-from falhook.receiver.store.dbapi import Op, Tx, brief
-from falhook.receiver.store.engine import pooled_connection
+from falhook.receiver.store.engine import brief, pooled_connection
 
-__all__ = ["Connection", "Landed", "Op", "Tx", "Writer", "WriterBase", "brief", "run_ops"]
+__all__ = ["Connection", "Landed", "Op", "Tx", "Writer", "WriterBase", "run_ops"]
 
 log = logging.getLogger("falhook.store")
 
@@ -39,6 +37,24 @@ class Statements(Protocol):
     notify: str | None  # NOTIFY replicas when a transaction made work due (PostgreSQL)
 
 
+class Tx:
+    """One writer transaction as its operations see it: the DBAPI cursor, the compiled
+    statements (statements.Statements), and whether an operation made work due. Each
+    transaction gets a fresh one."""
+
+    __slots__ = ("cur", "due_now", "sql")
+
+    def __init__(self, cur: Any, sql: Any) -> None:
+        self.cur = cur
+        self.sql = sql
+        # An operation made work due now (a new insert, a revived dead delivery): only such
+        # a transaction NOTIFYs the other replicas and wakes the local dispatcher. A NOTIFY
+        # on every transaction (claims included) would make idle replicas wake each other.
+        self.due_now = False
+
+
+# An operation: runs inside a writer's transaction and returns its request's result.
+Op = Callable[[Tx], Any]
 Job = tuple[Op, "asyncio.Future[Any]"]
 Outcome = tuple[bool, Any]  # (True, result) or (False, StoreUnavailableError)
 Result = tuple[list[Outcome], bool]  # outcomes, whether work became due

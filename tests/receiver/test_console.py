@@ -19,9 +19,9 @@ from falhook.receiver import Settings, WebhookReceiver
 from falhook.receiver.console import queries
 from falhook.receiver.console.auth import SESSION_COOKIE, Auth, SigninThrottle
 from falhook.receiver.console.queries import PAGE_SIZE, Cursor, Filters, page_statement, sql_for
-from falhook.receiver.models import State
+from falhook.receiver.models import BODIES, State
+from falhook.receiver.models import DELIVERIES as TABLE
 from falhook.receiver.store import Store
-from falhook.receiver.store.statements import BODIES, TABLE
 from tests.receiver import store_fixtures
 from tests.receiver.conftest import Signer
 
@@ -581,6 +581,55 @@ def test_queries_on_both_dialects(store_url: str) -> None:
             assert queries.dead_matching(conn, Filters(since=now - 3.5), 10) == (["q1", "q3"], 2)
     finally:
         store.engine.dispose()
+
+
+def test_the_prefix_filter_is_exact_on_both_dialects(store_url: str) -> None:
+    """Case-sensitive, and % and _ are themselves: one rule on SQLite and PostgreSQL."""
+    store = Store(store_url)
+    ids = ["Ab-1", "ab-2", "a%c", "a_c", "abc", "xa"]
+    try:
+        store.migrate()
+        now = time.time()
+        with store.engine.begin() as conn:
+            for i, rid in enumerate(ids):
+                conn.execute(
+                    sa.insert(TABLE).values(
+                        request_id=rid, status="OK", received_at=now - i, state="done",
+                        attempts=1, due_at=now, updated_at=now,
+                    )
+                )  # fmt: skip
+        with store.engine.connect() as conn:
+
+            def found(prefix: str) -> list[str]:
+                return [r.request_id for r in queries.page(conn, Filters(prefix=prefix), None)[0]]
+
+            assert found("a") == ["ab-2", "a%c", "a_c", "abc"]
+            assert found("A") == ["Ab-1"]
+            assert found("AB") == []
+            assert found("a%") == ["a%c"]
+            assert found("a_") == ["a_c"]
+            assert found("%") == found("_") == []
+            assert queries.dead_matching(conn, Filters(prefix="A"), 10) == ([], 0)
+    finally:
+        store.engine.dispose()
+
+
+@pytest.mark.parametrize("raw", ["\x00", "ab\x00", "a\nb", "\x7f"])
+def test_a_prefix_with_control_characters_is_a_message(raw: str) -> None:
+    # A NUL cannot reach PostgreSQL at all (it was a 503 page): the filter is refused.
+    filters, problems = queries.parse_filters({"q": raw})
+    assert filters.prefix is None
+    assert problems == ["request id prefix: control characters are not part of a request id"]
+
+
+def test_a_nul_in_the_prefix_is_a_message_not_an_error_page(
+    signed_in: TestClient, hooks: WebhookReceiver
+) -> None:
+    seed(hooks, "r-1", state=State.DONE)
+    page = signed_in.get("/console/?q=%00")
+    assert page.status_code == 200
+    assert "control characters are not part of a request id" in page.text
+    assert rows_of(page.text) == ["r-1"]
 
 
 def test_delivery_page_shows_its_expectation(signed_in: TestClient, hooks: WebhookReceiver) -> None:

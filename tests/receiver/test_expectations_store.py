@@ -248,6 +248,30 @@ def test_sweep_settles_delivered_and_expires_overdue(store_url: str) -> None:
     run(body)
 
 
+def test_sweep_leaves_a_claimed_one_to_its_claimant(store_url: str) -> None:
+    # The claimant fetched the result and stored it: its settle says so, not the sweep's.
+    async def body() -> None:
+        async with opened(store_url) as (store, ex):
+            await ex.run(ex.op_add(new("r"), recover_after=0, ttl=3600))
+            (claim,), _ = await ex.run(ex.op_claim(limit=10, lease_seconds=300))
+            now = time.time()
+            await store.insert(dataclasses.replace(delivery("r"), source=SOURCE_QUEUE))
+            assert (await ex.run(ex.op_sweep(since=now - 5, ttl_reason="ttl"))).settled == {}
+            settled = ex.op_settle_delivered(claim, reason="fetched from fal's queue (OK)")
+            assert await ex.run(settled) is S.RECOVERED
+            found = await ex.run(ex.op_get("r"))
+            assert found is not None and found.reason == "fetched from fal's queue (OK)"
+            # A lease that ran out is nobody's: the sweep settles it.
+            await ex.run(ex.op_add(new("gone"), recover_after=0, ttl=3600))
+            await ex.run(ex.op_claim(limit=10, lease_seconds=0.001))
+            await store.insert(delivery("gone"))
+            await asyncio.sleep(0.01)
+            swept = await ex.run(ex.op_sweep(since=now - 5, ttl_reason="ttl"))
+            assert swept.settled == {"gone": S.ARRIVED}
+
+    run(body)
+
+
 def test_mark_and_release(store_url: str) -> None:
     async def body() -> None:
         async with opened(store_url) as (_, ex):

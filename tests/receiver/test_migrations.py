@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from falhook.receiver.models import ATTEMPTS, BodyRow, DeliveryRow, State
+from falhook.receiver.models import ATTEMPTS, CONTROL, BodyRow, DeliveryRow, State
 from falhook.receiver.store import Store, make_engine
 from falhook.receiver.store.migrations import MIGRATIONS, VERSION_TABLE, current_version, upgrade
 from tests.receiver import store_fixtures
@@ -233,7 +233,7 @@ def _other_database(store_url: str, tmp_path: Path) -> Iterator[str]:
             yield url
 
 
-@pytest.mark.parametrize("table", [TABLE, BODIES, ATTEMPTS], ids=lambda t: t.name)
+@pytest.mark.parametrize("table", [TABLE, BODIES, ATTEMPTS, CONTROL], ids=lambda t: t.name)
 def test_migrated_schema_matches_the_sqlmodel_table(
     store_url: str, tmp_path: Path, table: sa.Table
 ) -> None:

@@ -800,10 +800,10 @@ def test_pg_a_duplicate_racing_a_replicas_bury_still_rearms_it(pg_schema_url: st
     # the delivery. Under READ COMMITTED the duplicate's update must wait for that bury and
     # re-arm what it wrote: as two statements ("if dead, revive", then "if in flight,
     # mark") the bury could commit between them, and the duplicate would do neither.
-    from falhook.receiver.store.dbapi import Tx
     from falhook.receiver.store.engine import make_engine
     from falhook.receiver.store.operations import _duplicate
     from falhook.receiver.store.statements import Statements
+    from falhook.receiver.store.writer import Tx
 
     def blocked_on_a_lock() -> bool:
         with pg_admin().connect() as conn:
