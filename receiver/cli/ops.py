@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from falhook.receiver.cli.serve import add_settings_flags
 from falhook.receiver.durations import format_duration, format_time, parse_duration, parse_since
 from falhook.receiver.errors import SettingsError, StoreSchemaError, StoreUnavailableError
 from falhook.receiver.settings import ENV_PREFIX, Settings
-from falhook.receiver.state import State
+from falhook.receiver.state import RETRYING, SHOWN_STATES, State, shown_state
 
 if TYPE_CHECKING:
     from falhook.receiver.store.admin import Admin
@@ -95,8 +96,9 @@ def add_parser(subparsers: Any) -> None:
         "--state",
         dest="states",
         action="append",
-        choices=[s.value for s in State],
-        help="only deliveries in this state; repeatable",
+        choices=SHOWN_STATES,
+        help="only deliveries in this state; repeatable (retrying: pending, failed before, "
+        "due later)",
     )
     listing.add_argument(
         "--since",
@@ -253,6 +255,10 @@ def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
 # -- rendering -------------------------------------------------------------------------
 
 
+def _shown(delivery: StoredDelivery, now: float) -> str:
+    return shown_state(delivery.state.value, delivery.attempts, delivery.due_at, now)
+
+
 def summary(delivery: StoredDelivery) -> dict[str, Any]:
     """A delivery without its body, for ``list --json`` (times ISO 8601 UTC)."""
     pending = delivery.state is State.PENDING
@@ -260,6 +266,7 @@ def summary(delivery: StoredDelivery) -> dict[str, Any]:
     return {
         "request_id": delivery.request_id,
         "state": delivery.state.value,
+        "retrying": _shown(delivery, time.time()) == RETRYING,
         "status": delivery.status,
         "attempts": delivery.attempts,
         "received_at": format_time(delivery.received_at),
@@ -311,22 +318,31 @@ def _out(text: str) -> None:
 @_guarded
 def run_list(args: argparse.Namespace) -> int:
     """``falhook deliveries list``."""
-    states = [State(s) for s in args.states or ()]
+    wanted = args.states or ()
+    states = [State(s) for s in wanted if s != RETRYING]
+    now = time.time()
     with _store(args) as store:
-        found = store.list(states=states, since=args.since, limit=args.limit)
+        found = store.list(
+            states=states,
+            since=args.since,
+            limit=args.limit,
+            retrying_after=now if RETRYING in wanted else None,
+        )
     if args.json:
         _out(json.dumps([summary(d) for d in found], indent=2))
         return 0
     if not found:
         _out("no deliveries match")
         return 0
-    rows = [["REQUEST_ID", "STATE", "STATUS", "ATTEMPTS", "RECEIVED (UTC)", "LAST_ERROR"]]
+    header = ["REQUEST_ID", "STATE", "STATUS", "ATTEMPTS", "NEXT ATTEMPT", "RECEIVED (UTC)"]
+    rows = [[*header, "LAST_ERROR"]]
     rows += [
         [
             d.request_id,
-            d.state.value,
+            _shown(d, now),
             d.status,
             str(d.attempts),
+            (format_time(d.due_at) or "-") if d.state is State.PENDING else "-",
             format_time(d.received_at) or "-",
             _one_line(d.last_error, _LAST_ERROR_WIDTH),
         ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -27,6 +28,7 @@ from falhook.receiver.console import queries, render
 from falhook.receiver.console.auth import Auth, Session, SigninThrottle
 from falhook.receiver.errors import ReceiverError
 from falhook.receiver.models import State
+from falhook.receiver.state import RETRYING, SHOWN_STATES
 from falhook.receiver.store import Store
 from falhook.receiver.store.attempts import StoredAttempt
 from falhook.receiver.store.control import DispatchControl
@@ -114,11 +116,14 @@ class Console:
 
         def read() -> Counters:
             counts = store.counts()
-            return Counters(
-                [(state.value, counts[state]) for state in State],
-                render.age(store.oldest_pending_age()),
-                store.dispatch_control(),
-            )
+            retrying = store.retrying()
+            # Pending counts only what is due; what waits for a later attempt is retrying.
+            shown = [
+                (state.value, counts[state] - (retrying if state is State.PENDING else 0))
+                for state in State
+            ]
+            shown.insert(1, (RETRYING, retrying))
+            return Counters(shown, render.age(store.oldest_pending_age()), store.dispatch_control())
 
         return await asyncio.to_thread(read)
 
@@ -238,7 +243,8 @@ class Console:
             "filters": {"state": raw["state"], "status": raw["status"].upper()},
             "raw": raw,
             "problems": problems,
-            "states": [s.value for s in State],
+            "states": SHOWN_STATES,
+            "now": time.time(),
             "statuses": queries.STATUSES,
             "cursor": cursor,
             "next_cursor": next_cursor,
@@ -277,6 +283,7 @@ class Console:
             "d": delivery,
             "body": render.linked_body(render.pretty_body(delivery.body, parsed)),
             "media": render.find_media(parsed),
+            "now": time.time(),
             "attempts": attempts,
             "expectation": expectation,
         }
