@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from falhook.receiver.cli.common import (
@@ -26,7 +27,7 @@ from falhook.receiver.cli.common import (
 )
 from falhook.receiver.durations import format_duration, format_time, parse_duration, parse_since
 from falhook.receiver.settings import ENV_PREFIX
-from falhook.receiver.state import State
+from falhook.receiver.state import RETRYING, SHOWN_STATES, State, shown_state
 from falhook.receiver.tables import render_table
 from falhook.receiver.tracebacks import repeats
 
@@ -99,8 +100,9 @@ def add_parser(subparsers: Any) -> None:
         "--state",
         dest="states",
         action="append",
-        choices=[s.value for s in State],
-        help="only deliveries in this state; repeatable",
+        choices=SHOWN_STATES,
+        help="only deliveries in this state; repeatable (retrying: pending, failed before, "
+        "due later)",
     )
     listing.add_argument(
         "--since",
@@ -192,6 +194,10 @@ def add_parser(subparsers: Any) -> None:
 # -- rendering -------------------------------------------------------------------------
 
 
+def _shown(delivery: StoredDelivery, now: float) -> str:
+    return shown_state(delivery.state.value, delivery.attempts, delivery.due_at, now)
+
+
 def summary(delivery: StoredDelivery) -> dict[str, Any]:
     """A delivery without its body, for ``list --json`` (times ISO 8601 UTC)."""
     pending = delivery.state is State.PENDING
@@ -199,6 +205,7 @@ def summary(delivery: StoredDelivery) -> dict[str, Any]:
     return {
         "request_id": delivery.request_id,
         "state": delivery.state.value,
+        "retrying": _shown(delivery, time.time()) == RETRYING,
         "status": delivery.status,
         "attempts": delivery.attempts,
         "received_at": format_time(delivery.received_at),
@@ -237,22 +244,31 @@ def _one_line(text: str | None, width: int) -> str:
 @guarded
 def run_list(args: argparse.Namespace) -> int:
     """``falhook deliveries list``."""
-    states = [State(s) for s in args.states or ()]
+    wanted = args.states or ()
+    states = [State(s) for s in wanted if s != RETRYING]
+    now = time.time()
     with open_store(args) as store:
-        found = store.list(states=states, since=args.since, limit=args.limit)
+        found = store.list(
+            states=states,
+            since=args.since,
+            limit=args.limit,
+            retrying_after=now if RETRYING in wanted else None,
+        )
     if args.json:
         out(json.dumps([summary(d) for d in found], indent=2))
         return 0
     if not found:
         out("no deliveries match")
         return 0
-    rows = [["REQUEST_ID", "STATE", "STATUS", "ATTEMPTS", "RECEIVED (UTC)", "LAST_ERROR"]]
+    header = ["REQUEST_ID", "STATE", "STATUS", "ATTEMPTS", "NEXT ATTEMPT", "RECEIVED (UTC)"]
+    rows = [[*header, "LAST_ERROR"]]
     rows += [
         [
             d.request_id,
-            d.state.value,
+            _shown(d, now),
             d.status,
             str(d.attempts),
+            (format_time(d.due_at) or "-") if d.state is State.PENDING else "-",
             format_time(d.received_at) or "-",
             _one_line(d.last_error, _LAST_ERROR_WIDTH),
         ]

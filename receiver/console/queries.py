@@ -18,6 +18,7 @@ comparison of the id's first characters, not LIKE, which ignores ASCII case on S
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ import sqlalchemy as sa
 
 from falhook.receiver.durations import parse_since
 from falhook.receiver.models import ACTIVE_PREDICATE, DELIVERIES, State
+from falhook.receiver.state import RETRYING, shown_state
+from falhook.receiver.store.admin import retrying_condition
 
 __all__ = ["PAGE_SIZE", "STATUSES", "Cursor", "Filters", "Row", "page", "parse_filters"]
 
@@ -42,6 +45,7 @@ _COLUMNS = (
     TABLE.c.attempts,
     TABLE.c.received_at,
     TABLE.c.last_error,
+    TABLE.c.due_at,
 )
 
 
@@ -74,6 +78,8 @@ class Filters:
     since: float | None = None
     until: float | None = None
     prefix: str | None = None
+    # "retrying": pending deliveries that failed before and are due after this time.
+    retrying_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +93,21 @@ class Row:
     attempts: int
     received_at: float
     last_error: str | None
+    due_at: float
+
+    def shown_state(self, now: float) -> str:
+        """`RETRYING` when waiting for a later attempt, else the stored state."""
+        return shown_state(self.state, self.attempts, self.due_at, now)
 
 
 def parse_filters(params: Mapping[str, str]) -> tuple[Filters, list[str]]:
     """Filters from query or form fields, and a message for each one that is unusable."""
     problems: list[str] = []
     state = None
-    if raw := params.get("state", "").strip():
+    retrying_after = None
+    if (raw := params.get("state", "").strip()) == RETRYING:
+        state, retrying_after = State.PENDING, time.time()
+    elif raw:
         try:
             state = State(raw)
         except ValueError:
@@ -115,7 +129,8 @@ def parse_filters(params: Mapping[str, str]) -> tuple[Filters, list[str]]:
         # A NUL cannot even be sent to PostgreSQL; no request id holds control characters.
         problems.append("request id prefix: control characters are not part of a request id")
         prefix = None
-    return Filters(state, status, times["since"], times["until"], prefix), problems
+    filters = Filters(state, status, times["since"], times["until"], prefix, retrying_after)
+    return filters, problems
 
 
 # The index each state filter is read through (see the module docstring). PostgreSQL
@@ -140,6 +155,8 @@ def _where(stmt: sa.Select[Any], filters: Filters) -> sa.Select[Any]:
         stmt = stmt.where(sa.text(f"({ACTIVE_PREDICATE})"), TABLE.c.state == state.value)
     elif state is State.DONE:
         stmt = stmt.where(TABLE.c.state == state.value)
+    if filters.retrying_after is not None:
+        stmt = stmt.where(retrying_condition(filters.retrying_after))
     if filters.status is not None:
         stmt = stmt.where(TABLE.c.status == filters.status)
     if filters.since is not None:

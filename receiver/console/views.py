@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +31,7 @@ from falhook.receiver.console.charts import History, charts, svg_chart
 from falhook.receiver.errors import ReceiverError
 from falhook.receiver.models import State
 from falhook.receiver.protocol import PEER
+from falhook.receiver.state import RETRYING, SHOWN_STATES
 from falhook.receiver.store import Store
 from falhook.receiver.store.attempts import StoredAttempt
 from falhook.receiver.store.control import DispatchControl
@@ -144,11 +146,14 @@ class Console:
 
         def read() -> Counters:
             counts = store.counts()
-            return Counters(
-                [(state.value, counts[state]) for state in State],
-                render.age(store.oldest_pending_age()),
-                store.dispatch_control(),
-            )
+            retrying = store.retrying()
+            # Pending counts only what is due; what waits for a later attempt is retrying.
+            shown = [
+                (state.value, counts[state] - (retrying if state is State.PENDING else 0))
+                for state in State
+            ]
+            shown.insert(1, (RETRYING, retrying))
+            return Counters(shown, render.age(store.oldest_pending_age()), store.dispatch_control())
 
         return await asyncio.to_thread(read)
 
@@ -282,7 +287,8 @@ class Console:
             "filters": {"state": raw["state"], "status": raw["status"].upper()},
             "raw": raw,
             "problems": problems,
-            "states": [s.value for s in State],
+            "states": SHOWN_STATES,
+            "now": time.time(),
             "statuses": queries.STATUSES,
             "cursor": cursor,
             "next_cursor": next_cursor,
@@ -326,6 +332,7 @@ class Console:
         context = {
             "d": delivery,
             "view": view,
+            "now": time.time(),
             "attempts": attempts,
             # A traceback identical to the one before is shown once: "same as attempt 2".
             "repeats": [

@@ -35,6 +35,8 @@ __all__ = [
     "prune",
     "prune_batch",
     "replay",
+    "retrying",
+    "retrying_condition",
 ]
 
 _T = TypeVar("_T")
@@ -66,11 +68,20 @@ def list_deliveries(
     states: Sequence[State] = (),
     since: float | None = None,
     limit: int | None = 100,
+    retrying_after: float | None = None,
 ) -> list[StoredDelivery]:
-    """Stored deliveries, newest first, filtered by state and received time."""
+    """Stored deliveries, newest first, filtered by state and received time.
+
+    `retrying_after` adds the pending deliveries that failed before and are due after that
+    time (shown as retrying) to those of `states`."""
     stmt = _WITH_BODY
-    if states:
-        stmt = stmt.where(d.state.in_([s.value for s in states]))
+    wanted: list[sa.ColumnElement[bool]] = (
+        [d.state.in_([s.value for s in states])] if states else []
+    )
+    if retrying_after is not None:
+        wanted.append(retrying_condition(retrying_after))
+    if wanted:
+        stmt = stmt.where(sa.or_(*wanted))
     if since is not None:
         stmt = stmt.where(d.received_at >= since)
     stmt = stmt.order_by(d.received_at.desc(), d.request_id).limit(limit)
@@ -86,10 +97,28 @@ def counts(conn: sa.Connection) -> dict[State, int]:
 
 
 def oldest_pending_age(conn: sa.Connection, now: float | None = None) -> float:
-    """Seconds since the oldest not-yet-finished delivery was received (0 if none)."""
-    active = (State.PENDING.value, State.RUNNING.value)
-    oldest = conn.execute(sa.select(sa.func.min(d.received_at)).where(d.state.in_(active))).scalar()
-    return 0.0 if oldest is None else max(0.0, (now or time.time()) - float(oldest))
+    """Seconds since the oldest delivery that is due or running was received (0 if none).
+
+    A delivery waiting for a later attempt (retrying: a callback failed, or asked for
+    ``Retry(after=…)``) is not counted: it is where it should be, not stuck."""
+    now = now or time.time()
+    due = sa.or_(
+        d.state == State.RUNNING.value, sa.and_(d.state == State.PENDING.value, d.due_at <= now)
+    )
+    oldest = conn.execute(sa.select(sa.func.min(d.received_at)).where(due)).scalar()
+    return 0.0 if oldest is None else max(0.0, now - float(oldest))
+
+
+def retrying_condition(after: float) -> sa.ColumnElement[bool]:
+    """Pending deliveries that failed before and are due after `after`: shown as retrying
+    (state.shown_state says the same of one row)."""
+    return sa.and_(d.state == State.PENDING.value, d.attempts > 0, d.due_at > after)
+
+
+def retrying(conn: sa.Connection, now: float | None = None) -> int:
+    """How many pending deliveries failed before and wait for a later attempt."""
+    waiting = sa.select(sa.func.count()).where(retrying_condition(now or time.time()))
+    return int(conn.execute(waiting).scalar() or 0)
 
 
 def replay(
@@ -295,17 +324,29 @@ class Admin:
         states: Sequence[State] = (),
         since: float | None = None,
         limit: int | None = 100,
+        retrying_after: float | None = None,
     ) -> builtins.list[StoredDelivery]:
         """Stored deliveries, newest first, filtered by state and received time."""
-        return self._query(list_deliveries, states=states, since=since, limit=limit, write=False)
+        return self._query(
+            list_deliveries,
+            states=states,
+            since=since,
+            limit=limit,
+            retrying_after=retrying_after,
+            write=False,
+        )
 
     def counts(self) -> dict[State, int]:
         """Number of deliveries in each state (every state present, zero if none)."""
         return self._query(counts, write=False)
 
     def oldest_pending_age(self, now: float | None = None) -> float:
-        """Seconds since the oldest not-yet-finished delivery was received (0 if none)."""
+        """Seconds since the oldest due or running delivery was received (0 if none)."""
         return self._query(oldest_pending_age, now, write=False)
+
+    def retrying(self, now: float | None = None) -> int:
+        """How many pending deliveries wait for a later attempt."""
+        return self._query(retrying, now, write=False)
 
     def dispatch_control(self) -> DispatchControl:
         """The store-wide dispatch switch as it is now (paused or not, and why)."""

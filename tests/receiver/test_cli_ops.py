@@ -65,8 +65,10 @@ def seed(
     attempts: int = 1,
     last_error: str | None = None,
     status: str = "OK",
+    due_in: float | None = None,
 ) -> None:
-    """Write one row as the receiver and dispatcher would have left it."""
+    """Write one row as the receiver and dispatcher would have left it (`due_in`: a pending
+    delivery's next attempt, seconds from now)."""
     now = time.time()
     finished = state in (State.DONE, State.DEAD)
     row = {
@@ -80,7 +82,11 @@ def seed(
         "received_at": now - age,
         "state": state.value,
         "attempts": attempts,
-        "due_at": now + 30 if state is State.RUNNING else now - age,
+        "due_at": now + due_in
+        if due_in is not None
+        else now + 30
+        if state is State.RUNNING
+        else now - age,
         "claim_id": "c1" if state is State.RUNNING else None,
         "last_error": last_error,
         "completed_callbacks": None,
@@ -121,6 +127,8 @@ def test_list_table(run: Run, db: str) -> None:
         "STATE",
         "STATUS",
         "ATTEMPTS",
+        "NEXT",
+        "ATTEMPT",
         "RECEIVED",
         "(UTC)",
         "LAST_ERROR",
@@ -128,6 +136,23 @@ def test_list_table(run: Run, db: str) -> None:
     assert lines[1].split()[:4] == ["r-dead", "dead", "OK", "10"]  # newest first
     assert "ConnectError: refused more" in lines[1]  # one line per delivery
     assert lines[2].split()[:2] == ["r-old", "done"]
+
+
+def test_a_delivery_waiting_for_its_next_attempt_is_shown_retrying(run: Run, db: str) -> None:
+    seed(db, "r-due", State.PENDING, age=120, attempts=2, last_error="boom")
+    seed(db, "r-later", State.PENDING, age=60, attempts=1, last_error="Retry: later", due_in=900)
+    seed(db, "r-new", State.PENDING, age=30, attempts=0)
+    code, out, _ = run("deliveries", "list")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["r-later"][1:4] == ["retrying", "OK", "1"]
+    assert rows["r-later"][4].endswith("Z")  # its next attempt's time
+    assert rows["r-due"][1] == "pending" and rows["r-new"][1] == "pending"
+    code, out, _ = run("deliveries", "list", "--state", "retrying", "--json")
+    [only] = json.loads(out)
+    assert only["request_id"] == "r-later" and only["retrying"] is True
+    assert only["state"] == "pending" and only["next_attempt_at"].endswith("Z")
+    code, out, _ = run("deliveries", "list", "--state", "retrying", "--state", "dead")
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == ["r-later"]
 
 
 def test_list_json_filters(run: Run, db: str) -> None:

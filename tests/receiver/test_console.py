@@ -724,3 +724,36 @@ def test_the_home_page_charts_the_last_day(
     assert '<meta http-equiv="refresh"' not in signed_in.get("/console/?refresh=1").text
     filtered = signed_in.get("/console/?state=dead").text
     assert '<svg class="chart"' not in filtered  # charts on the home page only
+
+
+def test_a_scheduled_retry_is_shown_retrying_not_stuck(settings: Settings, signer: Signer) -> None:
+    from falhook.receiver import Retry
+
+    hooks = WebhookReceiver(settings.replace(console_token=TOKEN))
+
+    @hooks.on_delivery
+    async def later(delivery: Any) -> None:
+        raise Retry(after=900, message="rate limited upstream")
+
+    with TestClient(hooks.app, follow_redirects=False) as client:
+        body, headers = signer("r-later")
+        assert client.post("/webhooks/fal", content=body, headers=headers).status_code == 200
+        deadline = time.monotonic() + 20
+        while hooks.store.get("r-later").attempts < 1:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "never attempted"
+            time.sleep(0.02)
+        while hooks.store.get("r-later").state is not State.PENDING:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "never rescheduled"
+            time.sleep(0.02)
+        assert sign_in(client).status_code == 303
+        home = client.get("/console/").text
+        retrying = client.get("/console/?state=retrying").text
+        pending = client.get("/console/?state=pending").text
+        page = client.get("/console/deliveries/r-later").text
+    counters = home[home.index('aria-label="counters"') :]
+    assert re.search(r"pending <b>0</b>", counters) and re.search(r"retrying <b>1</b>", counters)
+    assert "oldest pending <b>0s</b>" in counters  # a scheduled retry is not stuck
+    assert '<span class="state state-retrying">retrying</span>' in retrying
+    assert "r-later" in retrying and "r-later" in pending  # retrying is a kind of pending
+    assert 'id="state">retrying</span>' in page
+    assert re.search(r'id="next-attempt">[^<]+ · last error: [^<]*rate limited upstream', page)

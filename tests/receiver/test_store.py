@@ -421,7 +421,7 @@ def test_prune_never_deletes_pending_or_running(store_url: str) -> None:
     run(body)
 
 
-def test_counts_and_oldest_pending_age(store_url: str) -> None:
+def test_counts_retrying_and_the_oldest_due_age(store_url: str) -> None:
     async def body() -> None:
         async with opened(store_url) as store:
             assert store.counts() == dict.fromkeys(State, 0)
@@ -433,11 +433,21 @@ def test_counts_and_oldest_pending_age(store_url: str) -> None:
                 State.DONE: 1,
                 State.DEAD: 1,
             }
+            d = store.get("d")
+            assert d is not None
+            now = time.time()
+            # a and b finished; c failed once and waits for its next attempt (retrying), so
+            # the oldest that is due or running is d.
+            assert store.oldest_pending_age(now) == pytest.approx(now - d.received_at)
+            assert store.retrying(now) == 1
+            assert [r.request_id for r in store.list(retrying_after=now)] == ["c"]
+            listed = store.list(states=[State.DEAD], retrying_after=now)
+            assert sorted(r.request_id for r in listed) == ["b", "c"]
+            # Once c is due it is pending again, and the oldest.
+            assert store.retrying(now + 601) == 0
             c = store.get("c")
             assert c is not None
-            now = time.time()
-            # c is the oldest active one (a and b finished).
-            assert store.oldest_pending_age(now) == pytest.approx(now - c.received_at)
+            assert store.oldest_pending_age(now + 601) == pytest.approx(now + 601 - c.received_at)
 
     run(body)
 
