@@ -175,6 +175,7 @@ class WebhookReceiver:
                 self.settings,
                 observe_call=self.metrics.queue_request,
                 on_recovered=self.metrics.recovered.inc,
+                on_settled=self._expectation_settled,
                 tracer_provider=tracer_provider,
             )
         # The media archive (FALHOOK_ARCHIVE_URL): built at start, on the store's engine.
@@ -357,6 +358,16 @@ class WebhookReceiver:
 
         parts.push_async_callback(stop)
 
+    def _expectation_settled(
+        self, request_id: str, state: ExpectationState, reason: str | None
+    ) -> None:
+        kind = (
+            NoticeKind.EXPECTATION_EXPIRED
+            if state is ExpectationState.EXPIRED
+            else NoticeKind.EXPECTATION_FAILED
+        )
+        self.notify(kind, request_id, reason)
+
     def notify(self, kind: NoticeKind, subject: str, detail: str | None = None) -> None:
         """Tell FALHOOK_NOTIFY_URL of an event (batched); nothing when it is not set."""
         if self._notifier is not None:
@@ -427,7 +438,12 @@ class WebhookReceiver:
 
         if not hasattr(self.metrics, "media_files"):  # once, however often it starts
             self.metrics.enable_archive(self._media_counts)
-        return Archiver(self.settings, MediaRows(store.engine), observe=self.metrics.media_file)
+        return Archiver(
+            self.settings,
+            MediaRows(store.engine),
+            observe=self.metrics.media_file,
+            on_failed=lambda url, error: self.notify(NoticeKind.MEDIA_FAILED, url, error),
+        )
 
     async def _stop_archive(self) -> None:
         archiver, self.archiver = self.archiver, None

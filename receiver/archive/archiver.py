@@ -49,6 +49,7 @@ class Archiver:
         rows: MediaRows,
         *,
         observe: FileObserver | None = None,
+        on_failed: Callable[[str, str], None] | None = None,
         first_backoff: float = 0.5,
         rule: HostRule | None = None,
     ) -> None:
@@ -60,6 +61,7 @@ class Archiver:
         self.max_bytes = settings.archive_max_bytes
         self.timeout = settings.archive_timeout_seconds
         self._observe = observe or (lambda outcome, size: None)
+        self._on_failed = on_failed  # (source URL, error) of a file recorded failed
         self._first_backoff = first_backoff
         self._slots = asyncio.Semaphore(settings.archive_concurrency)
         # Our own client: no proxy or netrc from the environment (the host rule checks the
@@ -172,6 +174,8 @@ class Archiver:
                 )
                 self._observe(state.value, 0)
                 log.warning("media %s of %s %s: %s", found.pointer, request_id, state, error)
+                if state is MediaState.FAILED and self._on_failed is not None:
+                    self._on_failed(found.url, str(error))
                 return
             pause = backoff.failed()
             if loop.time() + pause >= deadline:
@@ -182,6 +186,8 @@ class Archiver:
                 self._observe("failed" if last_attempt else "retry", 0)
                 if last_attempt:
                     log.warning("media %s of %s failed: %s", found.pointer, request_id, error)
+                    if self._on_failed is not None:
+                        self._on_failed(found.url, str(error))
                     return
                 raise error
             await asyncio.sleep(pause)

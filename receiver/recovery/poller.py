@@ -83,8 +83,10 @@ class Poller:
         settings: Settings,
         *,
         on_recovered: Callable[[], None] = lambda: None,
+        on_settled: Callable[[str, ExpectationState, str | None], None] | None = None,
     ) -> None:
         self.store = store
+        self._on_settled = on_settled  # told of each expectation that failed or expired
         self.expectations = expectations
         self.client = client
         self.settings = settings
@@ -174,6 +176,7 @@ class Poller:
             self.expectations.op_sweep(since=since, ttl_reason=TTL_REASON)
         )
         for request_id, state in swept.settled.items():
+            self._told(request_id, state, TTL_REASON if state is S.EXPIRED else None)
             level = logging.WARNING if state is S.EXPIRED else logging.INFO
             log.log(
                 level,
@@ -388,11 +391,16 @@ class Poller:
             )
         return kept
 
+    def _told(self, request_id: str, state: ExpectationState, reason: str | None) -> None:
+        if self._on_settled is not None and state in (S.FAILED, S.EXPIRED):
+            self._on_settled(request_id, state, reason)
+
     def _settled(
         self, claim: ExpectationClaim, state: ExpectationState | None, reason: str | None
     ) -> None:
         if state is None:
             return
+        self._told(claim.request_id, state, reason)
         level = logging.WARNING if state in (S.FAILED, S.EXPIRED) else logging.INFO
         log.log(
             level,

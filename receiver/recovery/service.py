@@ -58,6 +58,7 @@ class Recovery:
         *,
         observe_call: Callable[[str], None] | None = None,
         on_recovered: Callable[[], None] = lambda: None,
+        on_settled: Callable[[str, ExpectationState, str | None], None] | None = None,
         migrate: bool = True,
         tracer_provider: Any = None,
     ) -> None:
@@ -67,6 +68,7 @@ class Recovery:
         before it started."""
         if settings.fal_key is None:
             raise RecoveryDisabledError()
+        self._on_settled = on_settled
         self.settings = settings
         self.client = QueueClient(
             settings.queue_url,
@@ -104,7 +106,12 @@ class Recovery:
 
         self._expectations = Expectations(store)
         self._poller = Poller(
-            store, self._expectations, self.client, self.settings, on_recovered=self._on_recovered
+            store,
+            self._expectations,
+            self.client,
+            self.settings,
+            on_recovered=self._on_recovered,
+            on_settled=self._on_settled,
         )
         self._poller.tracing = self.tracing
         self._poller.start()

@@ -459,3 +459,28 @@ def test_media_expiration_asks_fal_to_delete_the_media_sooner(
     assert "x-fal-object-lifecycle-preference" not in fake.get(plain["request_id"]).platform_headers
     with pytest.raises(InvalidRequestError, match="media_expiration"):
         hooks.submit_sync(ENDPOINT, {}, media_expiration=-1)
+
+
+def test_an_expired_expectation_is_told_to_the_notify_url(
+    fast: Settings, fake: FakeFalQueue
+) -> None:
+    from tests.receiver.test_notify import Inbox
+
+    inbox = Inbox()
+    settings = fast.replace(expect_ttl_seconds=0.2, recover_after_seconds=30, notify_url=inbox.url)
+
+    async def body() -> None:
+        async with WebhookReceiver(settings) as hooks:
+            await hooks.expect("slow-2", ENDPOINT)
+            deadline = time.monotonic() + 10
+            while not inbox.posts:
+                assert time.monotonic() < deadline, "no notification"
+                await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(body())
+    finally:
+        inbox.server.shutdown()
+        inbox.server.server_close()
+    [text] = inbox.texts()
+    assert text.startswith("falhook: 1 expected result expired without arriving\n• slow-2")

@@ -24,9 +24,15 @@ def _delivery(payload: Any, request_id: str = "req-1") -> Delivery:
     return Delivery.from_body(body, attempt=1, received_at=time.time())
 
 
-def _archiver(store: Store, origin: MediaOrigin, url: str, **changes: Any) -> Archiver:
+def _archiver(
+    store: Store,
+    origin: MediaOrigin,
+    url: str,
+    on_failed: Any = None,
+    **changes: Any,
+) -> Archiver:
     settings = Settings(archive_url=url, archive_hosts=(origin.host,), **changes)
-    return Archiver(settings, MediaRows(store.engine), first_backoff=0.05)
+    return Archiver(settings, MediaRows(store.engine), first_backoff=0.05, on_failed=on_failed)
 
 
 async def _archive(archiver: Archiver, delivery: Delivery, **kwargs: Any) -> Delivery:
@@ -93,13 +99,16 @@ def test_gone_files_fail_for_good_and_the_delivery_goes_on(
         "b": f"{origin.url}/status/410/b.png",
         "c": f"{origin.url}/status/403/c.png",
     }
-    delivery = asyncio.run(_archive(_archiver(store, origin, str(tmp_path)), _delivery(payload)))
+    failed: list[tuple[str, str]] = []
+    archiver = _archiver(store, origin, str(tmp_path), lambda url, e: failed.append((url, e)))
+    delivery = asyncio.run(_archive(archiver, _delivery(payload)))
     assert [(m.state, (m.error or "").split(":")[0]) for m in delivery.media] == [
         (MediaState.FAILED, "not_found"),
         (MediaState.FAILED, "not_found"),
         (MediaState.FAILED, "refused"),
     ]
     assert origin.count("/status/404/a.png") == 1  # not retried
+    assert sorted(url for url, _ in failed) == sorted(payload.values())  # each one told
 
 
 def test_a_5xx_past_the_deadline_fails_the_attempt_then_fails_the_file_on_the_last(
