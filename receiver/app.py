@@ -438,12 +438,14 @@ class WebhookReceiver:
 
         if not hasattr(self.metrics, "media_files"):  # once, however often it starts
             self.metrics.enable_archive(self._media_counts)
-        return Archiver(
+        archiver = Archiver(
             self.settings,
             MediaRows(store.engine),
             observe=self.metrics.media_file,
             on_failed=lambda url, error: self.notify(NoticeKind.MEDIA_FAILED, url, error),
         )
+        archiver.tracing = self.tracing  # each download a CLIENT span, with tracing on
+        return archiver
 
     async def _stop_archive(self) -> None:
         archiver, self.archiver = self.archiver, None
@@ -474,6 +476,8 @@ class WebhookReceiver:
             self._forwarder.tracing = tracing
         if self.recovery is not None:
             self.recovery.trace(tracing)
+        if self.archiver is not None:
+            self.archiver.tracing = tracing
 
     def _log_started(self) -> None:
         """One line with everything an operator checks first: what runs, where, with what."""

@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -31,6 +31,9 @@ from falhook.receiver.errors import ArchiveError, MediaFailure
 from falhook.receiver.models import Delivery
 from falhook.receiver.retry import Backoff
 from falhook.receiver.settings import Settings
+
+if TYPE_CHECKING:
+    from falhook.receiver.tracing.spans import Tracing
 
 __all__ = ["Archiver", "FileObserver"]
 
@@ -62,6 +65,7 @@ class Archiver:
         self.timeout = settings.archive_timeout_seconds
         self._observe = observe or (lambda outcome, size: None)
         self._on_failed = on_failed  # (source URL, error) of a file recorded failed
+        self.tracing: Tracing | None = None  # set by the receiver when tracing is on
         self._first_backoff = first_backoff
         self._slots = asyncio.Semaphore(settings.archive_concurrency)
         # Our own client: no proxy or netrc from the environment (the host rule checks the
@@ -193,7 +197,16 @@ class Archiver:
             await asyncio.sleep(pause)
 
     async def download(self, found: FoundUrl, key: str) -> Archived:
-        """One try at one file: the place to wrap a download (a trace span, a log line)."""
+        """One try at one file; with tracing on, a CLIENT span (`GET` and the file's URL,
+        without user info or query)."""
+        if self.tracing is None:
+            return await self._try_once(found, key)
+        with self.tracing.calling("GET", found.url) as call:
+            archived = await self._try_once(found, key)
+            call.answered(200)  # archive_file returns only once a 2xx was read whole
+            return archived
+
+    async def _try_once(self, found: FoundUrl, key: str) -> Archived:
         return await archive_file(
             self._client,
             self.rule,

@@ -224,3 +224,27 @@ def test_files_are_archived_to_s3_with_their_content_type(
     assert head["ContentType"] == "video/mp4"
     body = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
     assert body == content("clip.mp4", 12000000)
+
+
+def test_each_download_is_a_client_span_with_tracing_on(
+    store: Store, origin: MediaOrigin, tmp_path: Path
+) -> None:
+    otel = pytest.importorskip("opentelemetry.sdk.trace", reason="needs the falhook[otel] extra")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from falhook.receiver.tracing.spans import Tracing
+
+    exporter = InMemorySpanExporter()
+    provider = otel.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    archiver = _archiver(store, origin, str(tmp_path))
+    archiver.tracing = Tracing.for_provider(provider)
+    url = f"{origin.url}/files/cat.png?size=1000"
+    asyncio.run(_archive(archiver, _delivery({"image": url})))
+    [span] = exporter.get_finished_spans()
+    assert span.name == "GET" and span.kind is SpanKind.CLIENT
+    assert span.attributes is not None
+    assert span.attributes["url.full"] == f"{origin.url}/files/cat.png"  # no query
+    assert span.attributes["http.response.status_code"] == 200
