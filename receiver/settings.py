@@ -636,6 +636,7 @@ class Settings:
         "ARCHIVE_URL",
         "archive every fal media file of an OK delivery here before its callbacks run: a "
         "folder, file:///abs/path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix",
+        group="archive",
     )
     archive_hosts: tuple[str, ...] = _setting(
         DEFAULT_ARCHIVE_HOSTS,
@@ -644,21 +645,25 @@ class Settings:
         "fetch files only from these hosts and their subdomains (host or host:port, "
         "comma-separated); a private or loopback address only when listed exactly",
         show=",".join,
+        group="archive",
+        metavar="HOSTS",
     )
     archive_max_bytes: int = _setting(
         5 * 1024 * _MiB,
         _positive_int,
         "ARCHIVE_MAX_BYTES",
         "a file larger than this is not kept (failed: too_large)",
+        group="archive",
     )
     archive_concurrency: int = _setting(
-        8, _positive_int, "ARCHIVE_CONCURRENCY", "files downloaded at once"
+        8, _positive_int, "ARCHIVE_CONCURRENCY", "files downloaded at once", group="archive"
     )
     archive_timeout_seconds: float = _setting(
         900.0,
         _positive_float,
         "ARCHIVE_TIMEOUT_SECONDS",
         "deadline for one file, retries included (then the delivery's attempt is retried)",
+        group="archive",
     )
 
     fal_purge: bool = _setting(
@@ -667,6 +672,7 @@ class Settings:
         "FAL_PURGE",
         "once every file of a delivery is archived, delete its payload and output files at "
         "fal (needs FALHOOK_ARCHIVE_URL and an admin key or the fal key)",
+        group="archive",
     )
     fal_admin_key: str | None = _setting(
         None,
@@ -674,18 +680,22 @@ class Settings:
         "FAL_ADMIN_KEY",
         "fal admin API key for purging at fal (falls back to the fal key)",
         secret=True,
+        group="archive",
+        metavar="KEY",
     )
     platform_url: str = _setting(
         DEFAULT_PLATFORM_URL,
         _required_http_url,
         "PLATFORM_URL",
         "fal's platform API, for purging (http:// accepted for tests)",
+        group="archive",
     )
     fal_media_expiration_seconds: int | None = _setting(
         None,
         _optional_positive_int,
         "FAL_MEDIA_EXPIRATION_SECONDS",
         "ask fal to delete the media of what falhook submits after this many seconds",
+        group="recovery",
     )
 
     def __post_init__(self) -> None:

@@ -120,9 +120,9 @@ def test_serve_help_groups_the_flags_by_topic_in_order() -> None:
     text = _serve_help()
     sections = _sections(text)
     topics = [title for title in sections if title not in ("options", "usage")]
-    # archive has no setting yet: an empty topic is not shown
-    expected = ["listening", "store", "keys", "callbacks", "limits", "recovery", "console"]
-    assert topics == [*expected, "notifications", "logging"]
+    expected = ["listening", "store", "keys", "callbacks", "limits", "recovery", "archive"]
+    assert topics == [*expected, "console", "notifications", "logging"]
+    assert "--archive-url URL" in sections["archive"]
     assert sections["listening"][:2] == ["--host HOST", "--port PORT"]
     assert "--callback MODULE:FUNCTION" in sections["callbacks"]
     assert "--forward-to URL" in sections["callbacks"]
