@@ -28,6 +28,7 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.types import Receive, Scope, Send
 
 from falhook import __version__
+from falhook.receiver.archive.media import MediaState
 from falhook.receiver.deadlines import Deadlines
 from falhook.receiver.dispatcher import Dispatcher, Drained
 from falhook.receiver.errors import (
@@ -388,6 +389,9 @@ class WebhookReceiver:
                 found["recovery"] = float(
                     waiting[ExpectationState.WAITING] + waiting[ExpectationState.POLLING]
                 )
+            if self.archiver is not None:
+                media = self.archiver.rows.counts().states
+                found["archive"] = float(media[MediaState.PENDING])
             return found
 
         sampler = Sampler(self.metrics, backlogs, self.history)
